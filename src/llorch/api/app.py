@@ -1,0 +1,87 @@
+"""The composition root: ``create_app(settings)`` wires the contract, the handlers and the runtime.
+
+The request pipeline, outermost first:
+  connexion's ServerErrorMiddleware
+  → CorrelationIdMiddleware   (X-Correlation-Id on every response, errors included)
+  → BodyLimitMiddleware       (413 before a large body is read)
+  → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
+  → routing → request validation → response validation → lifespan
+  → CorrelationIdMiddleware   (again, inside response validation, which checks the header)
+  → handlers
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from connexion import AsyncApp
+from connexion.exceptions import ProblemException
+from connexion.middleware import MiddlewarePosition
+from connexion.resolver import Resolver
+from starlette.exceptions import HTTPException
+
+from llorch.api import problems
+from llorch.api.handlers import operations
+from llorch.api.middleware import BodyLimitMiddleware, CorrelationIdMiddleware
+from llorch.api.runtime import Runtime
+from llorch.clock import Clock, SystemClock
+from llorch.config import Settings
+from llorch.contracts import openapi
+from llorch.errors import LlorchError
+from llorch.scheduler.service import EngineFactory
+
+
+class OperationResolver(Resolver):
+    """Binds each operationId to a handler; a missing handler fails start-up."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        super().__init__(function_resolver=self._lookup)
+        self._table = table
+
+    def _lookup(self, operation_id: str) -> Any:
+        try:
+            return self._table[operation_id]
+        except KeyError:
+            raise ValueError(f"no handler for operationId {operation_id!r}") from None
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    engines: EngineFactory | None = None,
+) -> AsyncApp:
+    runtime = Runtime(settings, clock or SystemClock(), engines)
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = AsyncApp(__name__, lifespan=lifespan)
+    app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        max_body_bytes=settings.server.max_body_bytes,
+    )
+    app.add_api(
+        dict(openapi("data")),
+        resolver=OperationResolver(operations(runtime)),
+        strict_validation=True,
+        validate_responses=True,
+        pythonic_params=False,
+    )
+    app.add_error_handler(LlorchError, problems.domain_error)
+    app.add_error_handler(ProblemException, problems.problem)
+    app.add_error_handler(HTTPException, problems.http_error)
+    app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
+    app.add_error_handler(Exception, problems.unexpected)
+    app.runtime = runtime  # type: ignore[attr-defined]  # for tests and the CLI
+    return app

@@ -1,0 +1,76 @@
+"""Handlers of the task operations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connexion import request
+from starlette.responses import StreamingResponse
+
+from llorch.api import sse
+from llorch.api.middleware import correlation_id
+from llorch.api.runtime import Runtime, format_cost
+
+Reply = tuple[Any, int, dict[str, str]]
+
+
+class TaskHandlers:
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def create_task(self, body: dict[str, Any]) -> Reply:
+        admission = self._rt.scheduler.admit(body, correlation_id.get())
+        left = admission.remaining
+        headers = {
+            "Location": f"/v1/tasks/{admission.task_id}",
+            "X-Budget-Tokens-Remaining": str(left.tokens),
+            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
+            "X-Budget-Cost-Remaining": format_cost(left.cost),
+        }
+        reply = {
+            "task_id": admission.task_id,
+            "session_id": admission.session_id,
+            "state": admission.state,
+            "pool_id": admission.pool_id,
+            "queue_position": admission.queue_position,
+            "predicted_start_ms": admission.predicted_start_ms,
+            "backoff_ms": admission.backoff_ms,
+            "streams": {"sse": f"/v1/tasks/{admission.task_id}/stream"},
+        }
+        return reply, 202, headers
+
+    async def list_tasks(
+        self,
+        session_id: str | None = None,
+        state: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Reply:
+        page = self._rt.scheduler.tasks(
+            session_id=session_id, state=state, limit=limit, cursor=cursor
+        )
+        return page, 200, {}
+
+    async def get_task(self, task_id: str) -> Reply:
+        return self._rt.scheduler.task(task_id), 200, {}
+
+    async def cancel_task(self, task_id: str) -> Reply:
+        self._rt.scheduler.cancel(task_id)
+        return None, 204, {}
+
+    async def stream_task(self, task_id: str) -> StreamingResponse:
+        scheduler = self._rt.scheduler
+        view = scheduler.task(task_id)
+        stream = scheduler.stream(task_id)
+        last = request.headers.get("last-event-id")
+        headers = self._rt.budget_headers(view["session_id"])
+        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            sse.frames(
+                stream,
+                after=int(last) if last is not None else None,
+                heartbeat_s=self._rt.settings.server.heartbeat_s,
+            ),
+            media_type="text/event-stream",
+            headers=headers,
+        )

@@ -1,0 +1,91 @@
+"""Pure ASGI middlewares (never BaseHTTPMiddleware: it hides client disconnects on streams)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llorch.errors import PayloadTooLarge
+
+correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
+
+_ACCEPTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+class CorrelationIdMiddleware:
+    """Echo a sane ``X-Correlation-Id`` or generate one; it goes on every response.
+
+    Installed twice: outermost, so error responses carry it too, and innermost, so that
+    connexion's response validation sees the header the contract requires. The inner one reuses
+    the id the outer one chose.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cid = correlation_id.get()
+        if not cid:
+            given = Headers(scope=scope).get("x-correlation-id", "")
+            cid = given if _ACCEPTABLE_ID.match(given) else uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Correlation-Id"] = cid
+            await send(message)
+
+        token = correlation_id.set(cid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            correlation_id.reset(token)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies above ``max_body_bytes``, by Content-Length or while they stream in."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            receive = _raising_receive(too_large)
+        else:
+            receive = _counting_receive(receive, limit, too_large)
+        await self.app(scope, receive, send)
+
+
+def _raising_receive(error: Exception) -> Receive:
+    async def receive() -> Message:
+        raise error
+
+    return receive
+
+
+def _counting_receive(inner: Receive, limit: int, error: Exception) -> Receive:
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await inner()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise error
+        return message
+
+    return receive

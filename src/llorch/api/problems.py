@@ -1,0 +1,130 @@
+"""The one table from error code to HTTP status, and the error envelope every non-2xx carries.
+
+``{code, message, retriable, retry_after_ms?, policy_label?, engine?, pool_id?, correlation_id}``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+from connexion.exceptions import ProblemException, UnsupportedMediaTypeProblem
+from connexion.lifecycle import ConnexionRequest, ConnexionResponse
+from starlette.exceptions import HTTPException
+
+from llorch.api.middleware import correlation_id
+from llorch.errors import LlorchError
+
+log = logging.getLogger("llorch.api")
+
+STATUS: dict[str, int] = {
+    "INVALID_PARAMS": 400,
+    "DEADLINE_UNMET": 400,
+    "MISSING_TOKEN": 401,
+    "BAD_TOKEN": 401,
+    "FORBIDDEN_SCOPE": 403,
+    "NOT_FOUND": 404,
+    "TASK_NOT_FOUND": 404,
+    "SESSION_NOT_FOUND": 404,
+    "ARTIFACT_NOT_FOUND": 404,
+    "POOL_NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "TASK_EXISTS": 409,
+    "ALREADY_DRAINING": 409,
+    "NOT_DRAINING": 409,
+    "RELOAD_IN_PROGRESS": 409,
+    "PAYLOAD_TOO_LARGE": 413,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
+    "ADMISSION_REJECT": 429,
+    "QUEUE_FULL_DROP_LRU": 429,
+    "BUDGET_EXHAUSTED": 429,
+    "RATE_LIMITED": 429,
+    "INTERNAL": 500,
+    "ARTIFACT_CORRUPT": 500,
+    "ENGINE_ERROR": 502,
+    "WORKER_RESET": 502,
+    "DECODE_TIMEOUT": 504,
+    "POOL_UNREADY": 503,
+    "POOL_UNAVAILABLE": 503,
+    "SHUTTING_DOWN": 503,
+    "NOT_READY": 503,
+}
+
+# Statuses that carry Retry-After (seconds) and, for 429, X-Backoff-Ms.
+_RETRY_STATUSES = frozenset({429, 503})
+
+
+def envelope_response(
+    code: str,
+    message: str,
+    *,
+    retriable: bool,
+    retry_after_ms: int | None = None,
+    **labels: str | None,
+) -> ConnexionResponse:
+    status = STATUS[code]
+    body: dict[str, Any] = {"code": code, "message": message, "retriable": retriable}
+    headers: dict[str, str] = {}
+    if status in _RETRY_STATUSES:
+        retry_after_ms = retry_after_ms if retry_after_ms is not None else 1000
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+        if status == 429:
+            headers["X-Backoff-Ms"] = str(retry_after_ms)
+    if retry_after_ms is not None:
+        body["retry_after_ms"] = retry_after_ms
+    body |= {k: v for k, v in labels.items() if v is not None}
+    body["correlation_id"] = correlation_id.get()
+    return ConnexionResponse(
+        status_code=status,
+        mimetype="application/json",
+        body=orjson.dumps(body),
+        headers=headers,
+    )
+
+
+def domain_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, LlorchError)
+    if STATUS[exc.code] >= 500:
+        log.error("request failed: %s", exc.message, exc_info=exc)
+    return envelope_response(
+        exc.code,
+        exc.message,
+        retriable=exc.retriable,
+        retry_after_ms=exc.retry_after_ms,
+        policy_label=exc.policy_label,
+        pool_id=exc.pool_id,
+        engine=exc.engine,
+    )
+
+
+def problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    """Connexion's validation problems become INVALID_PARAMS / UNSUPPORTED_MEDIA_TYPE."""
+    assert isinstance(exc, ProblemException)
+    if isinstance(exc, UnsupportedMediaTypeProblem) or exc.status == 415:
+        return envelope_response("UNSUPPORTED_MEDIA_TYPE", str(exc.detail), retriable=False)
+    if 400 <= exc.status < 500:
+        return envelope_response("INVALID_PARAMS", str(exc.detail or exc.title), retriable=False)
+    log.error("server problem: %s %s", exc.title, exc.detail)
+    return envelope_response("INTERNAL", "internal error", retriable=True)
+
+
+def http_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return envelope_response("NOT_FOUND", "no such route", retriable=False)
+    if exc.status_code == 405:
+        return envelope_response("METHOD_NOT_ALLOWED", "method not allowed", retriable=False)
+    if exc.status_code < 500:
+        return envelope_response("INVALID_PARAMS", str(exc.detail), retriable=False)
+    return envelope_response("INTERNAL", "internal error", retriable=True)
+
+
+def bad_encoding(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    return envelope_response("INVALID_PARAMS", "request body is not valid UTF-8", retriable=False)
+
+
+def unexpected(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    log.error("unhandled error", exc_info=exc)
+    return envelope_response("INTERNAL", "internal error", retriable=True)

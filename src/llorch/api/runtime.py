@@ -1,0 +1,66 @@
+"""What the handlers need, opened in the lifespan and closed in reverse order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from llorch.clock import Clock, SystemClock
+from llorch.config import Settings
+from llorch.persistence import Database
+from llorch.scheduler import Scheduler
+from llorch.scheduler.service import EngineFactory
+from llorch.sessions import SessionService
+
+log = logging.getLogger("llorch")
+
+
+def format_cost(value: float) -> str:
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    clock: Clock = field(default_factory=SystemClock)
+    engines: EngineFactory | None = None
+    _db: Database | None = None
+    _scheduler: Scheduler | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("the runtime is not started")
+        return self._scheduler
+
+    async def start(self) -> None:
+        s = self.settings
+        self._db = Database.open(
+            s.database_path,
+            profile=s.server.profile,
+            busy_timeout_ms=s.server.storage_busy_timeout_ms,
+        )
+        sessions = SessionService(self._db, s, self.clock)
+        if self.engines is None:
+            self._scheduler = Scheduler(s, self._db, sessions, self.clock)
+        else:
+            self._scheduler = Scheduler(s, self._db, sessions, self.clock, self.engines)
+        await self._scheduler.start()
+        log.info("llorch ready: database %s, pools %s", s.database_path, [p.id for p in s.pools])
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+        if self._db is not None:
+            self._db.close()
+        self._scheduler = None
+        self._db = None
+
+    def budget_headers(self, session_id: str) -> dict[str, str]:
+        left = self.scheduler.remaining(session_id)
+        return {
+            "X-Budget-Tokens-Remaining": str(left.tokens),
+            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
+            "X-Budget-Cost-Remaining": format_cost(left.cost),
+        }

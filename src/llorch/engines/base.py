@@ -1,0 +1,72 @@
+"""The one calling convention every engine adapter speaks.
+
+An engine replica streams a completion as an async iterator of :class:`Token` chunks followed by
+exactly one :class:`Finish`. Cancel is asyncio cancellation of the consuming task: an adapter
+closes its connection to the engine when the iterator is closed or cancelled. Engines raise only
+:class:`llorch.errors.EngineError` subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    task_id: str
+    model: str
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    max_tokens: int
+    seed: int | None = None
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    correlation_id: str = ""
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    finish_reason: Literal["stop", "length"]
+    tokens_in: int
+    tokens_out: int
+    # False when the engine sent no usage and llorch counted what it streamed.
+    usage_reported: bool = True
+
+
+Chunk = Token | Finish
+
+
+class Engine(Protocol):
+    """One replica of an inference engine."""
+
+    replica_id: str
+    engine: str
+    version: str
+
+    @property
+    def slots(self) -> int:
+        """How many completions this replica runs at once."""
+        ...
+
+    async def health(self) -> bool:
+        """True when the replica can take work."""
+        ...
+
+    def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream one completion: ``Token``\\ s, then one ``Finish``."""
+        ...
+
+    async def close(self) -> None: ...

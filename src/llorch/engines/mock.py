@@ -1,0 +1,108 @@
+"""The built-in mock engine: deterministic text, configurable latency, injectable failures.
+
+Text is a function of (seed, prompt) only, so the same request always streams the same tokens.
+Timing follows ``ttft_ms`` and ``tokens_per_s`` (0 means as fast as possible). Failures are
+injected by configuration, per replica: ``before_first_token`` (an engine error after the TTFT),
+``mid_stream`` (a worker reset after ``after_tokens`` tokens), ``hang`` (silence after
+``after_tokens`` tokens, for decode timeouts) and ``down`` (the replica reports unhealthy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncGenerator
+
+from llorch.config import FailureSettings, MockSettings
+from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
+from llorch.errors import EngineError, WorkerReset
+
+_WORDS = (
+    "the a of and to in is was that for it on with as by at from this be or an are his her "
+    "once upon time there lived small river stone light quiet city north engine token queue "
+    "budget stream model night morning garden window story answer question simple clear warm "
+    "cold bright green silver ancient careful patient rapid gentle distant hidden open"
+).split()
+
+
+def count_tokens(text: str) -> int:
+    """The mock tokenizer: one token per whitespace-separated word."""
+    return len(text.split())
+
+
+def prompt_text(request: CompletionRequest) -> str:
+    if request.prompt is not None:
+        return request.prompt
+    return "\n".join(f"{m.role}: {m.content}" for m in request.messages or ())
+
+
+class MockEngine:
+    engine = "mock"
+    version = "mock-1"
+
+    def __init__(
+        self,
+        replica_id: str,
+        *,
+        settings: MockSettings,
+        slots: int,
+        failure: FailureSettings | None = None,
+    ) -> None:
+        self.replica_id = replica_id
+        self._settings = settings
+        self._slots = slots
+        self._failure = failure or FailureSettings()
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    async def health(self) -> bool:
+        return self._failure.mode != "down"
+
+    async def close(self) -> None:
+        return None
+
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
+        text = prompt_text(request)
+        tokens_in = max(1, count_tokens(text))
+        if self._failure.mode == "down":
+            raise EngineError(f"replica {self.replica_id} is down", engine=self.engine)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(self._settings.ttft_ms / 1000)
+        if self._failure.mode == "before_first_token":
+            raise EngineError(
+                f"replica {self.replica_id} failed before the first token", engine=self.engine
+            )
+        digest = hashlib.sha256(f"{request.seed}\x00{text}".encode()).digest()
+        rng = random.Random(digest)
+        natural_length = rng.randint(8, 512)
+        interval = 1 / self._settings.tokens_per_s if self._settings.tokens_per_s > 0 else 0.0
+        first_token_at = start + self._settings.ttft_ms / 1000
+        # Only the tail that a stop sequence could still complete is kept.
+        window = max((len(s) for s in request.stop), default=0) + 16
+        produced = ""
+        for i in range(min(request.max_tokens, natural_length)):
+            if self._failure.mode in ("mid_stream", "hang") and i == self._failure.after_tokens:
+                if self._failure.mode == "hang":
+                    await asyncio.Event().wait()
+                raise WorkerReset(
+                    f"replica {self.replica_id} reset after {i} tokens", engine=self.engine
+                )
+            word = rng.choice(_WORDS)
+            piece = word if i == 0 else " " + word
+            if request.stop and any(s in produced + piece for s in request.stop):
+                yield Finish("stop", tokens_in, i)
+                return
+            if interval:
+                delay = first_token_at + i * interval - loop.time()
+                await asyncio.sleep(max(0.0, delay))
+            else:
+                await asyncio.sleep(0)
+            if window > 16:
+                produced = (produced + piece)[-window:]
+            yield Token(piece)
+        out = min(request.max_tokens, natural_length)
+        yield Finish("length" if out == request.max_tokens else "stop", tokens_in, out)

@@ -1,0 +1,135 @@
+"""The domain exception tree. No HTTP here: ``llorch.api.problems`` maps codes to statuses.
+
+::
+
+    LlorchError                      code, message, retriable, retry_after_ms, labels
+    ├── InvalidParams                INVALID_PARAMS
+    ├── DeadlineUnmet                DEADLINE_UNMET
+    ├── NotFoundError
+    │   ├── TaskNotFound             TASK_NOT_FOUND
+    │   ├── SessionNotFound          SESSION_NOT_FOUND
+    │   └── PoolNotFound             POOL_NOT_FOUND
+    ├── TaskExists                   TASK_EXISTS
+    ├── QueueFull
+    │   ├── AdmissionReject          ADMISSION_REJECT
+    │   └── QueueFullDropLru         QUEUE_FULL_DROP_LRU
+    ├── BudgetExhausted              BUDGET_EXHAUSTED
+    ├── Unavailable
+    │   ├── PoolUnready              POOL_UNREADY
+    │   ├── PoolUnavailable          POOL_UNAVAILABLE
+    │   └── ShuttingDown             SHUTTING_DOWN
+    ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
+    ├── StorageError                 INTERNAL
+    └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
+        ├── WorkerReset              WORKER_RESET
+        └── DecodeTimeout            DECODE_TIMEOUT
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class LlorchError(Exception):
+    code: ClassVar[str] = "INTERNAL"
+    retriable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_ms: int | None = None,
+        policy_label: str | None = None,
+        pool_id: str | None = None,
+        engine: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+        self.policy_label = policy_label
+        self.pool_id = pool_id
+        self.engine = engine
+
+
+class InvalidParams(LlorchError):
+    code = "INVALID_PARAMS"
+
+
+class DeadlineUnmet(LlorchError):
+    code = "DEADLINE_UNMET"
+
+
+class NotFoundError(LlorchError):
+    code = "NOT_FOUND"
+
+
+class TaskNotFound(NotFoundError):
+    code = "TASK_NOT_FOUND"
+
+
+class SessionNotFound(NotFoundError):
+    code = "SESSION_NOT_FOUND"
+
+
+class PoolNotFound(NotFoundError):
+    code = "POOL_NOT_FOUND"
+
+
+class TaskExists(LlorchError):
+    code = "TASK_EXISTS"
+
+
+class QueueFull(LlorchError):
+    retriable = True
+
+
+class AdmissionReject(QueueFull):
+    code = "ADMISSION_REJECT"
+
+
+class QueueFullDropLru(QueueFull):
+    code = "QUEUE_FULL_DROP_LRU"
+
+
+class BudgetExhausted(LlorchError):
+    code = "BUDGET_EXHAUSTED"
+
+
+class Unavailable(LlorchError):
+    retriable = True
+
+
+class PoolUnready(Unavailable):
+    code = "POOL_UNREADY"
+
+
+class PoolUnavailable(Unavailable):
+    code = "POOL_UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    code = "SHUTTING_DOWN"
+
+
+class StorageError(LlorchError):
+    """The database failed (locked past its busy timeout, disk error): a server fault."""
+
+    code = "INTERNAL"
+    retriable = True
+
+
+class EngineError(LlorchError):
+    code = "ENGINE_ERROR"
+    retriable = True
+
+
+class WorkerReset(EngineError):
+    code = "WORKER_RESET"
+
+
+class DecodeTimeout(EngineError):
+    code = "DECODE_TIMEOUT"
+
+
+class PayloadTooLarge(LlorchError):
+    code = "PAYLOAD_TOO_LARGE"

@@ -1,0 +1,307 @@
+"""The embedded store: one SQLite database (WAL) per profile.
+
+Every ``sqlite3.Error`` is translated here, once, into :class:`llorch.errors.StorageError` with the
+cause kept. Writes happen at admission, at dispatch and at the end of a task: never per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from llorch.errors import StorageError
+
+_MIGRATIONS = resources.files("llorch.persistence") / "migrations"
+
+
+class ProfileMismatch(RuntimeError):
+    """The database belongs to another profile (dev, test, prod)."""
+
+
+class SchemaMismatch(RuntimeError):
+    """The live schema differs from the one the migrations produce."""
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    session_id: str
+    created_ms: int
+    last_used_ms: int
+    ttl_ms: int
+    turns: int
+    max_turns: int
+    tokens_remaining: int
+    time_ms_remaining: int
+    cost_remaining: float
+    last_pool_id: str | None = None
+    last_replica_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    task_id: str
+    session_id: str
+    pool_id: str
+    model: str
+    priority: str
+    state: str
+    request_json: str
+    request_digest: str
+    correlation_id: str
+    created_ms: int
+    seq: int = 0
+    started_ms: int | None = None
+    ended_ms: int | None = None
+    ttft_ms: int | None = None
+    decode_time_ms: int | None = None
+    replica_id: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    finish_reason: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_retriable: bool | None = None
+    trace_artifact_id: str | None = None
+
+
+_TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
+_SESSION_COLUMNS = [f.name for f in dataclasses.fields(SessionRow)]
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The numbered migration scripts, in order."""
+    found = []
+    for entry in _MIGRATIONS.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class Database:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
+        """Open (creating if needed), migrate, check the profile and verify the schema."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = cls(conn)
+            db._migrate()
+            db._claim_profile(profile)
+            db._verify_schema()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        return db
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.schema_version()
+        for number, script in migrations():
+            if number <= current:
+                continue
+            # executescript commits first, so the transaction is spelled out in the script run.
+            self._conn.executescript(
+                f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+
+    def _claim_profile(self, profile: str) -> None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'profile'").fetchone()
+        if row is None:
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('profile', ?)", (profile,))
+        elif row[0] != profile:
+            raise ProfileMismatch(
+                f"this database belongs to profile {row[0]!r}; refusing to open it as {profile!r}"
+            )
+
+    def _verify_schema(self) -> None:
+        expected = sqlite3.connect(":memory:")
+        try:
+            for _, script in migrations():
+                expected.executescript(script)
+            want = _schema_of(expected)
+        finally:
+            expected.close()
+        have = _schema_of(self._conn)
+        if want != have:
+            missing = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            raise SchemaMismatch(
+                f"live schema differs from migrations: missing {missing}, unexpected {extra}"
+            )
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def insert_session(self, row: SessionRow) -> None:
+        cols = ", ".join(_SESSION_COLUMNS)
+        marks = ", ".join("?" for _ in _SESSION_COLUMNS)
+        with self._errors():
+            self._conn.execute(
+                f"INSERT INTO sessions ({cols}) VALUES ({marks})", dataclasses.astuple(row)
+            )
+
+    def get_session(self, session_id: str) -> SessionRow | None:
+        cols = ", ".join(_SESSION_COLUMNS)
+        with self._errors():
+            found = self._conn.execute(
+                f"SELECT {cols} FROM sessions WHERE session_id = ? AND deleted = 0", (session_id,)
+            ).fetchone()
+        return SessionRow(*found) if found else None
+
+    def delete_session(self, session_id: str) -> bool:
+        with self._errors():
+            cur = self._conn.execute(
+                "UPDATE sessions SET deleted = 1 WHERE session_id = ? AND deleted = 0",
+                (session_id,),
+            )
+        return cur.rowcount > 0
+
+    def update_session(self, session_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._errors():
+            self._conn.execute(
+                f"UPDATE sessions SET {sets} WHERE session_id = ?", (*values.values(), session_id)
+            )
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
+        """Persist an accepted task and its session's use in one transaction; returns its seq."""
+        cols = [c for c in _TASK_COLUMNS if c != "seq"]
+        values = [getattr(task, c) for c in cols]
+        with self._errors(), self._transaction():
+            if new_session:
+                self.insert_session(session)
+            else:
+                self._conn.execute(
+                    "UPDATE sessions SET last_used_ms = ?, turns = ? WHERE session_id = ?",
+                    (session.last_used_ms, session.turns, session.session_id),
+                )
+            cur = self._conn.execute(
+                f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                values,
+            )
+        return int(cur.lastrowid or 0)
+
+    def get_task(self, task_id: str) -> TaskRow | None:
+        with self._errors():
+            found = self._conn.execute(
+                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        return _task(found) if found else None
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._errors():
+            self._conn.execute(
+                f"UPDATE tasks SET {sets} WHERE task_id = ?", (*values.values(), task_id)
+            )
+
+    def finish_task(
+        self,
+        task_id: str,
+        task_values: dict[str, Any],
+        session_id: str,
+        session_values: dict[str, Any],
+    ) -> None:
+        """Record a task's terminal state and commit its session's usage together."""
+        task_sets = ", ".join(f"{k} = ?" for k in task_values)
+        session_sets = ", ".join(f"{k} = ?" for k in session_values)
+        with self._errors(), self._transaction():
+            self._conn.execute(
+                f"UPDATE tasks SET {task_sets} WHERE task_id = ?", (*task_values.values(), task_id)
+            )
+            if session_values:
+                self._conn.execute(
+                    f"UPDATE sessions SET {session_sets} WHERE session_id = ?",
+                    (*session_values.values(), session_id),
+                )
+
+    def list_tasks(
+        self,
+        *,
+        session_id: str | None,
+        state: str | None,
+        limit: int,
+        before_seq: int | None,
+    ) -> list[TaskRow]:
+        clauses, params = [], []
+        for clause, value in (
+            ("session_id = ?", session_id),
+            ("state = ?", state),
+            ("seq < ?", before_seq),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._errors():
+            found = self._conn.execute(
+                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {where} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_task(r) for r in found]
+
+    def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
+        marks = ", ".join("?" for _ in states)
+        with self._errors():
+            found = self._conn.execute(
+                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE state IN ({marks}) "
+                "ORDER BY seq",
+                tuple(states),
+            ).fetchall()
+        return [_task(r) for r in found]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"storage failure: {exc}") from exc
+
+
+def _task(found: Sequence[Any]) -> TaskRow:
+    values = dict(zip(_TASK_COLUMNS, found, strict=True))
+    if values["error_retriable"] is not None:
+        values["error_retriable"] = bool(values["error_retriable"])
+    return TaskRow(**values)
+
+
+def _schema_of(conn: sqlite3.Connection) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT type || ':' || name, sql FROM sqlite_master "
+        "WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return {name: " ".join(sql.split()) for name, sql in rows}

@@ -1,0 +1,5 @@
+"""Admission queues, dispatch, the task state machine and per-task event streams."""
+
+from llorch.scheduler.service import Admission, Scheduler
+
+__all__ = ["Admission", "Scheduler"]

@@ -1,0 +1,303 @@
+"""Admission: the checks a task passes before it is queued, in order, and its persistence.
+
+Model and placement → pool; limits of the model; session (exists, TTL, turns); budgets (the
+worst case the task may spend); deadline (predicted wait + expected run time, from measured
+throughput); queue capacity and policy. Only then is the task written to the database, and only
+after that is it queued and answered 202. Everything here is synchronous: no other request can
+interleave between the checks and the enqueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llorch.clock import Clock
+from llorch.config import Settings
+from llorch.engines.base import ChatMessage, CompletionRequest
+from llorch.errors import (
+    DeadlineUnmet,
+    InvalidParams,
+    LlorchError,
+    PoolUnavailable,
+    PoolUnready,
+    QueueFull,
+    QueueFullDropLru,
+    TaskExists,
+)
+from llorch.persistence import Database, TaskRow
+from llorch.scheduler.pools import PoolRuntime
+from llorch.scheduler.queue import Priority
+from llorch.scheduler.registry import Registry
+from llorch.scheduler.task import FAILED, QUEUED, TaskRecord
+from llorch.sessions import Reservation, SessionService
+from llorch.sessions.service import Remaining, new_id
+
+POOL_RETRY_MS = 2000  # advice while a pool has no ready replica: two health probes
+
+
+@dataclass(frozen=True)
+class Admission:
+    task_id: str
+    session_id: str
+    pool_id: str
+    state: str
+    queue_position: int
+    predicted_start_ms: int
+    backoff_ms: int
+    remaining: Remaining
+
+
+Finisher = Callable[..., None]
+
+
+def request_digest(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def estimate_tokens_in(request: CompletionRequest) -> int:
+    """A conservative prompt-size estimate (4 bytes a token) for reservations and limits."""
+    if request.prompt is not None:
+        size = len(request.prompt.encode())
+    else:
+        size = sum(len(m.content.encode()) + 8 for m in request.messages or ())
+    return max(1, math.ceil(size / 4))
+
+
+def _require_utf8(body: Mapping[str, Any]) -> None:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParams("request contains text that is not valid UTF-8") from exc
+
+
+class Admitter:
+    def __init__(
+        self,
+        registry: Registry,
+        db: Database,
+        sessions: SessionService,
+        settings: Settings,
+        clock: Clock,
+        finish: Finisher,
+    ) -> None:
+        self._registry = registry
+        self._db = db
+        self._sessions = sessions
+        self._settings = settings
+        self._clock = clock
+        self._finish = finish
+
+    def admit(self, body: Mapping[str, Any], correlation_id: str) -> Admission:
+        _require_utf8(body)
+        digest = request_digest(body)
+        task_id = body.get("task_id")
+        if task_id is not None:
+            replay = self._replay(task_id, digest)
+            if replay is not None:
+                return replay
+        else:
+            task_id = new_id("t")
+        request = _completion_request(task_id, body, correlation_id)
+        priority: Priority = body.get("priority", "interactive")
+        pool = self._route(request.model, body.get("placement") or {})
+        tokens_in = estimate_tokens_in(request)
+        if request.max_tokens > pool.settings.max_tokens_out:
+            raise InvalidParams(
+                f"max_tokens {request.max_tokens} is above the limit of model {request.model} "
+                f"({pool.settings.max_tokens_out})",
+                pool_id=pool.id,
+            )
+        if tokens_in + request.max_tokens > pool.settings.max_context:
+            raise InvalidParams(
+                f"prompt (~{tokens_in} tokens) plus max_tokens exceeds the context of model "
+                f"{request.model} ({pool.settings.max_context})",
+                pool_id=pool.id,
+            )
+
+        session_id = body.get("session_id")
+        new_session = session_id is None
+        session = (
+            self._sessions.new_row() if new_session else self._sessions.live_row(session_id)
+        )
+        run_s = pool.meter.expected_run_s(request.max_tokens)
+        price = self._settings.pricing.price_for(request.model)
+        want = Reservation(
+            tokens=tokens_in + request.max_tokens,
+            time_ms=math.ceil(run_s * 1000),
+            cost=round(
+                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
+                9,
+            ),
+        )
+        try:
+            session = self._sessions.check_use(session, want)
+        except LlorchError as exc:
+            exc.retry_after_ms = pool.retry_after()[1]
+            raise
+
+        try:
+            victim = pool.queue.victim_for(priority)
+        except QueueFull as exc:
+            backoff_ms = pool.retry_after()[1]
+            raise type(exc)(
+                f"queue of pool {pool.id} is full ({pool.settings.queue.capacity} tasks)",
+                retry_after_ms=backoff_ms,
+                policy_label=exc.policy_label,
+                pool_id=pool.id,
+            ) from None
+        # Position in dispatch order once queued (a dropped victim ahead of it frees a place).
+        position = (
+            pool.queue.depth("interactive") if priority == "interactive" else len(pool.queue)
+        )
+        if victim is not None and (priority == "batch" or victim.priority == "interactive"):
+            position -= 1
+        wait_s = pool.wait_s(position)
+        if "deadline_ms" in body and (wait_s + run_s) * 1000 > body["deadline_ms"]:
+            raise DeadlineUnmet(
+                f"predicted end in {math.ceil((wait_s + run_s) * 1000)} ms "
+                f"({math.ceil(wait_s * 1000)} ms queued, {math.ceil(run_s * 1000)} ms running) "
+                f"is after the deadline of {body['deadline_ms']} ms",
+                pool_id=pool.id,
+            )
+
+        now = self._clock.now_ms()
+        row = TaskRow(
+            task_id=task_id,
+            session_id=session.session_id,
+            pool_id=pool.id,
+            model=request.model,
+            priority=priority,
+            state=QUEUED,
+            request_json=json.dumps(body, sort_keys=True, ensure_ascii=True),
+            request_digest=digest,
+            correlation_id=correlation_id,
+            created_ms=now,
+        )
+        if self._db.get_task(task_id) is not None:  # a concurrent twin won the race
+            raise TaskExists(f"task {task_id} exists with another body")
+        self._db.admit_task(row, session, new_session=new_session)
+
+        loop = asyncio.get_running_loop()
+        record = TaskRecord(
+            row=row,
+            request=request,
+            priority=priority,
+            reservation=want,
+            tokens_in_estimate=tokens_in,
+            affinity_replica_id=session.last_replica_id,
+            deadline_at=loop.time() + body["deadline_ms"] / 1000 if "deadline_ms" in body else None,
+            queue_position_at_start=position,
+        )
+        self._sessions.reserve(session.session_id, task_id, want)
+        self._registry.add(record)
+        if victim is not None:
+            pool.queue.remove(victim, victim.priority)
+            self._finish(
+                victim,
+                FAILED,
+                error=QueueFullDropLru(
+                    f"dropped from the full queue of pool {pool.id} for a newer task",
+                    policy_label="drop-lru",
+                    pool_id=pool.id,
+                ),
+            )
+        pool.queue.push(record, priority)
+        pool.wakeup.set()
+        return Admission(
+            task_id=task_id,
+            session_id=session.session_id,
+            pool_id=pool.id,
+            state=QUEUED,
+            queue_position=position,
+            predicted_start_ms=now + math.ceil(wait_s * 1000),
+            backoff_ms=math.ceil(wait_s * 1000),
+            remaining=self._sessions.remaining(session),
+        )
+
+    def _replay(self, task_id: str, digest: str) -> Admission | None:
+        """The answer to a resubmitted task_id: the same task, or 409 for another body."""
+        row = self._db.get_task(task_id)
+        if row is None:
+            return None
+        if row.request_digest != digest:
+            raise TaskExists(f"task {task_id} exists with another body")
+        record = self._registry.live.get(task_id)
+        pool = self._registry.pools[row.pool_id]
+        position = 0
+        state = row.state
+        if record is not None:
+            state = record.state
+            position = pool.queue.position(record, record.priority) or 0
+        wait_ms = math.ceil(pool.wait_s(position) * 1000) if state == QUEUED else 0
+        return Admission(
+            task_id=task_id,
+            session_id=row.session_id,
+            pool_id=row.pool_id,
+            state=state,
+            queue_position=position,
+            predicted_start_ms=(row.created_ms if state != QUEUED else self._clock.now_ms())
+            + wait_ms,
+            backoff_ms=wait_ms,
+            remaining=self._sessions.remaining_for(row.session_id),
+        )
+
+    def _route(self, model: str, placement: Mapping[str, Any]) -> PoolRuntime:
+        serving = [p for p in self._registry.pools.values() if p.settings.model == model]
+        if not serving:
+            known = sorted({p.settings.model for p in self._registry.pools.values()})
+            raise InvalidParams(f"unknown model {model!r}; this server serves {known}")
+        pin = placement.get("pin_pool_id")
+        if pin is not None:
+            pinned = self._registry.pools.get(pin)
+            if pinned is None or pinned.settings.model != model:
+                raise InvalidParams(f"pool {pin!r} does not serve model {model!r}")
+            serving = [pinned]
+        prefer = list(placement.get("prefer_pools", []))
+        avoid = set(placement.get("avoid_pools", []))
+
+        def rank(pool: PoolRuntime) -> tuple[int, int, float, str]:
+            preferred = prefer.index(pool.id) if pool.id in prefer else len(prefer)
+            load = len(pool.queue) / pool.settings.queue.capacity
+            return (pool.id in avoid, preferred, load, pool.id)
+
+        open_pools = [p for p in serving if not p.draining]
+        if not open_pools:
+            raise PoolUnavailable(
+                f"every pool serving {model!r} is draining",
+                retry_after_ms=POOL_RETRY_MS,
+                pool_id=serving[0].id,
+            )
+        ready = [p for p in open_pools if p.ready]
+        if not ready:
+            raise PoolUnready(
+                f"no ready replica in pool {open_pools[0].id} for model {model!r}",
+                retry_after_ms=POOL_RETRY_MS,
+                pool_id=open_pools[0].id,
+            )
+        return min(ready, key=rank)
+
+
+def _completion_request(
+    task_id: str, body: Mapping[str, Any], correlation_id: str
+) -> CompletionRequest:
+    messages = body.get("messages")
+    return CompletionRequest(
+        task_id=task_id,
+        model=body["model"],
+        prompt=body.get("prompt"),
+        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages)
+        if messages is not None
+        else None,
+        max_tokens=body["max_tokens"],
+        seed=body.get("seed"),
+        temperature=body.get("temperature"),
+        stop=tuple(body.get("stop", ())),
+        correlation_id=correlation_id,
+    )

@@ -1,0 +1,299 @@
+"""Running tasks: one loop per pool starts queued tasks on free replica slots.
+
+Every engine call is a child task owned by the dispatcher, bounded by the task's deadline and by
+the pool's decode timeout (the longest silence allowed between two chunks). Whatever way a task
+ends, :meth:`Dispatcher.finish` records it exactly once: usage committed to the session, the
+final row written, then the one terminal event published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from llorch.clock import Clock
+from llorch.config import Settings
+from llorch.engines.base import Finish, Token
+from llorch.errors import DeadlineUnmet, DecodeTimeout, EngineError, LlorchError, StorageError
+from llorch.persistence import Database
+from llorch.scheduler.pools import PoolRuntime, Replica
+from llorch.scheduler.registry import Registry
+from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
+from llorch.sessions import SessionService
+
+log = logging.getLogger("llorch.dispatcher")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        registry: Registry,
+        db: Database,
+        sessions: SessionService,
+        settings: Settings,
+        clock: Clock,
+    ) -> None:
+        self._registry = registry
+        self._db = db
+        self._sessions = sessions
+        self._settings = settings
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dispatching = True
+
+    # -- ownership --------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        for pool in self._registry.pools.values():
+            await self._probe(pool)
+            self.spawn(self._pool_loop(pool), f"pool:{pool.id}")
+            self.spawn(self._health_loop(pool), f"health:{pool.id}")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop starting tasks, let running ones finish for ``grace_s``, cancel the rest."""
+        self.dispatching = False
+        running = [r.runner for r in self._registry.live.values() if r.runner is not None]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
+            for record in list(self._registry.live.values()):
+                if record.runner in pending:
+                    record.cancel_requested = True
+                    record.runner.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def _pool_loop(self, pool: PoolRuntime) -> None:
+        while True:
+            await pool.wakeup.wait()
+            pool.wakeup.clear()
+            if self.dispatching:
+                self._dispatch(pool)
+
+    def _dispatch(self, pool: PoolRuntime) -> None:
+        loop = asyncio.get_running_loop()
+        while (head := pool.queue.peek()) is not None:
+            replica = pool.pick_replica(head.affinity_replica_id)
+            if replica is None:
+                return
+            pool.queue.pop()
+            if head.deadline_at is not None and loop.time() >= head.deadline_at:
+                self.finish(head, FAILED, error=DeadlineUnmet("deadline passed while queued"))
+                continue
+            replica.busy += 1
+            head.runner = self.spawn(self._run(pool, replica, head), f"task:{head.task_id}")
+
+    async def _health_loop(self, pool: PoolRuntime, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._probe(pool)
+
+    async def _probe(self, pool: PoolRuntime) -> None:
+        for replica in pool.replicas:
+            try:
+                ready = await replica.engine.health()
+            except EngineError:
+                ready = False
+            if ready and not replica.ready:
+                pool.wakeup.set()
+            replica.ready = ready
+
+    # -- one task ---------------------------------------------------------------------------
+
+    async def _run(self, pool: PoolRuntime, replica: Replica, record: TaskRecord) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_token_at: float | None = None
+        tokens_out = 0
+        finish: Finish | None = None
+        try:
+            if record.cancel_requested:  # canceled between dispatch and this first step
+                self.finish(record, CANCELED, finish_reason="canceled")
+                return
+            self._start(pool, replica, record)
+            idle_s = pool.settings.decode_timeout_ms / 1000
+            chunks = replica.engine.stream(record.request)
+            try:
+                async with asyncio.timeout(None) as timer:
+                    while finish is None:
+                        limit = loop.time() + idle_s
+                        if record.deadline_at is not None:
+                            limit = min(limit, record.deadline_at)
+                        timer.reschedule(limit)
+                        chunk = await anext(chunks, None)
+                        if chunk is None:
+                            raise EngineError("engine stream ended without finishing")
+                        if isinstance(chunk, Token):
+                            if first_token_at is None:
+                                first_token_at = loop.time()
+                                record.ttft_ms = round((first_token_at - started) * 1000)
+                            record.events.publish("token", {"t": chunk.text, "i": tokens_out})
+                            tokens_out += 1
+                            if tokens_out % self._settings.server.metrics_every_tokens == 0:
+                                self._publish_metrics(pool, record, tokens_out, first_token_at)
+                        else:
+                            finish = chunk
+            finally:
+                await chunks.aclose()
+            self.finish(
+                record,
+                SUCCEEDED,
+                finish_reason=finish.finish_reason,
+                tokens_in=finish.tokens_in,
+                tokens_out=finish.tokens_out,
+            )
+        except TimeoutError:
+            error: LlorchError
+            if record.deadline_at is not None and loop.time() >= record.deadline_at:
+                error = DeadlineUnmet("the task's deadline passed while it ran")
+            else:
+                error = DecodeTimeout(
+                    f"no output from {replica.id} for {pool.settings.decode_timeout_ms} ms"
+                )
+            self.finish(record, FAILED, error=error, tokens_out=tokens_out)
+        except EngineError as exc:
+            self.finish(record, FAILED, error=exc, tokens_out=tokens_out)
+        except asyncio.CancelledError:
+            self.finish(record, CANCELED, finish_reason="canceled", tokens_out=tokens_out)
+            if not record.cancel_requested:
+                raise
+        except Exception as exc:  # a bug: the task still ends, loudly
+            log.exception("task %s failed unexpectedly", record.task_id)
+            self.finish(record, FAILED, error=LlorchError(f"internal error: {exc}"))
+        finally:
+            replica.busy -= 1
+            ended = loop.time()
+            pool.meter.record(
+                service_s=ended - started,
+                ttft_s=None if first_token_at is None else first_token_at - started,
+                tokens=tokens_out,
+                decode_s=0.0 if first_token_at is None else ended - first_token_at,
+            )
+            pool.wakeup.set()
+
+    def _start(self, pool: PoolRuntime, replica: Replica, record: TaskRecord) -> None:
+        now = self._clock.now_ms()
+        record.move_to(RUNNING)
+        record.replica_id = replica.id
+        record.started_ms = now
+        self._db.update_task(record.task_id, state=RUNNING, started_ms=now, replica_id=replica.id)
+        self._db.update_session(
+            record.session_id, last_pool_id=pool.id, last_replica_id=replica.id
+        )
+        record.events.publish(
+            "started",
+            {
+                "task_id": record.task_id,
+                "queue_position": record.queue_position_at_start,
+                "pool_id": pool.id,
+                "replica_id": replica.id,
+                "engine": replica.engine.engine,
+                "kv_warmth": replica.id == record.affinity_replica_id,
+                "correlation_id": record.row.correlation_id,
+            },
+        )
+
+    def _publish_metrics(
+        self, pool: PoolRuntime, record: TaskRecord, tokens_out: int, first_token_at: float
+    ) -> None:
+        elapsed = asyncio.get_running_loop().time() - first_token_at
+        left = self._sessions.remaining_for(record.session_id)
+        record.events.publish(
+            "metrics",
+            {
+                "queue_depth": len(pool.queue),
+                "tokens_out": tokens_out,
+                "tokens_per_s": round(tokens_out / elapsed, 3) if elapsed > 0 else 0.0,
+                "budgets": {
+                    "tokens_remaining": left.tokens,
+                    "time_ms_remaining": left.time_ms,
+                    "cost_remaining": left.cost,
+                },
+            },
+        )
+
+    # -- the one way a task ends ------------------------------------------------------------
+
+    def finish(
+        self,
+        record: TaskRecord,
+        state: str,
+        *,
+        finish_reason: str | None = None,
+        error: LlorchError | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int = 0,
+    ) -> None:
+        record.move_to(state)
+        now = self._clock.now_ms()
+        tokens_in = record.tokens_in_estimate if tokens_in is None else tokens_in
+        if record.started_ms is None:
+            tokens_in = 0  # never reached an engine: nothing was read or generated
+        price = self._settings.pricing.price_for(record.request.model)
+        cost = round((tokens_in * price.input_per_1k + tokens_out * price.output_per_1k) / 1000, 9)
+        run_ms = 0 if record.started_ms is None else max(0, now - record.started_ms)
+        decode_ms = 0 if record.ttft_ms is None else max(0, run_ms - record.ttft_ms)
+        task_values: dict[str, Any] = {
+            "state": state,
+            "ended_ms": now,
+            "ttft_ms": record.ttft_ms,
+            "decode_time_ms": decode_ms,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "cost": cost,
+            "finish_reason": finish_reason,
+        }
+        if error is not None:
+            task_values |= {
+                "error_code": error.code,
+                "error_message": error.message,
+                "error_retriable": error.retriable,
+            }
+        self._sessions.release(record.session_id, record.task_id)
+        try:
+            committed = self._sessions.committed_values(
+                record.session_id, tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost
+            )
+            self._db.finish_task(record.task_id, task_values, record.session_id, committed)
+        except StorageError:
+            # The terminal event still goes out; on restart the row is reconciled.
+            log.exception("could not record the end of task %s", record.task_id)
+        if error is None:
+            record.events.publish(
+                "end",
+                {
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "ttft_ms": record.ttft_ms,
+                    "decode_time_ms": decode_ms,
+                    "cost": cost,
+                    "finish_reason": finish_reason or "stop",
+                },
+            )
+        else:
+            data: dict[str, Any] = {
+                "code": error.code,
+                "message": error.message,
+                "retriable": error.retriable,
+            }
+            if error.retry_after_ms is not None:
+                data["retry_after_ms"] = error.retry_after_ms
+            record.events.publish("error", data)
+        self._registry.retire(record)
+        log.info(
+            "task ended",
+            extra={"task_id": record.task_id, "state": state, "code": error and error.code},
+        )
+

@@ -1,0 +1,107 @@
+"""Pools at run time: replicas with their slots, the queue, and the measured drain rate."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+
+from llorch.config import PoolSettings
+from llorch.engines.base import Engine
+from llorch.scheduler.queue import PoolQueue
+from llorch.scheduler.task import TaskRecord
+
+_ALPHA = 0.2  # weight of a new sample in the moving averages
+
+
+@dataclass(eq=False)
+class Replica:
+    engine: Engine
+    ready: bool = False
+    busy: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.engine.replica_id
+
+    @property
+    def free(self) -> int:
+        return self.engine.slots - self.busy if self.ready else 0
+
+
+class DrainMeter:
+    """Moving averages of what a pool's tasks really take, seeded with the engine's nominal speed.
+
+    Retry advice, predicted start times and deadline feasibility are all derived from these.
+    """
+
+    def __init__(self, *, ttft_s: float, tokens_per_s: float, typical_tokens: int = 64) -> None:
+        self.ttft_s = ttft_s
+        self.tokens_per_s = tokens_per_s  # 0 means "no measurable limit"
+        self.service_s = ttft_s + (typical_tokens / tokens_per_s if tokens_per_s > 0 else 0.0)
+        self.samples = 0
+
+    def record(self, *, service_s: float, ttft_s: float | None, tokens: int, decode_s: float) -> None:
+        self.samples += 1
+        self.service_s += _ALPHA * (service_s - self.service_s)
+        if ttft_s is not None:
+            self.ttft_s += _ALPHA * (ttft_s - self.ttft_s)
+        if tokens > 1 and decode_s > 0:
+            self.tokens_per_s += _ALPHA * (tokens / decode_s - self.tokens_per_s)
+
+    def expected_run_s(self, max_tokens: int) -> float:
+        decode = max_tokens / self.tokens_per_s if self.tokens_per_s > 0 else 0.0
+        return self.ttft_s + decode
+
+
+class PoolRuntime:
+    def __init__(self, settings: PoolSettings, engines: list[Engine]) -> None:
+        self.settings = settings
+        self.replicas = [Replica(engine) for engine in engines]
+        self.queue: PoolQueue[TaskRecord] = PoolQueue(settings.queue.capacity, settings.queue.policy)
+        self.meter = DrainMeter(
+            ttft_s=settings.mock.ttft_ms / 1000, tokens_per_s=settings.mock.tokens_per_s
+        )
+        self.draining = False
+        self.wakeup = asyncio.Event()
+
+    @property
+    def id(self) -> str:
+        return self.settings.id
+
+    @property
+    def ready(self) -> bool:
+        return any(r.ready for r in self.replicas)
+
+    @property
+    def slots_total(self) -> int:
+        return sum(r.engine.slots for r in self.replicas if r.ready)
+
+    @property
+    def slots_busy(self) -> int:
+        return sum(r.busy for r in self.replicas)
+
+    def pick_replica(self, affinity_replica_id: str | None) -> Replica | None:
+        """The session's last replica when it has a free slot, else the least loaded one."""
+        free = [r for r in self.replicas if r.free > 0]
+        if not free:
+            return None
+        for replica in free:
+            if replica.id == affinity_replica_id:
+                return replica
+        return min(free, key=lambda r: (r.busy / r.engine.slots, r.id))
+
+    def drain_interval_s(self) -> float:
+        """Measured seconds between two tasks leaving the queue when every slot is busy."""
+        return self.meter.service_s / max(1, self.slots_total)
+
+    def wait_s(self, position: int) -> float:
+        """Predicted wait before a task at ``position`` starts."""
+        free = sum(r.free for r in self.replicas)
+        ahead = position - free + 1
+        return 0.0 if ahead <= 0 else ahead * self.drain_interval_s()
+
+    def retry_after(self) -> tuple[int, int]:
+        """(Retry-After seconds, backoff milliseconds) until a queue place should free up."""
+        interval = self.drain_interval_s()
+        return max(1, math.ceil(interval)), max(1, round(interval * 1000))

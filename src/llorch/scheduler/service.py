@@ -1,0 +1,204 @@
+"""The scheduler's face to the edge: admit, read, list, cancel and subscribe to tasks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from llorch.clock import Clock
+from llorch.config import PoolSettings, Settings
+from llorch.engines import build_engines
+from llorch.engines.base import Engine
+from llorch.errors import InvalidParams, ShuttingDown, TaskNotFound, WorkerReset
+from llorch.persistence import Database, TaskRow
+from llorch.scheduler.admission import Admission, Admitter
+from llorch.scheduler.dispatcher import Dispatcher
+from llorch.scheduler.events import EventStream
+from llorch.scheduler.pools import PoolRuntime
+from llorch.scheduler.registry import Registry
+from llorch.scheduler.task import CANCELED, FAILED, QUEUED, RUNNING, TERMINAL_STATES
+from llorch.sessions import SessionService
+from llorch.sessions.service import Remaining
+
+log = logging.getLogger("llorch.scheduler")
+
+EngineFactory = Callable[[PoolSettings], list[Engine]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        sessions: SessionService,
+        clock: Clock,
+        engines: EngineFactory = build_engines,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._clock = clock
+        self.sessions = sessions
+        self.registry = Registry(
+            [PoolRuntime(p, engines(p)) for p in settings.pools],
+            settings.server.streams_retained,
+        )
+        self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock)
+        self._admitter = Admitter(
+            self.registry, db, sessions, settings, clock, self._dispatcher.finish
+        )
+        self.closing = False
+
+    async def start(self) -> None:
+        self._reconcile()
+        await self._dispatcher.start()
+
+    async def stop(self) -> None:
+        self.closing = True
+        await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
+        for pool in self.registry.pools.values():
+            for replica in pool.replicas:
+                await replica.engine.close()
+
+    def _reconcile(self) -> None:
+        """After a restart: tasks that were running end with WORKER_RESET; none is left open."""
+        for row in self._db.tasks_in_states([RUNNING, QUEUED]):
+            error = WorkerReset("the server restarted while the task was in flight")
+            self._db.update_task(
+                row.task_id,
+                state=FAILED,
+                ended_ms=self._clock.now_ms(),
+                error_code=error.code,
+                error_message=error.message,
+                error_retriable=True,
+            )
+
+    # -- operations -------------------------------------------------------------------------
+
+    def admit(self, body: Mapping[str, Any], correlation_id: str) -> Admission:
+        if self.closing:
+            raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
+        return self._admitter.admit(body, correlation_id)
+
+    def cancel(self, task_id: str) -> None:
+        """Cancel a task; idempotent, and a no-op for a task that already ended."""
+        record = self.registry.live.get(task_id)
+        if record is None:
+            if self._db.get_task(task_id) is None:
+                raise TaskNotFound(f"task {task_id} not found")
+            return
+        if record.cancel_requested:
+            return
+        record.cancel_requested = True
+        if record.state == QUEUED and record.runner is None:
+            pool = self.registry.pools[record.pool_id]
+            pool.queue.remove(record, record.priority)
+            self._dispatcher.finish(record, CANCELED, finish_reason="canceled")
+        elif record.state == RUNNING and record.runner is not None:
+            # The flag is set before this returns, so no token frame follows the cancel.
+            record.runner.cancel()
+
+    def stream(self, task_id: str) -> EventStream:
+        found = self.registry.stream(task_id)
+        if found is not None:
+            return found
+        row = self._db.get_task(task_id)
+        if row is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        return _replay_from_row(row)
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        row = self._db.get_task(task_id)
+        if row is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        return self._view(row)
+
+    def tasks(
+        self, *, session_id: str | None, state: str | None, limit: int, cursor: str | None
+    ) -> dict[str, Any]:
+        before = int(cursor) if cursor is not None else None
+        if before is not None and before <= 0:
+            raise InvalidParams("cursor is not one this server issued")
+        rows = self._db.list_tasks(
+            session_id=session_id, state=state, limit=limit + 1, before_seq=before
+        )
+        page = rows[:limit]
+        next_cursor = str(page[-1].seq) if len(rows) > limit else None
+        return {"items": [self._view(r) for r in page], "next_cursor": next_cursor}
+
+    def remaining(self, session_id: str) -> Remaining:
+        return self.sessions.remaining_for(session_id)
+
+    def _view(self, row: TaskRow) -> dict[str, Any]:
+        record = self.registry.live.get(row.task_id)
+        state = record.state if record is not None else row.state
+        position = None
+        if record is not None and state == QUEUED:
+            pool = self.registry.pools[row.pool_id]
+            position = pool.queue.position(record, record.priority)
+        error = None
+        if row.error_code is not None and state in TERMINAL_STATES:
+            error = {
+                "code": row.error_code,
+                "message": row.error_message or "",
+                "retriable": bool(row.error_retriable),
+            }
+        view: dict[str, Any] = {
+            "task_id": row.task_id,
+            "session_id": row.session_id,
+            "model": row.model,
+            "priority": row.priority,
+            "state": state,
+            "queue_position": position,
+            "pool_id": row.pool_id,
+            "replica_id": row.replica_id,
+            "finish_reason": row.finish_reason,
+            "usage": {"tokens_in": row.tokens_in, "tokens_out": row.tokens_out, "cost": row.cost},
+            "timings": {
+                "created_ms": row.created_ms,
+                "started_ms": row.started_ms,
+                "ended_ms": row.ended_ms,
+                "ttft_ms": row.ttft_ms,
+                "decode_time_ms": row.decode_time_ms,
+            },
+            "trace_artifact_id": row.trace_artifact_id,
+        }
+        if error is not None:
+            view["error"] = error
+        return view
+
+
+def _replay_from_row(row: TaskRow) -> EventStream:
+    """A stream for a task whose events are no longer in memory: only its terminal event."""
+    stream = EventStream()
+    if row.state not in TERMINAL_STATES:
+        # Unreachable while the process lives (live tasks keep their stream); kept total.
+        stream.publish(
+            "error",
+            {"code": "WORKER_RESET", "message": "task events were lost", "retriable": True},
+        )
+    elif row.error_code is not None:
+        stream.publish(
+            "error",
+            {
+                "code": row.error_code,
+                "message": row.error_message or "",
+                "retriable": bool(row.error_retriable),
+            },
+        )
+    else:
+        stream.publish(
+            "end",
+            {
+                "tokens_in": row.tokens_in,
+                "tokens_out": row.tokens_out,
+                "ttft_ms": row.ttft_ms,
+                "decode_time_ms": row.decode_time_ms or 0,
+                "cost": row.cost,
+                "finish_reason": row.finish_reason or "stop",
+            },
+        )
+    return stream
+
+
+__all__ = ["Admission", "Scheduler"]

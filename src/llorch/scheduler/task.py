@@ -1,0 +1,68 @@
+"""The task state machine and the in-memory record of a live task."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from llorch.engines.base import CompletionRequest
+from llorch.persistence import TaskRow
+from llorch.scheduler.events import EventStream
+from llorch.scheduler.queue import Priority
+from llorch.sessions import Reservation
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+# Every allowed transition; anything else is a bug.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, FAILED, CANCELED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELED}),
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    """A task from admission until its terminal event; identity is the object."""
+
+    row: TaskRow
+    request: CompletionRequest
+    priority: Priority
+    reservation: Reservation
+    tokens_in_estimate: int
+    affinity_replica_id: str | None
+    deadline_at: float | None  # loop time by which the task must end
+    events: EventStream = field(default_factory=EventStream)
+    state: str = QUEUED
+    replica_id: str | None = None
+    started_ms: int | None = None
+    ttft_ms: int | None = None
+    queue_position_at_start: int = 0
+    cancel_requested: bool = False
+    runner: asyncio.Task[None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str:
+        return self.row.task_id
+
+    @property
+    def session_id(self) -> str:
+        return self.row.session_id
+
+    @property
+    def pool_id(self) -> str:
+        return self.row.pool_id
+
+    def move_to(self, state: str) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"task {self.task_id}: {self.state} -> {state}")
+        self.state = state

@@ -1,0 +1,5 @@
+"""Sessions (TTL from last use, turn cap, affinity) and their budgets (reserve, commit, release)."""
+
+from llorch.sessions.service import Reservation, Session, SessionService
+
+__all__ = ["Reservation", "Session", "SessionService"]

@@ -1,0 +1,174 @@
+"""Sessions and budgets.
+
+The database holds each session's *committed* remaining budgets. Tasks that are admitted but not
+finished hold a :class:`Reservation` in memory: the worst case they may spend (prompt estimate
+plus ``max_tokens``, the estimated engine time, the worst-case cost). What a client can still
+spend is the committed remainder minus the open reservations; when a task ends, its reservation
+is released and its actual usage is committed, in the same transaction as the task's final state.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+from llorch.clock import Clock
+from llorch.config import Budget, Settings
+from llorch.errors import BudgetExhausted, SessionNotFound
+from llorch.persistence import Database, SessionRow
+
+
+@dataclass(frozen=True)
+class Reservation:
+    tokens: int
+    time_ms: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class Remaining:
+    tokens: int
+    time_ms: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class Session:
+    row: SessionRow
+    remaining: Remaining
+    ttl_ms_remaining: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class SessionService:
+    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+        self._db = db
+        self._settings = settings
+        self._clock = clock
+        self._reserved: dict[str, dict[str, Reservation]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def new_row(
+        self,
+        *,
+        ttl_ms: int | None = None,
+        max_turns: int | None = None,
+        budget: Budget | None = None,
+    ) -> SessionRow:
+        """A new session's row; requested values are capped by the server's policy."""
+        policy = self._settings.budgets
+        want = budget or policy.default
+        now = self._clock.now_ms()
+        return SessionRow(
+            session_id=new_id("s"),
+            created_ms=now,
+            last_used_ms=now,
+            ttl_ms=min(ttl_ms or self._settings.sessions.ttl_ms, self._settings.sessions.max_ttl_ms),
+            turns=0,
+            max_turns=min(max_turns or self._settings.sessions.max_turns, 1_000_000),
+            tokens_remaining=min(want.tokens, policy.max.tokens),
+            time_ms_remaining=min(want.time_ms, policy.max.time_ms),
+            cost_remaining=min(want.cost, policy.max.cost),
+        )
+
+    def create(
+        self,
+        *,
+        ttl_ms: int | None = None,
+        max_turns: int | None = None,
+        tokens: int | None = None,
+        time_ms: int | None = None,
+        cost: float | None = None,
+    ) -> Session:
+        default = self._settings.budgets.default
+        budget = Budget(
+            tokens=default.tokens if tokens is None else tokens,
+            time_ms=default.time_ms if time_ms is None else time_ms,
+            cost=default.cost if cost is None else cost,
+        )
+        row = self.new_row(ttl_ms=ttl_ms, max_turns=max_turns, budget=budget)
+        self._db.insert_session(row)
+        return self._view(row)
+
+    def get(self, session_id: str) -> Session:
+        return self._view(self.live_row(session_id))
+
+    def delete(self, session_id: str) -> None:
+        self.live_row(session_id)
+        self._db.delete_session(session_id)
+        self._reserved.pop(session_id, None)
+
+    def live_row(self, session_id: str) -> SessionRow:
+        """The session's row, or SessionNotFound when it is unknown, deleted or expired."""
+        row = self._db.get_session(session_id)
+        if row is None or self._expired(row):
+            raise SessionNotFound(f"session {session_id} not found or expired")
+        return row
+
+    def _expired(self, row: SessionRow) -> bool:
+        return self._clock.now_ms() - row.last_used_ms >= row.ttl_ms
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    def remaining(self, row: SessionRow) -> Remaining:
+        open_ = self._reserved.get(row.session_id, {}).values()
+        return Remaining(
+            tokens=max(0, row.tokens_remaining - sum(r.tokens for r in open_)),
+            time_ms=max(0, row.time_ms_remaining - sum(r.time_ms for r in open_)),
+            cost=max(0.0, round(row.cost_remaining - sum(r.cost for r in open_), 9)),
+        )
+
+    def remaining_for(self, session_id: str) -> Remaining:
+        """What the session can still spend; zero for a session that no longer exists."""
+        row = self._db.get_session(session_id)
+        return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
+
+    def check_use(self, row: SessionRow, want: Reservation) -> SessionRow:
+        """The row after one more turn, or BudgetExhausted when the task cannot fit."""
+        if row.turns >= row.max_turns:
+            raise BudgetExhausted(
+                f"session {row.session_id} used all {row.max_turns} turns", policy_label="turns"
+            )
+        left = self.remaining(row)
+        for name, have, need in (
+            ("tokens", left.tokens, want.tokens),
+            ("time", left.time_ms, want.time_ms),
+            ("cost", left.cost, want.cost),
+        ):
+            if need > have:
+                raise BudgetExhausted(
+                    f"session {row.session_id} has {have} {name} left; the task may need {need}",
+                    policy_label=name,
+                )
+        return replace(row, turns=row.turns + 1, last_used_ms=self._clock.now_ms())
+
+    def reserve(self, session_id: str, task_id: str, amount: Reservation) -> None:
+        self._reserved.setdefault(session_id, {})[task_id] = amount
+
+    def release(self, session_id: str, task_id: str) -> None:
+        held = self._reserved.get(session_id)
+        if held is not None:
+            held.pop(task_id, None)
+            if not held:
+                del self._reserved[session_id]
+
+    def committed_values(
+        self, session_id: str, *, tokens: int, time_ms: int, cost: float
+    ) -> dict[str, int | float]:
+        """Column values for the session after committing a task's usage (clamped at zero)."""
+        row = self._db.get_session(session_id)
+        if row is None:
+            return {}
+        return {
+            "tokens_remaining": max(0, row.tokens_remaining - tokens),
+            "time_ms_remaining": max(0, row.time_ms_remaining - time_ms),
+            "cost_remaining": max(0.0, round(row.cost_remaining - cost, 9)),
+        }
+
+    def _view(self, row: SessionRow) -> Session:
+        ttl_left = max(0, row.ttl_ms - (self._clock.now_ms() - row.last_used_ms))
+        return Session(row=row, remaining=self.remaining(row), ttl_ms_remaining=ttl_left)
