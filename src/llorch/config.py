@@ -85,6 +85,8 @@ class FailureSettings:
 class MockSettings:
     ttft_ms: float = 20.0
     tokens_per_s: float = 200.0
+    # False runs every completion to max_tokens, like llama.cpp's ignore_eos.
+    eos: bool = True
     failure: FailureSettings = FailureSettings()
 
 

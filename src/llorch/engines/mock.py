@@ -1,7 +1,8 @@
 """The built-in mock engine: deterministic text, configurable latency, injectable failures.
 
 Text is a function of (seed, prompt) only, so the same request always streams the same tokens.
-Timing follows ``ttft_ms`` and ``tokens_per_s`` (0 means as fast as possible). Failures are
+Timing follows ``ttft_ms`` and ``tokens_per_s`` (0 means as fast as possible). With ``eos``
+(the default) a completion may stop before ``max_tokens`` at a length drawn from the same seed. Failures are
 injected by configuration, per replica: ``before_first_token`` (an engine error after the TTFT),
 ``mid_stream`` (a worker reset after ``after_tokens`` tokens), ``hang`` (silence after
 ``after_tokens`` tokens, for decode timeouts) and ``down`` (the replica reports unhealthy).
@@ -78,7 +79,7 @@ class MockEngine:
             )
         digest = hashlib.sha256(f"{request.seed}\x00{text}".encode()).digest()
         rng = random.Random(digest)
-        natural_length = rng.randint(8, 512)
+        natural_length = rng.randint(8, 512) if self._settings.eos else request.max_tokens
         interval = 1 / self._settings.tokens_per_s if self._settings.tokens_per_s > 0 else 0.0
         first_token_at = start + self._settings.ttft_ms / 1000
         # Only the tail that a stop sequence could still complete is kept.

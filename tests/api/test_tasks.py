@@ -1,0 +1,159 @@
+"""Reading, listing and canceling tasks, in process."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from tests.api.test_admission import BUSY, assert_envelope, fill_slots
+from tests.conftest import SettingsFactory
+from tests.support import in_process, pool
+
+
+@pytest.mark.req("ORCH-DATA-0040", "ORCH-DATA-0020")
+async def test_task_view_while_queued_and_after_the_end(settings_for: SettingsFactory) -> None:
+    settings = settings_for(
+        {"server": {"shutdown_grace_s": 0}, "pools": [pool(slots_per_replica=1, mock=BUSY)]}
+    )
+    async with in_process(settings) as api:
+        await fill_slots(api, 1)
+        batch = (await api.submit(priority="batch")).json()["task_id"]
+        interactive = (await api.submit(priority="interactive")).json()["task_id"]
+        # The interactive task overtakes the batch task that came first.
+        first = (await api.client.get(f"/v1/tasks/{interactive}")).json()
+        second = (await api.client.get(f"/v1/tasks/{batch}")).json()
+        assert (first["queue_position"], second["queue_position"]) == (0, 1)
+        assert first["state"] == second["state"] == "queued"
+        assert first["replica_id"] is None and "error" not in first
+
+        assert (await api.client.post(f"/v1/tasks/{batch}/cancel")).status_code == 204
+        ended = (await api.client.get(f"/v1/tasks/{batch}")).json()
+        assert ended["state"] == "canceled" and ended["finish_reason"] == "canceled"
+        assert ended["queue_position"] is None
+        assert ended["timings"]["ended_ms"] >= ended["timings"]["created_ms"]
+
+
+@pytest.mark.req("ORCH-DATA-0040", "ORCH-DATA-0083")
+async def test_finished_task_reports_usage_timings_and_priced_cost(
+    settings_for: SettingsFactory,
+) -> None:
+    settings = settings_for(
+        {
+            "pools": [pool(mock={"ttft_ms": 5, "tokens_per_s": 0, "eos": False})],
+            "pricing": {
+                "default": {"input_per_1k": 1.0, "output_per_1k": 1.0},
+                "models": {"mock-small": {"input_per_1k": 2.0, "output_per_1k": 10.0}},
+            },
+        }
+    )
+    async with in_process(settings) as api:
+        task_id = (await api.submit(prompt="one two three four", max_tokens=10)).json()["task_id"]
+        events = await api.events(task_id)
+        end = events[-1].data
+        task = (await api.client.get(f"/v1/tasks/{task_id}")).json()
+        assert task["state"] == "succeeded" and task["finish_reason"] == "length"
+        assert task["replica_id"] == "default-0"
+        assert task["usage"] == {"tokens_in": 4, "tokens_out": 10, "cost": end["cost"]}
+        assert end["cost"] == pytest.approx((4 * 2.0 + 10 * 10.0) / 1000)
+        assert task["timings"]["ttft_ms"] is not None and task["timings"]["ttft_ms"] >= 5
+
+
+@pytest.mark.req("ORCH-DATA-0040", "ORCH-DATA-0060", "ORCH-ERR-0001")
+async def test_unknown_task_answers_404_on_every_task_operation(
+    settings_for: SettingsFactory,
+) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        for response in (
+            await api.client.get("/v1/tasks/t-missing"),
+            await api.client.get("/v1/tasks/t-missing/stream"),
+            await api.client.post("/v1/tasks/t-missing/cancel"),
+        ):
+            assert_envelope(response, 404, "TASK_NOT_FOUND")
+        assert_envelope(await api.client.get("/v1/tasks/bad%20id"), 400, "INVALID_PARAMS")
+
+
+@pytest.mark.req("ORCH-DATA-0041")
+async def test_listing_pages_newest_first_with_filters(settings_for: SettingsFactory) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        session = (await api.client.post("/v1/sessions", json={})).json()["session_id"]
+        mine = [
+            (await api.submit(session_id=session, task_id=f"mine-{i}")).json()["task_id"]
+            for i in range(5)
+        ]
+        await api.submit(task_id="other")
+        for task_id in mine:
+            await api.events(task_id)
+
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"session_id": session, "limit": "2"}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await api.client.get("/v1/tasks", params=params)).json()
+            seen += [t["task_id"] for t in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(mine))
+
+        done = (await api.client.get("/v1/tasks", params={"state": "succeeded"})).json()
+        assert {t["state"] for t in done["items"]} == {"succeeded"}
+        for bad in ({"limit": "0"}, {"limit": "201"}, {"state": "lost"}, {"cursor": "x"}):
+            response = await api.client.get("/v1/tasks", params=bad)
+            assert_envelope(response, 400, "INVALID_PARAMS")
+
+
+@pytest.mark.req("ORCH-DATA-0060", "ORCH-DATA-0061")
+async def test_cancel_is_idempotent_and_a_canceled_queued_task_never_runs(
+    settings_for: SettingsFactory,
+) -> None:
+    settings = settings_for(
+        {"server": {"shutdown_grace_s": 0}, "pools": [pool(slots_per_replica=1, mock=BUSY)]}
+    )
+    async with in_process(settings) as api:
+        [running] = await fill_slots(api, 1)
+        queued = (await api.submit()).json()["task_id"]
+        for _ in range(2):
+            assert (await api.client.post(f"/v1/tasks/{queued}/cancel")).status_code == 204
+        events = await api.events(queued)
+        assert [(e.event, e.data["finish_reason"]) for e in events] == [("end", "canceled")]
+        # Freeing the slot does not bring the canceled task back.
+        assert (await api.client.post(f"/v1/tasks/{running}/cancel")).status_code == 204
+        await api.wait_state(running, "canceled")
+        task = (await api.client.get(f"/v1/tasks/{queued}")).json()
+        assert task["state"] == "canceled" and task["timings"]["started_ms"] is None
+        # Canceling a task that already ended changes nothing.
+        assert (await api.client.post(f"/v1/tasks/{running}/cancel")).status_code == 204
+        assert (await api.client.get(f"/v1/tasks/{running}")).json()["state"] == "canceled"
+
+
+@pytest.mark.req("ORCH-DATA-0031")
+async def test_tokens_are_not_written_to_the_database_one_by_one(
+    settings_for: SettingsFactory,
+) -> None:
+    settings = settings_for({"pools": [pool(mock={"ttft_ms": 0, "tokens_per_s": 0, "eos": False})]})
+    async with in_process(settings) as api:
+        # Count the statements the server runs while a 300-token task streams.
+        conn: sqlite3.Connection = api.runtime.scheduler._db._conn  # noqa: SLF001
+        writes: list[str] = []
+        conn.set_trace_callback(
+            lambda sql: writes.append(sql) if sql.lstrip().startswith(("INSERT", "UPDATE")) else None
+        )
+        task_id = (await api.submit(max_tokens=300)).json()["task_id"]
+        events = await api.events(task_id)
+        conn.set_trace_callback(None)
+        assert sum(e.event == "token" for e in events) == 300
+        task_writes = [w for w in writes if "tasks" in w.split("SET")[0].split("(")[0]]
+        # Admission, start, end: three writes of the task row, whatever the length.
+        assert len(task_writes) == 3, task_writes
+
+
+@pytest.mark.req("ORCH-ERR-0005", "ORCH-ERR-0001")
+async def test_unknown_routes_and_methods_answer_the_envelope(
+    settings_for: SettingsFactory,
+) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        assert_envelope(await api.client.get("/v2/nothing"), 404, "NOT_FOUND")
+        assert_envelope(await api.client.delete("/v1/tasks"), 405, "METHOD_NOT_ALLOWED")

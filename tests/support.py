@@ -1,0 +1,145 @@
+"""Test support: settings from real configuration, the app in process, a live uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from asgi_lifespan import LifespanManager
+from connexion import AsyncApp
+
+from llorch.api import create_app
+from llorch.api.runtime import Runtime
+from llorch.config import Settings
+from llorch.contracts import validate_config
+
+MODEL = "mock-small"
+
+
+def make_settings(data_dir: Path, raw: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from a configuration mapping, validated against the schema like a real file."""
+    raw = dict(raw or {})
+    validate_config(raw)
+    return Settings.from_mapping(raw).with_server(data_dir=str(data_dir), profile="test")
+
+
+def pool(**overrides: Any) -> dict[str, Any]:
+    """A pool configuration: one fast mock replica with two slots unless overridden."""
+    base: dict[str, Any] = {
+        "id": "default",
+        "model": MODEL,
+        "replicas": 1,
+        "slots_per_replica": 2,
+        "mock": {"ttft_ms": 1, "tokens_per_s": 0},
+    }
+    base.update(overrides)
+    return base
+
+
+def task_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "prompt": "tell me a story", "max_tokens": 8}
+    body.update(overrides)
+    return body
+
+
+@dataclass
+class Sse:
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+def parse_sse(text: str) -> list[Sse]:
+    """Parse an SSE body into events (comments such as heartbeats are skipped)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        if "event" in fields:
+            events.append(Sse(int(fields["id"]), fields["event"], json.loads(fields["data"])))
+    return events
+
+
+@dataclass
+class InProcess:
+    client: httpx.AsyncClient
+    app: AsyncApp
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.runtime  # type: ignore[attr-defined]
+        return runtime
+
+    async def submit(self, **overrides: Any) -> httpx.Response:
+        return await self.client.post("/v1/tasks", json=task_body(**overrides))
+
+    async def events(self, task_id: str, **headers: str) -> list[Sse]:
+        """The task's whole stream (it must end: in process the body is read to the end)."""
+        response = await self.client.get(f"/v1/tasks/{task_id}/stream", headers=headers)
+        assert response.status_code == 200, response.text
+        return parse_sse(response.text)
+
+    async def wait_state(self, task_id: str, *states: str, timeout_s: float = 10) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                task: dict[str, Any] = (await self.client.get(f"/v1/tasks/{task_id}")).json()
+                if task["state"] in states:
+                    return task
+                await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def in_process(settings: Settings, **kwargs: Any) -> AsyncIterator[InProcess]:
+    """The real app with its lifespan, and an httpx client over ASGI."""
+    app = create_app(settings, **kwargs)
+    async with (
+        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://llorch.test"
+        ) as client,
+    ):
+        yield InProcess(client, app)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """A real uvicorn on 127.0.0.1 in a thread; yields its base URL and stops it at the end."""
+    port = free_port()
+    settings = settings.with_server(host="127.0.0.1", port=port)
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
