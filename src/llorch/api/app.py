@@ -71,8 +71,9 @@ def create_app(
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         max_body_bytes=settings.server.max_body_bytes,
     )
+    document = dict(openapi("data"))
     app.add_api(
-        dict(openapi("data")),
+        document,
         resolver=OperationResolver(operations(runtime)),
         strict_validation=True,
         validate_responses=True,
@@ -80,7 +81,7 @@ def create_app(
     )
     app.add_error_handler(LlorchError, problems.domain_error)
     app.add_error_handler(ProblemException, problems.problem)
-    app.add_error_handler(HTTPException, problems.http_error)
+    app.add_error_handler(HTTPException, problems.HttpErrors(document))
     app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
     app.add_error_handler(Exception, problems.unexpected)
     app.runtime = runtime  # type: ignore[attr-defined]  # for tests and the CLI

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -62,11 +64,12 @@ def envelope_response(
     *,
     retriable: bool,
     retry_after_ms: int | None = None,
+    headers: Mapping[str, str] | None = None,
     **labels: str | None,
 ) -> ConnexionResponse:
     status = STATUS[code]
     body: dict[str, Any] = {"code": code, "message": message, "retriable": retriable}
-    headers: dict[str, str] = {}
+    headers = dict(headers or {})
     if status in _RETRY_STATUSES:
         retry_after_ms = retry_after_ms if retry_after_ms is not None else 1000
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
@@ -110,15 +113,38 @@ def problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     return envelope_response("INTERNAL", "internal error", retriable=True)
 
 
-def http_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        return envelope_response("NOT_FOUND", "no such route", retriable=False)
-    if exc.status_code == 405:
-        return envelope_response("METHOD_NOT_ALLOWED", "method not allowed", retriable=False)
-    if exc.status_code < 500:
-        return envelope_response("INVALID_PARAMS", str(exc.detail), retriable=False)
-    return envelope_response("INTERNAL", "internal error", retriable=True)
+class HttpErrors:
+    """Starlette's routing errors as envelopes; 405 lists the path's methods from the contract.
+
+    (Connexion registers one route per operation, so Starlette's own ``Allow`` names only one.)
+    """
+
+    def __init__(self, *documents: Mapping[str, Any]) -> None:
+        self._paths: list[tuple[re.Pattern[str], str]] = []
+        for document in documents:
+            for template, item in document.get("paths", {}).items():
+                pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+                methods = sorted(m.upper() for m in item if m in _HTTP_METHODS)
+                self._paths.append((re.compile(f"^{pattern}$"), ", ".join(methods)))
+
+    def allow(self, path: str) -> str | None:
+        return next((methods for regex, methods in self._paths if regex.match(path)), None)
+
+    def __call__(self, request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return envelope_response("NOT_FOUND", "no such route", retriable=False)
+        if exc.status_code == 405:
+            allow = self.allow(request.url.path) or (exc.headers or {}).get("Allow", "")
+            return envelope_response(
+                "METHOD_NOT_ALLOWED", "method not allowed", retriable=False, headers={"Allow": allow}
+            )
+        if exc.status_code < 500:
+            return envelope_response("INVALID_PARAMS", str(exc.detail), retriable=False)
+        return envelope_response("INTERNAL", "internal error", retriable=True)
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 def bad_encoding(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:

@@ -10,7 +10,7 @@ from llorch.clock import Clock
 from llorch.config import PoolSettings, Settings
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import InvalidParams, ShuttingDown, TaskNotFound, WorkerReset
+from llorch.errors import ShuttingDown, TaskNotFound, WorkerReset
 from llorch.persistence import Database, TaskRow
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.dispatcher import Dispatcher
@@ -116,9 +116,8 @@ class Scheduler:
     def tasks(
         self, *, session_id: str | None, state: str | None, limit: int, cursor: str | None
     ) -> dict[str, Any]:
+        # The cursor is the sequence number of the last task of the previous page.
         before = int(cursor) if cursor is not None else None
-        if before is not None and before <= 0:
-            raise InvalidParams("cursor is not one this server issued")
         rows = self._db.list_tasks(
             session_id=session_id, state=state, limit=limit + 1, before_seq=before
         )
