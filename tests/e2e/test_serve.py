@@ -1,0 +1,100 @@
+"""`python -m llorch serve` as a user runs it: a real process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llorch.config import Settings
+from tests.support import free_port, parse_sse
+
+pytestmark = pytest.mark.wire
+
+
+@contextmanager
+def serve(*args: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llorch", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+        + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/v1/tasks", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.req("ORCH-DATA-0092")
+def test_defaults_are_the_embedded_mock_pool_on_loopback() -> None:
+    settings = Settings()
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.server.data_dir == "var"
+    assert [(p.engine, p.model) for p in settings.pools] == [("mock", "mock-small")]
+
+
+@pytest.mark.req("ORCH-DATA-0092", "ORCH-DATA-0094")
+def test_serve_without_configuration_submits_and_streams(tmp_path: Path) -> None:
+    with serve(data_dir=tmp_path) as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            accepted = client.post(
+                "/v1/tasks", json={"model": "mock-small", "prompt": "hello", "max_tokens": 4}
+            )
+            assert accepted.status_code == 202, accepted.text
+            stream = client.get(f"/v1/tasks/{accepted.json()['task_id']}/stream")
+            events = parse_sse(stream.text)
+            assert events[0].event == "started" and events[-1].event in ("end", "error")
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once its graceful shutdown has completed.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "Application shutdown complete" in output
+    # The dev profile's own database file, under the data dir.
+    assert (tmp_path / "llorch-dev.sqlite3").is_file()
+
+
+@pytest.mark.req("ORCH-DATA-0093")
+def test_a_bad_configuration_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("pools:\n  - id: a\n    model: m\n    queue: {capacity: 0}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "llorch", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "pools.0.queue.capacity" in result.stderr
+    assert "Traceback" not in result.stderr
