@@ -180,8 +180,6 @@ class Admitter:
             correlation_id=correlation_id,
             created_ms=now,
         )
-        if self._db.get_task(task_id) is not None:  # a concurrent twin won the race
-            raise TaskExists(f"task {task_id} exists with another body")
         self._db.admit_task(row, session, new_session=new_session)
 
         loop = asyncio.get_running_loop()
@@ -220,6 +218,44 @@ class Admitter:
             backoff_ms=math.ceil(wait_s * 1000),
             remaining=self._sessions.remaining(session),
         )
+
+    def restore(self, row: TaskRow) -> bool:
+        """Queue again a task that was accepted before a restart; False when its pool is gone."""
+        pool = self._registry.pools.get(row.pool_id)
+        if pool is None:
+            return False
+        body = json.loads(row.request_json)
+        request = _completion_request(row.task_id, body, row.correlation_id)
+        session = self._sessions.live_row_or_none(row.session_id)
+        tokens_in = estimate_tokens_in(request)
+        price = self._settings.pricing.price_for(request.model)
+        want = Reservation(
+            tokens=tokens_in + request.max_tokens,
+            time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
+            cost=round(
+                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
+                9,
+            ),
+        )
+        deadline_at = None
+        if "deadline_ms" in body:
+            left_ms = body["deadline_ms"] - (self._clock.now_ms() - row.created_ms)
+            deadline_at = asyncio.get_running_loop().time() + left_ms / 1000
+        record = TaskRecord(
+            row=row,
+            request=request,
+            priority=row.priority,  # type: ignore[arg-type]
+            reservation=want,
+            tokens_in_estimate=tokens_in,
+            affinity_replica_id=session.last_replica_id if session else None,
+            deadline_at=deadline_at,
+            queue_position_at_start=len(pool.queue),
+        )
+        self._sessions.reserve(row.session_id, row.task_id, want)
+        self._registry.add(record)
+        pool.queue.push(record, record.priority)
+        pool.wakeup.set()
+        return True
 
     def _replay(self, task_id: str, digest: str) -> Admission | None:
         """The answer to a resubmitted task_id: the same task, or 409 for another body."""

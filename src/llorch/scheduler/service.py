@@ -61,8 +61,11 @@ class Scheduler:
                 await replica.engine.close()
 
     def _reconcile(self) -> None:
-        """After a restart: tasks that were running end with WORKER_RESET; none is left open."""
+        """After a restart: queued tasks are queued again; tasks that were running end with a
+        retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
         for row in self._db.tasks_in_states([RUNNING, QUEUED]):
+            if row.state == QUEUED and self._admitter.restore(row):
+                continue
             error = WorkerReset("the server restarted while the task was in flight")
             self._db.update_task(
                 row.task_id,

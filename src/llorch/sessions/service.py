@@ -109,6 +109,12 @@ class SessionService:
             raise SessionNotFound(f"session {session_id} not found or expired")
         return row
 
+    def live_row_or_none(self, session_id: str) -> SessionRow | None:
+        try:
+            return self.live_row(session_id)
+        except SessionNotFound:
+            return None
+
     def _expired(self, row: SessionRow) -> bool:
         return self._clock.now_ms() - row.last_used_ms >= row.ttl_ms
 
