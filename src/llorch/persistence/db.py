@@ -69,6 +69,7 @@ class TaskRow:
     error_message: str | None = None
     error_retriable: bool | None = None
     trace_artifact_id: str | None = None
+    terminal_event_id: int | None = None
 
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]

@@ -254,6 +254,7 @@ class Dispatcher:
             "tokens_out": tokens_out,
             "cost": cost,
             "finish_reason": finish_reason,
+            "terminal_event_id": record.events.next_seq,
         }
         if error is not None:
             task_values |= {

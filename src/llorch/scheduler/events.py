@@ -29,7 +29,9 @@ class StreamClosed(RuntimeError):
 
 
 class EventStream:
-    def __init__(self) -> None:
+    def __init__(self, *, first_seq: int = 0) -> None:
+        # A stream rebuilt after its earlier events left memory starts at their original ids.
+        self._first_seq = first_seq
         self._events: list[Event] = []
         self._changed = asyncio.Event()
 
@@ -41,10 +43,14 @@ class EventStream:
     def events(self) -> list[Event]:
         return self._events
 
+    @property
+    def next_seq(self) -> int:
+        return self._first_seq + len(self._events)
+
     def publish(self, kind: str, data: dict[str, Any]) -> Event:
         if self.closed:
             raise StreamClosed(f"{kind} event after the terminal event")
-        event = Event(len(self._events), kind, data)
+        event = Event(self._first_seq + len(self._events), kind, data)
         self._events.append(event)
         # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
         self._changed.set()
@@ -55,7 +61,7 @@ class EventStream:
         self, *, after: int | None = None, heartbeat_s: float | None = None
     ) -> AsyncIterator[Event | None]:
         """Yield events after ``after`` (all when None); yield None when idle for heartbeat_s."""
-        index = 0 if after is None else after + 1
+        index = 0 if after is None else max(0, after + 1 - self._first_seq)
         while True:
             while index < len(self._events):
                 event = self._events[index]

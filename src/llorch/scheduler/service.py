@@ -171,8 +171,9 @@ class Scheduler:
 
 
 def _replay_from_row(row: TaskRow) -> EventStream:
-    """A stream for a task whose events are no longer in memory: only its terminal event."""
-    stream = EventStream()
+    """A stream for a task whose events are no longer in memory: only its terminal event, under
+    its original id (earlier ids are gone: a client sees the gap)."""
+    stream = EventStream(first_seq=row.terminal_event_id or 0)
     if row.state not in TERMINAL_STATES:
         # Unreachable while the process lives (live tasks keep their stream); kept total.
         stream.publish(
