@@ -1,0 +1,1076 @@
+#!/usr/bin/env python3
+"""Every developer action for llorch, and the only thing CI calls.
+
+Usage: python3 xtask.py COMMAND [ARGS...]
+
+    serve [ARGS...]        run the server: .venv/bin/python -m llorch serve ARGS...
+    lint                   ruff check, ruff format --check, mypy (strict), lint-imports
+    fmt                    ruff check --fix, then ruff format
+    test [PYTEST ARGS...]  pytest over tests/ with branch coverage and the coverage floor
+                           (pass --cov-fail-under=0 to run a subset without the floor)
+    spec-extract [--check] .specs/*.md -> requirements/*.yaml; --check fails when
+                           requirements/ is stale or a MUST requirement has no test
+    contract               schemathesis CLI against a live server on a free loopback port
+    lock                   regenerate requirements.lock in a throwaway venv
+    ci                     lint, spec-extract --check, test, contract; fails fast
+    clean                  remove .venv, var/ and every tool cache
+
+The first command that needs tools creates .venv (python3 -m venv), installs requirements.lock
+and then the project itself (pip install --no-deps -e .). It does so again whenever
+requirements.lock or pyproject.toml changes (their sha256 are kept in .venv/xtask-stamp).
+
+Standard library only: this file runs before any dependency is installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree import ElementTree
+
+# The coverage floor for `xtask.py test`. It only goes up.
+COVERAGE_FLOOR = 92
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+VENV_BIN = VENV / "bin"
+VENV_PY = VENV_BIN / "python"
+STAMP = VENV / "xtask-stamp"
+LOCK = ROOT / "requirements.lock"
+PYPROJECT = ROOT / "pyproject.toml"
+
+SPECS_DIR = ROOT / ".specs"
+REQUIREMENTS_DIR = ROOT / "requirements"
+TESTS_DIR = ROOT / "tests"
+
+CONTRACT_SPECS = ("contracts/openapi/data.yaml",)
+CONTRACT_CONFIG = "tests/configs/contract.yaml"
+CONTRACT_READY_PATH = "/v1/tasks?limit=1"
+CONTRACT_READY_TIMEOUT_S = 30.0
+CONTRACT_STOP_TIMEOUT_S = 15.0
+
+# What `clean` removes (relative to the repository root).
+CLEAN_DIRS = (
+    ".venv",
+    "var",
+    ".hypothesis",
+    ".schemathesis",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".import_linter_cache",
+)
+CLEAN_GLOBS = (".coverage", ".coverage.*")
+
+
+class TaskError(Exception):
+    """A failure that ends the command with a message and exit status 1."""
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def note(message: str) -> None:
+    print(f"xtask: {message}", file=sys.stderr, flush=True)
+
+
+def run(
+    cmd: Sequence[str | Path],
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> int:
+    """Run a command from the repository root without stdin; return its exit status.
+
+    `quiet` keeps the command's output unless it fails (pip's chatter, which on these
+    machines includes a warning per package about the pip configuration's extra indexes).
+    """
+    argv = [str(part) for part in cmd]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if quiet else None,
+            stderr=subprocess.STDOUT if quiet else None,
+            env=env,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise TaskError(f"cannot run {argv[0]}: {exc}") from exc
+    if quiet and proc.returncode != 0:
+        sys.stdout.write(proc.stdout.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+    if check and proc.returncode != 0:
+        raise TaskError(f"`{' '.join(argv)}` exited with {proc.returncode}")
+    return proc.returncode
+
+
+# ------------------------------------------------------------------------------------------------
+# .venv bootstrap
+# ------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wanted_stamp() -> dict[str, str]:
+    return {
+        "python": sys.version.split()[0],
+        "requirements.lock": _sha256(LOCK),
+        "pyproject.toml": _sha256(PYPROJECT),
+    }
+
+
+def _read_stamp() -> dict[str, str]:
+    try:
+        data = json.loads(STAMP.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if match is None:
+        raise TaskError(f"pyproject.toml: cannot read the requirement {requirement!r}")
+    return _canonical(match.group(1))
+
+
+def _check_lock_covers_pyproject() -> None:
+    """Every dependency of pyproject.toml (runtime and [dev]) must be pinned in the lock."""
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8")).get("project", {})
+    wanted = [
+        *project.get("dependencies", []),
+        *project.get("optional-dependencies", {}).get("dev", []),
+    ]
+    pinned = {
+        _canonical(line.split("==", 1)[0])
+        for line in LOCK.read_text(encoding="utf-8").splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    missing = sorted({_requirement_name(req) for req in wanted} - pinned)
+    if missing:
+        raise TaskError(
+            f"requirements.lock does not pin {', '.join(missing)}, which pyproject.toml needs: "
+            "run `python3 xtask.py lock`"
+        )
+
+
+def ensure_venv() -> None:
+    """Create or refresh .venv so that it matches requirements.lock and pyproject.toml."""
+    if not LOCK.is_file():
+        raise TaskError("requirements.lock is missing: run `python3 xtask.py lock`")
+    wanted = _wanted_stamp()
+    have = _read_stamp()
+    if have == wanted and VENV_PY.exists():
+        return
+    _check_lock_covers_pyproject()
+    fresh = (
+        not VENV_PY.exists()
+        or have.get("python") != wanted["python"]
+        or have.get("requirements.lock") != wanted["requirements.lock"]
+    )
+    if fresh:
+        # A changed lock rebuilds from scratch: removed pins must not linger in the venv.
+        if VENV.exists():
+            step("removing outdated .venv")
+            shutil.rmtree(VENV)
+        step(f"creating .venv ({sys.executable} -m venv)")
+        run([sys.executable, "-m", "venv", VENV], quiet=True)
+        step("installing requirements.lock into .venv")
+        run(
+            [VENV_PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", LOCK],
+            quiet=True,
+        )
+    step("installing llorch into .venv (pip install --no-deps -e .)")
+    run(
+        [
+            VENV_PY,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "-e",
+            ".",
+        ],
+        quiet=True,
+    )
+    step("pip check")
+    if run([VENV_PY, "-m", "pip", "check", "--disable-pip-version-check"], check=False, quiet=True):
+        raise TaskError(
+            "requirements.lock does not satisfy pyproject.toml: run `python3 xtask.py lock`"
+        )
+    STAMP.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def tool(name: str) -> Path:
+    return VENV_BIN / name
+
+
+# ------------------------------------------------------------------------------------------------
+# serve / lint / fmt / test
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: list[str]) -> int:
+    ensure_venv()
+    argv = [str(VENV_PY), "-m", "llorch", "serve", *args]
+    step(" ".join(["python -m llorch serve", *args]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(ROOT)
+    # Replace this process, so that Ctrl-C and SIGTERM reach the server directly.
+    os.execv(argv[0], argv)
+
+
+def cmd_lint(args: list[str]) -> int:
+    _no_args("lint", args)
+    ensure_venv()
+    checks: list[tuple[str, list[str | Path]]] = [
+        ("ruff check", [tool("ruff"), "check", "."]),
+        ("ruff format --check", [tool("ruff"), "format", "--check", "."]),
+        ("mypy (strict: src, tests)", [tool("mypy")]),
+        ("lint-imports", [tool("lint-imports"), "--no-logo"]),
+    ]
+    failed = []
+    for name, cmd in checks:
+        step(name)
+        if run(cmd, check=False) != 0:
+            failed.append(name)
+    if failed:
+        note(f"lint failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def cmd_fmt(args: list[str]) -> int:
+    _no_args("fmt", args)
+    ensure_venv()
+    # Fixes first (import sorting, upgrades), then the formatter lays out what they changed.
+    step("ruff check --fix")
+    fix_rc = run([tool("ruff"), "check", "--fix", "."], check=False)
+    step("ruff format")
+    fmt_rc = run([tool("ruff"), "format", "."], check=False)
+    return 1 if fix_rc or fmt_rc else 0
+
+
+# Filled by cmd_test from pytest's JUnit report: (passed, failed, skipped).
+_TEST_COUNTS: list[tuple[int, int, int]] = []
+
+
+def _junit_counts(report: Path) -> tuple[int, int, int] | None:
+    try:
+        root = ElementTree.parse(report).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = failed = skipped = 0
+    for suite in suites:
+        total += int(suite.get("tests", 0))
+        failed += int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped += int(suite.get("skipped", 0))
+    return total - failed - skipped, failed, skipped
+
+
+def cmd_test(args: list[str]) -> int:
+    ensure_venv()
+    with tempfile.TemporaryDirectory(prefix="llorch-test-") as tmp:
+        report = Path(tmp) / "junit.xml"
+        cmd: list[str | Path] = [
+            VENV_PY,
+            "-m",
+            "pytest",
+            "--cov=llorch",
+            "--cov-branch",
+            "--cov-report=term-missing:skip-covered",
+            f"--cov-fail-under={COVERAGE_FLOOR}",
+            f"--junitxml={report}",
+            *args,
+        ]
+        step(f"pytest (coverage floor {COVERAGE_FLOOR}%)")
+        rc = run(cmd, check=False)
+        counts = _junit_counts(report)
+    if counts is not None:
+        _TEST_COUNTS.append(counts)
+    if rc == 5:
+        note("pytest collected no tests (exit 5): a run that tests nothing fails")
+        return 1
+    if counts is not None and counts[0] + counts[1] == 0:
+        note("pytest ran no test (all deselected or skipped): a run that tests nothing fails")
+        return rc or 1
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------
+# contract: schemathesis against a live server
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The server is on the loopback interface: never go through a proxy from the environment.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TaskError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            with _NO_PROXY_OPENER.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+                last_error = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last_error = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last_error = str(getattr(exc, "reason", exc))
+        time.sleep(0.2)
+    raise TaskError(f"the server was not ready within {timeout_s:.0f} s ({url}: {last_error})")
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    # The server runs in its own process group (start_new_session): signal it and any child.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=CONTRACT_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            note(f"the server ignored SIGTERM for {CONTRACT_STOP_TIMEOUT_S:.0f} s: killing it")
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            return
+    # Anything the server started and left behind in its group goes too.
+    _signal_group(proc, signal.SIGKILL)
+
+
+def _print_log_tail(log_path: Path, lines: int = 60) -> None:
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    tail = text.splitlines()[-lines:]
+    print(f"---- last {len(tail)} lines of the server log ({log_path.name}) ----")
+    print("\n".join(tail))
+    print("---- end of server log ----", flush=True)
+
+
+def cmd_contract(args: list[str]) -> int:
+    _no_args("contract", args)
+    ensure_venv()
+    for relative in (*CONTRACT_SPECS, CONTRACT_CONFIG):
+        if not (ROOT / relative).is_file():
+            raise TaskError(f"{relative} is missing")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    data_dir = Path(tempfile.mkdtemp(prefix="llorch-contract-"))
+    log_path = data_dir / "server.log"
+    server_cmd: list[str | Path] = [
+        VENV_PY,
+        "-m",
+        "llorch",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--config",
+        CONTRACT_CONFIG,
+        "--profile",
+        "test",
+        "--data-dir",
+        data_dir,
+    ]
+    # Schemathesis uses requests, which honours *_PROXY: keep loopback traffic direct.
+    st_env = dict(os.environ)
+    for key in ("NO_PROXY", "no_proxy"):
+        st_env[key] = ",".join(filter(None, [st_env.get(key, ""), "127.0.0.1", "localhost"]))
+    step(f"starting the server on {base_url} (data dir {data_dir})")
+    failed = True
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(part) for part in server_cmd],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            _wait_ready(proc, base_url + CONTRACT_READY_PATH, CONTRACT_READY_TIMEOUT_S)
+            step("the server is ready")
+            failed = False
+            for spec in CONTRACT_SPECS:
+                step(f"schemathesis: st run {spec}")
+                # The spec's paths start with /v1 already, so the URL has no base path.
+                st_cmd: list[str | Path] = [
+                    tool("st"),
+                    "run",
+                    spec,
+                    "--url",
+                    base_url,
+                    "--checks",
+                    "all",
+                    "--max-examples",
+                    "60",
+                    "--request-timeout",
+                    "10",
+                    "--no-color",
+                ]
+                rc = run(st_cmd, check=False, env=st_env)
+                if rc != 0:
+                    note(f"schemathesis failed on {spec} (exit {rc})")
+                    failed = True
+                    break
+        finally:
+            step("stopping the server")
+            _stop(proc)
+            if failed:
+                _print_log_tail(log_path)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# lock
+# ------------------------------------------------------------------------------------------------
+
+LOCK_HEADER = """\
+# requirements.lock: the exact llorch dev environment (runtime dependencies + the [dev] extra).
+# Generated by `python3 xtask.py lock` (a throwaway venv, pip install -e '.[dev]', pip freeze);
+# do not edit by hand. Regenerate after changing dependencies in pyproject.toml.
+# Python {python}.
+"""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def cmd_lock(args: list[str]) -> int:
+    _no_args("lock", args)
+    with tempfile.TemporaryDirectory(prefix="llorch-lock-") as tmp:
+        venv = Path(tmp) / "venv"
+        python = venv / "bin" / "python"
+        step(f"creating a throwaway venv in {venv}")
+        run([sys.executable, "-m", "venv", venv], quiet=True)
+        step("installing .[dev] into it")
+        run(
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-e",
+                ".[dev]",
+            ],
+            quiet=True,
+        )
+        step("pip freeze --exclude-editable")
+        out = subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "freeze",
+                "--exclude-editable",
+                "--disable-pip-version-check",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr)
+            raise TaskError("pip freeze failed")
+    pins = []
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "==" not in line:
+            raise TaskError(f"pip freeze gave a line that is not an exact pin: {line!r}")
+        if _canonical(line.split("==", 1)[0]) == "llorch":
+            continue
+        pins.append(line)
+    pins.sort(key=lambda pin: _canonical(pin.split("==", 1)[0]))
+    LOCK.write_text(
+        LOCK_HEADER.format(python=sys.version.split()[0]) + "\n".join(pins) + "\n",
+        encoding="utf-8",
+    )
+    step(f"wrote {LOCK.name} ({len(pins)} pins)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# spec-extract
+# ------------------------------------------------------------------------------------------------
+
+ID_RE = r"[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)*-[0-9]{4}"
+# U+2010..U+2015 (hyphen .. horizontal bar), U+2212 (minus), U+00AD (soft hyphen),
+# U+FE63 (small hyphen-minus), U+FF0D (fullwidth hyphen-minus).
+BAD_HYPHENS = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u00ad\ufe63\uff0d"
+_ANY_HYPHEN = "[-" + BAD_HYPHENS + "]"
+ID_LIKE_RE = re.compile(
+    r"(?<![A-Za-z0-9])[A-Z][A-Z0-9]*(?:"
+    + _ANY_HYPHEN
+    + r"[A-Z0-9]+)*"
+    + _ANY_HYPHEN
+    + r"[0-9]{4}(?![0-9])"
+)
+# A list item whose text starts with a bracketed ID that is not a link ("[X-0001](...)").
+REQ_LINE_RE = re.compile(
+    r"^(?P<indent>\s*)[-*+]\s+\[(?P<id>" + ID_RE + r")\](?![(\[])(?P<text>.*)$"
+)
+# Looks like a requirement but the ID is malformed (lowercase, not four digits, ...).
+NEAR_REQ_LINE_RE = re.compile(
+    r"^\s*[-*+]\s+\[(?P<id>[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*-[0-9]{3,5})\](?![(\[])"
+)
+ATX_HEADING_RE = re.compile(r"^ {0,3}#{1,6}(?:\s+(?P<text>.*?))?(?:\s+#+)?\s*$")
+LIST_ITEM_RE = re.compile(r"^([-*+]|[0-9]+[.)])(\s|$)")
+SETEXT_RE = re.compile(r"^ {0,3}(=+|-+)\s*$")
+FENCE_RE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})")
+KEYWORD_RE = re.compile(r"(?<![A-Za-z0-9_])(MUST|SHALL|SHOULD|MAY)(?![A-Za-z0-9_])")
+LEVELS = {"MUST": "MUST", "SHALL": "MUST", "SHOULD": "SHOULD", "MAY": "MAY"}
+LEVEL_ORDER = ("MUST", "SHOULD", "MAY")
+
+
+@dataclass
+class Requirement:
+    id: str
+    title: str
+    level: str
+    section: str
+    spec: str  # path relative to the repository root, e.g. ".specs/data-plane.md"
+    line: int
+    tests: set[str] = field(default_factory=set)
+
+    @property
+    def source(self) -> str:
+        return f"{self.spec}:{self.line}"
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def parse_spec(path: Path, errors: list[str]) -> list[Requirement]:
+    """Return the requirements of one spec file; append problems to `errors`."""
+    spec = _rel(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        errors.append(f"{spec}: not valid UTF-8 ({exc})")
+        return []
+
+    for number, line in enumerate(lines, start=1):
+        for match in ID_LIKE_RE.finditer(line):
+            token = match.group(0)
+            bad = sorted({f"U+{ord(ch):04X}" for ch in token if ch in BAD_HYPHENS})
+            if bad:
+                clean = "".join("-" if ch in BAD_HYPHENS else ch for ch in token)
+                errors.append(
+                    f"{spec}:{number}: {clean!r} is written with a non-ASCII hyphen "
+                    f"({', '.join(bad)}); use '-' (U+002D)"
+                )
+
+    requirements: list[Requirement] = []
+    section = ""
+    fence: str | None = None
+    previous_text_line = False  # for setext headings
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        number = index + 1
+        index += 1
+        fence_match = FENCE_RE.match(line)
+        if fence is not None:
+            if (
+                fence_match
+                and fence_match.group("fence")[0] == fence[0]
+                and len(fence_match.group("fence")) >= len(fence)
+            ):
+                fence = None
+            continue
+        if fence_match:
+            fence = fence_match.group("fence")
+            previous_text_line = False
+            continue
+        heading = ATX_HEADING_RE.match(line)
+        if heading:
+            section = " ".join((heading.group("text") or "").split())
+            previous_text_line = False
+            continue
+        if previous_text_line and SETEXT_RE.match(line):
+            section = " ".join(lines[index - 2].split())
+            previous_text_line = False
+            continue
+        req = REQ_LINE_RE.match(line)
+        if req is None:
+            near = NEAR_REQ_LINE_RE.match(line)
+            if near:
+                errors.append(
+                    f"{spec}:{number}: malformed requirement ID [{near.group('id')}] "
+                    f"(expected the pattern {ID_RE})"
+                )
+            # A setext underline makes a heading only of an unindented paragraph line.
+            previous_text_line = bool(line.strip()) and not line[0].isspace()
+            previous_text_line = previous_text_line and not LIST_ITEM_RE.match(line)
+            continue
+        previous_text_line = False
+        indent = len(req.group("indent").expandtabs(4))
+        parts = [req.group("text")]
+        # Continuation lines: non-blank, indented deeper than the bullet, not a new requirement.
+        while index < len(lines):
+            follow = lines[index]
+            if not follow.strip() or REQ_LINE_RE.match(follow) or FENCE_RE.match(follow):
+                break
+            follow = follow.expandtabs(4)
+            if len(follow) - len(follow.lstrip()) <= indent:
+                break
+            parts.append(follow)
+            index += 1
+        title = " ".join(" ".join(parts).split())
+        keyword = KEYWORD_RE.search(title)
+        if keyword is None:
+            errors.append(
+                f"{spec}:{number}: requirement {req.group('id')} has no RFC-2119 keyword "
+                "(MUST, MUST NOT, SHALL, SHOULD, SHOULD NOT or MAY, in capitals)"
+            )
+            continue
+        requirements.append(
+            Requirement(
+                id=req.group("id"),
+                title=title,
+                level=LEVELS[keyword.group(1)],
+                section=section,
+                spec=spec,
+                line=number,
+            )
+        )
+    return requirements
+
+
+def _mark_req_call(node: ast.expr) -> ast.Call | None:
+    """`pytest.mark.req(...)` or `mark.req(...)`, else None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func = node.func
+    if not (isinstance(func, ast.Attribute) and func.attr == "req"):
+        return None
+    owner = func.value
+    if isinstance(owner, ast.Attribute) and owner.attr == "mark":
+        return node if isinstance(owner.value, ast.Name) and owner.value.id == "pytest" else None
+    if isinstance(owner, ast.Name) and owner.id == "mark":
+        return node
+    return None
+
+
+def _req_ids(nodes: Sequence[ast.expr], where: str, errors: list[str]) -> list[tuple[str, int]]:
+    """The (ID, line) pairs named by req markers among `nodes`."""
+    found: list[tuple[str, int]] = []
+    for node in nodes:
+        call = _mark_req_call(node)
+        if call is None:
+            continue
+        if call.keywords:
+            errors.append(f"{where}:{call.lineno}: pytest.mark.req takes IDs only, no keywords")
+        if not call.args:
+            errors.append(f"{where}:{call.lineno}: pytest.mark.req names no requirement ID")
+        for arg in call.args:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.append((arg.value, arg.lineno))
+            else:
+                errors.append(
+                    f"{where}:{arg.lineno}: pytest.mark.req arguments must be string literals "
+                    "(spec-extract reads them without running pytest)"
+                )
+    return found
+
+
+def _pytestmark(body: Sequence[ast.stmt]) -> list[ast.expr]:
+    """The marker expressions assigned to `pytestmark` in a module or class body."""
+    marks: list[ast.expr] = []
+    for stmt in body:
+        if isinstance(stmt, ast.Assign):
+            targets = stmt.targets
+        elif isinstance(stmt, ast.AnnAssign):
+            targets = [stmt.target]
+        else:
+            continue
+        value = stmt.value
+        if value is None or not any(
+            isinstance(target, ast.Name) and target.id == "pytestmark" for target in targets
+        ):
+            continue
+        marks.extend(value.elts if isinstance(value, ast.List | ast.Tuple) else [value])
+    return marks
+
+
+def _collect_tests(
+    body: Sequence[ast.stmt],
+    prefix: str,
+    inherited: list[tuple[str, int]],
+    where: str,
+    out: dict[str, set[str]],
+    errors: list[str],
+) -> None:
+    """Record which test node IDs prove which requirement IDs, following pytest's collection."""
+    for stmt in body:
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+            own = _req_ids(stmt.decorator_list, where, errors)
+            if not stmt.name.startswith("test"):
+                if own:
+                    errors.append(
+                        f"{where}:{stmt.lineno}: {stmt.name} carries pytest.mark.req but pytest "
+                        "does not collect it as a test (name it test_*)"
+                    )
+                continue
+            for req_id, _line in [*inherited, *own]:
+                out.setdefault(req_id, set()).add(f"{prefix}::{stmt.name}")
+        elif isinstance(stmt, ast.ClassDef):
+            own = _req_ids(stmt.decorator_list, where, errors)
+            own += _req_ids(_pytestmark(stmt.body), where, errors)
+            if not stmt.name.startswith("Test"):
+                if own:
+                    errors.append(
+                        f"{where}:{stmt.lineno}: class {stmt.name} carries pytest.mark.req but "
+                        "pytest does not collect it (name it Test*)"
+                    )
+                continue
+            _collect_tests(
+                stmt.body, f"{prefix}::{stmt.name}", [*inherited, *own], where, out, errors
+            )
+
+
+def scan_tests(errors: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """Map requirement ID -> test node IDs, and ID -> where markers name it (for errors)."""
+    proofs: dict[str, set[str]] = {}
+    mentions: dict[str, list[str]] = {}
+    if not TESTS_DIR.is_dir():
+        return proofs, mentions
+    for path in sorted(TESTS_DIR.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        where = _rel(path)
+        try:
+            tree = ast.parse(path.read_bytes(), filename=where)
+        except SyntaxError as exc:
+            errors.append(f"{where}:{exc.lineno}: cannot parse: {exc.msg}")
+            continue
+        module_marks = _req_ids(_pytestmark(tree.body), where, errors)
+        found: dict[str, set[str]] = {}
+        _collect_tests(tree.body, where, module_marks, where, found, errors)
+        for req_id, tests in found.items():
+            proofs.setdefault(req_id, set()).update(tests)
+        # Every marker, collected or not, must name a known ID: remember where each appears.
+        for node in ast.walk(tree):
+            if isinstance(node, ast.expr) and _mark_req_call(node) is not None:
+                for req_id, line in _req_ids([node], where, []):
+                    mentions.setdefault(req_id, []).append(f"{where}:{line}")
+    return proofs, mentions
+
+
+_PLAIN_SAFE_RE = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_./:\-]*$")
+# Characters YAML does not allow raw in a double-quoted scalar, or would fold as line breaks.
+_YAML_UNSAFE = {0x7F, 0x85, 0x2028, 0x2029, 0xFEFF}
+
+
+def yaml_quote(text: str) -> str:
+    """A YAML double-quoted scalar, escaped JSON-style."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return "".join(
+        f"\\u{ord(ch):04x}"
+        if ord(ch) in _YAML_UNSAFE
+        or 0x80 <= ord(ch) <= 0x9F
+        or 0xD800 <= ord(ch) <= 0xDFFF
+        or ord(ch) in (0xFFFE, 0xFFFF)
+        else ch
+        for ch in quoted
+    )
+
+
+def yaml_plain_or_quoted(text: str) -> str:
+    if _PLAIN_SAFE_RE.match(text) and ": " not in text and not text.endswith(":"):
+        return text
+    return yaml_quote(text)
+
+
+def render_requirements(spec: str, requirements: list[Requirement]) -> str:
+    out = [f"# Generated by `python3 xtask.py spec-extract` from {spec}. Do not edit."]
+    if not requirements:
+        out.append("{}")
+    for req in sorted(requirements, key=lambda r: r.id):
+        out.append(f"{req.id}:")
+        out.append(f"  title: {yaml_quote(req.title)}")
+        out.append(f"  level: {req.level}")
+        out.append(f"  section: {yaml_quote(req.section)}")
+        out.append(f"  source: {yaml_plain_or_quoted(req.source)}")
+        if req.tests:
+            out.append("  tests:")
+            out.extend(f"    - {yaml_plain_or_quoted(test)}" for test in sorted(req.tests))
+        else:
+            out.append("  tests: []")
+    return "\n".join(out) + "\n"
+
+
+def _error_order(error: str) -> tuple[str, int, str]:
+    match = re.match(r"^([^:]*)(?::(\d+))?:", error)
+    if match is None:
+        return ("", 0, error)
+    return (match.group(1), int(match.group(2) or 0), error)
+
+
+def extract() -> tuple[dict[str, str], list[Requirement]]:
+    """Build requirements/*.yaml in memory: (file name -> text, all requirements)."""
+    errors: list[str] = []
+    specs = sorted(SPECS_DIR.glob("*.md")) if SPECS_DIR.is_dir() else []
+    if not specs:
+        raise TaskError(f"no spec files: {_rel(SPECS_DIR)}/*.md matches nothing")
+    by_spec: dict[str, tuple[str, list[Requirement]]] = {}
+    by_id: dict[str, Requirement] = {}
+    stems: dict[str, str] = {}
+    for path in specs:
+        name = f"{path.stem}.yaml"
+        if name.lower() in stems:
+            errors.append(f"{_rel(path)}: its output {name} clashes with {stems[name.lower()]}")
+        stems[name.lower()] = _rel(path)
+        by_spec[name] = (_rel(path), [])
+        for req in parse_spec(path, errors):
+            first = by_id.get(req.id)
+            if first is not None:
+                errors.append(
+                    f"{req.source}: duplicate requirement ID {req.id} (first at {first.source})"
+                )
+                continue
+            by_id[req.id] = req
+            by_spec[name][1].append(req)
+    proofs, mentions = scan_tests(errors)
+    for req_id in sorted(mentions):
+        if req_id not in by_id:
+            for place in mentions[req_id]:
+                errors.append(f"{place}: pytest.mark.req names {req_id}, which no spec defines")
+    if errors:
+        errors.sort(key=_error_order)
+        raise TaskError(f"found {len(errors)} problem(s):\n" + "\n".join(f"  {e}" for e in errors))
+    for req_id, tests in proofs.items():
+        by_id[req_id].tests.update(tests)
+    files = {name: render_requirements(spec, reqs) for name, (spec, reqs) in by_spec.items()}
+    return files, sorted(by_id.values(), key=lambda r: r.id)
+
+
+def _existing_outputs() -> dict[str, bytes]:
+    if not REQUIREMENTS_DIR.is_dir():
+        return {}
+    return {path.name: path.read_bytes() for path in sorted(REQUIREMENTS_DIR.glob("*.yaml"))}
+
+
+def cmd_spec_extract(args: list[str]) -> int:
+    if args not in ([], ["--check"]):
+        raise UsageError("spec-extract takes no argument but --check")
+    check = args == ["--check"]
+    step("spec-extract" + (" --check" if check else ""))
+    files, requirements = extract()
+    existing = _existing_outputs()
+    counts = {level: sum(r.level == level for r in requirements) for level in LEVEL_ORDER}
+    untested = {
+        level: [r for r in requirements if r.level == level and not r.tests]
+        for level in LEVEL_ORDER
+    }
+    print(
+        f"{len(requirements)} requirements in {len(files)} spec file(s): "
+        + ", ".join(f"{counts[level]} {level}" for level in LEVEL_ORDER)
+        + "; without a test: "
+        + ", ".join(f"{len(untested[level])} {level}" for level in LEVEL_ORDER)
+    )
+    if not check:
+        REQUIREMENTS_DIR.mkdir(exist_ok=True)
+        for name, text in files.items():
+            if existing.get(name) != text.encode("utf-8"):
+                (REQUIREMENTS_DIR / name).write_bytes(text.encode("utf-8"))
+                print(f"  wrote requirements/{name}")
+        for name in sorted(set(existing) - set(files)):
+            (REQUIREMENTS_DIR / name).unlink()
+            print(f"  removed stale requirements/{name}")
+        return 0
+
+    ok = True
+    stale = [
+        f"  requirements/{name}: "
+        + ("missing" if name not in existing else "differs" if name in files else "extra")
+        for name in sorted(set(files) | set(existing))
+        if existing.get(name) != (files[name].encode("utf-8") if name in files else None)
+    ]
+    if stale:
+        ok = False
+        print("\n".join(stale))
+        note("requirements/ is stale: run python3 xtask.py spec-extract")
+    if untested["MUST"]:
+        ok = False
+        print(f"{len(untested['MUST'])} MUST requirement(s) have no test:")
+        for req in untested["MUST"]:
+            print(f"  {req.id}  {req.source}  {req.title}")
+        note("every MUST requirement needs a test marked @pytest.mark.req(ID)")
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# ci / clean / main
+# ------------------------------------------------------------------------------------------------
+
+
+def _bootstrap() -> int:
+    ensure_venv()
+    return 0
+
+
+def cmd_ci(args: list[str]) -> int:
+    _no_args("ci", args)
+    started = time.monotonic()
+    steps: list[tuple[str, Callable[[], int]]] = [
+        ("bootstrap", _bootstrap),
+        ("lint", lambda: cmd_lint([])),
+        ("spec-extract --check", lambda: cmd_spec_extract(["--check"])),
+        ("test", lambda: cmd_test([])),
+        ("contract", lambda: cmd_contract([])),
+    ]
+    for name, action in steps:
+        step(f"xtask ci: {name}")
+        step_started = time.monotonic()
+        try:
+            rc = action()
+        except TaskError as exc:
+            note(str(exc))
+            rc = 1
+        elapsed = time.monotonic() - step_started
+        if rc != 0:
+            print(
+                f"xtask ci: FAILED at {name} (exit {rc}) after {time.monotonic() - started:.1f} s",
+                flush=True,
+            )
+            return rc
+        print(f"xtask ci: {name} passed in {elapsed:.1f} s", flush=True)
+    print(f"xtask ci: OK, all steps passed in {time.monotonic() - started:.1f} s", flush=True)
+    if _TEST_COUNTS:
+        passed, failed, skipped = _TEST_COUNTS[-1]
+        print(f"pytest: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    return 0
+
+
+def cmd_clean(args: list[str]) -> int:
+    _no_args("clean", args)
+    for name in CLEAN_DIRS:
+        path = ROOT / name
+        if path.is_dir() and not path.is_symlink():
+            step(f"removing {name}/")
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            step(f"removing {name}")
+            path.unlink()
+    for pattern in CLEAN_GLOBS:
+        for path in sorted(ROOT.glob(pattern)):
+            step(f"removing {path.name}")
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return 0
+
+
+class UsageError(Exception):
+    """Bad command line: print usage, exit 2."""
+
+
+def _no_args(command: str, args: list[str]) -> None:
+    if args:
+        raise UsageError(f"{command} takes no arguments (got {' '.join(args)})")
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": cmd_serve,
+    "lint": cmd_lint,
+    "fmt": cmd_fmt,
+    "test": cmd_test,
+    "spec-extract": cmd_spec_extract,
+    "contract": cmd_contract,
+    "lock": cmd_lock,
+    "ci": cmd_ci,
+    "clean": cmd_clean,
+}
+
+
+def _iter_usage() -> Iterator[str]:
+    doc = __doc__ or ""
+    yield from doc.strip().splitlines()
+
+
+def main(argv: list[str]) -> int:
+    # Keep our lines in order with the tools' output when stdout is a pipe (CI).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("\n".join(_iter_usage()))
+        return 0 if argv else 2
+    command, args = argv[0], argv[1:]
+    handler = COMMANDS.get(command)
+    try:
+        if handler is None:
+            raise UsageError(f"unknown command {command!r}")
+        return handler(args)
+    except UsageError as exc:
+        note(str(exc))
+        note(f"commands: {', '.join(COMMANDS)} (python3 xtask.py --help)")
+        return 2
+    except TaskError as exc:
+        note(f"{command}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
