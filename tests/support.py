@@ -81,7 +81,7 @@ class InProcess:
 
     @property
     def runtime(self) -> Runtime:
-        runtime: Runtime = self.app.runtime  # type: ignore[attr-defined]
+        runtime: Runtime = self.app.runtime
         return runtime
 
     async def submit(self, **overrides: Any) -> httpx.Response:

@@ -139,7 +139,7 @@ class Settings:
             default=Price(**pricing_raw["default"])
             if "default" in pricing_raw
             else PricingSettings().default,
-            models={name: Price(**p) for name, p in pricing_raw.get("models", {}).items()},
+            models={str(name): Price(**p) for name, p in pricing_raw.get("models", {}).items()},
         )
         pools = tuple(_pool(p) for p in raw.get("pools", [{}]))
         return cls(server=server, sessions=sessions, budgets=budgets, pricing=pricing, pools=pools)
@@ -150,7 +150,10 @@ class Settings:
         if "LLORCH_HOST" in environ:
             changes["host"] = environ["LLORCH_HOST"]
         if "LLORCH_PORT" in environ:
-            changes["port"] = int(environ["LLORCH_PORT"])
+            port = environ["LLORCH_PORT"]
+            if not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"LLORCH_PORT: {port!r} is not a port number (0-65535)")
+            changes["port"] = int(port)
         if "LLORCH_PROFILE" in environ:
             profile = environ["LLORCH_PROFILE"]
             if profile not in ("dev", "test", "prod"):

@@ -31,8 +31,10 @@ from typing import ClassVar
 
 
 class LlorchError(Exception):
+    """The base, raised as such only for a fault of the server: INTERNAL, retriable."""
+
     code: ClassVar[str] = "INTERNAL"
-    retriable: ClassVar[bool] = False
+    retriable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -53,14 +55,17 @@ class LlorchError(Exception):
 
 class InvalidParams(LlorchError):
     code = "INVALID_PARAMS"
+    retriable = False
 
 
 class DeadlineUnmet(LlorchError):
     code = "DEADLINE_UNMET"
+    retriable = False
 
 
 class NotFoundError(LlorchError):
     code = "NOT_FOUND"
+    retriable = False
 
 
 class TaskNotFound(NotFoundError):
@@ -77,6 +82,7 @@ class PoolNotFound(NotFoundError):
 
 class TaskExists(LlorchError):
     code = "TASK_EXISTS"
+    retriable = False
 
 
 class QueueFull(LlorchError):
@@ -93,6 +99,7 @@ class QueueFullDropLru(QueueFull):
 
 class BudgetExhausted(LlorchError):
     code = "BUDGET_EXHAUSTED"
+    retriable = False
 
 
 class Unavailable(LlorchError):
@@ -133,3 +140,4 @@ class DecodeTimeout(EngineError):
 
 class PayloadTooLarge(LlorchError):
     code = "PAYLOAD_TOO_LARGE"
+    retriable = False

@@ -364,9 +364,7 @@ async def test_a_thousand_submissions_to_a_busy_pool(settings_for: SettingsFacto
         statuses = [r.status_code for r in responses]
         assert statuses.count(202) == 100
         assert statuses.count(429) == 900
-        assert {r.json()["code"] for r in responses if r.status_code == 429} == {
-            "ADMISSION_REJECT"
-        }
+        assert {r.json()["code"] for r in responses if r.status_code == 429} == {"ADMISSION_REJECT"}
 
         for task_id in blockers:
             assert (await api.client.post(f"/v1/tasks/{task_id}/cancel")).status_code == 204

@@ -35,7 +35,7 @@ async def test_a_missing_handler_fails_start_up(settings_for: SettingsFactory) -
     del table["cancelTask"]
     app = AsyncApp(__name__)
     app.add_api(dict(openapi("data")), resolver=OperationResolver(table))
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - the cause is checked below
+    with pytest.raises(Exception) as raised:  # the cause is checked below
         async with LifespanManager(app):
             pass
     chain = []

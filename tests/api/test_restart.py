@@ -24,7 +24,7 @@ async def test_queued_tasks_run_after_a_restart(settings_for: SettingsFactory) -
     assert fast.database_path == busy.database_path
     async with in_process(fast) as api:
         events = await api.events(queued["task_id"])
-        assert [e.event for e in events][0] == "started" and events[-1].event == "end"
+        assert events[0].event == "started" and events[-1].event == "end"
         assert (await api.client.get(f"/v1/tasks/{queued['task_id']}")).json()["state"] == (
             "succeeded"
         )

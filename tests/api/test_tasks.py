@@ -136,10 +136,12 @@ async def test_tokens_are_not_written_to_the_database_one_by_one(
     settings = settings_for({"pools": [pool(mock={"ttft_ms": 0, "tokens_per_s": 0, "eos": False})]})
     async with in_process(settings) as api:
         # Count the statements the server runs while a 300-token task streams.
-        conn: sqlite3.Connection = api.runtime.scheduler._db._conn  # noqa: SLF001
+        conn: sqlite3.Connection = api.runtime.scheduler._db._conn
         writes: list[str] = []
         conn.set_trace_callback(
-            lambda sql: writes.append(sql) if sql.lstrip().startswith(("INSERT", "UPDATE")) else None
+            lambda sql: (
+                writes.append(sql) if sql.lstrip().startswith(("INSERT", "UPDATE")) else None
+            )
         )
         task_id = (await api.submit(max_tokens=300)).json()["task_id"]
         events = await api.events(task_id)

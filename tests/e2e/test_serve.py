@@ -25,8 +25,11 @@ def serve(*args: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[st
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llorch", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-        + list(args),
+        [
+            sys.executable,
+            *("-m", "llorch", "serve", "--port", str(port), "--data-dir", str(data_dir)),
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

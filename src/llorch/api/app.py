@@ -33,7 +33,7 @@ from llorch.errors import LlorchError
 from llorch.scheduler.service import EngineFactory
 
 
-class OperationResolver(Resolver):
+class OperationResolver(Resolver):  # type: ignore[misc]  # connexion ships no types
     """Binds each operationId to a handler; a missing handler fails start-up."""
 
     def __init__(self, table: dict[str, Any]) -> None:
@@ -84,5 +84,5 @@ def create_app(
     app.add_error_handler(HTTPException, problems.HttpErrors(document))
     app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
     app.add_error_handler(Exception, problems.unexpected)
-    app.runtime = runtime  # type: ignore[attr-defined]  # for tests and the CLI
+    app.runtime = runtime  # for tests and the CLI
     return app

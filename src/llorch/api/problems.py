@@ -137,7 +137,10 @@ class HttpErrors:
         if exc.status_code == 405:
             allow = self.allow(request.url.path) or (exc.headers or {}).get("Allow", "")
             return envelope_response(
-                "METHOD_NOT_ALLOWED", "method not allowed", retriable=False, headers={"Allow": allow}
+                "METHOD_NOT_ALLOWED",
+                "method not allowed",
+                retriable=False,
+                headers={"Allow": allow},
             )
         if exc.status_code < 500:
             return envelope_response("INVALID_PARAMS", str(exc.detail), retriable=False)

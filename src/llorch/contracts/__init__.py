@@ -47,7 +47,7 @@ def config_schema() -> Mapping[str, Any]:
 def validate_config(raw: Any) -> None:
     """Raise ConfigError naming the key and the problem of the first violation."""
     validator = jsonschema.Draft7Validator(config_schema())
-    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         first = errors[0]
         where = ".".join(str(p) for p in first.absolute_path) or "(top level)"

@@ -2,10 +2,10 @@
 
 Text is a function of (seed, prompt) only, so the same request always streams the same tokens.
 Timing follows ``ttft_ms`` and ``tokens_per_s`` (0 means as fast as possible). With ``eos``
-(the default) a completion may stop before ``max_tokens`` at a length drawn from the same seed. Failures are
-injected by configuration, per replica: ``before_first_token`` (an engine error after the TTFT),
-``mid_stream`` (a worker reset after ``after_tokens`` tokens), ``hang`` (silence after
-``after_tokens`` tokens, for decode timeouts) and ``down`` (the replica reports unhealthy).
+(the default) a completion may stop before ``max_tokens`` at a length drawn from the same seed.
+Failures are injected by configuration, per replica: ``before_first_token`` (an engine error
+after the TTFT), ``mid_stream`` (a worker reset after ``after_tokens`` tokens), ``hang`` (silence
+after ``after_tokens`` tokens, for decode timeouts) and ``down`` (the replica reports unhealthy).
 """
 
 from __future__ import annotations
@@ -20,11 +20,71 @@ from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
 from llorch.errors import EngineError, WorkerReset
 
 _WORDS = (
-    "the a of and to in is was that for it on with as by at from this be or an are his her "
-    "once upon time there lived small river stone light quiet city north engine token queue "
-    "budget stream model night morning garden window story answer question simple clear warm "
-    "cold bright green silver ancient careful patient rapid gentle distant hidden open"
-).split()
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "that",
+    "for",
+    "it",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "be",
+    "or",
+    "an",
+    "are",
+    "his",
+    "her",
+    "once",
+    "upon",
+    "time",
+    "there",
+    "lived",
+    "small",
+    "river",
+    "stone",
+    "light",
+    "quiet",
+    "city",
+    "north",
+    "engine",
+    "token",
+    "queue",
+    "budget",
+    "stream",
+    "model",
+    "night",
+    "morning",
+    "garden",
+    "window",
+    "story",
+    "answer",
+    "question",
+    "simple",
+    "clear",
+    "warm",
+    "cold",
+    "bright",
+    "green",
+    "silver",
+    "ancient",
+    "careful",
+    "patient",
+    "rapid",
+    "gentle",
+    "distant",
+    "hidden",
+    "open",
+)
 
 
 def count_tokens(text: str) -> int:

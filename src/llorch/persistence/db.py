@@ -100,12 +100,19 @@ class Database:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            db = cls(conn)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        db = cls(conn)
+        try:
             db._migrate()
             db._claim_profile(profile)
             db._verify_schema()
         except sqlite3.Error as exc:
+            conn.close()
             raise StorageError(f"cannot open database {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
         return db
 
     def close(self) -> None:
@@ -122,9 +129,7 @@ class Database:
             if number <= current:
                 continue
             # executescript commits first, so the transaction is spelled out in the script run.
-            self._conn.executescript(
-                f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-            )
+            self._conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
 
     def _claim_profile(self, profile: str) -> None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'profile'").fetchone()
@@ -147,8 +152,10 @@ class Database:
         if want != have:
             missing = sorted(set(want) - set(have))
             extra = sorted(set(have) - set(want))
+            changed = sorted(n for n in set(want) & set(have) if want[n] != have[n])
             raise SchemaMismatch(
-                f"live schema differs from migrations: missing {missing}, unexpected {extra}"
+                f"live schema differs from migrations: missing {missing}, "
+                f"unexpected {extra}, changed {changed}"
             )
 
     # -- sessions ---------------------------------------------------------------------------

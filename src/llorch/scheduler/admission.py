@@ -121,10 +121,10 @@ class Admitter:
                 pool_id=pool.id,
             )
 
-        session_id = body.get("session_id")
+        session_id: str | None = body.get("session_id")
         new_session = session_id is None
         session = (
-            self._sessions.new_row() if new_session else self._sessions.live_row(session_id)
+            self._sessions.new_row() if session_id is None else self._sessions.live_row(session_id)
         )
         run_s = pool.meter.expected_run_s(request.max_tokens)
         price = self._settings.pricing.price_for(request.model)
@@ -153,9 +153,7 @@ class Admitter:
                 pool_id=pool.id,
             ) from None
         # Position in dispatch order once queued (a dropped victim ahead of it frees a place).
-        position = (
-            pool.queue.depth("interactive") if priority == "interactive" else len(pool.queue)
-        )
+        position = pool.queue.depth("interactive") if priority == "interactive" else len(pool.queue)
         if victim is not None and (priority == "batch" or victim.priority == "interactive"):
             position -= 1
         wait_s = pool.wait_s(position)
@@ -220,7 +218,11 @@ class Admitter:
         )
 
     def restore(self, row: TaskRow) -> bool:
-        """Queue again a task that was accepted before a restart; False when its pool is gone."""
+        """Queue again a task that was accepted before a restart; False when its pool is gone.
+
+        Capacity is not checked: the task was accepted once, and nothing accepted is dropped (a
+        queue may hold more than a capacity lowered across the restart until it drains).
+        """
         pool = self._registry.pools.get(row.pool_id)
         if pool is None:
             return False

@@ -189,9 +189,7 @@ class Dispatcher:
         record.replica_id = replica.id
         record.started_ms = now
         self._db.update_task(record.task_id, state=RUNNING, started_ms=now, replica_id=replica.id)
-        self._db.update_session(
-            record.session_id, last_pool_id=pool.id, last_replica_id=replica.id
-        )
+        self._db.update_session(record.session_id, last_pool_id=pool.id, last_replica_id=replica.id)
         record.events.publish(
             "started",
             {
@@ -297,4 +295,3 @@ class Dispatcher:
             "task ended",
             extra={"task_id": record.task_id, "state": state, "code": error and error.code},
         )
-

@@ -41,7 +41,9 @@ class DrainMeter:
         self.service_s = ttft_s + (typical_tokens / tokens_per_s if tokens_per_s > 0 else 0.0)
         self.samples = 0
 
-    def record(self, *, service_s: float, ttft_s: float | None, tokens: int, decode_s: float) -> None:
+    def record(
+        self, *, service_s: float, ttft_s: float | None, tokens: int, decode_s: float
+    ) -> None:
         self.samples += 1
         self.service_s += _ALPHA * (service_s - self.service_s)
         if ttft_s is not None:
@@ -58,7 +60,9 @@ class PoolRuntime:
     def __init__(self, settings: PoolSettings, engines: list[Engine]) -> None:
         self.settings = settings
         self.replicas = [Replica(engine) for engine in engines]
-        self.queue: PoolQueue[TaskRecord] = PoolQueue(settings.queue.capacity, settings.queue.policy)
+        self.queue: PoolQueue[TaskRecord] = PoolQueue(
+            settings.queue.capacity, settings.queue.policy
+        )
         self.meter = DrainMeter(
             ttft_s=settings.mock.ttft_ms / 1000, tokens_per_s=settings.mock.tokens_per_s
         )

@@ -51,9 +51,7 @@ class PoolQueue(Generic[T]):
         for lower in reversed(PRIORITIES[rank:]):
             if self._lanes[lower]:
                 return self._lanes[lower][0]
-        raise QueueFullDropLru(
-            "queue is full of tasks of higher priority", policy_label="drop-lru"
-        )
+        raise QueueFullDropLru("queue is full of tasks of higher priority", policy_label="drop-lru")
 
     def push(self, item: T, priority: Priority) -> None:
         self._lanes[priority].append(item)

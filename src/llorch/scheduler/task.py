@@ -12,7 +12,13 @@ from llorch.scheduler.events import EventStream
 from llorch.scheduler.queue import Priority
 from llorch.sessions import Reservation
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "canceled",
+)
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 # Every allowed transition; anything else is a bug.

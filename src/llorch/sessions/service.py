@@ -67,9 +67,13 @@ class SessionService:
             session_id=new_id("s"),
             created_ms=now,
             last_used_ms=now,
-            ttl_ms=min(ttl_ms or self._settings.sessions.ttl_ms, self._settings.sessions.max_ttl_ms),
+            ttl_ms=min(
+                ttl_ms or self._settings.sessions.ttl_ms, self._settings.sessions.max_ttl_ms
+            ),
             turns=0,
-            max_turns=min(max_turns or self._settings.sessions.max_turns, 1_000_000),
+            max_turns=min(
+                max_turns or self._settings.sessions.max_turns, self._settings.sessions.max_turns
+            ),
             tokens_remaining=min(want.tokens, policy.max.tokens),
             time_ms_remaining=min(want.time_ms, policy.max.time_ms),
             cost_remaining=min(want.cost, policy.max.cost),
