@@ -374,3 +374,18 @@ async def test_a_thousand_submissions_to_a_busy_pool(settings_for: SettingsFacto
             terminal = [e for e in events if e.event in ("end", "error")]
             assert len(terminal) == 1 and events[-1] is terminal[0]
             assert terminal[0].event == "end" and terminal[0].data["tokens_out"] == 2
+
+
+@pytest.mark.req("ORCH-DATA-0018")
+async def test_placement_prefers_and_avoids_pools(settings_for: SettingsFactory) -> None:
+    settings = settings_for({"pools": [pool(id="a"), pool(id="b"), pool(id="c")]})
+    async with in_process(settings) as api:
+        preferred = await api.submit(placement={"prefer_pools": ["c", "b"]})
+        assert preferred.json()["pool_id"] == "c"
+        avoided = await api.submit(placement={"avoid_pools": ["a", "b"]})
+        assert avoided.json()["pool_id"] == "c"
+        # Avoiding every pool is a preference, not a refusal: the task still runs.
+        everywhere = await api.submit(placement={"avoid_pools": ["a", "b", "c"]})
+        assert everywhere.status_code == 202
+        response = await api.submit(placement={"pin_pool_id": "nope"})
+        assert_envelope(response, 400, "INVALID_PARAMS")

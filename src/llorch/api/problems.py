@@ -75,7 +75,9 @@ def envelope_response(
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
         if status == 429:
             headers["X-Backoff-Ms"] = str(retry_after_ms)
-    if retry_after_ms is not None:
+    if retry_after_ms is not None and retriable:
+        # Advice to retry belongs only on errors a retry can cure; the headers stay, as the
+        # contract declares them on every 429 and 503.
         body["retry_after_ms"] = retry_after_ms
     body |= {k: v for k, v in labels.items() if v is not None}
     body["correlation_id"] = correlation_id.get()
