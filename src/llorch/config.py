@@ -71,6 +71,11 @@ class PricingSettings:
 
 
 @dataclass(frozen=True)
+class ArtifactSettings:
+    max_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class FailureSettings:
     mode: FailureMode = "none"
     after_tokens: int = 0
@@ -87,6 +92,8 @@ class MockSettings:
     tokens_per_s: float = 200.0
     # False runs every completion to max_tokens, like llama.cpp's ignore_eos.
     eos: bool = True
+    # Models whose replicas fail their health check after a reload (failure injection).
+    fail_load_models: tuple[str, ...] = ()
     failure: FailureSettings = FailureSettings()
 
 
@@ -101,6 +108,8 @@ class PoolSettings:
     id: str = "default"
     engine: Literal["mock"] = "mock"
     model: str = "mock-small"
+    # Models a reload may switch the pool to (the pool's own model is always one).
+    models: tuple[str, ...] = ()
     replicas: int = 2
     slots_per_replica: int = 2
     max_context: int = 8192
@@ -109,6 +118,11 @@ class PoolSettings:
     queue: QueueSettings = QueueSettings()
     mock: MockSettings = MockSettings()
 
+    @property
+    def loadable_models(self) -> tuple[str, ...]:
+        """The pool's own model first, then the others a reload may switch to."""
+        return tuple(dict.fromkeys((self.model, *self.models)))
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -116,12 +130,18 @@ class Settings:
     sessions: SessionSettings = SessionSettings()
     budgets: BudgetSettings = BudgetSettings()
     pricing: PricingSettings = PricingSettings()
+    artifacts: ArtifactSettings = ArtifactSettings()
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
 
     @property
     def database_path(self) -> Path:
         """One database file per profile, so profiles never share state."""
         return Path(self.server.data_dir) / f"llorch-{self.server.profile}.sqlite3"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Artifact bodies, named by digest; one directory per profile, like the database."""
+        return Path(self.server.data_dir) / f"artifacts-{self.server.profile}"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> Settings:
@@ -142,7 +162,15 @@ class Settings:
             models={str(name): Price(**p) for name, p in pricing_raw.get("models", {}).items()},
         )
         pools = tuple(_pool(p) for p in raw.get("pools", [{}]))
-        return cls(server=server, sessions=sessions, budgets=budgets, pricing=pricing, pools=pools)
+        artifacts = _merge(ArtifactSettings(), raw.get("artifacts", {}))
+        return cls(
+            server=server,
+            sessions=sessions,
+            budgets=budgets,
+            pricing=pricing,
+            artifacts=artifacts,
+            pools=pools,
+        )
 
     def with_overrides(self, environ: Mapping[str, str]) -> Settings:
         """Apply ``LLORCH_HOST``, ``LLORCH_PORT``, ``LLORCH_PROFILE`` and ``LLORCH_DATA_DIR``."""
@@ -181,8 +209,10 @@ def _pool(raw: Mapping[str, Any]) -> PoolSettings:
     mock_raw = dict(raw.get("mock", {}))
     failure_raw = dict(mock_raw.pop("failure", {"mode": "none"}))
     failure_raw["replicas"] = tuple(failure_raw.get("replicas", ()))
+    mock_raw["fail_load_models"] = tuple(mock_raw.get("fail_load_models", ()))
     mock = _merge(MockSettings(), mock_raw)
     mock = dataclasses.replace(mock, failure=FailureSettings(**failure_raw))
     queue = _merge(QueueSettings(), raw.get("queue", {}))
     flat = {k: v for k, v in raw.items() if k not in ("mock", "queue")}
+    flat["models"] = tuple(raw.get("models", ()))
     return dataclasses.replace(PoolSettings(), **flat, queue=queue, mock=mock)
