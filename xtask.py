@@ -61,7 +61,7 @@ SPECS_DIR = ROOT / ".specs"
 REQUIREMENTS_DIR = ROOT / "requirements"
 TESTS_DIR = ROOT / "tests"
 
-CONTRACT_SPECS = ("contracts/openapi/data.yaml",)
+CONTRACT_SPECS = ("contracts/openapi/data.yaml", "contracts/openapi/control.yaml")
 CONTRACT_CONFIG = "tests/configs/contract.yaml"
 CONTRACT_READY_PATH = "/v1/tasks?limit=1"
 CONTRACT_READY_TIMEOUT_S = 30.0
@@ -438,7 +438,18 @@ def cmd_contract(args: list[str]) -> int:
             _wait_ready(proc, base_url + CONTRACT_READY_PATH, CONTRACT_READY_TIMEOUT_S)
             step("the server is ready")
             failed = False
-            for spec in CONTRACT_SPECS:
+            # Both planes together, so the stateful phase can follow links across them.
+            both = data_dir / "both-planes.json"
+            run(
+                [
+                    VENV_PY,
+                    "-c",
+                    "import json, sys; from llorch.contracts import merged_openapi; "
+                    "json.dump(merged_openapi(), open(sys.argv[1], 'w'))",
+                    both,
+                ]
+            )
+            for spec in (*CONTRACT_SPECS, str(both)):
                 step(f"schemathesis: st run {spec}")
                 # The spec's paths start with /v1 already, so the URL has no base path.
                 st_cmd: list[str | Path] = [

@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
 from llorch.api import create_app
+from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
+
+log = logging.getLogger("llorch")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with llorch's shutdown first: on SIGTERM or SIGINT the server keeps its listener
+    open and answers new tasks 503 SHUTTING_DOWN while running tasks get the grace period; only
+    then does uvicorn stop. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self._runtime = runtime
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._quiescing: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._quiescing is not None:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)
+        # A signal handler may not touch the loop directly.
+        self._loop.call_soon_threadsafe(self._begin_quiesce, sig)
+
+    def _begin_quiesce(self, sig: int) -> None:
+        log.info("%s: shutting down gracefully", signal.Signals(sig).name)
+        self._quiescing = asyncio.get_running_loop().create_task(self._quiesce())
+
+    async def _quiesce(self) -> None:
+        try:
+            await self._runtime.scheduler.quiesce()
+        finally:
+            self.should_exit = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,13 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     settings = settings.with_server(**{k: v for k, v in overrides.items() if v is not None})
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
         log_level="info",
-        timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) + 5,
+        # Tasks are already drained when uvicorn stops; streams of queued tasks end here.
+        timeout_graceful_shutdown=2,
     )
+    GracefulServer(config, app.runtime).run()
     return 0
 
 

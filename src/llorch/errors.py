@@ -8,8 +8,12 @@
     ├── NotFoundError
     │   ├── TaskNotFound             TASK_NOT_FOUND
     │   ├── SessionNotFound          SESSION_NOT_FOUND
-    │   └── PoolNotFound             POOL_NOT_FOUND
+    │   ├── PoolNotFound             POOL_NOT_FOUND
+    │   └── ArtifactNotFound         ARTIFACT_NOT_FOUND
     ├── TaskExists                   TASK_EXISTS
+    ├── AlreadyDraining              ALREADY_DRAINING
+    ├── NotDraining                  NOT_DRAINING
+    ├── ReloadInProgress             RELOAD_IN_PROGRESS
     ├── QueueFull
     │   ├── AdmissionReject          ADMISSION_REJECT
     │   └── QueueFullDropLru         QUEUE_FULL_DROP_LRU
@@ -19,6 +23,7 @@
     │   ├── PoolUnavailable          POOL_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
     ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
+    ├── ArtifactCorrupt              ARTIFACT_CORRUPT
     ├── StorageError                 INTERNAL
     └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
         ├── WorkerReset              WORKER_RESET
@@ -85,6 +90,21 @@ class TaskExists(LlorchError):
     retriable = False
 
 
+class AlreadyDraining(LlorchError):
+    code = "ALREADY_DRAINING"
+    retriable = False
+
+
+class NotDraining(LlorchError):
+    code = "NOT_DRAINING"
+    retriable = False
+
+
+class ReloadInProgress(LlorchError):
+    code = "RELOAD_IN_PROGRESS"
+    retriable = True
+
+
 class QueueFull(LlorchError):
     retriable = True
 
@@ -140,4 +160,15 @@ class DecodeTimeout(EngineError):
 
 class PayloadTooLarge(LlorchError):
     code = "PAYLOAD_TOO_LARGE"
+    retriable = False
+
+
+class ArtifactNotFound(NotFoundError):
+    code = "ARTIFACT_NOT_FOUND"
+
+
+class ArtifactCorrupt(LlorchError):
+    """A stored body is missing or no longer matches its digest; it is never served."""
+
+    code = "ARTIFACT_CORRUPT"
     retriable = False

@@ -100,6 +100,9 @@ async def test_listing_pages_newest_first_with_filters(settings_for: SettingsFac
 
         done = (await api.client.get("/v1/tasks", params={"state": "succeeded"})).json()
         assert {t["state"] for t in done["items"]} == {"succeeded"}
+        # The largest cursor the contract admits is past every task, not a server error.
+        huge = await api.client.get("/v1/tasks", params={"cursor": "9" * 19, "limit": "200"})
+        assert huge.status_code == 200 and len(huge.json()["items"]) == 6
         for bad in ({"limit": "0"}, {"limit": "201"}, {"state": "lost"}, {"cursor": "x"}):
             response = await api.client.get("/v1/tasks", params=bad)
             assert_envelope(response, 400, "INVALID_PARAMS")

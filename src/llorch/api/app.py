@@ -70,18 +70,26 @@ def create_app(
         BodyLimitMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         max_body_bytes=settings.server.max_body_bytes,
+        # An artifact's JSON body may escape its content to several times its size; the store
+        # itself refuses content above artifacts.max_bytes.
+        limits={
+            "/v1/artifacts": max(settings.server.max_body_bytes, 6 * settings.artifacts.max_bytes)
+        },
     )
-    document = dict(openapi("data"))
-    app.add_api(
-        document,
-        resolver=OperationResolver(operations(runtime)),
-        strict_validation=True,
-        validate_responses=True,
-        pythonic_params=False,
-    )
+    resolver = OperationResolver(operations(runtime))
+    documents = [dict(openapi("data")), dict(openapi("control"))]
+    for name, document in zip(("data", "control"), documents, strict=True):
+        app.add_api(
+            document,
+            name=name,
+            resolver=resolver,
+            strict_validation=True,
+            validate_responses=True,
+            pythonic_params=False,
+        )
     app.add_error_handler(LlorchError, problems.domain_error)
     app.add_error_handler(ProblemException, problems.problem)
-    app.add_error_handler(HTTPException, problems.HttpErrors(document))
+    app.add_error_handler(HTTPException, problems.HttpErrors(*documents))
     app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
     app.add_error_handler(Exception, problems.unexpected)
     app.runtime = runtime  # for tests and the CLI

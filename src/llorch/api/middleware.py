@@ -51,15 +51,18 @@ class CorrelationIdMiddleware:
 class BodyLimitMiddleware:
     """Refuse bodies above ``max_body_bytes``, by Content-Length or while they stream in."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.limits = limits or {}  # exact path -> its own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        limit = self.limits.get(scope["path"], self.max_body_bytes)
         too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

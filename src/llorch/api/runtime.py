@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
+from llorch.engines import build_engines
+from llorch.metrics import Metrics
 from llorch.persistence import Database
 from llorch.scheduler import Scheduler
 from llorch.scheduler.service import EngineFactory
@@ -25,14 +28,32 @@ class Runtime:
     settings: Settings
     clock: Clock = field(default_factory=SystemClock)
     engines: EngineFactory | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     _db: Database | None = None
     _scheduler: Scheduler | None = None
+    _artifacts: ArtifactStore | None = None
 
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
             raise RuntimeError("the runtime is not started")
         return self._scheduler
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        if self._artifacts is None:
+            raise RuntimeError("the runtime is not started")
+        return self._artifacts
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server should not get traffic, or None when it is ready."""
+        if self._db is None or self._scheduler is None:
+            return "starting: the database is not open and verified yet"
+        if self._scheduler.closing:
+            return "shutting down"
+        if not self._scheduler.ready:
+            return "no pool has a ready replica"
+        return None
 
     async def start(self) -> None:
         s = self.settings
@@ -42,10 +63,17 @@ class Runtime:
             busy_timeout_ms=s.server.storage_busy_timeout_ms,
         )
         sessions = SessionService(self._db, s, self.clock)
-        if self.engines is None:
-            self._scheduler = Scheduler(s, self._db, sessions, self.clock)
-        else:
-            self._scheduler = Scheduler(s, self._db, sessions, self.clock, self.engines)
+        self._artifacts = ArtifactStore(
+            self._db, s.artifacts_dir, max_bytes=s.artifacts.max_bytes, clock=self.clock
+        )
+        self._scheduler = Scheduler(
+            s,
+            self._db,
+            sessions,
+            self.clock,
+            self.engines or build_engines,
+            artifacts=self._artifacts,
+        )
         await self._scheduler.start()
         log.info("llorch ready: database %s, pools %s", s.database_path, [p.id for p in s.pools])
 
@@ -55,6 +83,7 @@ class Runtime:
         if self._db is not None:
             self._db.close()
         self._scheduler = None
+        self._artifacts = None
         self._db = None
 
     def budget_headers(self, session_id: str) -> dict[str, str]:

@@ -37,6 +37,22 @@ def openapi(name: str) -> Mapping[str, Any]:
     return loaded
 
 
+def merged_openapi() -> dict[str, Any]:
+    """Both planes as one document (for a stateful run across them): the union of their paths
+    and components; where both name a component, the data plane's is kept (the shared ones are
+    the same schemas, at most described differently)."""
+    data, control = openapi("data"), openapi("control")
+    merged = dict(data)
+    merged["info"] = dict(data["info"], title="llorch (data and control planes)")
+    merged["paths"] = {**control["paths"], **data["paths"]}
+    merged["components"] = {
+        section: {**control["components"].get(section, {}), **items}
+        for section, items in data["components"].items()
+    } | {k: v for k, v in control["components"].items() if k not in data["components"]}
+    merged["tags"] = [*data.get("tags", []), *control.get("tags", [])]
+    return merged
+
+
 @functools.cache
 def config_schema() -> Mapping[str, Any]:
     with (contracts_dir() / "config.schema.json").open(encoding="utf-8") as f:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from llorch.config import PoolSettings
+from llorch.config import FailureSettings, PoolSettings
 from llorch.engines.base import Engine
 from llorch.engines.mock import MockEngine
 
 
-def build_engines(pool: PoolSettings) -> list[Engine]:
-    """One engine object per configured replica of ``pool``."""
-    return [
-        MockEngine(
-            f"{pool.id}-{i}",
-            settings=pool.mock,
-            slots=pool.slots_per_replica,
-            failure=pool.mock.failure if pool.mock.failure.applies_to(i) else None,
+def build_engines(pool: PoolSettings, generation: int = 0) -> list[Engine]:
+    """One engine object per configured replica of ``pool``, serving ``pool.model``.
+
+    ``generation`` counts reloads; replicas of a reloaded pool get new ids.
+    """
+    prefix = pool.id if generation == 0 else f"{pool.id}-r{generation}"
+    cannot_load = FailureSettings(mode="down")
+    engines: list[Engine] = []
+    for i in range(pool.replicas):
+        failure = pool.mock.failure if pool.mock.failure.applies_to(i) else None
+        if pool.model in pool.mock.fail_load_models:
+            failure = cannot_load
+        engines.append(
+            MockEngine(
+                f"{prefix}-{i}", settings=pool.mock, slots=pool.slots_per_replica, failure=failure
+            )
         )
-        for i in range(pool.replicas)
-    ]
+    return engines

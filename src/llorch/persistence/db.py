@@ -299,6 +299,71 @@ class Database:
         except sqlite3.Error as exc:
             raise StorageError(f"storage failure: {exc}") from exc
 
+    # -- artifacts --------------------------------------------------------------------------
+    # An artifact row travels as a dict keyed by column name; `tags` (a JSON array of strings)
+    # and `metadata` (a JSON object of strings) stay JSON text here, like a task's request_json.
+
+    def insert_artifact(
+        self,
+        *,
+        artifact_id: str,
+        digest: str,
+        kind: str,
+        size_bytes: int,
+        created_ms: int,
+        tags: str,
+        parent: str | None,
+        task_id: str | None,
+        metadata: str,
+    ) -> bool:
+        """Record an artifact's metadata; False (and nothing written) when its id is stored."""
+        with self._errors():
+            values = (artifact_id, digest, kind, size_bytes, created_ms, tags, parent, task_id)
+            cur = self._conn.execute(
+                "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
+                "parent, task_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (artifact_id) DO NOTHING",
+                (*values, metadata),
+            )
+        return cur.rowcount > 0
+
+    def get_artifact(self, artifact_id: str) -> dict[str, Any] | None:
+        with self._errors():
+            cur = self._conn.execute(
+                "SELECT * FROM artifacts WHERE artifact_id = ?", (artifact_id,)
+            )
+            found = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], found, strict=True)) if found else None
+
+    def list_artifacts(
+        self,
+        *,
+        kind: str | None,
+        tag: str | None,
+        task_id: str | None,
+        limit: int,
+        before_seq: int | None,
+    ) -> list[dict[str, Any]]:
+        """Newest first; `tag` matches one element of the tags array exactly."""
+        clauses, params = [], []
+        for clause, value in (
+            ("kind = ?", kind),
+            ("EXISTS (SELECT 1 FROM json_each(artifacts.tags) WHERE json_each.value = ?)", tag),
+            ("task_id = ?", task_id),
+            ("seq < ?", before_seq),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._errors():
+            cur = self._conn.execute(
+                f"SELECT * FROM artifacts {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+            )
+            found = cur.fetchall()
+        columns = [d[0] for d in cur.description]
+        return [dict(zip(columns, row, strict=True)) for row in found]
+
 
 def _task(found: Sequence[Any]) -> TaskRow:
     values = dict(zip(_TASK_COLUMNS, found, strict=True))

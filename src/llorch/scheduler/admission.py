@@ -287,14 +287,14 @@ class Admitter:
         )
 
     def _route(self, model: str, placement: Mapping[str, Any]) -> PoolRuntime:
-        serving = [p for p in self._registry.pools.values() if p.settings.model == model]
+        serving = [p for p in self._registry.pools.values() if p.model == model]
         if not serving:
-            known = sorted({p.settings.model for p in self._registry.pools.values()})
+            known = sorted({p.model for p in self._registry.pools.values()})
             raise InvalidParams(f"unknown model {model!r}; this server serves {known}")
         pin = placement.get("pin_pool_id")
         if pin is not None:
             pinned = self._registry.pools.get(pin)
-            if pinned is None or pinned.settings.model != model:
+            if pinned is None or pinned.model != model:
                 raise InvalidParams(f"pool {pin!r} does not serve model {model!r}")
             serving = [pinned]
         prefer = list(placement.get("prefer_pools", []))

@@ -9,10 +9,12 @@ final row written, then the one terminal event published.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from llorch.artifacts import ArtifactStore, redact
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.engines.base import Finish, Token
@@ -34,12 +36,14 @@ class Dispatcher:
         sessions: SessionService,
         settings: Settings,
         clock: Clock,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self._registry = registry
         self._db = db
         self._sessions = sessions
         self._settings = settings
         self._clock = clock
+        self._artifacts = artifacts
         self._tasks: set[asyncio.Task[None]] = set()
         self.dispatching = True
 
@@ -57,8 +61,11 @@ class Dispatcher:
             self.spawn(self._pool_loop(pool), f"pool:{pool.id}")
             self.spawn(self._health_loop(pool), f"health:{pool.id}")
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop starting tasks, let running ones finish for ``grace_s``, cancel the rest."""
+    async def quiesce(self, grace_s: float) -> None:
+        """Stop starting tasks, let running ones finish for ``grace_s``, cancel the rest.
+
+        Queued tasks stay queued in the database: they run again after the restart.
+        """
         self.dispatching = False
         running = [r.runner for r in self._registry.live.values() if r.runner is not None]
         if running:
@@ -69,6 +76,10 @@ class Dispatcher:
                     record.runner.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+
+    async def stop(self, grace_s: float) -> None:
+        """Quiesce, then end the loops this dispatcher owns."""
+        await self.quiesce(grace_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -162,8 +173,10 @@ class Dispatcher:
                 error = DecodeTimeout(
                     f"no output from {replica.id} for {pool.settings.decode_timeout_ms} ms"
                 )
+            replica.last_error = error.message
             self.finish(record, FAILED, error=error, tokens_out=tokens_out)
         except EngineError as exc:
+            replica.last_error = exc.message
             self.finish(record, FAILED, error=exc, tokens_out=tokens_out)
         except asyncio.CancelledError:
             self.finish(record, CANCELED, finish_reason="canceled", tokens_out=tokens_out)
@@ -182,6 +195,7 @@ class Dispatcher:
                 decode_s=0.0 if first_token_at is None else ended - first_token_at,
             )
             pool.wakeup.set()
+            pool.task_ended()
 
     def _start(self, pool: PoolRuntime, replica: Replica, record: TaskRecord) -> None:
         now = self._clock.now_ms()
@@ -260,17 +274,8 @@ class Dispatcher:
                 "error_message": error.message,
                 "error_retriable": error.retriable,
             }
-        self._sessions.release(record.session_id, record.task_id)
-        try:
-            committed = self._sessions.committed_values(
-                record.session_id, tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost
-            )
-            self._db.finish_task(record.task_id, task_values, record.session_id, committed)
-        except StorageError:
-            # The terminal event still goes out; on restart the row is reconciled.
-            log.exception("could not record the end of task %s", record.task_id)
         if error is None:
-            record.events.publish(
+            terminal: tuple[str, dict[str, Any]] = (
                 "end",
                 {
                     "tokens_in": tokens_in,
@@ -287,11 +292,81 @@ class Dispatcher:
                 "message": error.message,
                 "retriable": error.retriable,
             }
-            if error.retry_after_ms is not None:
+            if error.retry_after_ms is not None and error.retriable:
                 data["retry_after_ms"] = error.retry_after_ms
-            record.events.publish("error", data)
+            terminal = ("error", data)
+        task_values["trace_artifact_id"] = self._write_trace(record, task_values, terminal)
+        self._sessions.release(record.session_id, record.task_id)
+        try:
+            committed = self._sessions.committed_values(
+                record.session_id, tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost
+            )
+            self._db.finish_task(record.task_id, task_values, record.session_id, committed)
+        except StorageError:
+            # The terminal event still goes out; on restart the row is reconciled.
+            log.exception("could not record the end of task %s", record.task_id)
+        record.events.publish(*terminal)
         self._registry.retire(record)
+        if (pool := self._registry.pools.get(record.pool_id)) is not None:
+            pool.task_ended()
         log.info(
             "task ended",
             extra={"task_id": record.task_id, "state": state, "code": error and error.code},
         )
+
+    def _write_trace(
+        self,
+        record: TaskRecord,
+        outcome: dict[str, Any],
+        terminal: tuple[str, dict[str, Any]],
+    ) -> str | None:
+        """Store the task's trace artifact (before its terminal event goes out); its id."""
+        if self._artifacts is None:
+            return None
+        row = record.row
+        pool = self._registry.pools.get(row.pool_id)
+        replica = None
+        if pool is not None and record.replica_id is not None:
+            replica = next((r for r in pool.replicas if r.id == record.replica_id), None)
+        transcript = [{"id": e.seq, "event": e.kind, "data": e.data} for e in record.events.events]
+        transcript.append({"id": record.events.next_seq, "event": terminal[0], "data": terminal[1]})
+        trace = {
+            "task_id": row.task_id,
+            "session_id": row.session_id,
+            "correlation_id": row.correlation_id,
+            "request": redact(json.loads(row.request_json)),
+            "model": row.model,
+            "seed": record.request.seed,
+            "pool_id": row.pool_id,
+            "replica_id": record.replica_id,
+            "engine": replica.engine.engine if replica else None,
+            "engine_version": replica.engine.version if replica else None,
+            "state": outcome["state"],
+            "finish_reason": outcome["finish_reason"],
+            "error": terminal[1] if terminal[0] == "error" else None,
+            "usage": {
+                "tokens_in": outcome["tokens_in"],
+                "tokens_out": outcome["tokens_out"],
+                "cost": outcome["cost"],
+            },
+            "timings": {
+                "created_ms": row.created_ms,
+                "started_ms": record.started_ms,
+                "ended_ms": outcome["ended_ms"],
+                "ttft_ms": record.ttft_ms,
+                "decode_time_ms": outcome["decode_time_ms"],
+            },
+            "transcript": transcript,
+        }
+        try:
+            artifact, _ = self._artifacts.put(
+                kind="trace",
+                content=json.dumps(trace, ensure_ascii=False, separators=(",", ":")),
+                tags=("task-trace", outcome["state"]),
+                task_id=row.task_id,
+            )
+        except (LlorchError, OSError):
+            # The task still ends with its terminal event; the missing trace is logged.
+            log.exception("could not store the trace of task %s", row.task_id)
+            return None
+        return artifact.id

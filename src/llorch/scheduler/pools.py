@@ -19,6 +19,7 @@ class Replica:
     engine: Engine
     ready: bool = False
     busy: int = 0
+    last_error: str | None = None
 
     @property
     def id(self) -> str:
@@ -67,11 +68,21 @@ class PoolRuntime:
             ttft_s=settings.mock.ttft_ms / 1000, tokens_per_s=settings.mock.tokens_per_s
         )
         self.draining = False
+        self.reloading = False
+        self.last_reload_error: str | None = None
+        self.generation = 0
+        # A reload changes ``settings.model``; the models it may choose from never change.
+        self.loadable_models = settings.loadable_models
         self.wakeup = asyncio.Event()
+        self._ended = asyncio.Event()
 
     @property
     def id(self) -> str:
         return self.settings.id
+
+    @property
+    def model(self) -> str:
+        return self.settings.model
 
     @property
     def ready(self) -> bool:
@@ -84,6 +95,17 @@ class PoolRuntime:
     @property
     def slots_busy(self) -> int:
         return sum(r.busy for r in self.replicas)
+
+    def task_ended(self) -> None:
+        """Wake everyone waiting for a task of this pool to end (drain, reload)."""
+        self._ended.set()
+        self._ended = asyncio.Event()
+
+    async def wait_task_end(self, timeout_s: float | None) -> None:
+        """Wait until a task of this pool ends; TimeoutError after ``timeout_s``."""
+        ended = self._ended
+        async with asyncio.timeout(timeout_s):
+            await ended.wait()
 
     def pick_replica(self, affinity_replica_id: str | None) -> Replica | None:
         """The session's last replica when it has a free slot, else the least loaded one."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock
 from llorch.config import PoolSettings, Settings
 from llorch.engines import build_engines
@@ -13,6 +15,7 @@ from llorch.engines.base import Engine
 from llorch.errors import ShuttingDown, TaskNotFound, WorkerReset
 from llorch.persistence import Database, TaskRow
 from llorch.scheduler.admission import Admission, Admitter
+from llorch.scheduler.control import PoolOperations, pool_capabilities
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
@@ -23,7 +26,7 @@ from llorch.sessions.service import Remaining
 
 log = logging.getLogger("llorch.scheduler")
 
-EngineFactory = Callable[[PoolSettings], list[Engine]]
+EngineFactory = Callable[[PoolSettings, int], list[Engine]]
 
 
 class Scheduler:
@@ -34,24 +37,31 @@ class Scheduler:
         sessions: SessionService,
         clock: Clock,
         engines: EngineFactory = build_engines,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
         self._clock = clock
         self.sessions = sessions
         self.registry = Registry(
-            [PoolRuntime(p, engines(p)) for p in settings.pools],
+            [PoolRuntime(p, engines(p, 0)) for p in settings.pools],
             settings.server.streams_retained,
         )
-        self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock)
+        self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
         self._admitter = Admitter(
             self.registry, db, sessions, settings, clock, self._dispatcher.finish
         )
+        self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
         self.closing = False
 
     async def start(self) -> None:
         self._reconcile()
         await self._dispatcher.start()
+
+    async def quiesce(self) -> None:
+        """Stop admitting (SHUTTING_DOWN), give running tasks the grace period, cancel the rest."""
+        self.closing = True
+        await self._dispatcher.quiesce(self._settings.server.shutdown_grace_s)
 
     async def stop(self) -> None:
         self.closing = True
@@ -67,6 +77,10 @@ class Scheduler:
             if row.state == QUEUED and self._admitter.restore(row):
                 continue
             error = WorkerReset("the server restarted while the task was in flight")
+            # Its events died with the process; the terminal frame gets an id above any a client
+            # can have seen (started, one token and at most one metrics frame per token), so a
+            # Last-Event-ID resume still reaches it.
+            max_tokens = int(json.loads(row.request_json).get("max_tokens", 0))
             self._db.update_task(
                 row.task_id,
                 state=FAILED,
@@ -74,6 +88,7 @@ class Scheduler:
                 error_code=error.code,
                 error_message=error.message,
                 error_retriable=True,
+                terminal_event_id=2 * max_tokens + 2,
             )
 
     # -- operations -------------------------------------------------------------------------
@@ -120,13 +135,21 @@ class Scheduler:
         self, *, session_id: str | None, state: str | None, limit: int, cursor: str | None
     ) -> dict[str, Any]:
         # The cursor is the sequence number of the last task of the previous page.
-        before = int(cursor) if cursor is not None else None
+        # Any 19-digit string is a valid cursor: clamp it to what SQLite can compare.
+        before = min(int(cursor), 2**63 - 1) if cursor is not None else None
         rows = self._db.list_tasks(
             session_id=session_id, state=state, limit=limit + 1, before_seq=before
         )
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
         return {"items": [self._view(r) for r in page], "next_cursor": next_cursor}
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        return [pool_capabilities(p) for p in self.registry.pools.values()]
+
+    @property
+    def ready(self) -> bool:
+        return not self.closing and any(p.ready for p in self.registry.pools.values())
 
     def remaining(self, session_id: str) -> Remaining:
         return self.sessions.remaining_for(session_id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from llorch.api.handlers.artifacts import ArtifactHandlers
+from llorch.api.handlers.control import ControlHandlers
 from llorch.api.handlers.sessions import SessionHandlers
 from llorch.api.handlers.tasks import TaskHandlers
 from llorch.api.runtime import Runtime
@@ -14,6 +16,8 @@ from llorch.api.runtime import Runtime
 def operations(runtime: Runtime) -> dict[str, Callable[..., Any]]:
     tasks = TaskHandlers(runtime)
     sessions = SessionHandlers(runtime)
+    control = ControlHandlers(runtime)
+    artifacts = ArtifactHandlers(runtime)
     return {
         "createTask": tasks.create_task,
         "listTasks": tasks.list_tasks,
@@ -23,4 +27,16 @@ def operations(runtime: Runtime) -> dict[str, Callable[..., Any]]:
         "createSession": sessions.create_session,
         "getSession": sessions.get_session,
         "deleteSession": sessions.delete_session,
+        "getCapabilities": control.get_capabilities,
+        "listPools": control.list_pools,
+        "getPoolHealth": control.get_pool_health,
+        "drainPool": control.drain_pool,
+        "resumePool": control.resume_pool,
+        "reloadPool": control.reload_pool,
+        "livez": control.livez,
+        "readyz": control.readyz,
+        "getMetrics": control.get_metrics,
+        "createArtifact": artifacts.create_artifact,
+        "getArtifact": artifacts.get_artifact,
+        "listArtifacts": artifacts.list_artifacts,
     }

@@ -1,0 +1,45 @@
+"""Handlers of the artifact store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llorch.api.runtime import Runtime
+
+Reply = tuple[Any, int, dict[str, str]]
+
+
+class ArtifactHandlers:
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def create_artifact(self, body: dict[str, Any]) -> Reply:
+        artifact, created = self._rt.artifacts.put(
+            kind=body["kind"],
+            content=body["content"],
+            tags=body.get("tags", ()),
+            parent=body.get("parent"),
+            metadata=body.get("metadata"),
+        )
+        return (
+            artifact.to_json(),
+            201 if created else 200,
+            {"Location": f"/v1/artifacts/{artifact.id}"},
+        )
+
+    async def get_artifact(self, artifact_id: str) -> Reply:
+        artifact, content = self._rt.artifacts.get(artifact_id)
+        return artifact.to_json() | {"content": content}, 200, {}
+
+    async def list_artifacts(
+        self,
+        kind: str | None = None,
+        tag: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Reply:
+        items, next_cursor = self._rt.artifacts.list(
+            kind=kind, tag=tag, task_id=task_id, limit=limit, cursor=cursor
+        )
+        return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}

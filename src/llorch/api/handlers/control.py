@@ -1,0 +1,85 @@
+"""Handlers of capabilities, pool operations, probes and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from llorch.api.problems import envelope_response
+from llorch.api.runtime import Runtime
+from llorch.contracts import openapi
+
+Reply = tuple[Any, int, dict[str, str]]
+
+
+class ControlHandlers:
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def get_capabilities(self) -> Reply:
+        s = self._rt.settings
+        pricing = s.pricing
+        body = {
+            "api_version": openapi("data")["info"]["version"],
+            "pools": self._rt.scheduler.capabilities(),
+            "budgets": {
+                "default_tokens": s.budgets.default.tokens,
+                "default_time_ms": s.budgets.default.time_ms,
+                "default_cost": s.budgets.default.cost,
+                "max_tokens": s.budgets.max.tokens,
+                "max_time_ms": s.budgets.max.time_ms,
+                "max_cost": s.budgets.max.cost,
+                "session_ttl_ms": s.sessions.ttl_ms,
+                "max_turns": s.sessions.max_turns,
+            },
+            "pricing": {
+                "currency": pricing.currency,
+                "default": vars(pricing.default),
+                "models": {name: vars(price) for name, price in pricing.models.items()},
+            },
+            # Authentication arrives with issue 7; until then no scheme is accepted or needed.
+            "auth": {"schemes": [], "required": False},
+            "features": {
+                "sse_resume": True,
+                "drop_lru": any(p.queue.policy == "drop-lru" for p in s.pools),
+                "sessions": True,
+                "artifacts": True,
+                "trace_artifacts": True,
+            },
+        }
+        return body, 200, {}
+
+    async def list_pools(self) -> Reply:
+        return {"items": self._rt.scheduler.pools.pools()}, 200, {}
+
+    async def get_pool_health(self, pool_id: str) -> Reply:
+        return self._rt.scheduler.pools.health(pool_id), 200, {}
+
+    async def drain_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
+        self._rt.scheduler.pools.drain(pool_id, body["deadline_ms"])
+        return self._rt.scheduler.pools.health(pool_id), 202, {}
+
+    async def resume_pool(self, pool_id: str) -> Reply:
+        self._rt.scheduler.pools.resume(pool_id)
+        return self._rt.scheduler.pools.health(pool_id), 202, {}
+
+    async def reload_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
+        self._rt.scheduler.pools.reload(pool_id, body["model"])
+        return self._rt.scheduler.pools.health(pool_id), 202, {}
+
+    async def livez(self) -> Reply:
+        return {"status": "ok"}, 200, {}
+
+    async def readyz(self) -> Any:
+        reason = self._rt.not_ready_reason()
+        if reason is None:
+            return {"status": "ok"}, 200, {}
+        response = envelope_response("NOT_READY", reason, retriable=True, retry_after_ms=1000)
+        # A JSON error on an operation with a JSON success: connexion wants the body as data.
+        return orjson.loads(response.body), response.status_code, dict(response.headers)
+
+    async def get_metrics(self) -> Response:
+        body, content_type = self._rt.metrics.exposition()
+        return Response(body, media_type=content_type)

@@ -1,0 +1,264 @@
+"""The content-addressed artifact store.
+
+An artifact's id is ``sha256:`` and the hex digest of its UTF-8 bytes. Its body is a file named by
+that digest under ``root`` (``root/ab/abcdef…``), written atomically; its metadata is a row in
+SQLite, written only once the body is durably in place. Reading re-hashes the body, so a body
+changed or lost on disk is reported as :class:`ArtifactCorrupt` and never served::
+
+    store = ArtifactStore(db, settings.artifacts_dir, max_bytes=settings.artifacts.max_bytes,
+                          clock=SystemClock())
+    artifact, created = store.put(kind="prompt", content="You are a helpful assistant.")
+    same, content = store.get(artifact.id)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from llorch.clock import Clock
+from llorch.errors import (
+    ArtifactCorrupt,
+    ArtifactNotFound,
+    InvalidParams,
+    PayloadTooLarge,
+    StorageError,
+)
+from llorch.persistence import Database
+
+KINDS = ("prompt", "trace", "transcript", "document", "other")
+
+_ID = re.compile(r"sha256:[0-9a-f]{64}")
+_CURSOR = re.compile(r"[0-9]{1,19}")
+# SQLite integers are signed 64-bit; a larger cursor (the contract allows 19 digits) means
+# "from the newest", like any cursor above every stored seq.
+_MAX_SEQ = 2**63 - 1
+
+log = logging.getLogger("llorch.artifacts")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str
+    digest: str
+    kind: str
+    size_bytes: int
+    created_ms: int
+    tags: tuple[str, ...]
+    parent: str | None
+    task_id: str | None
+    # Read-only, and left out of the hash: a mapping has none.
+    metadata: Mapping[str, str] = field(hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The control contract's ``Artifact`` object."""
+        return {
+            "id": self.id,
+            "digest": self.digest,
+            "kind": self.kind,
+            "size_bytes": self.size_bytes,
+            "created_ms": self.created_ms,
+            "tags": list(self.tags),
+            "parent": self.parent,
+            "task_id": self.task_id,
+            "metadata": dict(self.metadata),
+        }
+
+
+class ArtifactStore:
+    def __init__(self, db: Database, root: Path, *, max_bytes: int, clock: Clock) -> None:
+        self._db = db
+        self._root = root
+        self._max_bytes = max_bytes
+        self._clock = clock
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the artifact directory {root}: {exc}") from exc
+
+    def put(
+        self,
+        *,
+        kind: str,
+        content: str,
+        tags: Sequence[str] = (),
+        parent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        task_id: str | None = None,
+    ) -> tuple[Artifact, bool]:
+        """(artifact, created). Identical content already stored -> (the existing artifact, False).
+
+        The existing artifact keeps its own kind, tags, parent, task and metadata. Its body is
+        rewritten only if it went missing or was corrupted on disk.
+        """
+        if kind not in KINDS:
+            raise InvalidParams(f"unknown artifact kind {kind!r}; expected one of {KINDS}")
+        try:
+            data = content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidParams(f"artifact content is not valid Unicode: {exc.reason}") from exc
+        if len(data) > self._max_bytes:
+            raise PayloadTooLarge(
+                f"artifact is {len(data)} bytes; the limit is {self._max_bytes} bytes"
+            )
+        if isinstance(tags, str):
+            raise InvalidParams("tags must be a list of strings, not one string")
+        meta = dict(metadata or {})
+        for text in (*tags, *meta, *meta.values(), *([] if task_id is None else [task_id])):
+            _check_text(text)
+        if parent is not None and (
+            not _ID.fullmatch(parent) or self._db.get_artifact(parent) is None
+        ):
+            raise InvalidParams(f"parent {parent!r} is not a stored artifact")
+
+        digest = hashlib.sha256(data).hexdigest()
+        artifact_id = f"sha256:{digest}"
+        self._write_body(digest, data)
+        inserted = self._db.insert_artifact(
+            artifact_id=artifact_id,
+            digest=digest,
+            kind=kind,
+            size_bytes=len(data),
+            created_ms=self._clock.now_ms(),
+            tags=json.dumps(list(tags)),
+            parent=parent,
+            task_id=task_id,
+            metadata=json.dumps(meta),
+        )
+        return self._get_row(artifact_id), inserted
+
+    def get(self, artifact_id: str) -> tuple[Artifact, str]:
+        """(artifact, content), the body re-read from disk and its digest verified."""
+        # The id is checked before anything else, so that no other string can become a path.
+        if not _ID.fullmatch(artifact_id):
+            raise InvalidParams("an artifact id is 'sha256:' and 64 lowercase hex digits")
+        artifact = self._get_row(artifact_id)
+        digest = artifact_id.removeprefix("sha256:")
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self._corrupt(artifact_id, path, "its body is missing") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read artifact {artifact_id}: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise self._corrupt(artifact_id, path, "its body does not match its digest")
+        return artifact, data.decode("utf-8")
+
+    def list(
+        self,
+        *,
+        kind: str | None,
+        tag: str | None,
+        task_id: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[Artifact], str | None]:
+        """A page newest first and the next cursor (None at the end).
+
+        The cursor is the ``seq`` of the page's last row; the next page holds the older rows.
+        """
+        if kind is not None and kind not in KINDS:
+            raise InvalidParams(f"unknown artifact kind {kind!r}; expected one of {KINDS}")
+        if limit < 1:
+            raise InvalidParams(f"limit must be at least 1, not {limit}")
+        before_seq = None
+        if cursor is not None:
+            if not _CURSOR.fullmatch(cursor):
+                raise InvalidParams(f"malformed cursor {cursor!r}")
+            before_seq = min(int(cursor), _MAX_SEQ)
+        # One row more than asked tells whether another page follows.
+        rows = self._db.list_artifacts(
+            kind=kind, tag=tag, task_id=task_id, limit=limit + 1, before_seq=before_seq
+        )
+        page = rows[:limit]
+        next_cursor = str(page[-1]["seq"]) if len(rows) > limit else None
+        return [_artifact(row) for row in page], next_cursor
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _get_row(self, artifact_id: str) -> Artifact:
+        row = self._db.get_artifact(artifact_id)
+        if row is None:
+            raise ArtifactNotFound(f"no artifact {artifact_id}")
+        return _artifact(row)
+
+    def _path(self, digest: str) -> Path:
+        return self._root / digest[:2] / digest
+
+    def _write_body(self, digest: str, data: bytes) -> None:
+        """Put the body in place durably: temporary file, fsync, rename, fsync the directory."""
+        path = self._path(digest)
+        try:
+            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return
+            try:
+                path.parent.mkdir(parents=True)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(self._root)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{digest}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as tmp:
+                    tmp.write(data)
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                os.replace(tmp_name, path)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write artifact sha256:{digest}: {exc}") from exc
+
+    def _corrupt(self, artifact_id: str, path: Path, reason: str) -> ArtifactCorrupt:
+        log.error("artifact %s is corrupt: %s (%s)", artifact_id, reason, path)
+        # The path stays in the log: a client learns nothing about the server's disk.
+        return ArtifactCorrupt(f"artifact {artifact_id} is corrupt: {reason}")
+
+
+def _artifact(row: Mapping[str, Any]) -> Artifact:
+    return Artifact(
+        id=row["artifact_id"],
+        digest=row["digest"],
+        kind=row["kind"],
+        size_bytes=row["size_bytes"],
+        created_ms=row["created_ms"],
+        tags=tuple(json.loads(row["tags"])),
+        parent=row["parent"],
+        task_id=row["task_id"],
+        metadata=MappingProxyType(json.loads(row["metadata"])),
+    )
+
+
+def _check_text(value: object) -> None:
+    # Tags, metadata and the task id are echoed in JSON answers: they must be encodable strings.
+    if not isinstance(value, str):
+        raise InvalidParams(f"artifact tags and metadata are strings, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParams(
+            f"artifact tags and metadata must be valid Unicode: {exc.reason}"
+        ) from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` survive a crash (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

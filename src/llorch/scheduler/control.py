@@ -1,0 +1,215 @@
+"""Pool operations: drain, resume, reload, and what a pool looks like from outside.
+
+Drain stops admission at once (admission answers POOL_UNAVAILABLE for a draining pool) and lets
+queued and running tasks finish until the deadline; whatever is left then is canceled and
+recorded. Reload brings up a new generation of replicas for the new model and moves traffic only
+once every new replica passed its health check; otherwise the pool keeps its old replicas and
+records why the reload failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from llorch.config import PoolSettings
+from llorch.engines.base import Engine
+from llorch.errors import (
+    AlreadyDraining,
+    EngineError,
+    InvalidParams,
+    NotDraining,
+    PoolNotFound,
+    ReloadInProgress,
+)
+from llorch.scheduler.dispatcher import Dispatcher
+from llorch.scheduler.pools import PoolRuntime, Replica
+from llorch.scheduler.registry import Registry
+from llorch.scheduler.task import QUEUED
+
+log = logging.getLogger("llorch.pools")
+
+ReloadFactory = Callable[[PoolSettings, int], list[Engine]]
+
+_LOAD_PROBES = 10  # health checks a new replica gets before a reload gives up on it
+_LOAD_PROBE_INTERVAL_S = 0.1
+
+
+class PoolOperations:
+    def __init__(
+        self,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        cancel: Callable[[str], None],
+        engines: ReloadFactory,
+    ) -> None:
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._cancel = cancel
+        self._engines = engines
+        self._drains: dict[str, asyncio.Task[None]] = {}
+
+    def pool(self, pool_id: str) -> PoolRuntime:
+        found = self._registry.pools.get(pool_id)
+        if found is None:
+            raise PoolNotFound(f"pool {pool_id} not found")
+        return found
+
+    # -- drain and resume -------------------------------------------------------------------
+
+    def drain(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
+        pool = self.pool(pool_id)
+        if pool.draining:
+            raise AlreadyDraining(f"pool {pool_id} is already draining", pool_id=pool_id)
+        pool.draining = True
+        log.info("pool %s draining, deadline %d ms", pool_id, deadline_ms)
+        self._drains[pool_id] = self._dispatcher.spawn(
+            self._drain(pool, deadline_ms / 1000), f"drain:{pool_id}"
+        )
+        return pool
+
+    async def _drain(self, pool: PoolRuntime, deadline_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        while pool.queue or pool.slots_busy:
+            try:
+                await pool.wait_task_end(deadline - loop.time())
+            except TimeoutError:
+                break
+        left = [r for r in self._registry.live.values() if r.pool_id == pool.id]
+        for record in left:
+            self._cancel(record.task_id)
+        if left:
+            log.info("pool %s drain deadline canceled %d tasks", pool.id, len(left))
+        runners = [r.runner for r in left if r.runner is not None and r.state != QUEUED]
+        if runners:
+            await asyncio.wait(runners, timeout=5)
+
+    def resume(self, pool_id: str) -> PoolRuntime:
+        pool = self.pool(pool_id)
+        if not pool.draining:
+            raise NotDraining(f"pool {pool_id} is not draining", pool_id=pool_id)
+        drain = self._drains.pop(pool_id, None)
+        if drain is not None:
+            drain.cancel()  # tasks still running are not canceled: the pool serves again
+        pool.draining = False
+        pool.wakeup.set()
+        log.info("pool %s resumed", pool_id)
+        return pool
+
+    # -- reload -----------------------------------------------------------------------------
+
+    def reload(self, pool_id: str, model: str) -> PoolRuntime:
+        pool = self.pool(pool_id)
+        if pool.reloading:
+            raise ReloadInProgress(f"pool {pool_id} is already reloading", pool_id=pool_id)
+        if model not in pool.loadable_models:
+            raise InvalidParams(
+                f"pool {pool_id} cannot load model {model!r}; it can load "
+                f"{list(pool.loadable_models)}",
+                pool_id=pool_id,
+            )
+        pool.reloading = True
+        self._dispatcher.spawn(self._reload(pool, model), f"reload:{pool_id}")
+        return pool
+
+    async def _reload(self, pool: PoolRuntime, model: str) -> None:
+        try:
+            settings = dataclasses.replace(pool.settings, model=model)
+            generation = pool.generation + 1
+            fresh = [Replica(engine) for engine in self._engines(settings, generation)]
+            failed = await _bring_up(fresh)
+            if failed:
+                for replica in fresh:
+                    await replica.engine.close()
+                pool.last_reload_error = (
+                    f"reload to {model!r} failed: replicas {failed} did not become healthy; "
+                    f"still serving {pool.model!r}"
+                )
+                log.error("pool %s: %s", pool.id, pool.last_reload_error)
+                return
+            old = pool.replicas
+            # The switch: admission and dispatch see the new model and replicas together.
+            pool.settings, pool.replicas, pool.generation = settings, fresh, generation
+            pool.last_reload_error = None
+            pool.wakeup.set()
+            log.info("pool %s now serves %r", pool.id, model)
+            await self._retire(pool, old)
+        finally:
+            pool.reloading = False
+
+    async def _retire(self, pool: PoolRuntime, replicas: list[Replica]) -> None:
+        """Close the previous generation once its running tasks have ended."""
+        while any(r.busy for r in replicas):
+            await pool.wait_task_end(None)
+        for replica in replicas:
+            await replica.engine.close()
+
+    # -- views ------------------------------------------------------------------------------
+
+    def health(self, pool_id: str) -> dict[str, Any]:
+        return pool_health(self.pool(pool_id))
+
+    def pools(self) -> list[dict[str, Any]]:
+        return [pool_health(p) for p in self._registry.pools.values()]
+
+
+async def _bring_up(replicas: list[Replica]) -> list[str]:
+    """Probe new replicas until each is healthy; the ids of those that never were."""
+    for _ in range(_LOAD_PROBES):
+        for replica in replicas:
+            if not replica.ready:
+                try:
+                    replica.ready = await replica.engine.health()
+                except EngineError as exc:
+                    replica.last_error = exc.message
+        if all(r.ready for r in replicas):
+            return []
+        await asyncio.sleep(_LOAD_PROBE_INTERVAL_S)
+    return [r.id for r in replicas if not r.ready]
+
+
+def pool_health(pool: PoolRuntime) -> dict[str, Any]:
+    return {
+        "pool_id": pool.id,
+        "live": True,
+        "ready": pool.ready,
+        "draining": pool.draining,
+        "reloading": pool.reloading,
+        "engine": pool.replicas[0].engine.engine if pool.replicas else pool.settings.engine,
+        "model": pool.model,
+        "last_reload_error": pool.last_reload_error,
+        "replicas": [
+            {
+                "id": r.id,
+                "state": "ready" if r.ready else "unready",
+                "slots_total": r.engine.slots,
+                "slots_busy": r.busy,
+                "last_error": r.last_error,
+            }
+            for r in pool.replicas
+        ],
+        "queue_depth": len(pool.queue),
+    }
+
+
+def pool_capabilities(pool: PoolRuntime) -> dict[str, Any]:
+    engine = pool.replicas[0].engine if pool.replicas else None
+    return {
+        "pool_id": pool.id,
+        "engine": engine.engine if engine else pool.settings.engine,
+        "engine_version": engine.version if engine else "",
+        "models": [pool.model],
+        "ctx_max": pool.settings.max_context,
+        "max_tokens_out": pool.settings.max_tokens_out,
+        "workloads": ["completion", "chat"],
+        "slots_total": sum(r.engine.slots for r in pool.replicas),
+        "slots_free": sum(r.free for r in pool.replicas),
+        "queue_capacity": pool.settings.queue.capacity,
+        "queue_policy": pool.settings.queue.policy,
+        "ready": pool.ready,
+        "draining": pool.draining,
+    }

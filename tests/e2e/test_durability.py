@@ -1,0 +1,136 @@
+"""State that survives the process: a SIGKILL mid-run, and the graceful path of SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.test_serve import serve
+from tests.support import parse_sse
+
+pytestmark = pytest.mark.wire
+
+
+def write_config(path: Path, **server: Any) -> Path:
+    config = {
+        "server": {"heartbeat_s": 0.5, **server},
+        "pools": [
+            {
+                "id": "default",
+                "model": "mock-small",
+                "replicas": 1,
+                "slots_per_replica": 2,
+                "mock": {"ttft_ms": 0, "tokens_per_s": 10, "eos": False},
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_until(check: Any, timeout_s: float = 20) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/tasks", json={"model": "mock-small", "prompt": "p", **body})
+    assert response.status_code == 202, response.text
+    accepted: dict[str, Any] = response.json()
+    return accepted
+
+
+def state(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    task: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
+    return task
+
+
+@pytest.mark.req("ORCH-STATE-0001")
+def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=0)
+    data_dir = tmp_path / "data"
+    with serve("--config", str(config), data_dir=data_dir) as (url, proc):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            session = client.post("/v1/sessions", json={"budgets": {"tokens": 10_000}}).json()
+            sid = session["session_id"]
+            running = [submit(client, max_tokens=600, session_id=sid)["task_id"] for _ in range(2)]
+            queued = submit(client, max_tokens=3, session_id=sid)["task_id"]
+            artifact = client.post(
+                "/v1/artifacts", json={"kind": "document", "content": "kept across a crash"}
+            ).json()
+            for task_id in running:
+                wait_until(lambda t=task_id: state(client, t)["state"] == "running")
+            assert state(client, queued)["state"] == "queued"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+
+    with (
+        serve("--config", str(config), data_dir=data_dir) as (url, _),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        for task_id in running:
+            task = state(client, task_id)
+            assert task["state"] == "failed"
+            assert task["error"]["code"] == "WORKER_RESET" and task["error"]["retriable"]
+            # The stream ends with the same error, also for a client resuming mid-stream.
+            for headers in ({}, {"Last-Event-ID": "5"}):
+                stream = client.get(f"/v1/tasks/{task_id}/stream", headers=headers)
+                events = parse_sse(stream.text)
+                assert [e.event for e in events] == ["error"]
+                assert events[0].data["code"] == "WORKER_RESET" and events[0].id > 5
+        # The task accepted but not started runs after the restart.
+        done = wait_until(
+            lambda: state(client, queued)["state"] == "succeeded" and state(client, queued)
+        )
+        assert done["usage"]["tokens_out"] == 3
+        after = client.get(f"/v1/sessions/{sid}").json()
+        assert after["turns"] == 3
+        used = done["usage"]["tokens_in"] + done["usage"]["tokens_out"]
+        assert after["budgets"]["tokens_remaining"] == 10_000 - used
+        kept = client.get(f"/v1/artifacts/{artifact['id']}").json()
+        assert kept["content"] == "kept across a crash"
+
+
+@pytest.mark.req("ORCH-STATE-0002")
+def test_sigterm_stops_admitting_lets_running_tasks_finish_then_cancels_the_rest(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=3)
+    data_dir = tmp_path / "data"
+    with serve("--config", str(config), data_dir=data_dir) as (url, proc):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            short = submit(client, max_tokens=10)["task_id"]  # ~1 s: ends within the grace
+            long = submit(client, max_tokens=600)["task_id"]  # ~60 s: does not
+            for task_id in (short, long):
+                wait_until(lambda t=task_id: state(client, t)["state"] == "running")
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: client.get("/readyz").status_code == 503)
+            refused = client.post(
+                "/v1/tasks", json={"model": "mock-small", "prompt": "p", "max_tokens": 1}
+            )
+            assert refused.status_code == 503
+            assert refused.json()["code"] == "SHUTTING_DOWN"
+            assert int(refused.headers["retry-after"]) >= 1
+        output_code = proc.wait(timeout=30)
+        assert output_code in (0, -signal.SIGTERM)
+
+    with (
+        serve("--config", str(config), data_dir=data_dir) as (url, _),
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        assert state(client, short)["state"] == "succeeded"
+        ended = state(client, long)
+        assert ended["state"] == "canceled" and ended["finish_reason"] == "canceled"
