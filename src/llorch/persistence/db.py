@@ -253,16 +253,9 @@ class Database:
         limit: int,
         before_seq: int | None,
     ) -> list[TaskRow]:
-        clauses, params = [], []
-        for clause, value in (
-            ("session_id = ?", session_id),
-            ("state = ?", state),
-            ("seq < ?", before_seq),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(
+            ("session_id = ?", session_id), ("state = ?", state), ("seq < ?", before_seq)
+        )
         with self._errors():
             found = self._conn.execute(
                 f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {where} ORDER BY seq DESC LIMIT ?",
@@ -345,17 +338,12 @@ class Database:
         before_seq: int | None,
     ) -> list[dict[str, Any]]:
         """Newest first; `tag` matches one element of the tags array exactly."""
-        clauses, params = [], []
-        for clause, value in (
+        where, params = _where(
             ("kind = ?", kind),
             ("EXISTS (SELECT 1 FROM json_each(artifacts.tags) WHERE json_each.value = ?)", tag),
             ("task_id = ?", task_id),
             ("seq < ?", before_seq),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        )
         with self._errors():
             cur = self._conn.execute(
                 f"SELECT * FROM artifacts {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
@@ -363,6 +351,14 @@ class Database:
             found = cur.fetchall()
         columns = [d[0] for d in cur.description]
         return [dict(zip(columns, row, strict=True)) for row in found]
+
+
+def _where(*filters: tuple[str, object]) -> tuple[str, list[object]]:
+    """A WHERE clause of the filters whose value is given, and their parameters."""
+    given = [(clause, value) for clause, value in filters if value is not None]
+    if not given:
+        return "", []
+    return "WHERE " + " AND ".join(c for c, _ in given), [v for _, v in given]
 
 
 def _task(found: Sequence[Any]) -> TaskRow:

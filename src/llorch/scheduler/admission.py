@@ -127,15 +127,7 @@ class Admitter:
             self._sessions.new_row() if session_id is None else self._sessions.live_row(session_id)
         )
         run_s = pool.meter.expected_run_s(request.max_tokens)
-        price = self._settings.pricing.price_for(request.model)
-        want = Reservation(
-            tokens=tokens_in + request.max_tokens,
-            time_ms=math.ceil(run_s * 1000),
-            cost=round(
-                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
-                9,
-            ),
-        )
+        want = self._worst_case(pool, request, tokens_in)
         try:
             session = self._sessions.check_use(session, want)
         except LlorchError as exc:
@@ -217,6 +209,20 @@ class Admitter:
             remaining=self._sessions.remaining(session),
         )
 
+    def _worst_case(
+        self, pool: PoolRuntime, request: CompletionRequest, tokens_in: int
+    ) -> Reservation:
+        """What a task may spend at most: the reservation it holds until it ends."""
+        price = self._settings.pricing.price_for(request.model)
+        return Reservation(
+            tokens=tokens_in + request.max_tokens,
+            time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
+            cost=round(
+                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
+                9,
+            ),
+        )
+
     def restore(self, row: TaskRow) -> bool:
         """Queue again a task that was accepted before a restart; False when its pool is gone.
 
@@ -230,15 +236,7 @@ class Admitter:
         request = _completion_request(row.task_id, body, row.correlation_id)
         session = self._sessions.live_row_or_none(row.session_id)
         tokens_in = estimate_tokens_in(request)
-        price = self._settings.pricing.price_for(request.model)
-        want = Reservation(
-            tokens=tokens_in + request.max_tokens,
-            time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
-            cost=round(
-                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
-                9,
-            ),
-        )
+        want = self._worst_case(pool, request, tokens_in)
         deadline_at = None
         if "deadline_ms" in body:
             left_ms = body["deadline_ms"] - (self._clock.now_ms() - row.created_ms)
