@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from llorch.config import MockSettings, PoolSettings
+from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
+from llorch.metrics import Metrics
 from llorch.scheduler.pools import DrainMeter, PoolRuntime
 
 
@@ -16,7 +18,7 @@ def runtime(*, replicas: int = 2, slots: int = 2, ready: bool = True) -> PoolRun
         slots_per_replica=slots,
         mock=MockSettings(ttft_ms=100, tokens_per_s=100),
     )
-    pool = PoolRuntime(settings, build_engines(settings))
+    pool = PoolRuntime(settings, build_engines(settings), Metrics(metrics_contract()))
     for replica in pool.replicas:
         replica.ready = ready
     return pool
@@ -162,7 +164,7 @@ def test_a_replica_that_is_not_ready_has_no_free_slot() -> None:
 
 def test_a_pool_starts_with_no_ready_replica_and_its_configured_queue() -> None:
     settings = PoolSettings(id="p", replicas=2, slots_per_replica=3)
-    pool = PoolRuntime(settings, build_engines(settings))
+    pool = PoolRuntime(settings, build_engines(settings), Metrics(metrics_contract()))
 
     assert pool.id == "p"
     assert pool.ready is False

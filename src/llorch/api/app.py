@@ -3,10 +3,12 @@
 The request pipeline, outermost first:
   connexion's ServerErrorMiddleware
   → CorrelationIdMiddleware   (X-Correlation-Id on every response, errors included)
+  → RequestMetricsMiddleware  (requests by operationId and status, errors included)
   → BodyLimitMiddleware       (413 before a large body is read)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
   → routing → request validation → response validation → lifespan
   → CorrelationIdMiddleware   (again, inside response validation, which checks the header)
+  → OperationNoteMiddleware   (tells the request metrics which operation matched)
   → handlers
 """
 
@@ -24,7 +26,12 @@ from starlette.exceptions import HTTPException
 
 from llorch.api import problems
 from llorch.api.handlers import operations
-from llorch.api.middleware import BodyLimitMiddleware, CorrelationIdMiddleware
+from llorch.api.middleware import (
+    BodyLimitMiddleware,
+    CorrelationIdMiddleware,
+    OperationNoteMiddleware,
+    RequestMetricsMiddleware,
+)
 from llorch.api.runtime import Runtime
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
@@ -65,7 +72,13 @@ def create_app(
 
     app = AsyncApp(__name__, lifespan=lifespan)
     app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(
+        RequestMetricsMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        metrics=runtime.metrics,
+    )
     app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
+    app.add_middleware(OperationNoteMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
     app.add_middleware(
         BodyLimitMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,

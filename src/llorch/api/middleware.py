@@ -10,6 +10,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llorch.errors import PayloadTooLarge
+from llorch.metrics import Metrics
 
 correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
 
@@ -92,3 +93,50 @@ def _counting_receive(inner: Receive, limit: int, error: Exception) -> Receive:
         return message
 
     return receive
+
+
+class RequestMetricsMiddleware:
+    """Count every answered request by operationId (``none`` when no operation matched) and
+    status; outermost but for the correlation id, so error answers are counted too."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        # Connexion routes a shallow copy of the scope: this dict is shared with it, and
+        # OperationNoteMiddleware, inside the routing, writes the operation into it.
+        note: dict[str, str] = {}
+        scope["llorch.operation"] = note
+
+        async def send_counting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            operation_id = note.get("operation_id", "none")
+            self.metrics.inc(
+                "llorch_http_requests_total", operation_id=operation_id, status=str(status)
+            )
+
+
+class OperationNoteMiddleware:
+    """Inside connexion's routing: tell RequestMetricsMiddleware which operation matched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        note = scope.get("llorch.operation")
+        routing = scope.get("extensions", {}).get("connexion_routing", {})
+        if note is not None and "operation_id" in routing:
+            note["operation_id"] = routing["operation_id"]
+        await self.app(scope, receive, send)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
+from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
 from llorch.persistence import Database
@@ -28,7 +29,7 @@ class Runtime:
     settings: Settings
     clock: Clock = field(default_factory=SystemClock)
     engines: EngineFactory | None = None
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(default_factory=lambda: Metrics(metrics_contract()))
     _db: Database | None = None
     _scheduler: Scheduler | None = None
     _artifacts: ArtifactStore | None = None
@@ -73,6 +74,7 @@ class Runtime:
             self.clock,
             self.engines or build_engines,
             artifacts=self._artifacts,
+            metrics=self.metrics,
         )
         await self._scheduler.start()
         log.info("llorch ready: database %s, pools %s", s.database_path, [p.id for p in s.pools])

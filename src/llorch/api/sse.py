@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
+from llorch.metrics import Metrics
 from llorch.scheduler.events import Event, EventStream
 
 HEARTBEAT = b": heartbeat\n\n"
@@ -20,7 +21,11 @@ def encode(event: Event) -> bytes:
 
 
 async def frames(
-    stream: EventStream, *, after: int | None, heartbeat_s: float
+    stream: EventStream, *, after: int | None, heartbeat_s: float, metrics: Metrics
 ) -> AsyncIterator[bytes]:
-    async for event in stream.subscribe(after=after, heartbeat_s=heartbeat_s):
-        yield HEARTBEAT if event is None else encode(event)
+    metrics.inc("llorch_open_streams")
+    try:
+        async for event in stream.subscribe(after=after, heartbeat_s=heartbeat_s):
+            yield HEARTBEAT if event is None else encode(event)
+    finally:
+        metrics.dec("llorch_open_streams")

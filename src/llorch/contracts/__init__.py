@@ -54,6 +54,14 @@ def merged_openapi() -> dict[str, Any]:
 
 
 @functools.cache
+def metrics_contract() -> Mapping[str, Any]:
+    """The parsed metrics contract (``contracts/metrics.yaml``)."""
+    with (contracts_dir() / "metrics.yaml").open(encoding="utf-8") as f:
+        loaded: dict[str, Any] = yaml.safe_load(f)
+    return loaded
+
+
+@functools.cache
 def config_schema() -> Mapping[str, Any]:
     with (contracts_dir() / "config.schema.json").open(encoding="utf-8") as f:
         loaded: dict[str, Any] = json.load(f)

@@ -197,6 +197,8 @@ class Admitter:
                 ),
             )
         pool.queue.push(record, priority)
+        pool.record_queue()
+        pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=priority)
         pool.wakeup.set()
         return Admission(
             task_id=task_id,
@@ -254,6 +256,7 @@ class Admitter:
         self._sessions.reserve(row.session_id, row.task_id, want)
         self._registry.add(record)
         pool.queue.push(record, record.priority)
+        pool.record_queue()
         pool.wakeup.set()
         return True
 

@@ -65,6 +65,7 @@ class PoolOperations:
         if pool.draining:
             raise AlreadyDraining(f"pool {pool_id} is already draining", pool_id=pool_id)
         pool.draining = True
+        pool.record_state()
         log.info("pool %s draining, deadline %d ms", pool_id, deadline_ms)
         self._drains[pool_id] = self._dispatcher.spawn(
             self._drain(pool, deadline_ms / 1000), f"drain:{pool_id}"
@@ -96,6 +97,7 @@ class PoolOperations:
         if drain is not None:
             drain.cancel()  # tasks still running are not canceled: the pool serves again
         pool.draining = False
+        pool.record_state()
         pool.wakeup.set()
         log.info("pool %s resumed", pool_id)
         return pool
@@ -113,6 +115,7 @@ class PoolOperations:
                 pool_id=pool_id,
             )
         pool.reloading = True
+        pool.record_state()
         self._dispatcher.spawn(self._reload(pool, model), f"reload:{pool_id}")
         return pool
 
@@ -140,6 +143,8 @@ class PoolOperations:
             await self._retire(pool, old)
         finally:
             pool.reloading = False
+            pool.record_state()
+            pool.record_replicas()
 
     async def _retire(self, pool: PoolRuntime, replicas: list[Replica]) -> None:
         """Close the previous generation once its running tasks have ended."""

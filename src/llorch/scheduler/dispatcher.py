@@ -101,9 +101,18 @@ class Dispatcher:
                 return
             pool.queue.pop()
             if head.deadline_at is not None and loop.time() >= head.deadline_at:
+                pool.record_queue()
                 self.finish(head, FAILED, error=DeadlineUnmet("deadline passed while queued"))
                 continue
             replica.busy += 1
+            pool.record_queue()
+            pool.record_replicas()
+            pool.metrics.inc("llorch_tasks_started_total", pool_id=pool.id, replica_id=replica.id)
+            pool.metrics.observe(
+                "llorch_queue_wait_seconds",
+                max(0, self._clock.now_ms() - head.row.created_ms) / 1000,
+                pool_id=pool.id,
+            )
             head.runner = self.spawn(self._run(pool, replica, head), f"task:{head.task_id}")
 
     async def _health_loop(self, pool: PoolRuntime, interval_s: float = 1.0) -> None:
@@ -120,6 +129,8 @@ class Dispatcher:
             if ready and not replica.ready:
                 pool.wakeup.set()
             replica.ready = ready
+        pool.record_state()
+        pool.record_replicas()
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -150,6 +161,12 @@ class Dispatcher:
                             if first_token_at is None:
                                 first_token_at = loop.time()
                                 record.ttft_ms = round((first_token_at - started) * 1000)
+                                pool.metrics.observe(
+                                    "llorch_ttft_seconds",
+                                    first_token_at - started,
+                                    pool_id=pool.id,
+                                    engine=replica.engine.engine,
+                                )
                             record.events.publish("token", {"t": chunk.text, "i": tokens_out})
                             tokens_out += 1
                             if tokens_out % self._settings.server.metrics_every_tokens == 0:
@@ -187,6 +204,7 @@ class Dispatcher:
             self.finish(record, FAILED, error=LlorchError(f"internal error: {exc}"))
         finally:
             replica.busy -= 1
+            pool.record_replicas()
             ended = loop.time()
             pool.meter.record(
                 service_s=ended - started,
@@ -307,6 +325,7 @@ class Dispatcher:
             log.exception("could not record the end of task %s", record.task_id)
         record.events.publish(*terminal)
         self._registry.retire(record)
+        self._record_end(record, state, error, tokens_in, tokens_out, decode_ms)
         if (pool := self._registry.pools.get(record.pool_id)) is not None:
             pool.task_ended()
         log.info(
@@ -370,3 +389,29 @@ class Dispatcher:
             log.exception("could not store the trace of task %s", row.task_id)
             return None
         return artifact.id
+
+    def _record_end(
+        self,
+        record: TaskRecord,
+        state: str,
+        error: LlorchError | None,
+        tokens_in: int,
+        tokens_out: int,
+        decode_ms: int,
+    ) -> None:
+        pool = self._registry.pools.get(record.pool_id)
+        if pool is None:
+            return
+        m, pool_id = pool.metrics, pool.id
+        m.inc("llorch_tasks_finished_total", pool_id=pool_id, outcome=state)
+        m.inc("llorch_tokens_in_total", tokens_in, pool_id=pool_id, model=record.request.model)
+        m.inc("llorch_tokens_out_total", tokens_out, pool_id=pool_id, model=record.request.model)
+        if isinstance(error, EngineError):
+            m.inc(
+                "llorch_engine_errors_total",
+                pool_id=pool_id,
+                replica_id=record.replica_id or "none",
+                code=error.code,
+            )
+        if record.ttft_ms is not None:
+            m.observe("llorch_decode_seconds", decode_ms / 1000, pool_id=pool_id)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from llorch.config import PoolSettings
 from llorch.engines.base import Engine
-from llorch.scheduler.queue import PoolQueue
+from llorch.metrics import Metrics
+from llorch.scheduler.queue import PRIORITIES, PoolQueue
 from llorch.scheduler.task import TaskRecord
 
 _ALPHA = 0.2  # weight of a new sample in the moving averages
@@ -58,7 +59,8 @@ class DrainMeter:
 
 
 class PoolRuntime:
-    def __init__(self, settings: PoolSettings, engines: list[Engine]) -> None:
+    def __init__(self, settings: PoolSettings, engines: list[Engine], metrics: Metrics) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.replicas = [Replica(engine) for engine in engines]
         self.queue: PoolQueue[TaskRecord] = PoolQueue(
@@ -95,6 +97,27 @@ class PoolRuntime:
     @property
     def slots_busy(self) -> int:
         return sum(r.busy for r in self.replicas)
+
+    def record_queue(self) -> None:
+        for priority in PRIORITIES:
+            self.metrics.set(
+                "llorch_queue_depth", self.queue.depth(priority), pool_id=self.id, priority=priority
+            )
+
+    def record_replicas(self) -> None:
+        for r in self.replicas:
+            self.metrics.set("llorch_replica_slots_busy", r.busy, pool_id=self.id, replica_id=r.id)
+            self.metrics.set(
+                "llorch_replica_slots_total", r.engine.slots, pool_id=self.id, replica_id=r.id
+            )
+
+    def record_state(self) -> None:
+        for state, flag in (
+            ("ready", self.ready),
+            ("draining", self.draining),
+            ("reloading", self.reloading),
+        ):
+            self.metrics.set("llorch_pool_state", int(flag), pool_id=self.id, state=state)
 
     def task_ended(self) -> None:
         """Wake everyone waiting for a task of this pool to end (drain, reload)."""

@@ -10,9 +10,11 @@ from typing import Any
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock
 from llorch.config import PoolSettings, Settings
+from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import ShuttingDown, TaskNotFound, WorkerReset
+from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound, WorkerReset
+from llorch.metrics import Metrics
 from llorch.persistence import Database, TaskRow
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.control import PoolOperations, pool_capabilities
@@ -38,13 +40,15 @@ class Scheduler:
         clock: Clock,
         engines: EngineFactory = build_engines,
         artifacts: ArtifactStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
         self._clock = clock
         self.sessions = sessions
+        self.metrics = metrics or Metrics(metrics_contract())
         self.registry = Registry(
-            [PoolRuntime(p, engines(p, 0)) for p in settings.pools],
+            [PoolRuntime(p, engines(p, 0), self.metrics) for p in settings.pools],
             settings.server.streams_retained,
         )
         self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
@@ -95,8 +99,15 @@ class Scheduler:
 
     def admit(self, body: Mapping[str, Any], correlation_id: str) -> Admission:
         if self.closing:
+            self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
             raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
-        return self._admitter.admit(body, correlation_id)
+        try:
+            return self._admitter.admit(body, correlation_id)
+        except LlorchError as exc:
+            self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
+            if isinstance(exc, BudgetExhausted) and exc.policy_label:
+                self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
+            raise
 
     def cancel(self, task_id: str) -> None:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""
@@ -111,6 +122,7 @@ class Scheduler:
         if record.state == QUEUED and record.runner is None:
             pool = self.registry.pools[record.pool_id]
             pool.queue.remove(record, record.priority)
+            pool.record_queue()
             self._dispatcher.finish(record, CANCELED, finish_reason="canceled")
         elif record.state == RUNNING and record.runner is not None:
             # The flag is set before this returns, so no token frame follows the cancel.

@@ -70,6 +70,7 @@ class TaskHandlers:
                 stream,
                 after=int(last) if last is not None else None,
                 heartbeat_s=self._rt.settings.server.heartbeat_s,
+                metrics=self._rt.metrics,
             ),
             media_type="text/event-stream",
             headers=headers,
