@@ -15,7 +15,7 @@ from types import FrameType
 
 import uvicorn
 
-from llorch.api import create_app
+from llorch.api import create_app, logs
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--data-dir")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     try:
         settings = load_config(args.config) if args.config else Settings()
         settings = settings.with_overrides(os.environ)
@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_level="info",
+        log_config=None,  # keep llorch's JSON handler
         # Tasks are already drained when uvicorn stops; streams of queued tasks end here.
         timeout_graceful_shutdown=2,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 from contextvars import ContextVar
 
@@ -13,6 +15,7 @@ from llorch.errors import PayloadTooLarge
 from llorch.metrics import Metrics
 
 correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
+request_log = logging.getLogger("llorch.requests")
 
 _ACCEPTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -108,6 +111,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.monotonic()
         # Connexion routes a shallow copy of the scope: this dict is shared with it, and
         # OperationNoteMiddleware, inside the routing, writes the operation into it.
         note: dict[str, str] = {}
@@ -125,6 +129,18 @@ class RequestMetricsMiddleware:
             operation_id = note.get("operation_id", "none")
             self.metrics.inc(
                 "llorch_http_requests_total", operation_id=operation_id, status=str(status)
+            )
+            request_log.info(
+                "request",
+                extra={
+                    "event": "request",
+                    "correlation_id": correlation_id.get(),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "operation_id": operation_id,
+                    "status": status,
+                    "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                },
             )
 
 

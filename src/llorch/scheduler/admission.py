@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from llorch.scheduler.registry import Registry
 from llorch.scheduler.task import FAILED, QUEUED, TaskRecord
 from llorch.sessions import Reservation, SessionService
 from llorch.sessions.service import Remaining, new_id
+
+log = logging.getLogger("llorch.tasks")
 
 POOL_RETRY_MS = 2000  # advice while a pool has no ready replica: two health probes
 
@@ -199,6 +202,18 @@ class Admitter:
         pool.queue.push(record, priority)
         pool.record_queue()
         pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=priority)
+        log.info(
+            "task queued",
+            extra={
+                "event": "task",
+                "task_id": task_id,
+                "state": QUEUED,
+                "pool_id": pool.id,
+                "session_id": session.session_id,
+                "queue_position": position,
+                "correlation_id": correlation_id,
+            },
+        )
         pool.wakeup.set()
         return Admission(
             task_id=task_id,

@@ -222,6 +222,17 @@ class Dispatcher:
         record.started_ms = now
         self._db.update_task(record.task_id, state=RUNNING, started_ms=now, replica_id=replica.id)
         self._db.update_session(record.session_id, last_pool_id=pool.id, last_replica_id=replica.id)
+        log.info(
+            "task running",
+            extra={
+                "event": "task",
+                "task_id": record.task_id,
+                "state": RUNNING,
+                "pool_id": pool.id,
+                "replica_id": replica.id,
+                "correlation_id": record.row.correlation_id,
+            },
+        )
         record.events.publish(
             "started",
             {
@@ -330,7 +341,16 @@ class Dispatcher:
             pool.task_ended()
         log.info(
             "task ended",
-            extra={"task_id": record.task_id, "state": state, "code": error and error.code},
+            extra={
+                "event": "task",
+                "task_id": record.task_id,
+                "state": state,
+                "pool_id": record.pool_id,
+                "replica_id": record.replica_id,
+                "correlation_id": record.row.correlation_id,
+                "outcome": finish_reason or (error.code if error else None),
+                "code": error.code if error else None,
+            },
         )
 
     def _write_trace(
