@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -41,6 +42,7 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
                 pool(
                     id="busy",
                     model="slow",
+                    models=["slow-2"],
                     slots_per_replica=1,
                     mock=BUSY,
                     queue={"capacity": 1},
@@ -64,6 +66,11 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
         assert value(mid, "llorch_replica_slots_busy", pool_id="busy") == 1
         await api.client.post(f"/v1/tasks/{running}/cancel")
         await api.wait_state(running, "canceled")
+        reload = await api.client.post("/v1/pools/busy/reload", json={"model": "slow-2"})
+        assert reload.status_code == 202
+        async with asyncio.timeout(10):
+            while (await api.client.get("/v1/pools/busy/health")).json()["reloading"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         families = await scrape(api)
 
     contract = metrics_contract()
@@ -84,6 +91,7 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
     assert value(families, "llorch_engine_errors_total", code="WORKER_RESET") == 1
     assert value(families, "llorch_tokens_out_total", pool_id="default") == 5
     assert value(families, "llorch_open_streams") == 0
+    assert value(families, "llorch_pool_reloads_total", pool_id="busy", result="succeeded") == 1
     # The canceled task freed its slot and the queued one started: the queue is empty again.
     assert value(families, "llorch_queue_depth", pool_id="busy", priority="interactive") == 0
     assert (

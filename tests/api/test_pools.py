@@ -133,6 +133,8 @@ async def test_a_failed_reload_rolls_back_and_keeps_serving(settings_for: Settin
         after = await health(api)
         assert after["model"] == "mock-small" and after["ready"] is True
         assert "broken-model" in after["last_reload_error"]
+        metrics = (await api.client.get("/metrics")).text
+        assert 'llorch_pool_reloads_total{pool_id="default",result="failed"} 1.0' in metrics
         accepted = await api.submit()
         assert (await api.events(accepted.json()["task_id"]))[-1].event == "end"
         unknown = await api.client.post("/v1/pools/default/reload", json={"model": "gpt-99"})

@@ -120,6 +120,14 @@ class PoolOperations:
         return pool
 
     async def _reload(self, pool: PoolRuntime, model: str) -> None:
+        old = await self._switch(pool, model)
+        if old is not None:
+            # The reload is over; the previous generation is closed once its tasks have ended.
+            await self._retire(pool, old)
+
+    async def _switch(self, pool: PoolRuntime, model: str) -> list[Replica] | None:
+        """Bring up the new generation and move traffic to it; the old replicas, or None when
+        the reload failed and the pool kept them."""
         try:
             settings = dataclasses.replace(pool.settings, model=model)
             generation = pool.generation + 1
@@ -133,14 +141,16 @@ class PoolOperations:
                     f"still serving {pool.model!r}"
                 )
                 log.error("pool %s: %s", pool.id, pool.last_reload_error)
-                return
+                pool.metrics.inc("llorch_pool_reloads_total", pool_id=pool.id, result="failed")
+                return None
             old = pool.replicas
             # The switch: admission and dispatch see the new model and replicas together.
             pool.settings, pool.replicas, pool.generation = settings, fresh, generation
             pool.last_reload_error = None
             pool.wakeup.set()
             log.info("pool %s now serves %r", pool.id, model)
-            await self._retire(pool, old)
+            pool.metrics.inc("llorch_pool_reloads_total", pool_id=pool.id, result="succeeded")
+            return old
         finally:
             pool.reloading = False
             pool.record_state()
