@@ -5,6 +5,9 @@ Usage: python3 xtask.py COMMAND [ARGS...]
 
     serve [ARGS...]        run the server: .venv/bin/python -m llorch serve ARGS...
     lint                   ruff check, ruff format --check, mypy (strict), lint-imports
+    metrics-lint           every metric and label of ci/dashboards/*.json and ci/alerts/llorch.yaml
+                           is in contracts/metrics.yaml; promtool check rules and test rules
+                           (installs promtool with apt-get when it is not on PATH)
     fmt                    ruff check --fix, then ruff format
     test [PYTEST ARGS...]  pytest over tests/ with branch coverage and the coverage floor
                            (pass --cov-fail-under=0 to run a subset without the floor)
@@ -12,7 +15,7 @@ Usage: python3 xtask.py COMMAND [ARGS...]
                            requirements/ is stale or a MUST requirement has no test
     contract               schemathesis CLI against a live server on a free loopback port
     lock                   regenerate requirements.lock in a throwaway venv
-    ci                     lint, spec-extract --check, test, contract; fails fast
+    ci                     lint, metrics-lint, spec-extract --check, test, contract; fails fast
     clean                  remove .venv, var/ and every tool cache
 
 The first command that needs tools creates .venv (python3 -m venv), installs requirements.lock
@@ -66,6 +69,11 @@ CONTRACT_CONFIG = "tests/configs/contract.yaml"
 CONTRACT_READY_PATH = "/v1/tasks?limit=1"
 CONTRACT_READY_TIMEOUT_S = 30.0
 CONTRACT_STOP_TIMEOUT_S = 15.0
+
+METRICS_CONTRACT = ROOT / "contracts" / "metrics.yaml"
+DASHBOARDS_DIR = ROOT / "ci" / "dashboards"
+ALERT_RULES = ROOT / "ci" / "alerts" / "llorch.yaml"
+ALERT_TESTS = ROOT / "ci" / "alerts" / "llorch_test.yaml"
 
 # What `clean` removes (relative to the repository root).
 CLEAN_DIRS = (
@@ -278,6 +286,326 @@ def cmd_fmt(args: list[str]) -> int:
     step("ruff format")
     fmt_rc = run([tool("ruff"), "format", "."], check=False)
     return 1 if fix_rc or fmt_rc else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics-lint: dashboards and alert rules against the metrics contract, then promtool
+# ------------------------------------------------------------------------------------------------
+
+# PromQL words that are neither metric nor label names.
+_PROMQL_KEYWORDS = frozenset(
+    {"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan", "start", "end"}
+)
+_PROMQL_GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+# Aggregations may put their by/without clause before the parentheses: `sum by (x) (...)`.
+_PROMQL_AGGREGATIONS = frozenset(
+    {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk"}
+    | {"topk", "quantile", "limitk", "limit_ratio"}
+)
+_PROMQL_TOKEN_RE = re.compile(
+    r"""(?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`)"""
+    r"|(?P<range>\[[^\]]*\])"
+    r"|(?P<number>(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)[smhdwy]*)"
+    r"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)"
+    r"|(?P<op>=~|!~|!=|==|>=|<=|[-+*/%^<>=(){},])"
+    r"|(?P<space>\s+)"
+)
+# Grafana variables, replaced before parsing: ranges by a duration, the rest by a regex.
+_GRAFANA_VAR_RE = re.compile(r"\$\{?(\w+)(?::\w+)?\}?")
+_LEGEND_LABEL_RE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+@dataclass
+class PromqlNames:
+    """The metric names of an expression and the label names it uses, and where."""
+
+    # (metric, labels matched in its selector)
+    selectors: list[tuple[str, list[str]]] = field(default_factory=list)
+    # label names of by/without/on/ignoring/group_left/group_right clauses
+    grouping: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _substitute_grafana_vars(expr: str) -> str:
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return "5m" if name in ("__rate_interval", "__interval", "__range") else ".*"
+
+    return _GRAFANA_VAR_RE.sub(repl, expr)
+
+
+def promql_names(expr: str) -> PromqlNames:
+    """Find the metric and label names of a PromQL expression with a small tokenizer.
+
+    Identifiers followed by `(` (or aggregations followed by by/without) are functions or
+    aggregations; identifiers inside `{...}`
+    followed by a matcher are labels; identifiers in the parentheses after by/on/... are labels;
+    the remaining identifiers (but PromQL keywords) are metric names.
+    """
+    out = PromqlNames()
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    text = _substitute_grafana_vars(expr)
+    while pos < len(text):
+        match = _PROMQL_TOKEN_RE.match(text, pos)
+        if match is None:
+            out.errors.append(f"cannot read the expression at {text[pos : pos + 20]!r}")
+            return out
+        pos = match.end()
+        kind = match.lastgroup or ""
+        if kind != "space":
+            tokens.append((kind, match.group()))
+    i = 0
+    brace_metric: tuple[str, list[str]] | None = None
+    in_braces = False
+    grouping = False
+    while i < len(tokens):
+        kind, value = tokens[i]
+        nxt = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        if value == "{":
+            in_braces = True
+            prev = tokens[i - 1] if i else ("", "")
+            if prev[0] == "ident" and prev[1] not in _PROMQL_GROUPING:
+                brace_metric = out.selectors[-1] if out.selectors else None
+            else:
+                brace_metric = ("", [])  # a selector without a metric name
+                out.selectors.append(brace_metric)
+        elif value == "}":
+            in_braces = False
+            brace_metric = None
+        elif grouping and value == ")":
+            grouping = False
+        elif kind == "ident":
+            if in_braces:
+                if nxt in ("=", "!=", "=~", "!~") and brace_metric is not None:
+                    if value == "__name__":
+                        out.errors.append("match metrics by name, not by __name__")
+                    brace_metric[1].append(value)
+            elif grouping:
+                out.grouping.append(value)
+            elif value in _PROMQL_GROUPING and nxt == "(":
+                grouping = True
+                i += 1
+            elif (
+                nxt == "("
+                or value.lower() in _PROMQL_KEYWORDS
+                or (value in _PROMQL_AGGREGATIONS and nxt in ("by", "without"))
+            ):
+                pass
+            else:
+                out.selectors.append((value, []))
+        i += 1
+    return out
+
+
+def _contract_series(contract: dict[str, object]) -> dict[str, tuple[str, set[str]]]:
+    """Exposed series name -> (contract metric name, its labels), `le` for histogram series."""
+    series: dict[str, tuple[str, set[str]]] = {}
+    metrics = contract.get("metrics")
+    if not isinstance(metrics, list):
+        raise TaskError(f"{_rel(METRICS_CONTRACT)}: no `metrics` list")
+    for spec in metrics:
+        name, kind, labels = spec["name"], spec["type"], set(spec["labels"])
+        if kind == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                extra = {"le"} if suffix == "_bucket" else set()
+                series[name + suffix] = (name, labels | extra)
+        else:
+            series[name] = (name, labels)
+    return series
+
+
+def check_expr(
+    expr: str, series: dict[str, tuple[str, set[str]]], where: str, legend: str = ""
+) -> list[str]:
+    """Problems of one expression: metric names and labels the contract does not define."""
+    names = promql_names(expr)
+    errors = [f"{where}: {e}" for e in names.errors]
+    known_labels: set[str] = set()
+    metrics_found = False
+    for metric, labels in names.selectors:
+        if not metric:
+            errors.append(f"{where}: a selector without a metric name")
+            continue
+        metrics_found = True
+        if metric not in series:
+            hint = ""
+            if metric + "_total" in series:
+                hint = f" (counters are exposed as {metric}_total)"
+            errors.append(f"{where}: metric {metric} is not in the contract{hint}")
+            continue
+        contract_labels = series[metric][1]
+        known_labels |= contract_labels
+        for label in labels:
+            if label not in contract_labels:
+                errors.append(f"{where}: {metric} has no label {label!r} in the contract")
+    if not metrics_found:
+        errors.append(f"{where}: uses no contract metric")
+    if names.errors:
+        return errors
+    for label in names.grouping:
+        if label not in known_labels:
+            errors.append(f"{where}: label {label!r} is not a label of the expression's metrics")
+    for label in _LEGEND_LABEL_RE.findall(legend):
+        if label not in known_labels:
+            errors.append(f"{where}: the legend names {label!r}, not a label of its metrics")
+    return errors
+
+
+def _venv_yaml_to_json(path: Path) -> object:
+    """Parse YAML with the venv's PyYAML (this file is stdlib-only)."""
+    proc = subprocess.run(
+        [
+            str(VENV_PY),
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+            str(path),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise TaskError(f"cannot parse {_rel(path)}:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def _dashboard_targets(dashboard: dict[str, object]) -> Iterator[tuple[str, dict[str, object]]]:
+    """(panel title, target) of every panel, rows' collapsed panels included."""
+    panels = list(dashboard.get("panels") or [])  # type: ignore[call-overload]
+    while panels:
+        panel = panels.pop(0)
+        panels.extend(panel.get("panels") or [])
+        for target in panel.get("targets") or []:
+            yield str(panel.get("title", "?")), target
+
+
+def lint_dashboards(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int]:
+    errors: list[str] = []
+    count = 0
+    paths = sorted(DASHBOARDS_DIR.glob("*.json"))
+    if not paths:
+        errors.append(f"{_rel(DASHBOARDS_DIR)}: no dashboard")
+    for path in paths:
+        where = _rel(path)
+        try:
+            dashboard = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            errors.append(f"{where}: not JSON: {exc}")
+            continue
+        if dashboard.get("schemaVersion") != 39:
+            errors.append(f"{where}: schemaVersion must be 39")
+        variables = {v.get("name"): v for v in dashboard.get("templating", {}).get("list", [])}
+        pool_var = variables.get("pool_id", {})
+        query = pool_var.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        if query != "label_values(llorch_queue_depth, pool_id)":
+            errors.append(f"{where}: needs a pool_id variable over llorch_queue_depth")
+        for title, target in _dashboard_targets(dashboard):
+            expr = str(target.get("expr", ""))
+            target_where = f"{where}: panel {title!r} {target.get('refId', '?')}"
+            if not expr.strip():
+                errors.append(f"{target_where}: no expr")
+                continue
+            count += 1
+            errors += check_expr(expr, series, target_where, str(target.get("legendFormat", "")))
+            names = promql_names(expr)
+            for metric, labels in names.selectors:
+                if "pool_id" in series.get(metric, ("", set()))[1] and "pool_id" not in labels:
+                    errors.append(f"{target_where}: {metric} is not filtered by $pool_id")
+    return errors, count
+
+
+def lint_alerts(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int]:
+    errors: list[str] = []
+    where = _rel(ALERT_RULES)
+    rules_doc = _venv_yaml_to_json(ALERT_RULES)
+    alerts: list[str] = []
+    groups = rules_doc.get("groups") if isinstance(rules_doc, dict) else None
+    for group in groups or []:
+        for rule in group.get("rules") or []:
+            name = rule.get("alert") or rule.get("record") or "?"
+            rule_where = f"{where}: {name}"
+            errors += check_expr(str(rule.get("expr", "")), series, rule_where)
+            if "alert" not in rule:
+                continue
+            alerts.append(name)
+            if not rule.get("for"):
+                errors.append(f"{rule_where}: no `for`")
+            if not (rule.get("labels") or {}).get("severity"):
+                errors.append(f"{rule_where}: no severity label")
+            annotations = rule.get("annotations") or {}
+            for key in ("summary", "description"):
+                if not annotations.get(key):
+                    errors.append(f"{rule_where}: no {key} annotation")
+    if not alerts:
+        errors.append(f"{where}: no alert")
+    # Every alert is unit-tested both firing and not firing.
+    tests_doc = _venv_yaml_to_json(ALERT_TESTS)
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    tests = tests_doc.get("tests") if isinstance(tests_doc, dict) else None
+    for test in tests or []:
+        for case in test.get("alert_rule_test") or []:
+            (firing if case.get("exp_alerts") else quiet).add(case.get("alertname"))
+    for name in alerts:
+        for seen, what in ((firing, "firing"), (quiet, "not firing")):
+            if name not in seen:
+                errors.append(f"{_rel(ALERT_TESTS)}: no test of {name} {what}")
+    return errors, len(alerts)
+
+
+def ensure_promtool() -> str:
+    """The path of promtool, installing Debian's prometheus package when it is missing."""
+    found = shutil.which("promtool")
+    if found:
+        return found
+    step("promtool is not on PATH: apt-get install -y prometheus")
+    if os.geteuid() == 0:
+        prefix: list[str] = []
+    elif shutil.which("sudo") and run(["sudo", "-n", "true"], check=False, quiet=True) == 0:
+        prefix = ["sudo", "-n"]
+    else:
+        raise TaskError(
+            "promtool is not on PATH and installing it needs root: run "
+            "`apt-get update && apt-get install -y prometheus` as root (or put promtool on PATH)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run([*prefix, "apt-get", "update"], env=env, quiet=True)
+        run([*prefix, "apt-get", "install", "-y", "--no-install-recommends", "prometheus"], env=env)
+    except TaskError as exc:
+        raise TaskError(f"could not install promtool with apt-get: {exc}") from exc
+    found = shutil.which("promtool")
+    if not found:
+        raise TaskError("apt-get installed prometheus but promtool is still not on PATH")
+    return found
+
+
+def cmd_metrics_lint(args: list[str]) -> int:
+    _no_args("metrics-lint", args)
+    ensure_venv()
+    step("metrics-lint: dashboards and alert rules against contracts/metrics.yaml")
+    contract = _venv_yaml_to_json(METRICS_CONTRACT)
+    if not isinstance(contract, dict):
+        raise TaskError(f"{_rel(METRICS_CONTRACT)}: not a mapping")
+    series = _contract_series(contract)
+    dash_errors, exprs = lint_dashboards(series)
+    alert_errors, alerts = lint_alerts(series)
+    errors = dash_errors + alert_errors
+    if errors:
+        print("\n".join(f"  {e}" for e in errors))
+        note(f"metrics-lint found {len(errors)} problem(s)")
+        return 1
+    print(f"{exprs} dashboard expressions and {alerts} alerts use contract metrics and labels only")
+    promtool = ensure_promtool()
+    step(f"promtool check rules {_rel(ALERT_RULES)}")
+    run([promtool, "check", "rules", ALERT_RULES])
+    step(f"promtool test rules {_rel(ALERT_TESTS)}")
+    run([promtool, "test", "rules", ALERT_TESTS])
+    return 0
 
 
 # Filled by cmd_test from pytest's JUnit report: (passed, failed, skipped).
@@ -984,6 +1312,8 @@ def cmd_ci(args: list[str]) -> int:
     steps: list[tuple[str, Callable[[], int]]] = [
         ("bootstrap", _bootstrap),
         ("lint", lambda: cmd_lint([])),
+        # Before test: it installs promtool/prometheus, which tests/e2e/test_prometheus.py runs.
+        ("metrics-lint", lambda: cmd_metrics_lint([])),
         ("spec-extract --check", lambda: cmd_spec_extract(["--check"])),
         ("test", lambda: cmd_test([])),
         ("contract", lambda: cmd_contract([])),
@@ -1044,6 +1374,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": cmd_serve,
     "lint": cmd_lint,
     "fmt": cmd_fmt,
+    "metrics-lint": cmd_metrics_lint,
     "test": cmd_test,
     "spec-extract": cmd_spec_extract,
     "contract": cmd_contract,
