@@ -15,6 +15,8 @@ Usage: python3 xtask.py COMMAND [ARGS...]
                            requirements/ is stale or a MUST requirement has no test
     contract               schemathesis CLI against a live server on a free loopback port
     lock                   regenerate requirements.lock in a throwaway venv
+    bench [ARGS...]        benchmarks: llorch vs the bare engine (bench/run.py --help); records
+                           bench/results/<date>-<sha>.json and regenerates docs/benchmarks.md
     ci                     lint, metrics-lint, spec-extract --check, test, contract; fails fast
     clean                  remove .venv, var/ and every tool cache
 
@@ -263,7 +265,7 @@ def cmd_lint(args: list[str]) -> int:
     checks: list[tuple[str, list[str | Path]]] = [
         ("ruff check", [tool("ruff"), "check", "."]),
         ("ruff format --check", [tool("ruff"), "format", "--check", "."]),
-        ("mypy (strict: src, tests)", [tool("mypy")]),
+        ("mypy (strict: src, tests, bench)", [tool("mypy")]),
         ("lint-imports", [tool("lint-imports"), "--no-logo"]),
     ]
     failed = []
@@ -1344,6 +1346,12 @@ def cmd_ci(args: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: list[str]) -> int:
+    """The benchmarks live in bench/run.py (they need the venv's libraries); see its --help."""
+    ensure_venv()
+    return run([VENV_PY, ROOT / "bench" / "run.py", *args], check=False)
+
+
 def cmd_clean(args: list[str]) -> int:
     _no_args("clean", args)
     for name in CLEAN_DIRS:
@@ -1382,6 +1390,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "spec-extract": cmd_spec_extract,
     "contract": cmd_contract,
     "lock": cmd_lock,
+    "bench": cmd_bench,
     "ci": cmd_ci,
     "clean": cmd_clean,
 }

@@ -1,0 +1,266 @@
+"""The load generator of the benchmarks, as its own process; prints one JSON object.
+
+Modes:
+    direct   streamed completions straight from an OpenAI-compatible engine
+    llorch   streamed tasks through llorch: POST /v1/tasks, then GET /v1/tasks/{id}/stream
+    admit    POST /v1/tasks only: how many are answered 202 per second
+    hold     N tasks with N streams open at once; reads the server's resident memory (--pid)
+             before and while they are open
+
+Each worker sends its next request as soon as the previous one ended. Requests that start
+during --warmup are not counted; the measured window is the --duration seconds after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+
+@dataclass
+class Sample:
+    start: float
+    end: float
+    ttft: float | None
+    tokens: int
+    ok: bool
+    status: str
+
+
+@dataclass
+class Run:
+    samples: list[Sample] = field(default_factory=list)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def stream_direct(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    body = {
+        "model": args.model,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "stream": True,
+    }
+    done = False
+    async with client.stream("POST", f"{args.url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return Sample(start, time.perf_counter(), None, 0, False, str(response.status_code))
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            choice = orjson.loads(line[6:])["choices"][0]
+            if choice.get("text"):
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+    return Sample(start, time.perf_counter(), ttft, tokens, done, "200" if done else "cut")
+
+
+async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
+    start = time.perf_counter()
+    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens}
+    admitted = await client.post(f"{args.url}/v1/tasks", json=body)
+    if admitted.status_code != 202:
+        code = admitted.json().get("code", "") if admitted.content else ""
+        return Sample(start, time.perf_counter(), None, 0, False, f"{admitted.status_code} {code}")
+    task_id = admitted.json()["task_id"]
+    ttft = None
+    tokens = 0
+    event = ""
+    terminal = ""
+    async with client.stream("GET", f"{args.url}/v1/tasks/{task_id}/stream") as response:
+        if response.status_code != 200:
+            await response.aread()
+            return Sample(start, time.perf_counter(), None, 0, False, str(response.status_code))
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+                if event == "token":
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                elif event in ("end", "error"):
+                    terminal = event
+            elif terminal and line.startswith("data: "):
+                if terminal == "error":
+                    code = orjson.loads(line[6:]).get("code", "error")
+                    return Sample(start, time.perf_counter(), ttft, tokens, False, code)
+                break
+    ok = terminal == "end"
+    return Sample(start, time.perf_counter(), ttft, tokens, ok, "end" if ok else "cut")
+
+
+async def admit_only(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
+    start = time.perf_counter()
+    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens}
+    response = await client.post(f"{args.url}/v1/tasks", json=body)
+    ok = response.status_code == 202
+    code = "" if ok else f" {response.json().get('code', '')}"
+    return Sample(start, time.perf_counter(), None, 0, ok, f"{response.status_code}{code}")
+
+
+MODES = {"direct": stream_direct, "llorch": stream_llorch, "admit": admit_only}
+
+
+async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
+    call = MODES[args.mode]
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
+    timeout = httpx.Timeout(60.0)
+    run = Run()
+    t0 = time.perf_counter()
+    measure_from = t0 + args.warmup
+    until = measure_from + args.duration
+
+    async def worker() -> None:
+        while time.perf_counter() < until:
+            try:
+                sample = await call(client, args)
+            except httpx.HTTPError as exc:
+                now = time.perf_counter()
+                sample = Sample(now, now, None, 0, False, type(exc).__name__)
+            run.samples.append(sample)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    counted = [s for s in run.samples if measure_from <= s.start and s.end <= until]
+    ok = [s for s in counted if s.ok]
+    errors: dict[str, int] = {}
+    for s in counted:
+        if not s.ok:
+            errors[s.status] = errors.get(s.status, 0) + 1
+    ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
+    tokens = sum(s.tokens for s in ok)
+    return {
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "completed": len(ok),
+        "errors": errors,
+        "per_s": len(ok) / args.duration,
+        "tokens_per_s": tokens / args.duration,
+        "ttft_ms_p50": quantile(ttfts, 0.50),
+        "ttft_ms_p99": quantile(ttfts, 0.99),
+    }
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def hold(args: argparse.Namespace) -> dict[str, Any]:
+    """Open ``--concurrency`` streams at once and keep them open while the server's RSS is read."""
+    n = args.concurrency
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=None)
+    timeout = httpx.Timeout(300.0)
+    errors: dict[str, int] = {}
+    opened = 0
+    all_open = asyncio.Event()
+    ended_ok = 0
+
+    def error(kind: str) -> None:
+        errors[kind] = errors.get(kind, 0) + 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        # Warm the server's code paths, then measure its baseline.
+        for _ in range(8):
+            await stream_llorch(client, argparse.Namespace(**{**vars(args), "max_tokens": 2}))
+        base = rss_kib(args.pid)
+
+        async def one() -> None:
+            nonlocal opened, ended_ok
+            body = {
+                "model": args.model,
+                "prompt": args.prompt,
+                "max_tokens": args.max_tokens,
+                "task_id": f"hold-{uuid.uuid4().hex}",
+            }
+            try:
+                admitted = await client.post(f"{args.url}/v1/tasks", json=body)
+                if admitted.status_code != 202:
+                    error(f"submit {admitted.status_code}")
+                    opened += 1
+                    if opened == n:
+                        all_open.set()
+                    return
+                task_id = admitted.json()["task_id"]
+                async with client.stream("GET", f"{args.url}/v1/tasks/{task_id}/stream") as resp:
+                    opened += 1
+                    if opened == n:
+                        all_open.set()
+                    if resp.status_code != 200:
+                        error(f"stream {resp.status_code}")
+                        return
+                    terminal = ""
+                    async for line in resp.aiter_lines():
+                        if line in ("event: end", "event: error"):
+                            terminal = line[7:]
+                            break
+                    if terminal == "end":
+                        ended_ok += 1
+                    else:
+                        error(f"terminal {terminal or 'missing'}")
+            except httpx.HTTPError as exc:
+                error(type(exc).__name__)
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.wait_for(all_open.wait(), timeout=120)
+        await asyncio.sleep(1.0)
+        during = rss_kib(args.pid)
+        await asyncio.gather(*tasks)
+    return {
+        "mode": "hold",
+        "streams": n,
+        "ended_ok": ended_ok,
+        "errors": errors,
+        "rss_base_kib": base,
+        "rss_open_kib": during,
+        "kib_per_stream": (during - base) / n,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=[*MODES, "hold"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompt", default="tell me a story about a quiet river")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--pid", type=int, help="the server's pid (hold mode)")
+    args = parser.parse_args()
+    result = asyncio.run(hold(args) if args.mode == "hold" else closed_loop(args))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""``python3 xtask.py bench``: llorch against the bare engine, side by side, on one machine.
+
+Every profile starts its own processes: the mock OpenAI-compatible engine (``mock_openai.py``),
+llorch (``python -m llorch serve``, test profile, a fresh data dir) and the load generator
+(``loadgen.py``). With two or more cores llorch gets core 0 and the engine and the load generator
+share the others, so the orchestrator never competes with its own load.
+
+Results go to ``bench/results/<date>-<git sha>.json``; ``docs/benchmarks.md`` is then regenerated
+from every results file (``--report-only`` does just that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+REPORT = ROOT / "docs" / "benchmarks.md"
+PY = sys.executable
+ENGINE_MODEL = "bench-model"
+
+# The targets of the benchmark issue; the report checks each result against them.
+TARGETS = {
+    "relay_ratio_c16": 0.95,
+    "relay_ratio_c64": 0.90,
+    "added_ttft_p50_ms_c1": 5.0,
+    "added_ttft_p99_ms_c1": 25.0,
+    "admission_per_s": 1500.0,
+    "relay_tokens_per_s": 30000.0,
+    "kib_per_stream": 64.0,
+}
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cores() -> tuple[set[int], set[int]]:
+    """(llorch's cores, the engine's and load generator's cores)."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(available), set(available)
+    return {available[0]}, set(available[1:])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with _NO_PROXY.open(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def process(
+    argv: list[str], *, cpus: set[int], log: Path, ready_url: str | None
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
+        try:
+            if ready_url is not None:
+                wait_http(ready_url, proc)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+@contextlib.contextmanager
+def engine(tmp: Path, *, ttft_ms: float, tokens_per_s: float) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [PY, str(BENCH / "mock_openai.py"), "--port", str(port)]
+    argv += ["--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)]
+    _, others = cores()
+    with process(argv, cpus=others, log=tmp / f"engine-{port}.log", ready_url=f"{url}/health"):
+        yield url
+
+
+def llorch_config(pools: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "server": {"max_body_bytes": 1_048_576, "heartbeat_s": 15},
+        "sessions": {"max_turns": 10_000_000},
+        "pools": pools,
+    }
+
+
+def openai_pool(engine_url: str, *, slots: int) -> dict[str, Any]:
+    return {
+        "id": "bench",
+        "engine": "openai",
+        "model": ENGINE_MODEL,
+        "endpoints": [engine_url],
+        "slots_per_replica": slots,
+        "max_tokens_out": 4096,
+        "queue": {"capacity": 10_000, "policy": "reject"},
+    }
+
+
+def mock_pool(*, replicas: int, slots: int, ttft_ms: float, tokens_per_s: float) -> dict[str, Any]:
+    return {
+        "id": "bench",
+        "model": "mock-small",
+        "replicas": replicas,
+        "slots_per_replica": slots,
+        "queue": {"capacity": 100_000, "policy": "reject"},
+        "mock": {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "eos": False},
+    }
+
+
+@contextlib.contextmanager
+def llorch(tmp: Path, pools: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp / f"llorch-{port}.yaml"
+    config.write_text(yaml.safe_dump(llorch_config(pools)))
+    data_dir = tmp / f"data-{port}"
+    argv = [PY, "-m", "llorch", "serve", "--config", str(config), "--port", str(port)]
+    argv += ["--profile", "test", "--data-dir", str(data_dir)]
+    mine, _ = cores()
+    log = tmp / f"llorch-{port}.log"
+    with process(argv, cpus=mine, log=log, ready_url=f"{url}/readyz") as proc:
+        yield url, proc.pid
+
+
+def load(mode: str, url: str, model: str, **options: Any) -> dict[str, Any]:
+    argv = [PY, str(BENCH / "loadgen.py"), mode, "--url", url, "--model", model]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    _, others = cores()
+    out = subprocess.run(
+        argv,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, others),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen {mode} failed:\n{out.stderr}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    print(f"    {mode:7} {json.dumps(result)}", flush=True)
+    return result
+
+
+def profile_latency(tmp: Path, duration: float, levels: list[int]) -> dict[str, Any]:
+    """Engine TTFT 50 ms, 200 tokens/s, 64 tokens: direct vs through llorch."""
+    rows = []
+    with engine(tmp, ttft_ms=50, tokens_per_s=200) as engine_url:
+        pool = openai_pool(engine_url, slots=max(levels))
+        with llorch(tmp, [pool]) as (url, _):
+            for c in levels:
+                options = {"concurrency": c, "duration": duration, "max_tokens": 64}
+                direct = load("direct", engine_url, ENGINE_MODEL, **options)
+                through = load("llorch", url, ENGINE_MODEL, **options)
+                rows.append({"concurrency": c, "direct": direct, "llorch": through})
+    return {"engine": {"ttft_ms": 50, "tokens_per_s": 200, "max_tokens": 64}, "rows": rows}
+
+
+def profile_saturation(tmp: Path, duration: float) -> dict[str, Any]:
+    """An engine with no delay: the most streamed tasks/s and tokens/s llorch relays."""
+    rows = []
+    with engine(tmp, ttft_ms=0, tokens_per_s=0) as engine_url:
+        pool = openai_pool(engine_url, slots=64)
+        with llorch(tmp, [pool]) as (url, _):
+            for c in (16, 64):
+                options = {"concurrency": c, "duration": duration, "max_tokens": 256}
+                direct = load("direct", engine_url, ENGINE_MODEL, **options)
+                through = load("llorch", url, ENGINE_MODEL, **options)
+                rows.append({"concurrency": c, "direct": direct, "llorch": through})
+    return {"engine": {"ttft_ms": 0, "tokens_per_s": 0, "max_tokens": 256}, "rows": rows}
+
+
+def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
+    """POST /v1/tasks answered 202 per second, with validation on (the embedded mock engine)."""
+    pool = mock_pool(replicas=4, slots=64, ttft_ms=0, tokens_per_s=0)
+    with llorch(tmp, [pool]) as (url, _):
+        result = load("admit", url, "mock-small", concurrency=32, duration=duration, max_tokens=1)
+    return {"result": result}
+
+
+def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
+    """``streams`` streams open at once: resident memory per stream, and errors."""
+    # Slow enough that every stream is still open when memory is read.
+    pool = mock_pool(replicas=8, slots=streams // 8 + 1, ttft_ms=0, tokens_per_s=4)
+    with llorch(tmp, [pool]) as (url, pid):
+        result = load(
+            "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
+        )
+    return {"result": result}
+
+
+def git_sha() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def summary(result: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers the targets are about."""
+    out: dict[str, float | None] = {}
+    latency = {row["concurrency"]: row for row in result["profiles"]["latency"]["rows"]}
+    for c in (16, 64):
+        if c in latency and latency[c]["direct"]["per_s"]:
+            out[f"relay_ratio_c{c}"] = latency[c]["llorch"]["per_s"] / latency[c]["direct"]["per_s"]
+    if 1 in latency:
+        for p in ("p50", "p99"):
+            direct, through = (latency[1][k][f"ttft_ms_{p}"] for k in ("direct", "llorch"))
+            if direct is not None and through is not None:
+                out[f"added_ttft_{p}_ms_c1"] = through - direct
+    saturation = result["profiles"]["saturation"]["rows"]
+    out["relay_tokens_per_s"] = max(row["llorch"]["tokens_per_s"] for row in saturation)
+    out["saturation_tasks_per_s"] = max(row["llorch"]["per_s"] for row in saturation)
+    out["admission_per_s"] = result["profiles"]["admission"]["result"]["per_s"]
+    streams = result["profiles"]["streams"]["result"]
+    out["kib_per_stream"] = streams["kib_per_stream"]
+    out["stream_errors"] = float(sum(streams["errors"].values()))
+    return out
+
+
+def meets(name: str, value: float | None) -> str:
+    if value is None or name not in TARGETS:
+        return ""
+    target = TARGETS[name]
+    lower_is_better = name.startswith("added_ttft") or name == "kib_per_stream"
+    ok = value <= target if lower_is_better else value >= target
+    return "met" if ok else "**not met**"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def render_report() -> str:
+    results = sorted(RESULTS.glob("*.json"))
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python3 xtask.py bench` (`bench/run.py`) from `bench/results/*.json`;",
+        "do not edit by hand. Every run starts its own engine, llorch and load-generator",
+        "processes on this machine; llorch is pinned to core 0, the engine and the load",
+        "generator share the rest.",
+        "",
+    ]
+    if not results:
+        return "\n".join([*lines, "No results yet.", ""])
+    latest_path = results[-1]
+    latest = json.loads(latest_path.read_text())
+    s = latest["summary"]
+    lines += [
+        f"## Latest run: `{latest_path.name}`",
+        "",
+        f"{latest['meta']['date']}, commit {latest['meta']['git_sha']}, "
+        f"{latest['meta']['cpus']} cores, Python {latest['meta']['python']}, "
+        f"command `{latest['meta']['command']}`.",
+        "",
+        "### Ratios and targets",
+        "",
+        "| measure | result | target | |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("through llorch / direct tasks/s, c=16", "relay_ratio_c16", 3, "≥ 0.95"),
+        ("through llorch / direct tasks/s, c=64", "relay_ratio_c64", 3, "≥ 0.90"),
+        ("added TTFT p50 at c=1 (ms)", "added_ttft_p50_ms_c1", 2, "≤ 5"),
+        ("added TTFT p99 at c=1 (ms)", "added_ttft_p99_ms_c1", 2, "≤ 25"),
+        ("admission, 202 per second", "admission_per_s", 0, "≥ 1,500"),
+        ("token relay, tokens/s through llorch", "relay_tokens_per_s", 0, "≥ 30,000"),
+        (
+            "saturation, streamed tasks/s through llorch",
+            "saturation_tasks_per_s",
+            1,
+            "≥ 5 x LiteLLM",
+        ),
+        ("resident memory per open stream (KiB)", "kib_per_stream", 1, "≤ 64"),
+        ("errors among the open streams", "stream_errors", 0, "0"),
+    ]
+    for label, key, digits, target in rows:
+        value = s.get(key)
+        verdict = meets(key, value)
+        if key == "stream_errors" and value is not None:
+            verdict = "met" if value == 0 else "**not met**"
+        if key == "saturation_tasks_per_s":
+            verdict = "not measured (no LiteLLM run)"
+        lines.append(f"| {label} | {_fmt(value, digits)} | {target} | {verdict} |")
+    lines += ["", "### Latency-bound profile (engine TTFT 50 ms, 200 tokens/s, 64 tokens)", ""]
+    lines += [
+        "| concurrency | direct tasks/s | llorch tasks/s | ratio | direct TTFT p50/p99 ms "
+        "| llorch TTFT p50/p99 ms | llorch errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in latest["profiles"]["latency"]["rows"]:
+        d, t = row["direct"], row["llorch"]
+        ratio = t["per_s"] / d["per_s"] if d["per_s"] else None
+        lines.append(
+            f"| {row['concurrency']} | {_fmt(d['per_s'])} | {_fmt(t['per_s'])} | {_fmt(ratio, 3)} "
+            f"| {_fmt(d['ttft_ms_p50'])} / {_fmt(d['ttft_ms_p99'])} "
+            f"| {_fmt(t['ttft_ms_p50'])} / {_fmt(t['ttft_ms_p99'])} | {t['errors'] or 0} |"
+        )
+    lines += ["", "### Saturation profile (engine with no delay, 256 tokens)", ""]
+    lines += [
+        "| concurrency | direct tasks/s | direct tokens/s | llorch tasks/s | llorch tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for row in latest["profiles"]["saturation"]["rows"]:
+        d, t = row["direct"], row["llorch"]
+        lines.append(
+            f"| {row['concurrency']} | {_fmt(d['per_s'])} | {_fmt(d['tokens_per_s'], 0)} "
+            f"| {_fmt(t['per_s'])} | {_fmt(t['tokens_per_s'], 0)} |"
+        )
+    streams = latest["profiles"]["streams"]["result"]
+    admission = latest["profiles"]["admission"]["result"]
+    lines += [
+        "",
+        "### Admission and open streams",
+        "",
+        f"- Admission: {_fmt(admission['per_s'], 0)} answers 202 per second at concurrency "
+        f"{admission['concurrency']} (errors: {admission['errors'] or 'none'}).",
+        f"- {streams['streams']} streams open at once: resident memory "
+        f"{streams['rss_base_kib']:,} KiB before, {streams['rss_open_kib']:,} KiB while open, "
+        f"{_fmt(streams['kib_per_stream'])} KiB per stream; {streams['ended_ok']} ended with "
+        f"`end`; errors: {streams['errors'] or 'none'}.",
+        "",
+        "## History",
+        "",
+        "| run | c=16 ratio | c=64 ratio | added TTFT p50 / p99 ms | admission/s | tokens/s "
+        "| KiB/stream |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in reversed(results):
+        h = json.loads(path.read_text())["summary"]
+        lines.append(
+            f"| `{path.stem}` | {_fmt(h.get('relay_ratio_c16'), 3)} "
+            f"| {_fmt(h.get('relay_ratio_c64'), 3)} "
+            f"| {_fmt(h.get('added_ttft_p50_ms_c1'), 2)} "
+            f"/ {_fmt(h.get('added_ttft_p99_ms_c1'), 2)} "
+            f"| {_fmt(h.get('admission_per_s'), 0)} | {_fmt(h.get('relay_tokens_per_s'), 0)} "
+            f"| {_fmt(h.get('kib_per_stream'))} |"
+        )
+    notes = BENCH / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="short runs; results not recorded")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="latency,saturation,admission,streams",
+        help="comma-separated profiles (a partial run is never recorded)",
+    )
+    args = parser.parse_args()
+    if args.report_only:
+        REPORT.write_text(render_report())
+        print(f"wrote {REPORT.relative_to(ROOT)}")
+        return 0
+    duration = 2.0 if args.quick else args.duration
+    streams = 50 if args.quick else args.streams
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        profiles: dict[str, Any] = {}
+        runners = {
+            "latency": lambda: profile_latency(tmp, duration, [1, 16, 64]),
+            "saturation": lambda: profile_saturation(tmp, duration),
+            "admission": lambda: profile_admission(tmp, duration),
+            "streams": lambda: profile_streams(tmp, streams),
+        }
+        only = [name for name in args.only.split(",") if name]
+        for name in only:
+            print(f"==> profile {name}", flush=True)
+            profiles[name] = runners[name]()
+    partial = set(only) != set(runners)
+    now = dt.datetime.now(dt.UTC)
+    result: dict[str, Any] = {
+        "meta": {
+            "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+            "git_sha": git_sha(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "command": "python3 xtask.py bench " + " ".join(sys.argv[1:]),
+            "duration_s": duration,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
+        "profiles": profiles,
+    }
+    if args.quick or partial:
+        print(json.dumps(profiles, indent=2))
+        print("a quick or partial run: results not recorded")
+        return 0
+    result["summary"] = summary(result)
+    print(json.dumps(result["summary"], indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{now.strftime('%Y-%m-%dT%H%M')}-{result['meta']['git_sha']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    REPORT.write_text(render_report())
+    print(f"wrote {path.relative_to(ROOT)} and {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
