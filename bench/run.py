@@ -188,32 +188,27 @@ def load(mode: str, url: str, model: str, **options: Any) -> dict[str, Any]:
     return result
 
 
-def profile_latency(tmp: Path, duration: float, levels: list[int]) -> dict[str, Any]:
-    """Engine TTFT 50 ms, 200 tokens/s, 64 tokens: direct vs through llorch."""
+def relay_profile(
+    tmp: Path,
+    *,
+    ttft_ms: float,
+    tokens_per_s: float,
+    max_tokens: int,
+    levels: list[int],
+    duration: float,
+) -> dict[str, Any]:
+    """Streamed completions from one engine, direct and through llorch, at each concurrency."""
     rows = []
-    with engine(tmp, ttft_ms=50, tokens_per_s=200) as engine_url:
+    with engine(tmp, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s) as engine_url:
         pool = openai_pool(engine_url, slots=max(levels))
         with llorch(tmp, [pool]) as (url, _):
             for c in levels:
-                options = {"concurrency": c, "duration": duration, "max_tokens": 64}
+                options = {"concurrency": c, "duration": duration, "max_tokens": max_tokens}
                 direct = load("direct", engine_url, ENGINE_MODEL, **options)
                 through = load("llorch", url, ENGINE_MODEL, **options)
                 rows.append({"concurrency": c, "direct": direct, "llorch": through})
-    return {"engine": {"ttft_ms": 50, "tokens_per_s": 200, "max_tokens": 64}, "rows": rows}
-
-
-def profile_saturation(tmp: Path, duration: float) -> dict[str, Any]:
-    """An engine with no delay: the most streamed tasks/s and tokens/s llorch relays."""
-    rows = []
-    with engine(tmp, ttft_ms=0, tokens_per_s=0) as engine_url:
-        pool = openai_pool(engine_url, slots=64)
-        with llorch(tmp, [pool]) as (url, _):
-            for c in (16, 64):
-                options = {"concurrency": c, "duration": duration, "max_tokens": 256}
-                direct = load("direct", engine_url, ENGINE_MODEL, **options)
-                through = load("llorch", url, ENGINE_MODEL, **options)
-                rows.append({"concurrency": c, "direct": direct, "llorch": through})
-    return {"engine": {"ttft_ms": 0, "tokens_per_s": 0, "max_tokens": 256}, "rows": rows}
+    engine_settings = {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "max_tokens": max_tokens}
+    return {"engine": engine_settings, "rows": rows}
 
 
 def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
@@ -416,8 +411,19 @@ def main() -> int:
         tmp = Path(tmp_name)
         profiles: dict[str, Any] = {}
         runners = {
-            "latency": lambda: profile_latency(tmp, duration, [1, 16, 64]),
-            "saturation": lambda: profile_saturation(tmp, duration),
+            # Engine TTFT 50 ms, 200 tokens/s, 64 tokens: what llorch adds to a real workload.
+            "latency": lambda: relay_profile(
+                tmp,
+                ttft_ms=50,
+                tokens_per_s=200,
+                max_tokens=64,
+                levels=[1, 16, 64],
+                duration=duration,
+            ),
+            # An engine with no delay: the most streamed tasks/s and tokens/s llorch relays.
+            "saturation": lambda: relay_profile(
+                tmp, ttft_ms=0, tokens_per_s=0, max_tokens=256, levels=[16, 64], duration=duration
+            ),
             "admission": lambda: profile_admission(tmp, duration),
             "streams": lambda: profile_streams(tmp, streams),
         }
