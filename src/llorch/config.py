@@ -8,6 +8,7 @@ environment mapping. Nothing else in llorch reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Literal, TypeVar
 Profile = Literal["dev", "test", "prod"]
 QueuePolicy = Literal["reject", "drop-lru"]
 FailureMode = Literal["none", "before_first_token", "mid_stream", "hang", "down"]
+EngineKind = Literal["mock", "llamacpp", "vllm", "tgi", "openai"]
+HTTP_ENGINES: tuple[EngineKind, ...] = ("llamacpp", "vllm", "tgi", "openai")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class ServerSettings:
     streams_retained: int = 1000
     metrics_every_tokens: int = 16
     storage_busy_timeout_ms: int = 5000
+    # A client that closes its stream cancels the task (off: the task runs on and can be
+    # re-attached with Last-Event-ID).
+    cancel_on_disconnect: bool = False
+    # An SSE client that falls this many events behind the task, or whose socket accepts
+    # nothing for stream_write_timeout_s, is disconnected (the task runs on).
+    stream_max_lag_events: int = 4096
+    stream_write_timeout_s: float = 30.0
+    # The pact provider-state route (llorch.api.provider_states); the test profile only.
+    provider_states: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,37 @@ class Budget:
 class BudgetSettings:
     default: Budget = Budget(tokens=200_000, time_ms=3_600_000, cost=10.0)
     max: Budget = Budget(tokens=10_000_000, time_ms=86_400_000, cost=1000.0)
+
+
+Scope = Literal["data", "control", "metrics"]
+SCOPES: tuple[Scope, ...] = ("data", "control", "metrics")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    per_s: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key. The key itself is never configured in clear: ``sha256`` is the hex digest
+    of it, or the key is read (and hashed at once) from the environment variable ``key_env`` or
+    the file ``key_file`` by :meth:`Settings.with_overrides`."""
+
+    name: str
+    scopes: tuple[Scope, ...]
+    sha256: str | None = None
+    key_env: str | None = None
+    key_file: str | None = None
+    rate_limit: RateLimit | None = None
+    # Sessions created with this key never get more than this.
+    budgets: Budget | None = None
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    keys: tuple[ApiKey, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,17 +147,60 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class TimeoutSettings:
+    """Limits of one engine call; the silence allowed between chunks is ``decode_timeout_ms``."""
+
+    connect_ms: int = 2_000
+    first_token_ms: int = 30_000
+    total_ms: int = 600_000
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """Retries before the first token only: ``attempts`` counts the first try."""
+
+    attempts: int = 2
+    backoff_ms: int = 100
+    max_backoff_ms: int = 2_000
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    """A replica's circuit opens after ``failure_threshold`` consecutive failed calls; after
+    ``cooldown_ms`` one health probe decides whether it closes again."""
+
+    failure_threshold: int = 3
+    cooldown_ms: int = 5_000
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     id: str = "default"
-    engine: Literal["mock"] = "mock"
+    engine: EngineKind = "mock"
     model: str = "mock-small"
     # Models a reload may switch the pool to (the pool's own model is always one).
     models: tuple[str, ...] = ()
+    # Mock pools: how many replicas. HTTP engines: one replica per endpoint (base URL).
     replicas: int = 2
+    endpoints: tuple[str, ...] = ()
+    # The model name the engine serves (vLLM checks it); the pool's model when absent.
+    served_model: str | None = None
     slots_per_replica: int = 2
+    # HTTP engines that report their slots (llama.cpp /props) override slots_per_replica.
+    discover_slots: bool = True
+    # The name of the environment variable holding the engine's API key (never the key).
+    api_key_env: str | None = None
+    # Filled from the environment by Settings.with_overrides only.
+    api_key: str | None = field(default=None, repr=False)
+    # Fields sent as they are in every request to the engine (e.g. ignore_eos, top_k).
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    health_interval_ms: int = 1_000
     max_context: int = 8192
     max_tokens_out: int = 4096
     decode_timeout_ms: int = 30_000
+    timeouts: TimeoutSettings = TimeoutSettings()
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
     queue: QueueSettings = QueueSettings()
     mock: MockSettings = MockSettings()
 
@@ -122,6 +208,10 @@ class PoolSettings:
     def loadable_models(self) -> tuple[str, ...]:
         """The pool's own model first, then the others a reload may switch to."""
         return tuple(dict.fromkeys((self.model, *self.models)))
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.endpoints) if self.engine in HTTP_ENGINES else self.replicas
 
 
 @dataclass(frozen=True)
@@ -132,6 +222,7 @@ class Settings:
     pricing: PricingSettings = PricingSettings()
     artifacts: ArtifactSettings = ArtifactSettings()
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
+    auth: AuthSettings = AuthSettings()
 
     @property
     def database_path(self) -> Path:
@@ -163,6 +254,7 @@ class Settings:
         )
         pools = tuple(_pool(p) for p in raw.get("pools", [{}]))
         artifacts = _merge(ArtifactSettings(), raw.get("artifacts", {}))
+        auth = AuthSettings(keys=tuple(_api_key(k) for k in raw.get("auth", {}).get("keys", [])))
         return cls(
             server=server,
             sessions=sessions,
@@ -170,6 +262,7 @@ class Settings:
             pricing=pricing,
             artifacts=artifacts,
             pools=pools,
+            auth=auth,
         )
 
     def with_overrides(self, environ: Mapping[str, str]) -> Settings:
@@ -189,7 +282,11 @@ class Settings:
             changes["profile"] = profile
         if "LLORCH_DATA_DIR" in environ:
             changes["data_dir"] = environ["LLORCH_DATA_DIR"]
-        return self.with_server(**changes)
+        keys = tuple(_resolve_key(k, environ) for k in self.auth.keys)
+        pools = tuple(_with_engine_key(p, environ) for p in self.pools)
+        return dataclasses.replace(
+            self.with_server(**changes), auth=AuthSettings(keys=keys), pools=pools
+        )
 
     def with_server(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, server=dataclasses.replace(self.server, **changes))
@@ -205,6 +302,16 @@ def _merge(base: _D, raw: Mapping[str, Any]) -> _D:
     return dataclasses.replace(base, **raw)  # type: ignore[type-var]
 
 
+def _with_engine_key(pool: PoolSettings, environ: Mapping[str, str]) -> PoolSettings:
+    """The pool with its engine API key read from the variable ``api_key_env`` names."""
+    if pool.api_key_env is None:
+        return pool
+    secret = environ.get(pool.api_key_env, "")
+    if not secret:
+        raise ValueError(f"pool {pool.id!r}: environment variable {pool.api_key_env} is unset")
+    return dataclasses.replace(pool, api_key=secret)
+
+
 def _pool(raw: Mapping[str, Any]) -> PoolSettings:
     mock_raw = dict(raw.get("mock", {}))
     failure_raw = dict(mock_raw.pop("failure", {"mode": "none"}))
@@ -213,6 +320,46 @@ def _pool(raw: Mapping[str, Any]) -> PoolSettings:
     mock = _merge(MockSettings(), mock_raw)
     mock = dataclasses.replace(mock, failure=FailureSettings(**failure_raw))
     queue = _merge(QueueSettings(), raw.get("queue", {}))
-    flat = {k: v for k, v in raw.items() if k not in ("mock", "queue")}
+    nested: dict[str, Any] = {
+        "timeouts": _merge(TimeoutSettings(), raw.get("timeouts", {})),
+        "retry": _merge(RetrySettings(), raw.get("retry", {})),
+        "breaker": _merge(BreakerSettings(), raw.get("breaker", {})),
+    }
+    flat = {k: v for k, v in raw.items() if k not in ("mock", "queue", *nested)}
     flat["models"] = tuple(raw.get("models", ()))
-    return dataclasses.replace(PoolSettings(), **flat, queue=queue, mock=mock)
+    flat["endpoints"] = tuple(str(url).rstrip("/") for url in raw.get("endpoints", ()))
+    return dataclasses.replace(PoolSettings(), **flat, **nested, queue=queue, mock=mock)
+
+
+def _api_key(raw: Mapping[str, Any]) -> ApiKey:
+    rate = raw.get("rate_limit")
+    budgets = raw.get("budgets")
+    return ApiKey(
+        name=raw["name"],
+        scopes=tuple(raw["scopes"]),
+        sha256=raw.get("sha256"),
+        key_env=raw.get("key_env"),
+        key_file=raw.get("key_file"),
+        rate_limit=RateLimit(per_s=rate["per_s"], burst=rate.get("burst", 1)) if rate else None,
+        budgets=_merge(BudgetSettings().max, budgets) if budgets is not None else None,
+    )
+
+
+def _resolve_key(key: ApiKey, environ: Mapping[str, str]) -> ApiKey:
+    """The key with its secret read from the environment or its file and kept only hashed."""
+    if key.sha256 is not None:
+        return key
+    if key.key_env is not None:
+        secret = environ.get(key.key_env, "")
+        if not secret:
+            raise ValueError(f"auth key {key.name!r}: environment variable {key.key_env} is unset")
+    else:
+        assert key.key_file is not None  # the schema requires one of the three
+        try:
+            secret = Path(key.key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"auth key {key.name!r}: cannot read {key.key_file}: {exc}") from exc
+        if not secret:
+            raise ValueError(f"auth key {key.name!r}: {key.key_file} is empty")
+    digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    return dataclasses.replace(key, sha256=digest)

@@ -4,6 +4,11 @@
 
     LlorchError                      code, message, retriable, retry_after_ms, labels
     ├── InvalidParams                INVALID_PARAMS
+    ├── AuthError
+    │   ├── MissingToken             MISSING_TOKEN
+    │   ├── BadToken                 BAD_TOKEN
+    │   └── ForbiddenScope           FORBIDDEN_SCOPE
+    ├── RateLimited                  RATE_LIMITED
     ├── DeadlineUnmet                DEADLINE_UNMET
     ├── NotFoundError
     │   ├── TaskNotFound             TASK_NOT_FOUND
@@ -26,13 +31,18 @@
     ├── ArtifactCorrupt              ARTIFACT_CORRUPT
     ├── StorageError                 INTERNAL
     └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
-        ├── WorkerReset              WORKER_RESET
+        ├── EngineUnavailable        ENGINE_ERROR: refused, unreachable, connect timeout
+        ├── EngineProtocolError      ENGINE_ERROR: a malformed or unfinished stream
+        ├── EngineStatusError        ENGINE_ERROR: the engine answered 5xx or 429
+        │   └── EngineRejected       ENGINE_ERROR, not retriable: the engine answered 4xx
+        ├── WorkerReset              WORKER_RESET: the connection dropped mid-stream
         └── DecodeTimeout            DECODE_TIMEOUT
+            └── EngineTimeout        DECODE_TIMEOUT: no first token, or over the total time
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class LlorchError(Exception):
@@ -158,6 +168,36 @@ class DecodeTimeout(EngineError):
     code = "DECODE_TIMEOUT"
 
 
+# The engine adapters' seam (llorch.engines.openai_http) raises these; they keep the codes above
+# so the stream and envelope vocabulary stays the same, and the class says what went wrong.
+
+
+class EngineUnavailable(EngineError):
+    """The engine could not be reached: connection refused, DNS, connect timeout."""
+
+
+class EngineProtocolError(EngineError):
+    """The engine answered something that is not the streaming protocol, or stopped mid-way."""
+
+
+class EngineStatusError(EngineError):
+    """The engine answered an HTTP error status (5xx, 429): worth retrying elsewhere."""
+
+    def __init__(self, message: str, *, status: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
+class EngineRejected(EngineStatusError):
+    """The engine refused the request itself (4xx other than 429): retrying cannot help."""
+
+    retriable = False
+
+
+class EngineTimeout(DecodeTimeout):
+    """No first token within the time-to-first-token limit, or the total time ran out."""
+
+
 class PayloadTooLarge(LlorchError):
     code = "PAYLOAD_TOO_LARGE"
     retriable = False
@@ -172,3 +212,28 @@ class ArtifactCorrupt(LlorchError):
 
     code = "ARTIFACT_CORRUPT"
     retriable = False
+
+
+class AuthError(LlorchError):
+    """The request's credentials do not allow it; the message never repeats the credential."""
+
+    retriable = False
+
+
+class MissingToken(AuthError):
+    code = "MISSING_TOKEN"
+
+
+class BadToken(AuthError):
+    code = "BAD_TOKEN"
+
+
+class ForbiddenScope(AuthError):
+    code = "FORBIDDEN_SCOPE"
+
+
+class RateLimited(LlorchError):
+    """The key spent its request rate; ``retry_after_ms`` says when its bucket has a token."""
+
+    code = "RATE_LIMITED"
+    retriable = True

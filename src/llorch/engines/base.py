@@ -54,15 +54,18 @@ class Engine(Protocol):
 
     replica_id: str
     engine: str
+    # What the engine reports about itself; a health probe may update both.
     version: str
+    context_size: int | None  # tokens per slot, None when the engine does not say
 
     @property
     def slots(self) -> int:
-        """How many completions this replica runs at once."""
+        """How many completions this replica runs at once (it may learn it from the engine)."""
         ...
 
     async def health(self) -> bool:
-        """True when the replica can take work."""
+        """True when the replica can take work; also refreshes what the engine reports
+        (slots, context size, version) where it reports them."""
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:

@@ -101,6 +101,7 @@ def prompt_text(request: CompletionRequest) -> str:
 class MockEngine:
     engine = "mock"
     version = "mock-1"
+    context_size: int | None = None
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """Admission queues, dispatch, the task state machine and per-task event streams."""
 
-from llorch.scheduler.service import Admission, Scheduler
+from llorch.scheduler.service import Admission, Caller, Scheduler
 
-__all__ = ["Admission", "Scheduler"]
+__all__ = ["Admission", "Caller", "Scheduler"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llorch.clock import Clock
-from llorch.config import Settings
+from llorch.config import Budget, Settings
 from llorch.engines.base import ChatMessage, CompletionRequest
 from llorch.errors import (
     DeadlineUnmet,
@@ -55,6 +55,19 @@ class Admission:
     backoff_ms: int
     remaining: Remaining
 
+
+@dataclass(frozen=True)
+class Caller:
+    """Who submits: the owner of the task (and of a session it opens), whose sessions and
+    tasks it may use (``visible_to`` None: everyone's), and the budgets a session it opens
+    cannot exceed."""
+
+    owner: str | None = None
+    visible_to: str | None = None
+    budgets: Budget | None = None
+
+
+ANYONE = Caller()
 
 Finisher = Callable[..., None]
 
@@ -97,12 +110,14 @@ class Admitter:
         self._clock = clock
         self._finish = finish
 
-    def admit(self, body: Mapping[str, Any], correlation_id: str) -> Admission:
+    def admit(
+        self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
+    ) -> Admission:
         _require_utf8(body)
         digest = request_digest(body)
         task_id = body.get("task_id")
         if task_id is not None:
-            replay = self._replay(task_id, digest)
+            replay = self._replay(task_id, digest, caller)
             if replay is not None:
                 return replay
         else:
@@ -127,7 +142,9 @@ class Admitter:
         session_id: str | None = body.get("session_id")
         new_session = session_id is None
         session = (
-            self._sessions.new_row() if session_id is None else self._sessions.live_row(session_id)
+            self._sessions.new_row(owner=caller.owner, cap=caller.budgets)
+            if session_id is None
+            else self._sessions.live_row(session_id, visible_to=caller.visible_to)
         )
         run_s = pool.meter.expected_run_s(request.max_tokens)
         want = self._worst_case(pool, request, tokens_in)
@@ -172,6 +189,7 @@ class Admitter:
             request_digest=digest,
             correlation_id=correlation_id,
             created_ms=now,
+            owner=caller.owner,
         )
         self._db.admit_task(row, session, new_session=new_session)
 
@@ -275,12 +293,15 @@ class Admitter:
         pool.wakeup.set()
         return True
 
-    def _replay(self, task_id: str, digest: str) -> Admission | None:
-        """The answer to a resubmitted task_id: the same task, or 409 for another body."""
+    def _replay(self, task_id: str, digest: str, caller: Caller) -> Admission | None:
+        """The answer to a resubmitted task_id: the same task, or 409 for another body (or
+        another key's task: its id is taken, and nothing else about it is told)."""
         row = self._db.get_task(task_id)
         if row is None:
             return None
-        if row.request_digest != digest:
+        if row.request_digest != digest or (
+            caller.visible_to is not None and row.owner != caller.visible_to
+        ):
             raise TaskExists(f"task {task_id} exists with another body")
         record = self._registry.live.get(task_id)
         pool = self._registry.pools[row.pool_id]

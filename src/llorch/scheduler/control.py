@@ -131,7 +131,7 @@ class PoolOperations:
         try:
             settings = dataclasses.replace(pool.settings, model=model)
             generation = pool.generation + 1
-            fresh = [Replica(engine) for engine in self._engines(settings, generation)]
+            fresh = [pool.new_replica(engine) for engine in self._engines(settings, generation)]
             failed = await _bring_up(fresh)
             if failed:
                 for replica in fresh:
@@ -200,7 +200,7 @@ def pool_health(pool: PoolRuntime) -> dict[str, Any]:
         "replicas": [
             {
                 "id": r.id,
-                "state": "ready" if r.ready else "unready",
+                "state": r.state,
                 "slots_total": r.engine.slots,
                 "slots_busy": r.busy,
                 "last_error": r.last_error,
@@ -211,6 +211,12 @@ def pool_health(pool: PoolRuntime) -> dict[str, Any]:
     }
 
 
+def _ctx_max(pool: PoolRuntime) -> int:
+    """The configured limit, lowered to what the engines report per slot."""
+    reported = [r.engine.context_size for r in pool.replicas]
+    return min([pool.settings.max_context, *(c for c in reported if c)])
+
+
 def pool_capabilities(pool: PoolRuntime) -> dict[str, Any]:
     engine = pool.replicas[0].engine if pool.replicas else None
     return {
@@ -218,7 +224,7 @@ def pool_capabilities(pool: PoolRuntime) -> dict[str, Any]:
         "engine": engine.engine if engine else pool.settings.engine,
         "engine_version": engine.version if engine else "",
         "models": [pool.model],
-        "ctx_max": pool.settings.max_context,
+        "ctx_max": _ctx_max(pool),
         "max_tokens_out": pool.settings.max_tokens_out,
         "workloads": ["completion", "chat"],
         "slots_total": sum(r.engine.slots for r in pool.replicas),

@@ -1,8 +1,10 @@
 """Running tasks: one loop per pool starts queued tasks on free replica slots.
 
 Every engine call is a child task owned by the dispatcher, bounded by the task's deadline and by
-the pool's decode timeout (the longest silence allowed between two chunks). Whatever way a task
-ends, :meth:`Dispatcher.finish` records it exactly once: usage committed to the session, the
+the pool's decode timeout (the longest silence allowed between two chunks); retries before the
+first token and circuit breakers are :mod:`llorch.scheduler.engine_call`'s. A health loop per
+pool probes every replica (readiness, and the half-open trial of an open circuit). Whatever way
+a task ends, :meth:`Dispatcher.finish` records it exactly once: usage committed to the session, the
 final row written, then the one terminal event published.
 """
 
@@ -17,9 +19,9 @@ from typing import Any
 from llorch.artifacts import ArtifactStore, redact
 from llorch.clock import Clock
 from llorch.config import Settings
-from llorch.engines.base import Finish, Token
-from llorch.errors import DeadlineUnmet, DecodeTimeout, EngineError, LlorchError, StorageError
+from llorch.errors import DeadlineUnmet, EngineError, LlorchError, StorageError
 from llorch.persistence import Database
+from llorch.scheduler.engine_call import EngineCall
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
@@ -115,66 +117,43 @@ class Dispatcher:
             )
             head.runner = self.spawn(self._run(pool, replica, head), f"task:{head.task_id}")
 
-    async def _health_loop(self, pool: PoolRuntime, interval_s: float = 1.0) -> None:
+    async def _health_loop(self, pool: PoolRuntime) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(pool.settings.health_interval_ms / 1000)
             await self._probe(pool)
 
     async def _probe(self, pool: PoolRuntime) -> None:
-        for replica in pool.replicas:
-            try:
-                ready = await replica.engine.health()
-            except EngineError:
-                ready = False
-            if ready and not replica.ready:
-                pool.wakeup.set()
-            replica.ready = ready
+        # Concurrently: a replica that does not answer must not delay the others' probes.
+        await asyncio.gather(*(self._probe_replica(pool, r) for r in pool.replicas))
         pool.record_state()
         pool.record_replicas()
+
+    async def _probe_replica(self, pool: PoolRuntime, replica: Replica) -> None:
+        was_serving = replica.serving
+        trial = replica.breaker.trial_due()
+        try:
+            ready = await replica.engine.health()
+        except EngineError:
+            ready = False
+        if trial:
+            replica.breaker.trial_result(ready)
+            log.info("replica %s: half-open probe %s", replica.id, "passed" if ready else "failed")
+        if not ready and replica.ready:
+            replica.last_error = "health check failed"
+        replica.ready = ready
+        if replica.serving and not was_serving:
+            pool.wakeup.set()
 
     # -- one task ---------------------------------------------------------------------------
 
     async def _run(self, pool: PoolRuntime, replica: Replica, record: TaskRecord) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        first_token_at: float | None = None
-        tokens_out = 0
-        finish: Finish | None = None
+        call = EngineCall(pool, record, replica, self._db, self._relay_token)
         try:
             if record.cancel_requested:  # canceled between dispatch and this first step
                 self.finish(record, CANCELED, finish_reason="canceled")
                 return
             self._start(pool, replica, record)
-            idle_s = pool.settings.decode_timeout_ms / 1000
-            chunks = replica.engine.stream(record.request)
-            try:
-                async with asyncio.timeout(None) as timer:
-                    while finish is None:
-                        limit = loop.time() + idle_s
-                        if record.deadline_at is not None:
-                            limit = min(limit, record.deadline_at)
-                        timer.reschedule(limit)
-                        chunk = await anext(chunks, None)
-                        if chunk is None:
-                            raise EngineError("engine stream ended without finishing")
-                        if isinstance(chunk, Token):
-                            if first_token_at is None:
-                                first_token_at = loop.time()
-                                record.ttft_ms = round((first_token_at - started) * 1000)
-                                pool.metrics.observe(
-                                    "llorch_ttft_seconds",
-                                    first_token_at - started,
-                                    pool_id=pool.id,
-                                    engine=replica.engine.engine,
-                                )
-                            record.events.publish("token", {"t": chunk.text, "i": tokens_out})
-                            tokens_out += 1
-                            if tokens_out % self._settings.server.metrics_every_tokens == 0:
-                                self._publish_metrics(pool, record, tokens_out, first_token_at)
-                        else:
-                            finish = chunk
-            finally:
-                await chunks.aclose()
+            finish = await call.run()
             self.finish(
                 record,
                 SUCCEEDED,
@@ -182,38 +161,43 @@ class Dispatcher:
                 tokens_in=finish.tokens_in,
                 tokens_out=finish.tokens_out,
             )
-        except TimeoutError:
-            error: LlorchError
-            if record.deadline_at is not None and loop.time() >= record.deadline_at:
-                error = DeadlineUnmet("the task's deadline passed while it ran")
-            else:
-                error = DecodeTimeout(
-                    f"no output from {replica.id} for {pool.settings.decode_timeout_ms} ms"
-                )
-            replica.last_error = error.message
-            self.finish(record, FAILED, error=error, tokens_out=tokens_out)
-        except EngineError as exc:
-            replica.last_error = exc.message
-            self.finish(record, FAILED, error=exc, tokens_out=tokens_out)
+        except (EngineError, DeadlineUnmet) as exc:
+            call.replica.last_error = exc.message
+            self.finish(record, FAILED, error=exc, tokens_out=call.tokens_out)
         except asyncio.CancelledError:
-            self.finish(record, CANCELED, finish_reason="canceled", tokens_out=tokens_out)
+            self.finish(record, CANCELED, finish_reason="canceled", tokens_out=call.tokens_out)
             if not record.cancel_requested:
                 raise
         except Exception as exc:  # a bug: the task still ends, loudly
             log.exception("task %s failed unexpectedly", record.task_id)
             self.finish(record, FAILED, error=LlorchError(f"internal error: {exc}"))
         finally:
-            replica.busy -= 1
+            call.replica.busy -= 1
             pool.record_replicas()
-            ended = loop.time()
+            ended = asyncio.get_running_loop().time()
+            first = call.first_token_at
             pool.meter.record(
-                service_s=ended - started,
-                ttft_s=None if first_token_at is None else first_token_at - started,
-                tokens=tokens_out,
-                decode_s=0.0 if first_token_at is None else ended - first_token_at,
+                service_s=ended - call.started,
+                ttft_s=None if first is None else first - call.started,
+                tokens=call.tokens_out,
+                decode_s=0.0 if first is None else ended - first,
             )
             pool.wakeup.set()
             pool.task_ended()
+
+    def _relay_token(self, call: EngineCall, text: str) -> None:
+        """Publish the call's next token (its first one also sets the task's TTFT)."""
+        pool, record = call.pool, call.record
+        assert call.first_token_at is not None
+        if call.tokens_out == 0:
+            ttft_s = call.first_token_at - call.started
+            record.ttft_ms = round(ttft_s * 1000)
+            pool.metrics.observe(
+                "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=call.replica.engine.engine
+            )
+        record.events.publish("token", {"t": text, "i": call.tokens_out})
+        if (call.tokens_out + 1) % self._settings.server.metrics_every_tokens == 0:
+            self._publish_metrics(pool, record, call.tokens_out + 1, call.first_token_at)
 
     def _start(self, pool: PoolRuntime, replica: Replica, record: TaskRecord) -> None:
         now = self._clock.now_ms()
@@ -403,10 +387,17 @@ class Dispatcher:
                 content=json.dumps(trace, ensure_ascii=False, separators=(",", ":")),
                 tags=("task-trace", outcome["state"]),
                 task_id=row.task_id,
+                owner=row.owner,
             )
-        except (LlorchError, OSError):
-            # The task still ends with its terminal event; the missing trace is logged.
-            log.exception("could not store the trace of task %s", row.task_id)
+        except (LlorchError, OSError) as exc:
+            # The task still ends with its terminal event and its final row; the store logged
+            # and counted a failed write, and the task's line says its trace is missing.
+            log.error(
+                "could not store the trace of task %s: %s",
+                row.task_id,
+                exc,
+                extra={"event": "trace_missing", "task_id": row.task_id},
+            )
             return None
         return artifact.id
 

@@ -57,6 +57,11 @@ class EventStream:
         self._changed = asyncio.Event()
         return event
 
+    async def wait_for_seq(self, seq: int) -> None:
+        """Return once the event with id ``seq`` is published, or the stream is closed."""
+        while self.next_seq <= seq and not self.closed:
+            await self._changed.wait()
+
     async def subscribe(
         self, *, after: int | None = None, heartbeat_s: float | None = None
     ) -> AsyncIterator[Event | None]:

@@ -1,4 +1,6 @@
-"""Pools at run time: replicas with their slots, the queue, and the measured drain rate."""
+"""Pools at run time: replicas with their slots and circuit breakers, the queue, and the
+measured drain rate. A replica serves only while its health probe passes and its circuit is
+closed; placement never picks any other."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import asyncio
 import math
 from dataclasses import dataclass
 
+from llorch.clock import Clock, SystemClock
 from llorch.config import PoolSettings
 from llorch.engines.base import Engine
+from llorch.engines.breaker import STATE_VALUE, CircuitBreaker
 from llorch.metrics import Metrics
 from llorch.scheduler.queue import PRIORITIES, PoolQueue
 from llorch.scheduler.task import TaskRecord
@@ -18,6 +22,7 @@ _ALPHA = 0.2  # weight of a new sample in the moving averages
 @dataclass(eq=False)
 class Replica:
     engine: Engine
+    breaker: CircuitBreaker
     ready: bool = False
     busy: int = 0
     last_error: str | None = None
@@ -27,8 +32,20 @@ class Replica:
         return self.engine.replica_id
 
     @property
+    def serving(self) -> bool:
+        """Healthy and with a closed circuit: the only replicas placement may pick."""
+        return self.ready and self.breaker.allows_traffic
+
+    @property
     def free(self) -> int:
-        return self.engine.slots - self.busy if self.ready else 0
+        return max(0, self.engine.slots - self.busy) if self.serving else 0
+
+    @property
+    def state(self) -> str:
+        """As ``/v1/pools/{id}/health`` shows it."""
+        if not self.breaker.allows_traffic:
+            return "circuit_open"
+        return "ready" if self.ready else "unready"
 
 
 class DrainMeter:
@@ -59,10 +76,17 @@ class DrainMeter:
 
 
 class PoolRuntime:
-    def __init__(self, settings: PoolSettings, engines: list[Engine], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        engines: list[Engine],
+        metrics: Metrics,
+        clock: Clock | None = None,
+    ) -> None:
         self.metrics = metrics
         self.settings = settings
-        self.replicas = [Replica(engine) for engine in engines]
+        self.clock: Clock = clock or SystemClock()
+        self.replicas = [self.new_replica(engine) for engine in engines]
         self.queue: PoolQueue[TaskRecord] = PoolQueue(
             settings.queue.capacity, settings.queue.policy
         )
@@ -86,13 +110,21 @@ class PoolRuntime:
     def model(self) -> str:
         return self.settings.model
 
+    def new_replica(self, engine: Engine) -> Replica:
+        breaker = CircuitBreaker(
+            failure_threshold=self.settings.breaker.failure_threshold,
+            cooldown_s=self.settings.breaker.cooldown_ms / 1000,
+            clock=self.clock,
+        )
+        return Replica(engine, breaker)
+
     @property
     def ready(self) -> bool:
-        return any(r.ready for r in self.replicas)
+        return any(r.serving for r in self.replicas)
 
     @property
     def slots_total(self) -> int:
-        return sum(r.engine.slots for r in self.replicas if r.ready)
+        return sum(r.engine.slots for r in self.replicas if r.serving)
 
     @property
     def slots_busy(self) -> int:
@@ -109,6 +141,12 @@ class PoolRuntime:
             self.metrics.set("llorch_replica_slots_busy", r.busy, pool_id=self.id, replica_id=r.id)
             self.metrics.set(
                 "llorch_replica_slots_total", r.engine.slots, pool_id=self.id, replica_id=r.id
+            )
+            self.metrics.set(
+                "llorch_replica_breaker_state",
+                STATE_VALUE[r.breaker.state],
+                pool_id=self.id,
+                replica_id=r.id,
             )
 
     def record_state(self) -> None:
@@ -130,9 +168,12 @@ class PoolRuntime:
         async with asyncio.timeout(timeout_s):
             await ended.wait()
 
-    def pick_replica(self, affinity_replica_id: str | None) -> Replica | None:
-        """The session's last replica when it has a free slot, else the least loaded one."""
-        free = [r for r in self.replicas if r.free > 0]
+    def pick_replica(
+        self, affinity_replica_id: str | None, avoid: Replica | None = None
+    ) -> Replica | None:
+        """The session's last replica when it has a free slot, else the least loaded one;
+        never an unready replica or one whose circuit is open, nor ``avoid``."""
+        free = [r for r in self.replicas if r.free > 0 and r is not avoid]
         if not free:
             return None
         for replica in free:

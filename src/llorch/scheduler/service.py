@@ -16,7 +16,7 @@ from llorch.engines.base import Engine
 from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound, WorkerReset
 from llorch.metrics import Metrics
 from llorch.persistence import Database, TaskRow
-from llorch.scheduler.admission import Admission, Admitter
+from llorch.scheduler.admission import ANYONE, Admission, Admitter, Caller
 from llorch.scheduler.control import PoolOperations, pool_capabilities
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
@@ -48,7 +48,7 @@ class Scheduler:
         self.sessions = sessions
         self.metrics = metrics or Metrics(metrics_contract())
         self.registry = Registry(
-            [PoolRuntime(p, engines(p, 0), self.metrics) for p in settings.pools],
+            [PoolRuntime(p, engines(p, 0), self.metrics, clock) for p in settings.pools],
             settings.server.streams_retained,
         )
         self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
@@ -97,12 +97,14 @@ class Scheduler:
 
     # -- operations -------------------------------------------------------------------------
 
-    def admit(self, body: Mapping[str, Any], correlation_id: str) -> Admission:
+    def admit(
+        self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
+    ) -> Admission:
         if self.closing:
             self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
             raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
         try:
-            return self._admitter.admit(body, correlation_id)
+            return self._admitter.admit(body, correlation_id, caller)
         except LlorchError as exc:
             self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
             if isinstance(exc, BudgetExhausted) and exc.policy_label:
@@ -144,13 +146,19 @@ class Scheduler:
         return self._view(row)
 
     def tasks(
-        self, *, session_id: str | None, state: str | None, limit: int, cursor: str | None
+        self,
+        *,
+        session_id: str | None,
+        state: str | None,
+        limit: int,
+        cursor: str | None,
+        visible_to: str | None = None,
     ) -> dict[str, Any]:
         # The cursor is the sequence number of the last task of the previous page.
         # Any 19-digit string is a valid cursor: clamp it to what SQLite can compare.
         before = min(int(cursor), 2**63 - 1) if cursor is not None else None
         rows = self._db.list_tasks(
-            session_id=session_id, state=state, limit=limit + 1, before_seq=before
+            session_id=session_id, state=state, limit=limit + 1, before_seq=before, owner=visible_to
         )
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
@@ -239,4 +247,4 @@ def _replay_from_row(row: TaskRow) -> EventStream:
     return stream
 
 
-__all__ = ["Admission", "Scheduler"]
+__all__ = ["Admission", "Caller", "Scheduler"]

@@ -1,0 +1,384 @@
+"""The OpenAI-compatible streaming adapter: llama.cpp server, vLLM, TGI, or any such engine.
+
+A prompt streams from ``POST /v1/completions``, messages from ``POST /v1/chat/completions``,
+both with ``"stream": true``. The wire format is Server-Sent Events: ``data: {json}`` chunks
+ending with ``data: [DONE]``; comment lines (``:`` keep-alives), ``event:`` and ``id:`` lines are
+ignored. A stream that ends without ``[DONE]`` is an error, whatever it carried before.
+
+Usage is the engine's own (asked for with ``stream_options.include_usage``); an engine that sends
+none gets its streamed chunks counted, and the :class:`Finish` says ``usage_reported=False``.
+
+Every failure is translated here, once, into the :class:`llorch.errors.EngineError` tree, with
+the httpx exception kept as the cause. Before the first token: ``EngineUnavailable`` (cannot
+connect), ``EngineTimeout`` (no first token in time), ``EngineStatusError`` / ``EngineRejected``
+(an error status), ``EngineProtocolError`` (not a stream, a malformed chunk, no ``[DONE]``).
+After the first token every failure is a ``WorkerReset``, or a ``DecodeTimeout`` when the
+engine went silent: the caller has relayed tokens and must not retry.
+
+Closing the generator (or cancelling the task that iterates it) leaves the ``client.stream``
+block, which closes the HTTP connection at once: the engine sees the disconnect and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from llorch.config import EngineKind, PoolSettings
+from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
+from llorch.errors import (
+    DecodeTimeout,
+    EngineError,
+    EngineProtocolError,
+    EngineRejected,
+    EngineStatusError,
+    EngineTimeout,
+    EngineUnavailable,
+    WorkerReset,
+)
+
+_FINISH_REASONS: dict[str, Literal["stop", "length"]] = {"length": "length"}
+_ERROR_BODY_CHARS = 300
+
+
+@dataclass
+class _Progress:
+    tokens: int = 0
+    usage: tuple[int, int] | None = None
+    finish_reason: str | None = None
+
+
+class OpenAIHttpEngine:
+    """One replica: an OpenAI-compatible server at ``base_url`` (without ``/v1``)."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        base_url: str,
+        *,
+        kind: EngineKind,
+        model: str,
+        slots: int,
+        discover_slots: bool = True,
+        api_key: str | None = None,
+        connect_timeout_s: float = 2.0,
+        first_token_timeout_s: float = 30.0,
+        idle_timeout_s: float = 30.0,
+        total_timeout_s: float = 600.0,
+        extra_body: Mapping[str, Any] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.replica_id = replica_id
+        self.engine: str = kind
+        self.version = "unknown"
+        self.context_size: int | None = None
+        self.base_url = base_url
+        self._model = model
+        self._slots = slots
+        self._discover_slots = discover_slots
+        self._reported_slots: int | None = None
+        self._connect_s = connect_timeout_s
+        self._first_token_s = first_token_timeout_s
+        self._idle_s = idle_timeout_s
+        self._total_s = total_timeout_s
+        self._extra_body = dict(extra_body or {})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            transport=transport,
+            # The read timeout backs up the idle limit enforced per chunk below.
+            timeout=httpx.Timeout(idle_timeout_s, connect=connect_timeout_s),
+        )
+
+    @classmethod
+    def for_pool(
+        cls,
+        replica_id: str,
+        base_url: str,
+        pool: PoolSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> OpenAIHttpEngine:
+        return cls(
+            replica_id,
+            base_url,
+            kind=pool.engine,
+            model=pool.served_model or pool.model,
+            slots=pool.slots_per_replica,
+            discover_slots=pool.discover_slots,
+            api_key=pool.api_key,
+            connect_timeout_s=pool.timeouts.connect_ms / 1000,
+            first_token_timeout_s=pool.timeouts.first_token_ms / 1000,
+            idle_timeout_s=pool.decode_timeout_ms / 1000,
+            total_timeout_s=pool.timeouts.total_ms / 1000,
+            extra_body=pool.extra_body,
+            transport=transport,
+        )
+
+    @property
+    def slots(self) -> int:
+        if self._discover_slots and self._reported_slots:
+            return self._reported_slots
+        return self._slots
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- streaming --------------------------------------------------------------------------
+
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
+        chat = request.messages is not None
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        headers = {"X-Correlation-Id": request.correlation_id} if request.correlation_id else {}
+        progress = _Progress()
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        try:
+            async with self._client.stream(
+                "POST", path, json=self._body(request), headers=headers
+            ) as response:
+                await self._check(response)
+                lines = response.aiter_lines()
+                data: list[str] = []
+                last_data_at = started_at
+                while True:
+                    line = await self._next_line(lines, progress, started_at, last_data_at)
+                    if line is None:
+                        raise EngineProtocolError(
+                            f"{self._where} ended the stream without [DONE]", engine=self.engine
+                        )
+                    if line.startswith(":"):
+                        continue  # a comment: keep-alive
+                    if line:
+                        name, _, value = line.partition(":")
+                        if name == "data":
+                            data.append(value.removeprefix(" "))
+                        continue
+                    if not data:
+                        continue
+                    payload, data = "\n".join(data), []
+                    last_data_at = loop.time()
+                    if payload == "[DONE]":
+                        break
+                    for text in self._parse(payload, chat, progress):
+                        progress.tokens += 1
+                        yield Token(text)
+            yield self._finish(request, progress)
+        except httpx.HTTPError as exc:
+            raise self._translate(exc, progress) from exc
+        except EngineError as exc:
+            if progress.tokens and not isinstance(exc, (WorkerReset, DecodeTimeout)):
+                raise WorkerReset(
+                    f"{self._where} failed after {progress.tokens} tokens: {exc.message}",
+                    engine=self.engine,
+                ) from exc
+            raise
+
+    def _body(self, request: CompletionRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            **self._extra_body,
+            "model": self._model,
+            "max_tokens": request.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            body["prompt"] = request.prompt
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return body
+
+    async def _check(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status != 200:
+            text = (await response.aread()).decode("utf-8", "replace")[:_ERROR_BODY_CHARS]
+            message = f"{self._where} answered {status}: {text}"
+            if status == 429 or status >= 500:
+                retry_after = response.headers.get("retry-after", "")
+                retry_ms = int(retry_after) * 1000 if retry_after.isdigit() else None
+                raise EngineStatusError(
+                    message, status=status, engine=self.engine, retry_after_ms=retry_ms
+                )
+            raise EngineRejected(message, status=status, engine=self.engine)
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            raise EngineProtocolError(
+                f"{self._where} answered {content_type or 'no content type'}, not an event stream",
+                engine=self.engine,
+            )
+
+    async def _next_line(
+        self,
+        lines: AsyncIterator[str],
+        progress: _Progress,
+        started_at: float,
+        last_data_at: float,
+    ) -> str | None:
+        """The next line, within the first-token, idle and total limits; None at the end."""
+        now = asyncio.get_running_loop().time()
+        limits = [
+            (started_at + self._total_s, "the total time limit"),
+            (
+                (last_data_at + self._idle_s, "the idle limit between chunks")
+                if progress.tokens
+                else (started_at + self._first_token_s, "the time-to-first-token limit")
+            ),
+        ]
+        at, which = min(limits)
+        try:
+            async with asyncio.timeout(max(0.0, at - now)):
+                return await anext(lines, None)
+        except TimeoutError as exc:
+            message = f"{self._where} exceeded {which}"
+            if progress.tokens:
+                raise DecodeTimeout(message, engine=self.engine) from exc
+            raise EngineTimeout(message, engine=self.engine) from exc
+
+    def _parse(self, payload: str, chat: bool, progress: _Progress) -> list[str]:
+        """The texts of one chunk; usage and finish reason are noted in ``progress``."""
+        try:
+            chunk = json.loads(payload)
+        except ValueError as exc:
+            raise self._malformed(payload) from exc
+        if not isinstance(chunk, dict):
+            raise self._malformed(payload)
+        if "error" in chunk:
+            error = chunk["error"]
+            detail = error.get("message", error) if isinstance(error, dict) else error
+            raise EngineError(f"{self._where} reported: {detail}", engine=self.engine)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            try:
+                progress.usage = (int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._malformed(payload) from exc
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise self._malformed(payload)
+        texts = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise self._malformed(payload)
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if chat and isinstance(delta, dict) else choice.get("text")
+            if text is not None and not isinstance(text, str):
+                raise self._malformed(payload)
+            if text:
+                texts.append(text)
+            if choice.get("finish_reason"):
+                progress.finish_reason = str(choice["finish_reason"])
+        return texts
+
+    def _finish(self, request: CompletionRequest, progress: _Progress) -> Finish:
+        if progress.usage is not None:
+            tokens_in, tokens_out = progress.usage
+            reported = True
+        else:
+            # The engine sent no usage: count what it streamed, estimate the prompt.
+            text = request.prompt or "".join(m.content for m in request.messages or ())
+            tokens_in, tokens_out = max(1, math.ceil(len(text) / 4)), progress.tokens
+            reported = False
+        reason = _FINISH_REASONS.get(progress.finish_reason or "", "stop")
+        if progress.finish_reason is None and tokens_out >= request.max_tokens:
+            reason = "length"
+        return Finish(reason, tokens_in, tokens_out, usage_reported=reported)
+
+    def _malformed(self, payload: str) -> EngineProtocolError:
+        return EngineProtocolError(
+            f"{self._where} sent a malformed chunk: {payload[:80]!r}", engine=self.engine
+        )
+
+    def _translate(self, exc: httpx.HTTPError, progress: _Progress) -> EngineError:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return EngineUnavailable(f"cannot reach {self._where}: {detail}", engine=self.engine)
+        if isinstance(exc, httpx.TimeoutException):
+            if progress.tokens:
+                return DecodeTimeout(f"{self._where} went silent: {detail}", engine=self.engine)
+            return EngineTimeout(f"{self._where} timed out: {detail}", engine=self.engine)
+        if progress.tokens:
+            return WorkerReset(
+                f"{self._where} dropped the stream after {progress.tokens} tokens: {detail}",
+                engine=self.engine,
+            )
+        if isinstance(exc, httpx.TransportError):
+            return EngineUnavailable(
+                f"{self._where} closed the connection: {detail}", engine=self.engine
+            )
+        return EngineError(f"{self._where} failed: {detail}", engine=self.engine)
+
+    @property
+    def _where(self) -> str:
+        return f"{self.engine} replica {self.replica_id} at {self.base_url}"
+
+    # -- health -----------------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """``/health`` (``/v1/models`` when there is none) answers 200; then what the engine
+        says about itself: llama.cpp ``/props`` (or ``/slots``), vLLM ``/v1/models`` and
+        ``/version``, TGI ``/info``. Those are read where present and never fail the probe."""
+        try:
+            response = await self._client.get("/health", timeout=self._connect_s)
+            if response.status_code == 404:
+                response = await self._client.get("/v1/models", timeout=self._connect_s)
+            if response.status_code != 200:
+                return False
+            await self._describe()
+        except httpx.HTTPError:
+            return False
+        return True
+
+    async def _describe(self) -> None:
+        if self.engine == "llamacpp":
+            props = await self._get_json("/props")
+            if isinstance(props, dict):
+                self._reported_slots = _positive(props.get("total_slots"))
+                settings = props.get("default_generation_settings")
+                if isinstance(settings, dict):
+                    self.context_size = _positive(settings.get("n_ctx"))
+                if isinstance(props.get("build_info"), str):
+                    self.version = props["build_info"]
+            else:
+                slots = await self._get_json("/slots")
+                if isinstance(slots, list) and slots:
+                    self._reported_slots = len(slots)
+        elif self.engine == "vllm":
+            models = await self._get_json("/v1/models")
+            if isinstance(models, dict) and isinstance(models.get("data"), list):
+                for entry in models["data"]:
+                    if isinstance(entry, dict) and entry.get("id") == self._model:
+                        self.context_size = _positive(entry.get("max_model_len"))
+            version = await self._get_json("/version")
+            if isinstance(version, dict) and isinstance(version.get("version"), str):
+                self.version = version["version"]
+        elif self.engine == "tgi":
+            info = await self._get_json("/info")
+            if isinstance(info, dict):
+                self.context_size = _positive(info.get("max_total_tokens"))
+                if isinstance(info.get("version"), str):
+                    self.version = info["version"]
+
+    async def _get_json(self, path: str) -> Any:
+        response = await self._client.get(path, timeout=self._connect_s)
+        if response.status_code != 200:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -1,0 +1,135 @@
+"""A scripted OpenAI-compatible engine on a real socket, for what llama.cpp cannot show.
+
+Each POST is answered by the next :class:`Reply` of the script (the last one repeats): a status,
+a content type and body parts written one by one, then an end — a clean close, an abrupt reset
+of the connection, or a hang until the client gives up. ``GET /health`` answers 200. Every
+request is recorded (method, path, headers, JSON body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tests.support import free_port
+
+End = Literal["close", "reset", "hang"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    parts: tuple[str, ...] = ()
+    status: int = 200
+    content_type: str = "text/event-stream"
+    end: End = "close"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def chunk(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def completion_chunks(
+    texts: list[str], *, finish: str = "length", usage: tuple[int, int] | None = None
+) -> list[str]:
+    """``/v1/completions`` chunks as llama.cpp and vLLM send them (usage in the last chunk)."""
+    parts = [chunk({"choices": [{"index": 0, "text": t, "finish_reason": None}]}) for t in texts]
+    last: dict[str, Any] = {"choices": [{"index": 0, "text": "", "finish_reason": finish}]}
+    if usage is not None:
+        last["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
+    return [*parts, chunk(last)]
+
+
+@dataclass
+class ScriptedEngine:
+    script: list[Reply]
+    port: int = field(default_factory=free_port)
+    seen: list[Seen] = field(default_factory=list)
+    # Set when a client closed a connection the engine was still streaming on.
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+    _hangs: list[asyncio.Event] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedEngine:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for hang in self._hangs:
+            hang.set()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._one(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # The loop is closing with a client's keep-alive connection still open: end quietly
+            # (asyncio's stream callback would report a cancelled handler as an error).
+            pass
+        finally:
+            writer.close()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode().split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (h.partition(":") for h in header_lines if h)
+        }
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.seen.append(Seen(method, path, headers, json.loads(raw) if raw else None))
+        if method == "GET":
+            body = b'{"status":"ok"}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            return True
+        posts = sum(1 for s in self.seen if s.method == "POST")
+        reply = self.script[min(posts, len(self.script)) - 1]
+        writer.write(
+            f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
+            "connection: close\r\n\r\n".encode()
+        )
+        for part in reply.parts:
+            writer.write(part.encode())
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        if reply.end == "hang":
+            # Until the client closes its side (reading then returns EOF) or the test ends.
+            hang = asyncio.Event()
+            self._hangs.append(hang)
+            eof = asyncio.ensure_future(reader.read())
+            stop = asyncio.ensure_future(hang.wait())
+            await asyncio.wait([eof, stop], return_when=asyncio.FIRST_COMPLETED)
+            if eof.done():
+                self.disconnected.set()
+            eof.cancel()
+            stop.cancel()
+        elif reply.end == "reset":
+            writer.transport.abort()
+        return False
+
+    def posts(self) -> list[Seen]:
+        return [s for s in self.seen if s.method == "POST"]

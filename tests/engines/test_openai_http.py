@@ -1,0 +1,252 @@
+"""The OpenAI-compatible adapter against a scripted engine on a real socket: the shapes and
+failures a llama.cpp server cannot be made to show."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chunks
+from tests.support import free_port
+
+from llorch.engines.base import ChatMessage, CompletionRequest, Finish, Token
+from llorch.engines.openai_http import OpenAIHttpEngine
+from llorch.errors import (
+    DecodeTimeout,
+    EngineProtocolError,
+    EngineRejected,
+    EngineStatusError,
+    EngineTimeout,
+    EngineUnavailable,
+    WorkerReset,
+)
+
+DONE = "data: [DONE]\n\n"
+
+
+def request(**overrides: object) -> CompletionRequest:
+    fields: dict[str, object] = {
+        "task_id": "t-1",
+        "model": "m",
+        "prompt": "hello there",
+        "messages": None,
+        "max_tokens": 3,
+        "correlation_id": "corr-1",
+    }
+    fields.update(overrides)
+    return CompletionRequest(**fields)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def adapter(url: str, **kwargs: object) -> AsyncIterator[OpenAIHttpEngine]:
+    options: dict[str, object] = {"kind": "vllm", "model": "served", "slots": 2}
+    options.update(kwargs)
+    engine = OpenAIHttpEngine("r-0", url, **options)  # type: ignore[arg-type]
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Token | Finish]:
+    return [c async for c in engine.stream(req)]
+
+
+@pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002", "ORCH-ENG-0007")
+async def test_a_completion_streams_with_the_engine_usage_and_the_request_fields() -> None:
+    script = [Reply((*completion_chunks(["a", "b", "c"], usage=(7, 3)), DONE))]
+    async with ScriptedEngine(script) as fake, adapter(fake.url, api_key="s3cret") as engine:
+        chunks = await collect(engine, request(seed=5, temperature=0.0, stop=("x",)))
+
+    assert chunks == [Token("a"), Token("b"), Token("c"), Finish("length", 7, 3)]
+    (post,) = fake.posts()
+    assert post.path == "/v1/completions"
+    assert post.body["model"] == "served"
+    assert post.body["prompt"] == "hello there"
+    assert post.body["stream"] is True
+    assert post.body["stream_options"] == {"include_usage": True}
+    assert (post.body["max_tokens"], post.body["seed"], post.body["temperature"]) == (3, 5, 0.0)
+    assert post.body["stop"] == ["x"]
+    assert post.headers["x-correlation-id"] == "corr-1"
+    assert post.headers["authorization"] == "Bearer s3cret"
+
+
+@pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002")
+async def test_chat_deltas_with_usage_in_a_last_chunk_without_choices() -> None:
+    # vLLM / llama.cpp chat: a role-only first delta, content deltas, then usage on its own.
+    parts = [
+        chunk({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}),
+        chunk({"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}),
+        chunk({"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}]}),
+        chunk({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}),
+        DONE,
+    ]
+    messages = (ChatMessage("user", "hello"),)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        chunks = await collect(engine, request(prompt=None, messages=messages))
+
+    assert chunks == [Token("Hi"), Token("!"), Finish("stop", 9, 2)]
+    (post,) = fake.posts()
+    assert post.path == "/v1/chat/completions"
+    assert post.body["messages"] == [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.req("ORCH-ENG-0002", "ORCH-ENG-0003")
+async def test_keep_alive_comments_are_ignored_and_missing_usage_is_counted() -> None:
+    # TGI-like: keep-alive comments, event/id lines, no usage anywhere.
+    parts = [
+        ": keep-alive\n\n",
+        chunk({"choices": [{"index": 0, "delta": {"content": "one"}, "finish_reason": None}]}),
+        ":\n",
+        "event: message\nid: 7\n",
+        chunk({"choices": [{"index": 0, "delta": {"content": " two"}, "finish_reason": None}]}),
+        ": ping\n\n",
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "eos_token"}]}),
+        DONE,
+    ]
+    messages = (ChatMessage("user", "x" * 40),)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url, kind="tgi") as eng:
+        chunks = await collect(eng, request(prompt=None, messages=messages, max_tokens=10))
+
+    assert chunks[:2] == [Token("one"), Token(" two")]
+    finish = chunks[2]
+    assert isinstance(finish, Finish)
+    assert (finish.finish_reason, finish.tokens_out, finish.usage_reported) == ("stop", 2, False)
+    assert finish.tokens_in >= 1
+
+
+@pytest.mark.req("ORCH-ENG-0003")
+async def test_a_stream_without_done_is_an_error_even_when_it_finished() -> None:
+    script = [Reply(tuple(completion_chunks(["a"], usage=(1, 1))))]
+    async with ScriptedEngine(script) as fake, adapter(fake.url) as engine:
+        with pytest.raises(WorkerReset) as caught:
+            await collect(engine, request())
+
+    assert isinstance(caught.value.__cause__, EngineProtocolError)
+    assert "[DONE]" in caught.value.message
+
+
+@pytest.mark.req("ORCH-ENG-0003", "ORCH-ENG-0004")
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(()),  # a 200 with an empty body
+        Reply(("data: {not json\n\n", DONE)),
+        Reply(('data: {"choices": [{"text": 5}]}\n\n', DONE)),
+        Reply(('{"choices": []}',), content_type="application/json"),
+    ],
+    ids=["empty-body", "not-json", "wrong-type", "not-a-stream"],
+)
+async def test_protocol_errors_before_the_first_token(reply: Reply) -> None:
+    async with ScriptedEngine([reply]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineProtocolError) as caught:
+            await collect(engine, request())
+
+    assert caught.value.retriable is True
+    assert caught.value.engine == "vllm"
+
+
+@pytest.mark.req("ORCH-ENG-0004")
+@pytest.mark.parametrize(
+    ("status", "error", "retriable"),
+    [(429, EngineStatusError, True), (503, EngineStatusError, True), (400, EngineRejected, False)],
+)
+async def test_error_statuses(status: int, error: type[Exception], retriable: bool) -> None:
+    reply = Reply(('{"error": "nope"}',), status=status, content_type="application/json")
+    async with ScriptedEngine([reply]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineStatusError) as caught:
+            await collect(engine, request())
+
+    assert type(caught.value) is error
+    assert caught.value.status == status
+    assert caught.value.retriable is retriable
+    assert "nope" in caught.value.message
+
+
+@pytest.mark.req("ORCH-ENG-0004")
+async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> None:
+    async with adapter(f"http://127.0.0.1:{free_port()}") as engine:
+        with pytest.raises(EngineUnavailable) as caught:
+            await collect(engine, request())
+        healthy = await engine.health()
+
+    assert caught.value.__cause__ is not None
+    assert healthy is False
+
+
+@pytest.mark.req("ORCH-ENG-0004")
+async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
+    parts = completion_chunks(["a", "b"])[:2]
+    async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
+        seen: list[Token | Finish] = []
+        with pytest.raises(WorkerReset) as caught:
+            async for c in e.stream(request()):
+                seen.append(c)
+
+    assert seen == [Token("a"), Token("b")]
+    assert caught.value.retriable is True
+    assert caught.value.__cause__ is not None
+
+
+@pytest.mark.req("ORCH-ENG-0004")
+async def test_an_error_object_mid_stream_ends_as_a_worker_reset() -> None:
+    parts = (*completion_chunks(["a"])[:1], chunk({"error": {"message": "out of memory"}}), DONE)
+    async with ScriptedEngine([Reply(parts)]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(WorkerReset) as caught:
+            await collect(engine, request())
+
+    assert "out of memory" in caught.value.message
+
+
+@pytest.mark.req("ORCH-ENG-0006")
+async def test_no_first_token_in_time_is_an_engine_timeout() -> None:
+    async with (
+        ScriptedEngine([Reply((": still loading\n\n",), end="hang")]) as fake,
+        adapter(fake.url, first_token_timeout_s=0.2) as engine,
+    ):
+        with pytest.raises(EngineTimeout) as caught:
+            await collect(engine, request())
+
+    assert "time-to-first-token" in caught.value.message
+
+
+@pytest.mark.req("ORCH-ENG-0006")
+async def test_silence_after_a_token_is_a_decode_timeout() -> None:
+    parts = tuple(completion_chunks(["a"])[:1])
+    async with (
+        ScriptedEngine([Reply(parts, end="hang")]) as fake,
+        adapter(fake.url, idle_timeout_s=0.2) as engine,
+    ):
+        with pytest.raises(DecodeTimeout) as caught:
+            await collect(engine, request())
+
+    assert not isinstance(caught.value, EngineTimeout)
+    assert caught.value.code == "DECODE_TIMEOUT"
+
+
+@pytest.mark.req("ORCH-ENG-0006")
+async def test_the_total_time_limit_holds_while_tokens_keep_coming() -> None:
+    parts = tuple(completion_chunks(["a"] * 400)[:-1])  # ~1 ms apart, never finishing
+    async with (
+        ScriptedEngine([Reply(parts, end="hang")]) as fake,
+        adapter(fake.url, total_timeout_s=0.1, idle_timeout_s=5) as engine,
+    ):
+        with pytest.raises(DecodeTimeout) as caught:
+            await collect(engine, request(max_tokens=1000))
+
+    assert "total time limit" in caught.value.message
+
+
+@pytest.mark.req("ORCH-ENG-0005")
+async def test_closing_the_stream_closes_the_connection_to_the_engine() -> None:
+    parts = tuple(completion_chunks(["a", "b"])[:2])
+    async with ScriptedEngine([Reply(parts, end="hang")]) as fake, adapter(fake.url) as engine:
+        stream = engine.stream(request())
+        assert await anext(stream) == Token("a")
+        await stream.aclose()
+        async with asyncio.timeout(5):
+            await fake.disconnected.wait()
+
+    assert fake.disconnected.is_set()
