@@ -93,11 +93,14 @@ def domain_error(_request: ConnexionRequest, exc: Exception) -> ConnexionRespons
     assert isinstance(exc, LlorchError)
     if STATUS[exc.code] >= 500:
         log.error("request failed: %s", exc.message, exc_info=exc)
+    # RFC 6750: a 401 names the scheme that would be accepted.
+    challenge = {"WWW-Authenticate": 'Bearer realm="llorch"'} if STATUS[exc.code] == 401 else None
     return envelope_response(
         exc.code,
         exc.message,
         retriable=exc.retriable,
         retry_after_ms=exc.retry_after_ms,
+        headers=challenge,
         policy_label=exc.policy_label,
         pool_id=exc.pool_id,
         engine=exc.engine,

@@ -1,15 +1,28 @@
-"""Server-Sent Events framing of a task's event stream."""
+"""Server-Sent Events framing of a task's event stream, and the response that writes it.
+
+The task's events live once, in its :class:`EventStream`; a subscriber only holds its position.
+What one client can make the server hold is therefore the transport's buffer, which uvicorn
+bounds by pausing writes. A client that stops reading leaves its write blocked: when the task
+publishes more than ``max_lag_events`` events meanwhile, or the write stays blocked for
+``write_timeout_s``, the client is disconnected (logged and counted) and the task runs on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable, Mapping
 
 import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from llorch.metrics import Metrics
 from llorch.scheduler.events import Event, EventStream
 
 HEARTBEAT = b": heartbeat\n\n"
+
+log = logging.getLogger("llorch.streams")
 
 
 def encode(event: Event) -> bytes:
@@ -22,10 +35,115 @@ def encode(event: Event) -> bytes:
 
 async def frames(
     stream: EventStream, *, after: int | None, heartbeat_s: float, metrics: Metrics
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     metrics.inc("llorch_open_streams")
     try:
         async for event in stream.subscribe(after=after, heartbeat_s=heartbeat_s):
             yield HEARTBEAT if event is None else encode(event)
     finally:
         metrics.dec("llorch_open_streams")
+
+
+class SlowClient(Exception):
+    """The client fell too far behind its stream."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` of one task, written under the slow-client rules above.
+
+    ``on_disconnect`` runs when the client goes away first (``server.cancel_on_disconnect``).
+    """
+
+    def __init__(
+        self,
+        stream: EventStream,
+        *,
+        task_id: str,
+        after: int | None,
+        heartbeat_s: float,
+        max_lag_events: int,
+        write_timeout_s: float,
+        metrics: Metrics,
+        headers: Mapping[str, str],
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        body = frames(stream, after=after, heartbeat_s=heartbeat_s, metrics=metrics)
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._frames = body
+        self._stream = stream
+        self._task_id = task_id
+        self._max_lag = max_lag_events
+        self._write_timeout_s = write_timeout_s
+        self._metrics = metrics
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        pump = asyncio.ensure_future(self._pump(send))
+        listen = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await asyncio.wait({pump, listen}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, listen):
+                task.cancel()
+            await asyncio.gather(pump, listen, return_exceptions=True)
+            await self._frames.aclose()
+        error = pump.exception() if pump.done() and not pump.cancelled() else None
+        if error is not None:
+            if not isinstance(error, SlowClient):
+                raise error
+            self._metrics.inc("llorch_sse_clients_dropped_total")
+            log.warning(
+                "slow SSE client disconnected: %s",
+                error,
+                extra={"event": "sse_client_dropped", "task_id": self._task_id},
+            )
+            # Returning without the last body message makes the server close the connection.
+            return
+        if listen.done() and not listen.cancelled() and self._on_disconnect is not None:
+            log.info(
+                "SSE client disconnected: canceling its task",
+                extra={"event": "sse_disconnect_cancel", "task_id": self._task_id},
+            )
+            self._on_disconnect()
+
+    async def _pump(self, send: Send) -> None:
+        async for chunk in self._frames:
+            await self._write(send, chunk)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, send: Send, chunk: bytes) -> None:
+        sending = asyncio.ensure_future(
+            send({"type": "http.response.body", "body": chunk, "more_body": True})
+        )
+        stuck_at = self._stream.next_seq
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                if not self._stream.closed:
+                    watch = asyncio.ensure_future(
+                        self._stream.wait_for_seq(stuck_at + self._max_lag)
+                    )
+                    try:
+                        await asyncio.wait({sending, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        watch.cancel()
+                    if not sending.done() and self._stream.next_seq > stuck_at + self._max_lag:
+                        raise SlowClient(
+                            f"task {self._task_id} published {self._max_lag} events while the "
+                            "client accepted none"
+                        )
+                await sending
+        except TimeoutError:
+            raise SlowClient(
+                f"the client accepted nothing for {self._write_timeout_s:g} s"
+            ) from None
+        finally:
+            if not sending.done():
+                sending.cancel()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -33,6 +33,7 @@ from llorch.errors import (
     PayloadTooLarge,
     StorageError,
 )
+from llorch.metrics import Metrics
 from llorch.persistence import Database
 
 KINDS = ("prompt", "trace", "transcript", "document", "other")
@@ -75,11 +76,20 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, db: Database, root: Path, *, max_bytes: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        root: Path,
+        *,
+        max_bytes: int,
+        clock: Clock,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._db = db
         self._root = root
         self._max_bytes = max_bytes
         self._clock = clock
+        self._metrics = metrics
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -94,11 +104,15 @@ class ArtifactStore:
         parent: str | None = None,
         metadata: Mapping[str, str] | None = None,
         task_id: str | None = None,
+        owner: str | None = None,
+        visible_to: str | None = None,
     ) -> tuple[Artifact, bool]:
         """(artifact, created). Identical content already stored -> (the existing artifact, False).
 
         The existing artifact keeps its own kind, tags, parent, task and metadata. Its body is
-        rewritten only if it went missing or was corrupted on disk.
+        rewritten only if it went missing or was corrupted on disk. ``owner`` (an API key's
+        name) becomes one of its owners; a ``parent`` must be visible to ``visible_to`` (None: to
+        everyone).
         """
         if kind not in KINDS:
             raise InvalidParams(f"unknown artifact kind {kind!r}; expected one of {KINDS}")
@@ -116,7 +130,9 @@ class ArtifactStore:
         for text in (*tags, *meta, *meta.values(), *([] if task_id is None else [task_id])):
             _check_text(text)
         if parent is not None and (
-            not _ID.fullmatch(parent) or self._db.get_artifact(parent) is None
+            not _ID.fullmatch(parent)
+            or self._db.get_artifact(parent) is None
+            or not self._visible(parent, visible_to)
         ):
             raise InvalidParams(f"parent {parent!r} is not a stored artifact")
 
@@ -133,15 +149,21 @@ class ArtifactStore:
             parent=parent,
             task_id=task_id,
             metadata=json.dumps(meta),
+            owner=owner,
         )
         return self._get_row(artifact_id), inserted
 
-    def get(self, artifact_id: str) -> tuple[Artifact, str]:
-        """(artifact, content), the body re-read from disk and its digest verified."""
+    def get(self, artifact_id: str, *, visible_to: str | None = None) -> tuple[Artifact, str]:
+        """(artifact, content), the body re-read from disk and its digest verified.
+
+        ``visible_to`` given: an artifact that owner did not store is not found.
+        """
         # The id is checked before anything else, so that no other string can become a path.
         if not _ID.fullmatch(artifact_id):
             raise InvalidParams("an artifact id is 'sha256:' and 64 lowercase hex digits")
         artifact = self._get_row(artifact_id)
+        if not self._visible(artifact_id, visible_to):
+            raise ArtifactNotFound(f"no artifact {artifact_id}")
         digest = artifact_id.removeprefix("sha256:")
         path = self._path(digest)
         try:
@@ -162,8 +184,10 @@ class ArtifactStore:
         task_id: str | None,
         limit: int,
         cursor: str | None,
+        visible_to: str | None = None,
     ) -> tuple[list[Artifact], str | None]:
-        """A page newest first and the next cursor (None at the end).
+        """A page newest first and the next cursor (None at the end); ``visible_to`` given,
+        only that owner's artifacts.
 
         The cursor is the ``seq`` of the page's last row; the next page holds the older rows.
         """
@@ -178,7 +202,12 @@ class ArtifactStore:
             before_seq = min(int(cursor), _MAX_SEQ)
         # One row more than asked tells whether another page follows.
         rows = self._db.list_artifacts(
-            kind=kind, tag=tag, task_id=task_id, limit=limit + 1, before_seq=before_seq
+            kind=kind,
+            tag=tag,
+            task_id=task_id,
+            limit=limit + 1,
+            before_seq=before_seq,
+            owner=visible_to,
         )
         page = rows[:limit]
         next_cursor = str(page[-1]["seq"]) if len(rows) > limit else None
@@ -191,6 +220,9 @@ class ArtifactStore:
         if row is None:
             raise ArtifactNotFound(f"no artifact {artifact_id}")
         return _artifact(row)
+
+    def _visible(self, artifact_id: str, owner: str | None) -> bool:
+        return owner is None or self._db.artifact_owned_by(artifact_id, owner)
 
     def _path(self, digest: str) -> Path:
         return self._root / digest[:2] / digest
@@ -219,7 +251,18 @@ class ArtifactStore:
                 raise
             _fsync_dir(path.parent)
         except OSError as exc:
-            raise StorageError(f"cannot write artifact sha256:{digest}: {exc}") from exc
+            # Disk full, a file-size limit, an I/O error: logged and counted here, once, for
+            # every writer (the API answers 500; a task's trace is left out, the task ends).
+            log.error(
+                "cannot write artifact sha256:%s (%d bytes): %s",
+                digest,
+                len(data),
+                exc.strerror or exc,
+                extra={"event": "artifact_write_failed", "errno": exc.errno},
+            )
+            if self._metrics is not None:
+                self._metrics.inc("llorch_artifact_write_failures_total")
+            raise StorageError(f"cannot write artifact sha256:{digest}: {exc.strerror}") from exc
 
     def _corrupt(self, artifact_id: str, path: Path, reason: str) -> ArtifactCorrupt:
         log.error("artifact %s is corrupt: %s (%s)", artifact_id, reason, path)

@@ -41,6 +41,7 @@ class SessionRow:
     cost_remaining: float
     last_pool_id: str | None = None
     last_replica_id: str | None = None
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TaskRow:
     error_retriable: bool | None = None
     trace_artifact_id: str | None = None
     terminal_event_id: int | None = None
+    owner: str | None = None
 
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
@@ -252,9 +254,14 @@ class Database:
         state: str | None,
         limit: int,
         before_seq: int | None,
+        owner: str | None = None,
     ) -> list[TaskRow]:
+        """Newest first; ``owner`` given: only that owner's tasks."""
         where, params = _where(
-            ("session_id = ?", session_id), ("state = ?", state), ("seq < ?", before_seq)
+            ("session_id = ?", session_id),
+            ("state = ?", state),
+            ("seq < ?", before_seq),
+            ("owner = ?", owner),
         )
         with self._errors():
             found = self._conn.execute(
@@ -308,9 +315,13 @@ class Database:
         parent: str | None,
         task_id: str | None,
         metadata: str,
+        owner: str | None = None,
     ) -> bool:
-        """Record an artifact's metadata; False (and nothing written) when its id is stored."""
-        with self._errors():
+        """Record an artifact's metadata; False (and nothing written) when its id is stored.
+
+        ``owner`` becomes one of the artifact's owners either way.
+        """
+        with self._errors(), self._transaction():
             values = (artifact_id, digest, kind, size_bytes, created_ms, tags, parent, task_id)
             cur = self._conn.execute(
                 "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
@@ -318,7 +329,20 @@ class Database:
                 "ON CONFLICT (artifact_id) DO NOTHING",
                 (*values, metadata),
             )
+            if owner is not None:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner) VALUES (?, ?)",
+                    (artifact_id, owner),
+                )
         return cur.rowcount > 0
+
+    def artifact_owned_by(self, artifact_id: str, owner: str) -> bool:
+        with self._errors():
+            found = self._conn.execute(
+                "SELECT 1 FROM artifact_owners WHERE artifact_id = ? AND owner = ?",
+                (artifact_id, owner),
+            ).fetchone()
+        return found is not None
 
     def get_artifact(self, artifact_id: str) -> dict[str, Any] | None:
         with self._errors():
@@ -336,13 +360,20 @@ class Database:
         task_id: str | None,
         limit: int,
         before_seq: int | None,
+        owner: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first; `tag` matches one element of the tags array exactly."""
+        """Newest first; `tag` matches one element of the tags array exactly; `owner` given:
+        only the artifacts that owner stored."""
         where, params = _where(
             ("kind = ?", kind),
             ("EXISTS (SELECT 1 FROM json_each(artifacts.tags) WHERE json_each.value = ?)", tag),
             ("task_id = ?", task_id),
             ("seq < ?", before_seq),
+            (
+                "EXISTS (SELECT 1 FROM artifact_owners o "
+                "WHERE o.artifact_id = artifacts.artifact_id AND o.owner = ?)",
+                owner,
+            ),
         )
         with self._errors():
             cur = self._conn.execute(

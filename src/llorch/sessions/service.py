@@ -58,10 +58,14 @@ class SessionService:
         ttl_ms: int | None = None,
         max_turns: int | None = None,
         budget: Budget | None = None,
+        owner: str | None = None,
+        cap: Budget | None = None,
     ) -> SessionRow:
-        """A new session's row; requested values are capped by the server's policy."""
+        """A new session's row; requested values are capped by the server's policy and by
+        ``cap`` (the budgets of the API key that creates it)."""
         policy = self._settings.budgets
         want = budget or policy.default
+        limit = policy.max if cap is None else _least(policy.max, cap)
         now = self._clock.now_ms()
         return SessionRow(
             session_id=new_id("s"),
@@ -74,9 +78,10 @@ class SessionService:
             max_turns=min(
                 max_turns or self._settings.sessions.max_turns, self._settings.sessions.max_turns
             ),
-            tokens_remaining=min(want.tokens, policy.max.tokens),
-            time_ms_remaining=min(want.time_ms, policy.max.time_ms),
-            cost_remaining=min(want.cost, policy.max.cost),
+            tokens_remaining=min(want.tokens, limit.tokens),
+            time_ms_remaining=min(want.time_ms, limit.time_ms),
+            cost_remaining=min(want.cost, limit.cost),
+            owner=owner,
         )
 
     def create(
@@ -87,6 +92,8 @@ class SessionService:
         tokens: int | None = None,
         time_ms: int | None = None,
         cost: float | None = None,
+        owner: str | None = None,
+        cap: Budget | None = None,
     ) -> Session:
         default = self._settings.budgets.default
         budget = Budget(
@@ -94,22 +101,27 @@ class SessionService:
             time_ms=default.time_ms if time_ms is None else time_ms,
             cost=default.cost if cost is None else cost,
         )
-        row = self.new_row(ttl_ms=ttl_ms, max_turns=max_turns, budget=budget)
+        row = self.new_row(ttl_ms=ttl_ms, max_turns=max_turns, budget=budget, owner=owner, cap=cap)
         self._db.insert_session(row)
         return self._view(row)
 
-    def get(self, session_id: str) -> Session:
-        return self._view(self.live_row(session_id))
+    def get(self, session_id: str, *, visible_to: str | None = None) -> Session:
+        return self._view(self.live_row(session_id, visible_to=visible_to))
 
-    def delete(self, session_id: str) -> None:
-        self.live_row(session_id)
+    def delete(self, session_id: str, *, visible_to: str | None = None) -> None:
+        self.live_row(session_id, visible_to=visible_to)
         self._db.delete_session(session_id)
         self._reserved.pop(session_id, None)
 
-    def live_row(self, session_id: str) -> SessionRow:
-        """The session's row, or SessionNotFound when it is unknown, deleted or expired."""
+    def live_row(self, session_id: str, *, visible_to: str | None = None) -> SessionRow:
+        """The session's row, or SessionNotFound when it is unknown, deleted or expired, or
+        (``visible_to`` given) owned by someone else."""
         row = self._db.get_session(session_id)
-        if row is None or self._expired(row):
+        if (
+            row is None
+            or self._expired(row)
+            or (visible_to is not None and row.owner != visible_to)
+        ):
             raise SessionNotFound(f"session {session_id} not found or expired")
         return row
 
@@ -182,3 +194,9 @@ class SessionService:
     def _view(self, row: SessionRow) -> Session:
         ttl_left = max(0, row.ttl_ms - (self._clock.now_ms() - row.last_used_ms))
         return Session(row=row, remaining=self.remaining(row), ttl_ms_remaining=ttl_left)
+
+
+def _least(a: Budget, b: Budget) -> Budget:
+    return Budget(
+        tokens=min(a.tokens, b.tokens), time_ms=min(a.time_ms, b.time_ms), cost=min(a.cost, b.cost)
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llorch.api.auth import principal
 from llorch.api.runtime import Runtime
 
 Reply = tuple[Any, int, dict[str, str]]
@@ -14,12 +15,15 @@ class ArtifactHandlers:
         self._rt = runtime
 
     async def create_artifact(self, body: dict[str, Any]) -> Reply:
+        caller = principal()
         artifact, created = self._rt.artifacts.put(
             kind=body["kind"],
             content=body["content"],
             tags=body.get("tags", ()),
             parent=body.get("parent"),
             metadata=body.get("metadata"),
+            owner=caller.owner,
+            visible_to=caller.visible_owner,
         )
         return (
             artifact.to_json(),
@@ -28,7 +32,9 @@ class ArtifactHandlers:
         )
 
     async def get_artifact(self, artifact_id: str) -> Reply:
-        artifact, content = self._rt.artifacts.get(artifact_id)
+        artifact, content = self._rt.artifacts.get(
+            artifact_id, visible_to=principal().visible_owner
+        )
         return artifact.to_json() | {"content": content}, 200, {}
 
     async def list_artifacts(
@@ -40,6 +46,11 @@ class ArtifactHandlers:
         cursor: str | None = None,
     ) -> Reply:
         items, next_cursor = self._rt.artifacts.list(
-            kind=kind, tag=tag, task_id=task_id, limit=limit, cursor=cursor
+            kind=kind,
+            tag=tag,
+            task_id=task_id,
+            limit=limit,
+            cursor=cursor,
+            visible_to=principal().visible_owner,
         )
         return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}

@@ -39,8 +39,11 @@ class ControlHandlers:
                 "default": vars(pricing.default),
                 "models": {name: vars(price) for name, price in pricing.models.items()},
             },
-            # Authentication arrives with issue 7; until then no scheme is accepted or needed.
-            "auth": {"schemes": [], "required": False},
+            # Off only in the development mode of a loopback bind without keys.
+            "auth": {
+                "schemes": ["bearer"] if self._rt.auth.enabled else [],
+                "required": self._rt.auth.enabled,
+            },
             "features": {
                 "sse_resume": True,
                 "drop_lru": any(p.queue.policy == "drop-lru" for p in s.pools),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llorch.api.auth import principal
 from llorch.api.runtime import Runtime
 from llorch.sessions import Session
 
@@ -37,19 +38,23 @@ class SessionHandlers:
     async def create_session(self, body: dict[str, Any] | None = None) -> Reply:
         body = body or {}
         budgets = body.get("budgets", {})
+        caller = principal()
         session = self._rt.scheduler.sessions.create(
             ttl_ms=body.get("ttl_ms"),
             max_turns=body.get("max_turns"),
             tokens=budgets.get("tokens"),
             time_ms=budgets.get("time_ms"),
             cost=budgets.get("cost"),
+            owner=caller.owner,
+            cap=caller.budgets,
         )
         location = {"Location": f"/v1/sessions/{session.row.session_id}"}
         return session_body(session), 201, location
 
     async def get_session(self, session_id: str) -> Reply:
-        return session_body(self._rt.scheduler.sessions.get(session_id)), 200, {}
+        sessions = self._rt.scheduler.sessions
+        return session_body(sessions.get(session_id, visible_to=principal().visible_owner)), 200, {}
 
     async def delete_session(self, session_id: str) -> Reply:
-        self._rt.scheduler.sessions.delete(session_id)
+        self._rt.scheduler.sessions.delete(session_id, visible_to=principal().visible_owner)
         return None, 204, {}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from connexion import request
-from starlette.responses import StreamingResponse
 
 from llorch.api import sse
+from llorch.api.auth import principal
 from llorch.api.middleware import correlation_id
 from llorch.api.runtime import Runtime, format_cost
+from llorch.scheduler import Caller
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -19,7 +20,12 @@ class TaskHandlers:
         self._rt = runtime
 
     async def create_task(self, body: dict[str, Any]) -> Reply:
-        admission = self._rt.scheduler.admit(body, correlation_id.get())
+        caller = principal()
+        admission = self._rt.scheduler.admit(
+            body,
+            correlation_id.get(),
+            Caller(owner=caller.owner, visible_to=caller.visible_owner, budgets=caller.budgets),
+        )
         left = admission.remaining
         headers = {
             "Location": f"/v1/tasks/{admission.task_id}",
@@ -47,31 +53,42 @@ class TaskHandlers:
         cursor: str | None = None,
     ) -> Reply:
         page = self._rt.scheduler.tasks(
-            session_id=session_id, state=state, limit=limit, cursor=cursor
+            session_id=session_id,
+            state=state,
+            limit=limit,
+            cursor=cursor,
+            visible_to=principal().visible_owner,
         )
         return page, 200, {}
 
     async def get_task(self, task_id: str) -> Reply:
+        self._rt.check_task_visible(principal(), task_id)
         return self._rt.scheduler.task(task_id), 200, {}
 
     async def cancel_task(self, task_id: str) -> Reply:
+        self._rt.check_task_visible(principal(), task_id)
         self._rt.scheduler.cancel(task_id)
         return None, 204, {}
 
-    async def stream_task(self, task_id: str) -> StreamingResponse:
+    async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
+        self._rt.check_task_visible(principal(), task_id)
         scheduler = self._rt.scheduler
         view = scheduler.task(task_id)
         stream = scheduler.stream(task_id)
         last = request.headers.get("last-event-id")
         headers = self._rt.budget_headers(view["session_id"])
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            sse.frames(
-                stream,
-                after=int(last) if last is not None else None,
-                heartbeat_s=self._rt.settings.server.heartbeat_s,
-                metrics=self._rt.metrics,
-            ),
-            media_type="text/event-stream",
+        server = self._rt.settings.server
+        return sse.EventStreamResponse(
+            stream,
+            task_id=task_id,
+            after=int(last) if last is not None else None,
+            heartbeat_s=server.heartbeat_s,
+            max_lag_events=server.stream_max_lag_events,
+            write_timeout_s=server.stream_write_timeout_s,
+            metrics=self._rt.metrics,
             headers=headers,
+            on_disconnect=(lambda: scheduler.cancel(task_id))
+            if server.cancel_on_disconnect
+            else None,
         )

@@ -1,0 +1,233 @@
+"""Bearer-key authentication, scopes and per-key rate limits.
+
+Keys are known only by the sha256 of their secret; a presented key is hashed and compared with
+every configured digest in constant time (``hmac.compare_digest``), so neither the answer nor its
+timing tells which key, or which prefix, came close. Each operation names the scopes that may call
+it in its contract (``x-llorch-scopes``); an operation with ``security: []`` is public.
+
+Connexion calls :meth:`AuthKeys.verify` from its security middleware (after routing, before
+validation: a stranger's body is never parsed), through the handler class that
+:func:`security_map` registers for the ``bearer`` scheme. The caller's :class:`Principal` is then
+in the request's connexion context, where handlers read it with :func:`principal`::
+
+    keys = AuthKeys(settings.auth.keys, clock, operation_scopes(documents))
+    app.add_api(document, security_map=security_map(keys), ...)
+    keys.replace([ApiKey(name="ci", scopes=("data",), sha256=digest)])  # at run time
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from connexion.context import context
+from connexion.lifecycle import ConnexionRequest
+
+from llorch.clock import Clock
+from llorch.config import SCOPES, ApiKey, Budget, RateLimit, Settings
+from llorch.errors import BadToken, ForbiddenScope, MissingToken, RateLimited
+
+log = logging.getLogger("llorch.auth")
+
+SCOPES_KEY = "x-llorch-scopes"
+_PRINCIPAL = "llorch_principal"
+_METHODS = ("get", "put", "post", "delete", "patch")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. ``name`` is None when authentication is off."""
+
+    name: str | None
+    scopes: frozenset[str]
+    budgets: Budget | None = None
+
+    @property
+    def owner(self) -> str | None:
+        """What the resources this caller creates are owned by."""
+        return self.name
+
+    @property
+    def sees_all(self) -> bool:
+        """The control scope (or no authentication at all) sees every key's resources."""
+        return self.name is None or "control" in self.scopes
+
+    @property
+    def visible_owner(self) -> str | None:
+        """The owner to filter on, or None to see everything."""
+        return None if self.sees_all else self.name
+
+    def can_see(self, owner: str | None) -> bool:
+        return self.sees_all or owner == self.name
+
+
+ANONYMOUS = Principal(name=None, scopes=frozenset(SCOPES))
+
+
+class TokenBucket:
+    """``per_s`` requests a second on average, at most ``burst`` at once."""
+
+    def __init__(self, rate: RateLimit, now_s: float) -> None:
+        self._per_s = rate.per_s
+        self._burst = float(rate.burst)
+        self._tokens = float(rate.burst)
+        self._at = now_s
+
+    def take(self, now_s: float) -> float:
+        """Take one token: 0.0 when granted, otherwise the seconds until one is available."""
+        self._tokens = min(self._burst, self._tokens + (now_s - self._at) * self._per_s)
+        self._at = now_s
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._per_s
+
+
+@dataclass(frozen=True)
+class _Key:
+    config: ApiKey
+    digest: bytes
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def operation_scopes(documents: Iterable[Mapping[str, Any]]) -> dict[str, frozenset[str]]:
+    """operationId -> the scopes that may call it (any of them), from ``x-llorch-scopes``."""
+    found: dict[str, frozenset[str]] = {}
+    for document in documents:
+        for item in document.get("paths", {}).values():
+            for method in _METHODS:
+                operation = item.get(method)
+                if operation is not None and SCOPES_KEY in operation:
+                    found[operation["operationId"]] = frozenset(operation[SCOPES_KEY])
+    return found
+
+
+class AuthKeys:
+    """The live key set. Empty means authentication is off (allowed on loopback binds only)."""
+
+    def __init__(
+        self, keys: Iterable[ApiKey], clock: Clock, scopes: Mapping[str, frozenset[str]]
+    ) -> None:
+        self._clock = clock
+        self._scopes = dict(scopes)
+        self._keys: tuple[_Key, ...] = ()
+        self._buckets: dict[str, TokenBucket] = {}
+        self.replace(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def replace(self, keys: Iterable[ApiKey]) -> None:
+        """Swap the whole key set at once (rate-limit state starts afresh)."""
+        new = tuple(_Key(k, _digest(k)) for k in keys)
+        names = [k.config.name for k in new]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate API key names in {sorted(names)}")
+        self._keys = new
+        now = self._clock.monotonic_s()
+        self._buckets = {
+            k.config.name: TokenBucket(k.config.rate_limit, now)
+            for k in new
+            if k.config.rate_limit is not None
+        }
+
+    def authenticate(self, authorization: str | None, operation_id: str | None) -> Principal:
+        """The caller of ``operation_id`` given its Authorization header, or an AuthError."""
+        if not self._keys:
+            return ANONYMOUS
+        if not authorization:
+            raise MissingToken("this operation needs an Authorization: Bearer <key> header")
+        scheme, _, secret = authorization.strip().partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise MissingToken("the Authorization header is not of the form: Bearer <key>")
+        presented = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+        match: _Key | None = None
+        for key in self._keys:  # no early exit: every key is compared
+            if hmac.compare_digest(presented, key.digest):
+                match = key
+        if match is None:
+            raise BadToken("the bearer key is not valid")
+        config = match.config
+        allowed = self._scopes.get(operation_id or "", frozenset(SCOPES))
+        if not allowed & set(config.scopes):
+            raise ForbiddenScope(
+                f"key {config.name!r} lacks the scope this operation needs "
+                f"(one of {sorted(allowed)})"
+            )
+        bucket = self._buckets.get(config.name)
+        if bucket is not None:
+            wait_s = bucket.take(self._clock.monotonic_s())
+            if wait_s > 0:
+                raise RateLimited(
+                    f"key {config.name!r} is over its rate limit",
+                    retry_after_ms=max(1, math.ceil(wait_s * 1000)),
+                )
+        return Principal(name=config.name, scopes=frozenset(config.scopes), budgets=config.budgets)
+
+    def verify(self, request: ConnexionRequest) -> dict[str, Any]:
+        """Connexion's security hook: the token info of an allowed request."""
+        routing = request.scope.get("extensions", {}).get("connexion_routing", {})
+        found = self.authenticate(request.headers.get("authorization"), routing.get("operation_id"))
+        return {"sub": found.name, _PRINCIPAL: found}
+
+
+def security_map(keys: AuthKeys) -> dict[str, type]:
+    """Connexion's handler for the ``bearer`` scheme, bound to ``keys``."""
+
+    class LlorchBearer:
+        def get_fn(
+            self, _scheme: Mapping[str, Any], _scopes: list[str]
+        ) -> Callable[[ConnexionRequest], dict[str, Any]]:
+            return keys.verify
+
+    return {"bearer": LlorchBearer}
+
+
+def principal() -> Principal:
+    """The current request's caller. A request that skipped authentication (a public
+    operation) sees nobody's resources."""
+    token_info = context.get("token_info") or {}
+    found = token_info.get(_PRINCIPAL)
+    if isinstance(found, Principal):
+        return found
+    return Principal(name="", scopes=frozenset())
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse a bind reachable from other hosts without keys; say loudly when auth is off."""
+    if settings.auth.keys:
+        return
+    host = settings.server.host
+    if not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host} without authentication: configure auth.keys, "
+            "or bind a loopback address for development"
+        )
+    log.warning(
+        "AUTHENTICATION IS OFF: no API keys are configured, so every request is allowed. "
+        "This is the development mode of a loopback bind (%s); configure auth.keys before "
+        "exposing this server.",
+        host,
+    )
+
+
+def _digest(key: ApiKey) -> bytes:
+    if key.sha256 is None:
+        raise ValueError(f"API key {key.name!r} has no sha256 (its key_env or key_file is unread)")
+    return bytes.fromhex(key.sha256)

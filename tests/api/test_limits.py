@@ -1,0 +1,153 @@
+"""Input limits at their boundary: the limit is accepted, one past it is a 400 envelope."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llorch.contracts import openapi
+from tests.support import in_process, make_settings, pool, task_body
+
+# A pool and budgets roomy enough that only the contract's limits decide.
+ROOMY = {
+    "pools": [pool(max_context=2_000_000, max_tokens_out=1_000_000)],
+    "budgets": {
+        "default": {"tokens": 5_000_000, "time_ms": 86_400_000, "cost": 1000},
+        "max": {"tokens": 5_000_000, "time_ms": 86_400_000, "cost": 1000},
+    },
+    "server": {"max_body_bytes": 4_194_304},
+    "artifacts": {"max_bytes": 4096},  # test_an_artifact_at_max_bytes_is_... uses it
+}
+
+Body = dict[str, Any]
+
+
+def schema(document: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = openapi(document)["components"]["schemas"][name]
+    return found
+
+
+def task_limit(field: str) -> int:
+    value: int = schema("data", "TaskRequest")["properties"][field]["maxLength"]
+    return value
+
+
+TASK_CASES: list[tuple[str, Callable[[int], Body], int]] = [
+    ("prompt length", lambda n: task_body(prompt="p" * n), task_limit("prompt")),
+    (
+        "message content length",
+        lambda n: task_body(prompt=None, messages=[{"role": "user", "content": "m" * n}]),
+        schema("data", "ChatMessage")["properties"]["content"]["maxLength"],
+    ),
+    (
+        "messages count",
+        lambda n: task_body(prompt=None, messages=[{"role": "user", "content": "hi"}] * n),
+        schema("data", "TaskRequest")["properties"]["messages"]["maxItems"],
+    ),
+    (
+        "max_tokens",
+        lambda n: task_body(max_tokens=n),
+        schema("data", "TaskRequest")["properties"]["max_tokens"]["maximum"],
+    ),
+    (
+        "stop count",
+        lambda n: task_body(stop=[f"s{i}" for i in range(n)]),
+        schema("data", "TaskRequest")["properties"]["stop"]["maxItems"],
+    ),
+    (
+        "stop string length",
+        lambda n: task_body(stop=["s" * n]),
+        schema("data", "TaskRequest")["properties"]["stop"]["items"]["maxLength"],
+    ),
+    ("model name length", lambda n: task_body(model="m" * n), task_limit("model")),
+    ("task id length", lambda n: task_body(task_id="t" * n), 64),
+]
+
+
+def without_none(body: Body) -> Body:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.req("ORCH-SEC-0050")
+@pytest.mark.parametrize(("name", "make", "limit"), TASK_CASES, ids=[c[0] for c in TASK_CASES])
+async def test_task_inputs_at_and_past_their_limit(
+    tmp_path: Path, name: str, make: Callable[[int], Body], limit: int
+) -> None:
+    async with in_process(make_settings(tmp_path, ROOMY)) as app:
+        at = await app.client.post("/v1/tasks", json=without_none(make(limit)))
+        past = await app.client.post("/v1/tasks", json=without_none(make(limit + 1)))
+        if at.status_code == 202:
+            await app.client.post(f"/v1/tasks/{at.json()['task_id']}/cancel")
+
+    if name == "model name length":
+        # A model name at the limit is well-formed but unknown: past the schema, into routing.
+        assert at.status_code == 400, at.text
+        assert "unknown model" in at.json()["message"]
+    else:
+        assert at.status_code == 202, at.text
+    assert past.status_code == 400, past.text
+    assert past.json()["code"] == "INVALID_PARAMS"
+    assert "unknown model" not in past.json()["message"]
+
+
+def artifact_limits() -> dict[str, Any]:
+    found: dict[str, Any] = schema("control", "ArtifactCreate")["properties"]
+    return found
+
+
+ARTIFACT_CASES: list[tuple[str, Callable[[int], Body], int]] = [
+    (
+        "tags count",
+        lambda n: {"kind": "other", "content": "c", "tags": [f"t{i}" for i in range(n)]},
+        artifact_limits()["tags"]["maxItems"],
+    ),
+    (
+        "tag length",
+        lambda n: {"kind": "other", "content": "c", "tags": ["t" * n]},
+        artifact_limits()["tags"]["items"]["maxLength"],
+    ),
+    (
+        "metadata entries",
+        lambda n: {"kind": "other", "content": "c", "metadata": {f"k{i}": "v" for i in range(n)}},
+        artifact_limits()["metadata"]["maxProperties"],
+    ),
+    (
+        "metadata value length",
+        lambda n: {"kind": "other", "content": "c", "metadata": {"k": "v" * n}},
+        artifact_limits()["metadata"]["additionalProperties"]["maxLength"],
+    ),
+]
+
+
+@pytest.mark.req("ORCH-SEC-0050")
+@pytest.mark.parametrize(
+    ("name", "make", "limit"), ARTIFACT_CASES, ids=[c[0] for c in ARTIFACT_CASES]
+)
+async def test_artifact_inputs_at_and_past_their_limit(
+    tmp_path: Path, name: str, make: Callable[[int], Body], limit: int
+) -> None:
+    async with in_process(make_settings(tmp_path, ROOMY)) as app:
+        at = await app.client.post("/v1/artifacts", json=make(limit))
+        past = await app.client.post("/v1/artifacts", json=make(limit + 1))
+
+    assert at.status_code == 201, at.text
+    assert past.status_code == 400, past.text
+    assert past.json()["code"] == "INVALID_PARAMS"
+
+
+@pytest.mark.req("ORCH-SEC-0051")
+async def test_an_artifact_at_max_bytes_is_stored_and_one_byte_more_is_413(tmp_path: Path) -> None:
+    limit = 4096  # ROOMY's artifacts.max_bytes
+    async with in_process(make_settings(tmp_path, ROOMY)) as app:
+        at = await app.client.post("/v1/artifacts", json={"kind": "other", "content": "a" * limit})
+        past = await app.client.post(
+            "/v1/artifacts", json={"kind": "other", "content": "b" * (limit + 1)}
+        )
+
+    assert at.status_code == 201, at.text
+    assert at.json()["size_bytes"] == limit
+    assert past.status_code == 413, past.text
+    assert past.json()["code"] == "PAYLOAD_TOO_LARGE"

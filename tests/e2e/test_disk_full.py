@@ -1,0 +1,135 @@
+"""The artifact disk refuses a write: a real server process under a file-size limit.
+
+``RLIMIT_FSIZE`` makes the kernel refuse (EFBIG, "File too large") any write past the limit in a
+file of the server process, as a full disk refuses one with ENOSPC; Python ignores SIGXFSZ, so the
+write fails with an OSError. The limit sits well above what the database needs for a few tasks and
+well below one large trace artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import free_port, parse_sse
+
+pytestmark = pytest.mark.wire
+
+FILE_SIZE_LIMIT = 512 * 1024
+BIG = 20_000  # tokens: a trace of about 1 MB
+LAUNCH = (
+    "import resource, runpy, sys; "
+    "limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "sys.argv = ['llorch', *sys.argv[2:]]; "
+    "runpy.run_module('llorch', run_name='__main__')"
+)
+
+
+@contextmanager
+def limited_server(data_dir: Path, config: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
+    """The server in a process limited to FILE_SIZE_LIMIT bytes a file; yields its URL and its
+    output lines (read from a pipe, which the limit does not apply to)."""
+    config_path = data_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-c", LAUNCH, str(FILE_SIZE_LIMIT)),
+            *("serve", "--config", str(config_path), "--port", str(port)),
+            *("--data-dir", str(data_dir / "var"), "--profile", "test"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, "\n".join(lines)
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+        yield url, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+
+
+def wait_ended(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        task: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
+        if task["state"] in ("succeeded", "failed", "canceled"):
+            return task
+        assert time.monotonic() < deadline, task
+        time.sleep(0.02)
+
+
+@pytest.mark.req("ORCH-REL-0003")
+def test_a_refused_artifact_write_loses_nothing(tmp_path: Path) -> None:
+    config = {
+        "server": {"shutdown_grace_s": 0},
+        "pools": [
+            {
+                "id": "default",
+                "model": "mock-small",
+                "replicas": 1,
+                "max_tokens_out": BIG,
+                "max_context": BIG + 1000,
+                "mock": {"ttft_ms": 1, "tokens_per_s": 0, "eos": False},
+            }
+        ],
+    }
+    with limited_server(tmp_path, config) as (url, lines), httpx.Client(base_url=url) as client:
+        body = {"model": "mock-small", "prompt": "tell me a story", "max_tokens": BIG}
+        big_id = client.post("/v1/tasks", json=body).json()["task_id"]
+        big = wait_ended(client, big_id)
+        replay = parse_sse(client.get(f"/v1/tasks/{big_id}/stream", timeout=30).text)
+        small_id = client.post("/v1/tasks", json={**body, "max_tokens": 5}).json()["task_id"]
+        small = wait_ended(client, small_id)
+        metrics = client.get("/metrics").text
+
+    # The big task ended normally, without its trace; nothing of it was lost.
+    assert big["state"] == "succeeded"
+    assert big["usage"]["tokens_out"] == BIG
+    assert big["trace_artifact_id"] is None
+    assert [e.event for e in replay].count("token") == BIG
+    assert replay[-1].event == "end"
+    assert replay[-1].data["tokens_out"] == BIG
+    # The failed write was logged and counted; the store still takes what fits.
+    assert "llorch_artifact_write_failures_total 1.0" in metrics
+    assert any("cannot write artifact" in line and "File too large" in line for line in lines)
+    assert any("could not store the trace of task " + big_id in line for line in lines)
+    assert small["state"] == "succeeded"
+    assert small["trace_artifact_id"] is not None
+    leftovers = [p.name for p in (tmp_path / "var").rglob("*.tmp")]
+    assert leftovers == []
