@@ -14,6 +14,12 @@ Usage: python3 xtask.py COMMAND [ARGS...]
     spec-extract [--check] .specs/*.md -> requirements/*.yaml; --check fails when
                            requirements/ is stale or a MUST requirement has no test
     contract               schemathesis CLI against a live server on a free loopback port
+    pact-verify            verify contracts/pacts/*.json against the real server (test profile,
+                           mock engine, provider states through tests/configs/pact.yaml)
+    status-coverage        fail unless every declared (operation, status) is a pact interaction
+                           or a response the test suite received (run after `test`)
+    soak [--minutes N]     mixed traffic with injected faults against a server process for N
+                           minutes (default 3); reports lost tasks, 5xx and memory (not in ci)
     lock                   regenerate requirements.lock in a throwaway venv
     bench [ARGS...]        benchmarks: llorch vs the bare engine (bench/run.py --help); records
                            bench/results/<date>-<sha>.json and regenerates docs/benchmarks.md
@@ -32,16 +38,19 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.error
@@ -68,7 +77,7 @@ TESTS_DIR = ROOT / "tests"
 
 CONTRACT_SPECS = ("contracts/openapi/data.yaml", "contracts/openapi/control.yaml")
 CONTRACT_CONFIG = "tests/configs/contract.yaml"
-CONTRACT_READY_PATH = "/v1/tasks?limit=1"
+CONTRACT_READY_PATH = "/readyz"  # public: the contract server runs with authentication on
 CONTRACT_READY_TIMEOUT_S = 30.0
 CONTRACT_STOP_TIMEOUT_S = 15.0
 
@@ -643,6 +652,8 @@ def cmd_test(args: list[str]) -> int:
             f"--junitxml={report}",
             *args,
         ]
+        # The status recorder (tests/plugins) adds up runs; a full run starts afresh.
+        STATUS_RECORD.unlink(missing_ok=True)
         step(f"pytest (coverage floor {COVERAGE_FLOOR}%)")
         rc = run(cmd, check=False)
         counts = _junit_counts(report)
@@ -748,6 +759,11 @@ def cmd_contract(args: list[str]) -> int:
         "--data-dir",
         data_dir,
     ]
+    # Authentication is on (tests/configs/contract.yaml): a fresh key for this run, given to the
+    # server in its environment and to schemathesis as a header. Its `ignored_auth` check then
+    # proves that each protected operation refuses the same request without it.
+    contract_key = secrets.token_urlsafe(24)
+    server_env = dict(os.environ, LLORCH_CONTRACT_KEY=contract_key)
     # Schemathesis uses requests, which honours *_PROXY: keep loopback traffic direct.
     st_env = dict(os.environ)
     for key in ("NO_PROXY", "no_proxy"):
@@ -763,6 +779,7 @@ def cmd_contract(args: list[str]) -> int:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=server_env,
             )
         try:
             _wait_ready(proc, base_url + CONTRACT_READY_PATH, CONTRACT_READY_TIMEOUT_S)
@@ -790,6 +807,8 @@ def cmd_contract(args: list[str]) -> int:
                     base_url,
                     "--checks",
                     "all",
+                    "--header",
+                    f"Authorization: Bearer {contract_key}",
                     "--max-examples",
                     "60",
                     "--request-timeout",
@@ -1299,6 +1318,102 @@ def cmd_spec_extract(args: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# pact-verify / status-coverage: the consumer's pact against the real server; every declared status
+# ------------------------------------------------------------------------------------------------
+
+PACT_DIR = ROOT / "contracts" / "pacts"
+PACT_CONFIG = "tests/configs/pact.yaml"
+STATUS_RECORD = ROOT / "var" / "status-coverage" / "recorded.json"
+
+
+def cmd_pact_verify(args: list[str]) -> int:
+    """Boot the real server (test profile, provider-state route on) and verify every pact."""
+    _no_args("pact-verify", args)
+    ensure_venv()
+    pacts = sorted(PACT_DIR.glob("*.json"))
+    if not pacts:
+        raise TaskError(f"no pact in {_rel(PACT_DIR)}: run the consumer tests (tests/pact)")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    data_dir = Path(tempfile.mkdtemp(prefix="llorch-pact-"))
+    log_path = data_dir / "server.log"
+    server_cmd = [str(VENV_PY), "-m", "llorch", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server_cmd += ["--config", PACT_CONFIG, "--profile", "test", "--data-dir", str(data_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
+    env["PACT_DO_NOT_TRACK"] = "true"
+    step(f"starting the server on {base_url} (data dir {data_dir})")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            server_cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    try:
+        _wait_ready(proc, base_url + "/livez", CONTRACT_READY_TIMEOUT_S)
+        step(f"verifying {', '.join(p.name for p in pacts)}")
+        rc = run([VENV_PY, "tests/pact/verify.py", base_url, *pacts], check=False, env=env)
+    finally:
+        _stop(proc)
+    if rc != 0:
+        _print_log_tail(log_path)
+    return rc
+
+
+def _declared_statuses() -> set[tuple[str, int]]:
+    code = (
+        "import json, sys; from tests.plugins.status_recorder import declared; "
+        "json.dump(sorted(declared()), sys.stdout)"
+    )
+    proc = subprocess.run(
+        [str(VENV_PY), "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise TaskError(f"cannot read the OpenAPI documents:\n{proc.stderr.strip()}")
+    return {(op, int(status)) for op, status in json.loads(proc.stdout)}
+
+
+_PACT_DESCRIPTION_RE = re.compile(r"^(\w+) answered (\d{3}) ")
+
+
+def _pact_statuses() -> set[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for path in sorted(PACT_DIR.glob("*.json")):
+        for interaction in json.loads(path.read_text(encoding="utf-8")).get("interactions", []):
+            match = _PACT_DESCRIPTION_RE.match(interaction.get("description", ""))
+            status = interaction.get("response", {}).get("status")
+            if match is not None and status == int(match.group(2)):
+                found.add((match.group(1), status))
+    return found
+
+
+def cmd_status_coverage(args: list[str]) -> int:
+    """Every declared (operation, status) is a pact interaction or a response a test received."""
+    _no_args("status-coverage", args)
+    ensure_venv()
+    declared = _declared_statuses()
+    in_pact = _pact_statuses()
+    recorded: set[tuple[str, int]] = set()
+    if STATUS_RECORD.is_file():
+        data = json.loads(STATUS_RECORD.read_text(encoding="utf-8"))
+        recorded = {(op, int(status)) for op, status in data.get("pairs", [])}
+    else:
+        note(f"no {_rel(STATUS_RECORD)}: run `python3 xtask.py test` first")
+    uncovered = sorted(declared - in_pact - recorded)
+    print(
+        f"status coverage: {len(declared)} declared (operation, status) pairs; "
+        f"{len(declared & in_pact)} in the pact, {len(declared & recorded)} received by tests, "
+        f"{len(uncovered)} uncovered"
+    )
+    for operation, status in uncovered:
+        print(f"  uncovered: {operation} {status}")
+    return 1 if uncovered else 0
+
+
+# ------------------------------------------------------------------------------------------------
 # ci / clean / main
 # ------------------------------------------------------------------------------------------------
 
@@ -1321,7 +1436,10 @@ def cmd_ci(args: list[str]) -> int:
         # a reader of the log takes for a run that tested nothing: pytest runs after it, so the last
         # runner summary in the log is pytest's own, followed by the plain count printed below.
         ("contract", lambda: cmd_contract([])),
+        ("pact-verify", lambda: cmd_pact_verify([])),
         ("test", lambda: cmd_test([])),
+        # After test, which records the statuses the suite received; it prints no pytest line.
+        ("status-coverage", lambda: cmd_status_coverage([])),
     ]
     for name, action in steps:
         step(f"xtask ci: {name}")
@@ -1344,6 +1462,298 @@ def cmd_ci(args: list[str]) -> int:
         passed, failed, skipped = _TEST_COUNTS[-1]
         print(f"pytest: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# soak: mixed traffic with injected faults against a real server process (not in ci)
+# ------------------------------------------------------------------------------------------------
+
+SOAK_WORKERS = 6
+SOAK_DRAIN_TIMEOUT_S = 120.0
+# JSON is YAML: the server reads this as its configuration file. Three pools: a healthy one, one
+# whose second replica resets mid-stream, one whose second replica hangs (decode timeout).
+SOAK_CONFIG: dict[str, object] = {
+    "server": {"shutdown_grace_s": 5, "heartbeat_s": 1, "stream_max_lag_events": 512},
+    "budgets": {"default": {"tokens": 100000000, "time_ms": 86400000, "cost": 100000}},
+    "pools": [
+        {
+            "id": "steady",
+            "model": "mock-small",
+            "replicas": 2,
+            "slots_per_replica": 4,
+            "queue": {"capacity": 64, "policy": "reject"},
+            "mock": {"ttft_ms": 5, "tokens_per_s": 400},
+        },
+        {
+            "id": "flaky",
+            "model": "mock-flaky",
+            "replicas": 2,
+            "slots_per_replica": 2,
+            "queue": {"capacity": 32, "policy": "drop-lru"},
+            "mock": {
+                "ttft_ms": 5,
+                "tokens_per_s": 400,
+                "failure": {"mode": "mid_stream", "after_tokens": 3, "replicas": [1]},
+            },
+        },
+        {
+            "id": "stuck",
+            "model": "mock-stuck",
+            "replicas": 2,
+            "slots_per_replica": 2,
+            "decode_timeout_ms": 300,
+            "queue": {"capacity": 32, "policy": "reject"},
+            "mock": {
+                "ttft_ms": 5,
+                "tokens_per_s": 400,
+                "failure": {"mode": "hang", "after_tokens": 2, "replicas": [1]},
+            },
+        },
+    ],
+    "auth": {
+        "keys": [
+            {"name": "soak", "key_env": "LLORCH_SOAK_KEY", "scopes": ["data", "control", "metrics"]}
+        ]
+    },
+}
+SOAK_MODELS = ("mock-small", "mock-small", "mock-flaky", "mock-stuck")
+
+
+@dataclass
+class SoakTally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    accepted: set[str] = field(default_factory=set)
+    statuses: dict[str, int] = field(default_factory=dict)
+    bad_input_5xx: list[str] = field(default_factory=list)
+    good_5xx: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+
+    def count(self, kind: str, status: int) -> None:
+        with self.lock:
+            self.requests += 1
+            key = f"{kind} {status}"
+            self.statuses[key] = self.statuses.get(key, 0) + 1
+
+
+class SoakClient:
+    def __init__(self, port: int, key: str) -> None:
+        self.port = port
+        self.key = key
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+        read_limit: int | None = None,
+    ) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            sent = {"Content-Type": "application/json"} if body is not None else {}
+            if auth:
+                sent["Authorization"] = f"Bearer {self.key}"
+            sent.update(headers or {})
+            conn.request(method, path, body=body, headers=sent)
+            response = conn.getresponse()
+            data = response.read(read_limit) if read_limit is not None else response.read()
+            return response.status, data
+        finally:
+            conn.close()
+
+
+def _soak_task(**fields: object) -> bytes:
+    return json.dumps({"model": "mock-small", "prompt": "p", "max_tokens": 4, **fields}).encode()
+
+
+BadRequest = tuple[str, str, str, "bytes | None", dict[str, str], bool]
+
+
+def _soak_bad_requests(task_id: str) -> list[BadRequest]:
+    """(name, method, path, body, headers, auth): inputs a client gets wrong."""
+    text = {"Content-Type": "text/plain"}
+    return [
+        ("malformed json", "POST", "/v1/tasks", b'{"model": ', {}, True),
+        ("wrong type", "POST", "/v1/tasks", _soak_task(max_tokens="4"), {}, True),
+        ("unknown field", "POST", "/v1/tasks", _soak_task(x=1), {}, True),
+        ("bad utf-8", "POST", "/v1/tasks", b'{"model": "mock-small", "prompt": "\xff"}', {}, True),
+        ("huge body", "POST", "/v1/tasks", _soak_task(prompt="x" * 1_100_000), {}, True),
+        ("too long prompt", "POST", "/v1/tasks", _soak_task(prompt="y" * 100_001), {}, True),
+        ("unknown model", "POST", "/v1/tasks", _soak_task(model="nope"), {}, True),
+        ("unknown session", "POST", "/v1/tasks", _soak_task(session_id="s-nope"), {}, True),
+        ("no key", "GET", "/v1/tasks", None, {}, False),
+        ("bad key", "GET", "/v1/tasks", None, {"Authorization": "Bearer wrong"}, False),
+        ("unknown task", "GET", "/v1/tasks/t-nope", None, {}, True),
+        ("bad artifact id", "GET", "/v1/artifacts/sha256:xyz", None, {}, True),
+        ("bad query", "GET", "/v1/tasks?limit=0&what=1", None, {}, True),
+        ("wrong media type", "POST", "/v1/tasks", b"prompt", text, True),
+        (
+            "bad last-event-id",
+            "GET",
+            f"/v1/tasks/{task_id}/stream",
+            None,
+            {"Last-Event-ID": "x"},
+            True,
+        ),
+        ("unknown route", "GET", "/v2/nothing", None, {}, True),
+    ]
+
+
+def _soak_worker(client: SoakClient, tally: SoakTally, deadline: float, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    last_task = "t-none"
+    while time.monotonic() < deadline:
+        roll = rng.random()
+        try:
+            if roll < 0.55:  # a task, then one of the ways clients follow it
+                body = {
+                    "model": rng.choice(SOAK_MODELS),
+                    "prompt": "soak " + str(rng.random()),
+                    "max_tokens": rng.randint(1, 40),
+                    "priority": rng.choice(["interactive", "batch"]),
+                }
+                status, data = client.call("POST", "/v1/tasks", json.dumps(body).encode())
+                tally.count("submit", status)
+                if status >= 500 and status != 503:
+                    tally.good_5xx.append(f"submit {status} {data[:200]!r}")
+                if status != 202:
+                    continue
+                last_task = json.loads(data)["task_id"]
+                with tally.lock:
+                    tally.accepted.add(last_task)
+                follow = rng.random()
+                if follow < 0.4:
+                    status, _ = client.call("GET", f"/v1/tasks/{last_task}/stream")
+                    tally.count("stream", status)
+                elif follow < 0.55:  # a reader that leaves early
+                    status, _ = client.call("GET", f"/v1/tasks/{last_task}/stream", read_limit=200)
+                    tally.count("stream-partial", status)
+                elif follow < 0.7:
+                    status, _ = client.call("POST", f"/v1/tasks/{last_task}/cancel")
+                    tally.count("cancel", status)
+                else:
+                    status, _ = client.call("GET", f"/v1/tasks/{last_task}")
+                    tally.count("get", status)
+            elif roll < 0.65:
+                content = json.dumps({"kind": "other", "content": "soak " + str(rng.random())})
+                status, _ = client.call("POST", "/v1/artifacts", content.encode())
+                tally.count("artifact", status)
+            else:
+                name, method, path, body_bytes, headers, auth = rng.choice(
+                    _soak_bad_requests(last_task)
+                )
+                status, data = client.call(method, path, body_bytes, headers=headers, auth=auth)
+                tally.count(f"bad:{name}", status)
+                if status >= 500:
+                    tally.bad_input_5xx.append(f"{name}: {status} {data[:200]!r}")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            with tally.lock:
+                tally.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cmd_soak(args: list[str]) -> int:
+    minutes = 3.0
+    if args[:1] == ["--minutes"] and len(args) == 2:
+        minutes = float(args[1])
+    elif args:
+        raise UsageError("soak takes --minutes N")
+    ensure_venv()
+    port = _free_port()
+    key = secrets.token_urlsafe(24)
+    data_dir = Path(tempfile.mkdtemp(prefix="llorch-soak-"))
+    config_path = data_dir / "soak.yaml"
+    config_path.write_text(json.dumps(SOAK_CONFIG, indent=2), encoding="utf-8")
+    log_path = data_dir / "server.log"
+    cmd = [
+        str(VENV_PY), "-m", "llorch", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--config", str(config_path), "--profile", "test", "--data-dir", str(data_dir / "var"),
+    ]  # fmt: skip
+    step(f"soak: {minutes:g} min of mixed traffic against {' '.join(cmd[1:])}")
+    failed = True
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(os.environ, LLORCH_SOAK_KEY=key),
+            )
+        try:
+            _wait_ready(proc, f"http://127.0.0.1:{port}/readyz", CONTRACT_READY_TIMEOUT_S)
+            client = SoakClient(port, key)
+            tally = SoakTally()
+            rss_start = _rss_kib(proc.pid)
+            deadline = time.monotonic() + minutes * 60
+            workers = [
+                threading.Thread(target=_soak_worker, args=(client, tally, deadline, seed))
+                for seed in range(SOAK_WORKERS)
+            ]
+            for worker in workers:
+                worker.start()
+            rss_peak = rss_start
+            while any(w.is_alive() for w in workers):
+                time.sleep(1)
+                rss_peak = max(rss_peak, _rss_kib(proc.pid))
+            rss_end = _rss_kib(proc.pid)
+            step(f"traffic over: waiting for the {len(tally.accepted)} accepted tasks to end")
+            ends: dict[str, dict[str, object]] = {}
+            drain_deadline = time.monotonic() + SOAK_DRAIN_TIMEOUT_S
+            pending = set(tally.accepted)
+            while pending and time.monotonic() < drain_deadline:
+                for task_id in list(pending):
+                    status, data = client.call("GET", f"/v1/tasks/{task_id}")
+                    task = json.loads(data) if status == 200 else {}
+                    if task.get("state") in ("succeeded", "failed", "canceled"):
+                        ends[task_id] = task
+                        pending.discard(task_id)
+                if pending:
+                    time.sleep(0.5)
+            by_outcome: dict[str, int] = {}
+            for task in ends.values():
+                error = task.get("error")
+                code = error.get("code") if isinstance(error, dict) else None
+                outcome = f"failed {code}" if task["state"] == "failed" else str(task["state"])
+                by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+            report = {
+                "minutes": minutes,
+                "requests": tally.requests,
+                "accepted": len(tally.accepted),
+                "completed": len(ends),
+                "outcomes": dict(sorted(by_outcome.items())),
+                "lost": len(pending),
+                "bad_input_5xx": len(tally.bad_input_5xx),
+                "unexpected_5xx": len(tally.good_5xx),
+                "client_errors": len(tally.errors),
+                "rss_kib": {"start": rss_start, "peak": rss_peak, "end": rss_end},
+                "rss_growth_kib": rss_end - rss_start,
+                "statuses": dict(sorted(tally.statuses.items())),
+            }
+            print(json.dumps(report, indent=2))
+            for line in (tally.bad_input_5xx + tally.good_5xx + tally.errors)[:20]:
+                note(line)
+            failed = bool(pending or tally.bad_input_5xx or tally.good_5xx)
+        finally:
+            _stop(proc)
+            if failed:
+                _print_log_tail(log_path)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 1 if failed else 0
 
 
 def cmd_bench(args: list[str]) -> int:
@@ -1389,6 +1799,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "test": cmd_test,
     "spec-extract": cmd_spec_extract,
     "contract": cmd_contract,
+    "pact-verify": cmd_pact_verify,
+    "status-coverage": cmd_status_coverage,
+    "soak": cmd_soak,
     "lock": cmd_lock,
     "bench": cmd_bench,
     "ci": cmd_ci,

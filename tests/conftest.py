@@ -11,6 +11,9 @@ from tests.support import make_settings
 
 SettingsFactory = Callable[..., Settings]
 
+# Records the (operationId, status) of every answer (for `xtask.py status-coverage`).
+pytest_plugins = ["tests.plugins.status_recorder"]
+
 
 @pytest.fixture
 def settings_for(tmp_path: Path) -> SettingsFactory:

@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_dir": args.data_dir,
     }
     settings = settings.with_server(**{k: v for k, v in overrides.items() if v is not None})
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. a non-loopback bind without API keys
+        print(f"llorch: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.server.host,

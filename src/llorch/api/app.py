@@ -6,7 +6,8 @@ The request pipeline, outermost first:
   → RequestMetricsMiddleware  (requests by operationId and status, errors included)
   → BodyLimitMiddleware       (413 before a large body is read)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
-  → routing → request validation → response validation → lifespan
+  → routing → security (llorch.api.auth: bearer key, scope, rate limit)
+  → request validation (errors never quote the body) → response validation → lifespan
   → CorrelationIdMiddleware   (again, inside response validation, which checks the header)
   → OperationNoteMiddleware   (tells the request metrics which operation matched)
   → handlers
@@ -24,7 +25,8 @@ from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolver
 from starlette.exceptions import HTTPException
 
-from llorch.api import problems
+from llorch.api import problems, provider_states
+from llorch.api.auth import check_bind, security_map
 from llorch.api.handlers import operations
 from llorch.api.middleware import (
     BodyLimitMiddleware,
@@ -33,6 +35,7 @@ from llorch.api.middleware import (
     RequestMetricsMiddleware,
 )
 from llorch.api.runtime import Runtime
+from llorch.api.validation import validator_map
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
 from llorch.contracts import openapi
@@ -60,6 +63,7 @@ def create_app(
     clock: Clock | None = None,
     engines: EngineFactory | None = None,
 ) -> AsyncApp:
+    check_bind(settings)
     runtime = Runtime(settings, clock or SystemClock(), engines)
 
     @asynccontextmanager
@@ -99,11 +103,15 @@ def create_app(
             strict_validation=True,
             validate_responses=True,
             pythonic_params=False,
+            security_map=security_map(runtime.auth),
+            validator_map=validator_map(),
         )
     app.add_error_handler(LlorchError, problems.domain_error)
     app.add_error_handler(ProblemException, problems.problem)
     app.add_error_handler(HTTPException, problems.HttpErrors(*documents))
     app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
     app.add_error_handler(Exception, problems.unexpected)
+    if provider_states.check(settings):
+        provider_states.register(app, runtime)
     app.runtime = runtime  # for tests and the CLI
     return app

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from llorch.api.auth import AuthKeys, Principal, operation_scopes
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
-from llorch.contracts import metrics_contract
+from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
+from llorch.errors import TaskNotFound
 from llorch.metrics import Metrics
 from llorch.persistence import Database
 from llorch.scheduler import Scheduler
@@ -33,6 +35,12 @@ class Runtime:
     _db: Database | None = None
     _scheduler: Scheduler | None = None
     _artifacts: ArtifactStore | None = None
+    # The live API keys; `auth.replace(keys)` swaps them at run time.
+    auth: AuthKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        scopes = operation_scopes((openapi("data"), openapi("control")))
+        self.auth = AuthKeys(self.settings.auth.keys, self.clock, scopes)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -45,6 +53,13 @@ class Runtime:
         if self._artifacts is None:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
+
+    def check_task_visible(self, caller: Principal, task_id: str) -> None:
+        """TaskNotFound unless the task exists and ``caller`` may see it (another key's task
+        is not found, rather than forbidden: its existence is not told)."""
+        row = None if self._db is None else self._db.get_task(task_id)
+        if row is None or not caller.can_see(row.owner):
+            raise TaskNotFound(f"task {task_id} not found")
 
     def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""
@@ -65,7 +80,11 @@ class Runtime:
         )
         sessions = SessionService(self._db, s, self.clock)
         self._artifacts = ArtifactStore(
-            self._db, s.artifacts_dir, max_bytes=s.artifacts.max_bytes, clock=self.clock
+            self._db,
+            s.artifacts_dir,
+            max_bytes=s.artifacts.max_bytes,
+            clock=self.clock,
+            metrics=self.metrics,
         )
         self._scheduler = Scheduler(
             s,

@@ -1,2 +1,5 @@
-"""The `llorch` command line (issue 5). It imports only `llorch.client`; import-linter holds
-it to that from the start."""
+"""The `llorch` command line. It imports only `llorch.client`; import-linter holds it to that."""
+
+from llorch.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,41 @@
+"""The pact provider-state route exists only in the test profile, and only when asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llorch.api import create_app
+from tests.support import in_process, make_settings, pool
+
+
+@pytest.mark.req("ORCH-CLI-0021")
+@pytest.mark.parametrize("profile", ["dev", "prod"])
+def test_start_up_refuses_the_route_outside_the_test_profile(tmp_path: Path, profile: str) -> None:
+    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [pool()]})
+    with pytest.raises(ValueError, match="only in the test profile"):
+        create_app(settings.with_server(profile=profile))
+
+
+@pytest.mark.req("ORCH-CLI-0021")
+async def test_the_route_is_absent_unless_enabled(tmp_path: Path) -> None:
+    async with in_process(make_settings(tmp_path, {"pools": [pool()]})) as api:
+        response = await api.client.post("/_pact/provider-states", json={"state": "x"})
+        assert response.status_code == 404
+
+
+@pytest.mark.req("ORCH-CLI-0021")
+async def test_a_state_is_set_up_and_torn_down_through_the_api(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [pool()]})
+    async with in_process(settings) as api:
+        route = "/_pact/provider-states"
+        setup = {"state": "pool default is draining", "params": {}, "action": "setup"}
+        assert (await api.client.post(route, json=setup)).status_code == 200
+        assert (await api.client.get("/v1/pools/default/health")).json()["draining"] is True
+        await api.client.post(route, json=setup | {"action": "teardown"})
+        assert (await api.client.get("/v1/pools/default/health")).json()["draining"] is False
+        unknown = await api.client.post(
+            route, json={"state": "the moon is full", "action": "setup"}
+        )
+        assert unknown.status_code == 400
