@@ -1,6 +1,6 @@
 """Run a real llama.cpp server (xllamacpp's embedded llama-server) as a child process.
 
-``python -m tests.engines.llamacpp MODEL PORT N_PARALLEL N_CTX`` serves until SIGTERM;
+``python -m tests.engines.llamacpp MODEL PORT N_PARALLEL N_CTX [THREADS]`` serves until SIGTERM;
 :class:`LlamaServer` starts that in a subprocess on a free port and waits for ``/health`` to
 answer 200 (the server answers 503 while the model loads).
 """
@@ -21,7 +21,7 @@ from tests.support import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def serve(model: Path, port: int, n_parallel: int, n_ctx: int) -> None:
+def serve(model: Path, port: int, n_parallel: int, n_ctx: int, threads: int = 1) -> None:
     import xllamacpp  # type: ignore[import-untyped]  # ships no type information
 
     params = xllamacpp.CommonParams()
@@ -29,8 +29,8 @@ def serve(model: Path, port: int, n_parallel: int, n_ctx: int) -> None:
     params.n_ctx = n_ctx  # the total, split over the slots
     params.n_parallel = n_parallel
     params.port = port
-    params.cpuparams.n_threads = 1
-    params.cpuparams_batch.n_threads = 1
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
     params.endpoint_slots = True
     params.endpoint_props = True
     params.endpoint_metrics = True
@@ -44,11 +44,19 @@ class LlamaServer:
     """One llama.cpp server process; ``start()`` may be called again after ``kill()``."""
 
     def __init__(
-        self, model: Path, *, n_parallel: int = 2, n_ctx: int = 1024, port: int | None = None
+        self,
+        model: Path,
+        *,
+        n_parallel: int = 2,
+        n_ctx: int = 1024,
+        port: int | None = None,
+        threads: int = 1,
     ) -> None:
         self.model = model
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx
+        # One thread is fastest for the tiny random models; a real model wants the cores.
+        self.threads = threads
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -65,6 +73,7 @@ class LlamaServer:
             str(self.port),
             str(self.n_parallel),
             str(self.n_ctx),
+            str(self.threads),
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self._proc = subprocess.Popen(
@@ -115,4 +124,5 @@ class LlamaServer:
 
 if __name__ == "__main__":
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), threads)

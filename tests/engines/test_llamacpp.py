@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.conftest import SettingsFactory
-from tests.engines.llamacpp import LlamaServer
+from tests.engines.llamacpp import ROOT, LlamaServer
 from tests.engines.scripted import Reply, ScriptedEngine
 from tests.integration.wire import (
     Wire,
@@ -29,6 +29,8 @@ from tests.integration.wire import (
     tokens,
 )
 from tests.support import free_port
+
+from llorch.contracts import load_config
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.wire]
 
@@ -60,17 +62,19 @@ async def submit(wire: Wire, **body: Any) -> dict[str, Any]:
     return accepted
 
 
-async def pool_health(wire: Wire) -> dict[str, Any]:
-    response = await wire.client.get("/v1/pools/llama/health")
+async def pool_health(wire: Wire, pool_id: str = "llama") -> dict[str, Any]:
+    response = await wire.client.get(f"/v1/pools/{pool_id}/health")
     assert response.status_code == 200, response.text
     health: dict[str, Any] = response.json()
     return health
 
 
-async def wait_replica_state(wire: Wire, replica: str, state: str) -> dict[str, Any]:
+async def wait_replica_state(
+    wire: Wire, replica: str, state: str, pool_id: str = "llama"
+) -> dict[str, Any]:
     async with asyncio.timeout(20):
         while True:
-            health = await pool_health(wire)
+            health = await pool_health(wire, pool_id)
             if any(r["id"] == replica and r["state"] == state for r in health["replicas"]):
                 return health
             await asyncio.sleep(0.02)
@@ -300,3 +304,50 @@ async def test_an_engine_not_running_at_start_up_leaves_the_pool_unready(
     assert refused.json()["code"] == "POOL_UNREADY"
     assert "retry-after" in refused.headers
     assert kinds(frames)[-1] == "end"
+
+
+def five_line_config() -> str:
+    """The fenced YAML block under the docs' "Five lines" heading, as written."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    _, found, section = text.partition("\n## Five lines:")
+    assert found, "docs/configuration.md has no '## Five lines:' section"
+    section = section.split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return block
+
+
+@pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0020", "ORCH-ENG-0030")
+async def test_the_five_line_config_of_the_docs_streams_through_a_llama_server(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    snippet = five_line_config()
+    pool_lines = [line for line in snippet.splitlines() if line.strip()]
+    doc_url = "http://127.0.0.1:8081"
+    assert len(pool_lines) <= 6
+    assert doc_url in snippet
+    # As the docs start it: llama-server -m model.gguf --port 8081 -np 4 (on a free port here).
+    with LlamaServer(tiny_model, n_parallel=4) as llama:
+        path = tmp_path / "llorch.yaml"
+        path.write_text(snippet.replace(doc_url, llama.url), encoding="utf-8")
+        settings = (
+            load_config(path)
+            .with_overrides({})
+            .with_server(data_dir=str(tmp_path / "data"), profile="test")
+        )
+        (pool,) = settings.pools
+        prompt = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        async with httpx.AsyncClient(base_url=llama.url, timeout=30) as engine:
+            expected = (await engine.post("/v1/completions", json=prompt)).json()
+        async with serve(settings) as wire:
+            health = await wait_replica_state(wire, f"{pool.id}-0", "ready", pool.id)
+            accepted = await wire.client.post("/v1/tasks", json={"model": pool.model, **prompt})
+            assert accepted.status_code == 202, accepted.text
+            frames = await wire.read_all(accepted.json()["task_id"])
+
+    assert pool.engine == "llamacpp"
+    # The four slots come from the server's /props, not from the configuration.
+    assert [r["slots_total"] for r in health["replicas"]] == [4]
+    assert events(frames)[0].payload["pool_id"] == pool.id
+    assert kinds(frames)[-1] == "end"
+    assert text_of(frames) == expected["choices"][0]["text"]
+    assert len(tokens(frames)) == expected["usage"]["completion_tokens"] > 0

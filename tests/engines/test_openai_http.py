@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from tests.conftest import SettingsFactory
 from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chunks
+from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
 from llorch.engines.base import ChatMessage, CompletionRequest, Finish, Token
 from llorch.engines.openai_http import OpenAIHttpEngine
 from llorch.errors import (
     DecodeTimeout,
+    EngineError,
     EngineProtocolError,
     EngineRejected,
     EngineStatusError,
@@ -250,3 +253,152 @@ async def test_closing_the_stream_closes_the_connection_to_the_engine() -> None:
             await fake.disconnected.wait()
 
     assert fake.disconnected.is_set()
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0007")
+async def test_llorch_sends_the_correlation_id_and_the_key_from_the_environment(
+    settings_for: SettingsFactory,
+) -> None:
+    script = [Reply((*completion_chunks(["Hi", "!"], usage=(4, 2)), DONE))]
+    async with ScriptedEngine(script) as fake:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "served_model": "org/Small-Instruct",
+            "endpoints": [fake.url],
+            "api_key_env": "TEST_VLLM_KEY",
+            "health_interval_ms": 50,
+            # A probe sent while start-up blocks this loop waits this long for its answer.
+            "timeouts": {"connect_ms": 300},
+        }
+        settings = settings_for(config(pool)).with_overrides({"TEST_VLLM_KEY": "k-from-env"})
+        async with serve(settings) as wire:
+            async with asyncio.timeout(20):
+                # The scripted engine runs on this loop, which the server's start-up blocks.
+                while True:
+                    health = (await wire.client.get("/v1/pools/vllm/health")).json()
+                    if health["ready"]:
+                        break
+                    await asyncio.sleep(0.02)
+            accepted = await wire.client.post(
+                "/v1/tasks",
+                json={"model": "small", "prompt": "hello", "max_tokens": 2},
+                headers={"X-Correlation-Id": "corr-engine-7"},
+            )
+            assert accepted.status_code == 202, accepted.text
+            frames = await wire.read_all(accepted.json()["task_id"])
+
+    assert kinds(frames)[-1] == "end"
+    assert events(frames)[0].payload["correlation_id"] == "corr-engine-7"
+    (post,) = fake.posts()
+    assert post.headers["x-correlation-id"] == "corr-engine-7"
+    assert post.body["model"] == "org/Small-Instruct"
+    # Every request to the engine, health probes included, carries the key as a bearer token.
+    assert {s.headers.get("authorization") for s in fake.seen} == {"Bearer k-from-env"}
+
+
+def _vllm_completion() -> list[str]:
+    # vLLM /v1/completions with include_usage: "usage": null until a last chunk with no choices.
+    base = {"id": "cmpl-7f", "object": "text_completion", "created": 1, "model": "served"}
+    return [
+        *(
+            chunk(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": text,
+                            "logprobs": None,
+                            "finish_reason": finish,
+                            "stop_reason": None,
+                        }
+                    ],
+                    "usage": None,
+                }
+            )
+            for text, finish in ((" Par", None), ("is", None), (".", "length"))
+        ),
+        chunk(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 6, "total_tokens": 9, "completion_tokens": 3},
+            }
+        ),
+        DONE,
+    ]
+
+
+def _tgi_chat() -> list[str]:
+    # TGI (3.x) chat: every delta carries the role, "usage": null, then a usage-only chunk.
+    base = {
+        "object": "chat.completion.chunk",
+        "id": "",
+        "created": 1,
+        "model": "served",
+        "system_fingerprint": "3.0.1-native",
+    }
+    deltas = [(" Par", None), ("is", None), (".", "length")]
+    return [
+        *(
+            chunk(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": text},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": None,
+                }
+            )
+            for text, finish in deltas
+        ),
+        chunk(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9},
+            }
+        ),
+        DONE,
+    ]
+
+
+@pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002")
+@pytest.mark.parametrize(
+    ("kind", "parts", "chat"),
+    [("vllm", _vllm_completion(), False), ("tgi", _tgi_chat(), True)],
+    ids=["vllm-completion", "tgi-chat"],
+)
+async def test_vllm_and_tgi_chunks_as_they_send_them(
+    kind: str, parts: list[str], chat: bool
+) -> None:
+    req = request(prompt=None, messages=(ChatMessage("user", "capital?"),)) if chat else request()
+    async with (
+        ScriptedEngine([Reply(tuple(parts))]) as fake,
+        adapter(fake.url, kind=kind) as engine,
+    ):
+        chunks = await collect(engine, req)
+
+    assert chunks == [Token(" Par"), Token("is"), Token("."), Finish("length", 6, 3)]
+    (post,) = fake.posts()
+    assert post.path == ("/v1/chat/completions" if chat else "/v1/completions")
+
+
+@pytest.mark.req("ORCH-ENG-0004")
+async def test_a_connection_dropped_before_the_first_token_is_retriable_not_a_reset() -> None:
+    # The engine answers 200 then drops the connection: nothing was relayed, so the task may
+    # be retried (a WORKER_RESET would end it).
+    async with ScriptedEngine([Reply((), end="reset")]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineError) as caught:
+            await collect(engine, request())
+
+    assert isinstance(caught.value, EngineProtocolError | EngineUnavailable)
+    assert caught.value.retriable is True
