@@ -15,7 +15,12 @@ Usage: python3 xtask.py COMMAND [ARGS...]
                            requirements/ is stale or a MUST requirement has no test
     contract               schemathesis CLI against a live server on a free loopback port
     pact-verify            verify contracts/pacts/*.json against the real server (test profile,
-                           mock engine, provider states through tests/configs/pact.yaml)
+                           mock engine, provider states through tests/configs/pact.yaml); with
+                           PACT_BROKER_BASE_URL set, also verify the broker's pacts for llorch
+                           and publish the results (version: git describe, and the git branch)
+    pact-publish           publish contracts/pacts/*.json to the Pact Broker at
+                           PACT_BROKER_BASE_URL (bearer token PACT_BROKER_TOKEN) as version
+                           `git describe --always --dirty` on the current git branch (not in ci)
     status-coverage        fail unless every declared (operation, status) is a pact interaction
                            or a response the test suite received (run after `test`)
     soak [--minutes N]     mixed traffic with injected faults against a server process for N
@@ -23,7 +28,8 @@ Usage: python3 xtask.py COMMAND [ARGS...]
     lock                   regenerate requirements.lock in a throwaway venv
     bench [ARGS...]        benchmarks: llorch vs the bare engine (bench/run.py --help); records
                            bench/results/<date>-<sha>.json and regenerates docs/benchmarks.md
-    ci                     lint, metrics-lint, spec-extract --check, test, contract; fails fast
+    ci                     lint, metrics-lint, spec-extract --check, contract, pact-verify, test,
+                           status-coverage; fails fast
     clean                  remove .venv, var/ and every tool cache
 
 The first command that needs tools creates .venv (python3 -m venv), installs requirements.lock
@@ -1318,7 +1324,8 @@ def cmd_spec_extract(args: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# pact-verify / status-coverage: the consumer's pact against the real server; every declared status
+# pact-verify / pact-publish / status-coverage: the pact against the real server and the broker;
+# every declared status
 # ------------------------------------------------------------------------------------------------
 
 PACT_DIR = ROOT / "contracts" / "pacts"
@@ -1326,13 +1333,53 @@ PACT_CONFIG = "tests/configs/pact.yaml"
 STATUS_RECORD = ROOT / "var" / "status-coverage" / "recorded.json"
 
 
+def _git(*args: str) -> str:
+    """The stripped output of a git command in the repository ("" when git fails)."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def app_version() -> str:
+    """This checkout's version for the broker: `git describe --always --dirty`."""
+    version = _git("describe", "--always", "--dirty")
+    if not version:
+        raise TaskError("cannot version the pacts: `git describe --always --dirty` failed")
+    return version
+
+
+def app_branch() -> str:
+    """The current git branch; on a detached HEAD (CI checkouts) the CI's branch name."""
+    branch = _git("branch", "--show-current")
+    branch = branch or os.environ.get("GITHUB_HEAD_REF") or os.environ.get("GITHUB_REF_NAME", "")
+    if not branch:
+        raise TaskError("cannot tell the git branch (detached HEAD and no GITHUB_REF_NAME)")
+    return branch
+
+
+def _broker_url() -> str | None:
+    return os.environ.get("PACT_BROKER_BASE_URL", "").strip() or None
+
+
 def cmd_pact_verify(args: list[str]) -> int:
-    """Boot the real server (test profile, provider-state route on) and verify every pact."""
+    """Boot the real server (test profile, provider-state route on) and verify every pact.
+
+    With PACT_BROKER_BASE_URL set, the pacts the broker holds for llorch are verified as well
+    and the results are published with this checkout's version and branch: a broker records
+    results only for pacts it served (a local file has nowhere to report to).
+    """
     _no_args("pact-verify", args)
     ensure_venv()
     pacts = sorted(PACT_DIR.glob("*.json"))
     if not pacts:
         raise TaskError(f"no pact in {_rel(PACT_DIR)}: run the consumer tests (tests/pact)")
+    verify_args: list[str | Path] = [*pacts]
+    broker_url = _broker_url()
+    if broker_url is not None:
+        version, branch = app_version(), app_branch()
+        verify_args += ["--broker-url", broker_url, "--version", version, "--branch", branch]
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     data_dir = Path(tempfile.mkdtemp(prefix="llorch-pact-"))
@@ -1355,12 +1402,38 @@ def cmd_pact_verify(args: list[str]) -> int:
     try:
         _wait_ready(proc, base_url + "/livez", CONTRACT_READY_TIMEOUT_S)
         step(f"verifying {', '.join(p.name for p in pacts)}")
-        rc = run([VENV_PY, "tests/pact/verify.py", base_url, *pacts], check=False, env=env)
+        if broker_url is not None:
+            step(f"and the broker's pacts for llorch ({broker_url}), publishing the results")
+        rc = run([VENV_PY, "tests/pact/verify.py", base_url, *verify_args], check=False, env=env)
     finally:
         _stop(proc)
     if rc != 0:
         _print_log_tail(log_path)
     return rc
+
+
+def cmd_pact_publish(args: list[str]) -> int:
+    """Publish contracts/pacts/*.json to the Pact Broker at PACT_BROKER_BASE_URL."""
+    _no_args("pact-publish", args)
+    broker_url = _broker_url()
+    if broker_url is None:
+        raise TaskError(
+            "PACT_BROKER_BASE_URL is not set: it names the Pact Broker to publish to "
+            "(and PACT_BROKER_TOKEN its bearer token)"
+        )
+    pacts = sorted(PACT_DIR.glob("*.json"))
+    if not pacts:
+        raise TaskError(f"no pact in {_rel(PACT_DIR)}: run the consumer tests (tests/pact)")
+    version, branch = app_version(), app_branch()
+    ensure_venv()
+    if not tool("pact").is_file():
+        raise TaskError(f"{_rel(tool('pact'))} is missing: pact-python-cli provides it")
+    step(f"publishing {', '.join(p.name for p in pacts)} to {broker_url} as {version} on {branch}")
+    # The pact CLI reads PACT_BROKER_TOKEN (or _USERNAME/_PASSWORD) from its environment: the
+    # secret stays off the command line, where `ps` and CI logs would show it.
+    cmd: list[str | Path] = [tool("pact"), "broker", "publish", _rel(PACT_DIR)]
+    cmd += ["--broker-base-url", broker_url, "--consumer-app-version", version, "--branch", branch]
+    return run(cmd, check=False)
 
 
 def _declared_statuses() -> set[tuple[str, int]]:
@@ -1800,6 +1873,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "spec-extract": cmd_spec_extract,
     "contract": cmd_contract,
     "pact-verify": cmd_pact_verify,
+    "pact-publish": cmd_pact_publish,
     "status-coverage": cmd_status_coverage,
     "soak": cmd_soak,
     "lock": cmd_lock,

@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +123,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    """A real uvicorn on 127.0.0.1 in a thread; yields its base URL and stops it at the end."""
+def live_server(settings: Settings, wrap: Callable[[Any], Any] | None = None) -> Iterator[str]:
+    """A real uvicorn on 127.0.0.1 in a thread; yields its base URL and stops it at the end.
+
+    `wrap` puts an ASGI app of the test around the real one (e.g. a deliberately broken variant).
+    """
     port = free_port()
     settings = settings.with_server(host="127.0.0.1", port=port)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        app if wrap is None else wrap(app),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)

@@ -39,3 +39,26 @@ async def test_a_state_is_set_up_and_torn_down_through_the_api(tmp_path: Path) -
             route, json={"state": "the moon is full", "action": "setup"}
         )
         assert unknown.status_code == 400
+
+
+@pytest.mark.req("ORCH-CLI-0021")
+async def test_a_reload_in_progress_is_a_real_reload_that_rolls_back(tmp_path: Path) -> None:
+    spare = pool(
+        id="spare",
+        model="mock-spare",
+        models=["mock-spare-unloadable"],
+        mock={"ttft_ms": 0, "tokens_per_s": 0, "fail_load_models": ["mock-spare-unloadable"]},
+    )
+    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [spare]})
+    async with in_process(settings) as api:
+        route = "/_pact/provider-states"
+        state = "pool spare is reloading a model that never becomes healthy"
+        setup = {"state": state, "params": {}, "action": "setup"}
+        assert (await api.client.post(route, json=setup)).status_code == 200
+        again = await api.client.post("/v1/pools/spare/reload", json={"model": "mock-spare"})
+        assert (again.status_code, again.json()["code"]) == (409, "RELOAD_IN_PROGRESS")
+        # Teardown waits for the reload to give up; the pool serves its old model again.
+        await api.client.post(route, json=setup | {"action": "teardown"})
+        health = (await api.client.get("/v1/pools/spare/health")).json()
+        assert (health["reloading"], health["model"]) == (False, "mock-spare")
+        assert "mock-spare-unloadable" in health["last_reload_error"]

@@ -18,7 +18,13 @@ from tests.plugins.status_recorder import declared
 
 pytestmark = pytest.mark.contract
 
-_RETRIABLE = {"RATE_LIMITED", "ADMISSION_REJECT", "INTERNAL", "POOL_UNAVAILABLE"}
+_RETRIABLE = {
+    "RATE_LIMITED",
+    "ADMISSION_REJECT",
+    "INTERNAL",
+    "POOL_UNAVAILABLE",
+    "RELOAD_IN_PROGRESS",
+}
 
 
 def _from_state(example: str, expression: str) -> Any:

@@ -1,26 +1,46 @@
-"""Verify pact files against a running llorch: `python tests/pact/verify.py URL PACT...`.
+"""Verify pacts against a running llorch: `python tests/pact/verify.py URL PACT... [BROKER]`.
 
 Run by `xtask.py pact-verify` (which starts the server) and by the gate test that proves a
 broken provider fails. Exit 0 when every interaction passes; otherwise the verifier's report.
+
+BROKER is `--broker-url URL --version V --branch B`: after the local pacts pass, the pacts the
+broker selects for llorch (its consumers' main branches, the branch matching B, and whatever is
+deployed or released) are verified too, and the results are published as provider version V on
+branch B. Only broker-served pacts carry the link results are published to. The token comes
+from PACT_BROKER_TOKEN (or PACT_BROKER_USERNAME and PACT_BROKER_PASSWORD).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 from pact import Verifier
 
+PROVIDER = "llorch"
 STATE_PATH = "/_pact/provider-states"
 
 
-def verify(base_url: str, pacts: list[str]) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class Publish:
+    """Where to fetch pacts from and how to label the published verification results."""
+
+    broker_url: str
+    version: str
+    branch: str
+
+
+def _verifier(base_url: str) -> Verifier:
     os.environ.setdefault("PACT_DO_NOT_TRACK", "true")
-    verifier = Verifier("llorch", host="127.0.0.1").add_transport(url=base_url)
-    for pact in pacts:
-        verifier.add_source(pact)
+    verifier = Verifier(PROVIDER, host="127.0.0.1").add_transport(url=base_url)
     verifier.state_handler(base_url + STATE_PATH, teardown=True, body=True)
     verifier.set_request_timeout(30_000)
+    return verifier
+
+
+def _run(verifier: Verifier) -> tuple[bool, str]:
     try:
         verifier.verify()
     except RuntimeError:
@@ -28,8 +48,51 @@ def verify(base_url: str, pacts: list[str]) -> tuple[bool, str]:
     return True, verifier.output(strip_ansi=True)
 
 
+def verify(base_url: str, pacts: list[str], *, only: str | None = None) -> tuple[bool, str]:
+    """Verify pact files; `only` is a regex of the interaction descriptions to verify."""
+    verifier = _verifier(base_url)
+    for pact in pacts:
+        verifier.add_source(pact)
+    if only is not None:
+        verifier.filter(only)
+    return _run(verifier)
+
+
+def verify_and_publish(
+    base_url: str, publish: Publish, *, only: str | None = None
+) -> tuple[bool, str]:
+    """Verify the broker's pacts for llorch and publish the results to it."""
+    verifier = _verifier(base_url)
+    (
+        verifier.broker_source(publish.broker_url, selector=True)
+        .provider_branch(publish.branch)
+        .consumer_version(main_branch=True)
+        .consumer_version(matching_branch=True)
+        .consumer_version(deployed_or_released=True)
+        .build()
+    )
+    verifier.set_publish_options(version=publish.version, branch=publish.branch)
+    if only is not None:
+        verifier.filter(only)
+    return _run(verifier)
+
+
 def main(argv: list[str]) -> int:
-    ok, output = verify(argv[0], argv[1:])
+    summary = (__doc__ or "").splitlines()[0]
+    parser = argparse.ArgumentParser(prog="verify.py", description=summary)
+    parser.add_argument("url", help="the running server's base URL")
+    parser.add_argument("pacts", nargs="+", help="pact files")
+    parser.add_argument("--broker-url", help="also verify the broker's pacts; publish results")
+    parser.add_argument("--version", help="the provider version the results are published as")
+    parser.add_argument("--branch", help="the provider branch the results are published on")
+    args = parser.parse_args(argv)
+    ok, output = verify(args.url, args.pacts)
+    print(output)
+    if not ok or args.broker_url is None:
+        return 0 if ok else 1
+    if not args.version or not args.branch:
+        parser.error("--broker-url needs --version and --branch")
+    ok, output = verify_and_publish(args.url, Publish(args.broker_url, args.version, args.branch))
     print(output)
     return 0 if ok else 1
 

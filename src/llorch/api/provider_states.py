@@ -2,10 +2,11 @@
 
 The pact verifier POSTs ``{"state", "params", "action": "setup" | "teardown"}`` here before and
 after each interaction. Every state is reached the way it is in production: the public API's
-services (admit, cancel, drain, sessions, artifacts), the configuration the server was started
-with (pools whose mock engine injects failures, body limits, the storage busy timeout), the run-time
-replacement of the API keys, or another process holding the database's write lock. The answer
-carries the values the pact injects into its requests (``session_id``).
+services (admit, cancel, drain, reload, sessions, artifacts), the configuration the server was
+started with (pools whose mock engine injects failures or never loads a model, body limits, the
+storage busy timeout), the run-time replacement of the API keys, or another process holding the
+database's write lock. The answer carries the values the pact injects into its requests
+(``session_id``).
 
 :func:`register` refuses to add the route unless the profile is ``test`` and
 ``server.provider_states`` is on.
@@ -205,6 +206,23 @@ async def _pool_admitting(s: ProviderStates, p: Params) -> dict[str, Any]:
     return {}
 
 
+async def _pool_reloading(s: ProviderStates, p: Params) -> dict[str, Any]:
+    """A reload through the control service to a model whose replicas the mock engine never
+    lets become healthy (`fail_load_models`): it is in progress until its probes give up."""
+    pool_id = str(p.get("pool_id", "spare"))
+    s.rt.scheduler.pools.reload(pool_id, str(p.get("model", "mock-spare-unloadable")))
+    # The control service runs the reload as the dispatcher's task of this name.
+    [reload] = [t for t in asyncio.all_tasks() if t.get_name() == f"reload:{pool_id}"]
+
+    async def rolled_back() -> None:
+        # Later interactions find the pool idle again, serving its old model.
+        async with asyncio.timeout(30):
+            await asyncio.shield(reload)
+
+    s._undo.append(rolled_back)
+    return {}
+
+
 async def _pool_full(s: ProviderStates, p: Params) -> dict[str, Any]:
     pool_id = str(p.get("pool_id", "slow"))
     pool = s.rt.settings.pool(pool_id)
@@ -260,6 +278,7 @@ STATES: dict[str, Setup] = {
     "pool default is draining": _pool_draining,
     "pool default is admitting": _pool_admitting,
     "pool spare is idle": _nothing,
+    "pool spare is reloading a model that never becomes healthy": _pool_reloading,
     "pool slow is full with policy reject": _pool_full,
     "the server requires an API key and the request has none": _no_key,
     "the server requires an API key and the request's key is unknown": _no_key,
