@@ -36,10 +36,16 @@ def encode(event: Event) -> bytes:
 async def frames(
     stream: EventStream, *, after: int | None, heartbeat_s: float, metrics: Metrics
 ) -> AsyncGenerator[bytes, None]:
+    """The stream's SSE bytes: every event published since the last read, framed at once."""
     metrics.inc("llorch_open_streams")
     try:
-        async for event in stream.subscribe(after=after, heartbeat_s=heartbeat_s):
-            yield HEARTBEAT if event is None else encode(event)
+        async for batch in stream.batches(after=after, heartbeat_s=heartbeat_s):
+            if batch is None:
+                yield HEARTBEAT
+            elif len(batch) == 1:
+                yield encode(batch[0])
+            else:
+                yield b"".join([encode(event) for event in batch])
     finally:
         metrics.dec("llorch_open_streams")
 
@@ -76,6 +82,8 @@ class EventStreamResponse(StreamingResponse):
         self._write_timeout_s = write_timeout_s
         self._metrics = metrics
         self._on_disconnect = on_disconnect
+        self._writing_since: float | None = None
+        self._stuck_at = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -83,15 +91,18 @@ class EventStreamResponse(StreamingResponse):
         )
         pump = asyncio.ensure_future(self._pump(send))
         listen = asyncio.ensure_future(_until_disconnect(receive))
+        guard = asyncio.ensure_future(self._guard())
         try:
-            await asyncio.wait({pump, listen}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pump, listen, guard}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, listen):
+            for task in (pump, listen, guard):
                 task.cancel()
-            await asyncio.gather(pump, listen, return_exceptions=True)
+            await asyncio.gather(pump, listen, guard, return_exceptions=True)
             await self._frames.aclose()
-        error = pump.exception() if pump.done() and not pump.cancelled() else None
-        if error is not None:
+        for task in (pump, guard):
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is None:
+                continue
             if not isinstance(error, SlowClient):
                 raise error
             self._metrics.inc("llorch_sse_clients_dropped_total")
@@ -110,38 +121,47 @@ class EventStreamResponse(StreamingResponse):
             self._on_disconnect()
 
     async def _pump(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
         async for chunk in self._frames:
-            await self._write(send, chunk)
+            # What the guard reads: when the write began, and how far the stream was then.
+            self._stuck_at = self._stream.next_seq
+            self._writing_since = loop.time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._writing_since = None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _write(self, send: Send, chunk: bytes) -> None:
-        sending = asyncio.ensure_future(
-            send({"type": "http.response.body", "body": chunk, "more_body": True})
-        )
-        stuck_at = self._stream.next_seq
-        try:
-            async with asyncio.timeout(self._write_timeout_s):
-                if not self._stream.closed:
-                    watch = asyncio.ensure_future(
-                        self._stream.wait_for_seq(stuck_at + self._max_lag)
-                    )
-                    try:
-                        await asyncio.wait({sending, watch}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        watch.cancel()
-                    if not sending.done() and self._stream.next_seq > stuck_at + self._max_lag:
-                        raise SlowClient(
-                            f"task {self._task_id} published {self._max_lag} events while the "
-                            "client accepted none"
-                        )
-                await sending
-        except TimeoutError:
-            raise SlowClient(
-                f"the client accepted nothing for {self._write_timeout_s:g} s"
-            ) from None
-        finally:
-            if not sending.done():
-                sending.cancel()
+    async def _guard(self) -> None:
+        """Raise :class:`SlowClient` when one write stays blocked past the slow-client rules.
+
+        It runs beside the pump and wakes only when the stream has moved ``max_lag_events`` on,
+        or a write may have been blocked for ``write_timeout_s``: a write costs the pump two
+        attribute stores, not a task and a timer.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            since = self._writing_since
+            if since is None:
+                target, wake_at = self._stream.next_seq + self._max_lag, loop.time()
+            else:
+                target, wake_at = self._stuck_at + self._max_lag, since
+            wake_at += self._write_timeout_s
+            try:
+                async with asyncio.timeout_at(wake_at):
+                    if self._stream.closed:
+                        await asyncio.Event().wait()  # only the timeout ends this wait
+                    await self._stream.wait_for_seq(target)
+            except TimeoutError:
+                pass
+            since = self._writing_since
+            if since is None:
+                continue
+            if self._stream.next_seq > self._stuck_at + self._max_lag:
+                raise SlowClient(
+                    f"task {self._task_id} published {self._max_lag} events while the "
+                    "client accepted none"
+                )
+            if loop.time() - since >= self._write_timeout_s:
+                raise SlowClient(f"the client accepted nothing for {self._write_timeout_s:g} s")
 
 
 async def _until_disconnect(receive: Receive) -> None:

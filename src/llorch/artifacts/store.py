@@ -75,6 +75,20 @@ class Artifact:
         }
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An artifact checked and hashed by :meth:`ArtifactStore.prepare`, not yet stored."""
+
+    digest: str
+    data: bytes
+    kind: str
+    tags: tuple[str, ...]
+    parent: str | None
+    task_id: str | None
+    metadata: dict[str, str]
+    owner: str | None
+
+
 class ArtifactStore:
     def __init__(
         self,
@@ -114,6 +128,32 @@ class ArtifactStore:
         name) becomes one of its owners; a ``parent`` must be visible to ``visible_to`` (None: to
         everyone).
         """
+        prepared = self.prepare(
+            kind=kind,
+            content=content,
+            tags=tags,
+            parent=parent,
+            metadata=metadata,
+            task_id=task_id,
+            owner=owner,
+            visible_to=visible_to,
+        )
+        self.write(prepared)
+        return self.commit(prepared)
+
+    def prepare(
+        self,
+        *,
+        kind: str,
+        content: str,
+        tags: Sequence[str] = (),
+        parent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        task_id: str | None = None,
+        owner: str | None = None,
+        visible_to: str | None = None,
+    ) -> Prepared:
+        """Check an artifact and compute its id; nothing is stored yet (see :meth:`put`)."""
         if kind not in KINDS:
             raise InvalidParams(f"unknown artifact kind {kind!r}; expected one of {KINDS}")
         try:
@@ -137,19 +177,35 @@ class ArtifactStore:
             raise InvalidParams(f"parent {parent!r} is not a stored artifact")
 
         digest = hashlib.sha256(data).hexdigest()
-        artifact_id = f"sha256:{digest}"
-        self._write_body(digest, data)
-        inserted = self._db.insert_artifact(
-            artifact_id=artifact_id,
+        return Prepared(
             digest=digest,
+            data=data,
             kind=kind,
-            size_bytes=len(data),
-            created_ms=self._clock.now_ms(),
-            tags=json.dumps(list(tags)),
+            tags=tuple(tags),
             parent=parent,
             task_id=task_id,
-            metadata=json.dumps(meta),
+            metadata=meta,
             owner=owner,
+        )
+
+    def write(self, prepared: Prepared) -> None:
+        """Put the body on disk durably. File system work only: safe in a worker thread."""
+        self._write_body(prepared.digest, prepared.data)
+
+    def commit(self, prepared: Prepared) -> tuple[Artifact, bool]:
+        """Record a written body (on the event loop's thread, like every database call)."""
+        artifact_id = f"sha256:{prepared.digest}"
+        inserted = self._db.insert_artifact(
+            artifact_id=artifact_id,
+            digest=prepared.digest,
+            kind=prepared.kind,
+            size_bytes=len(prepared.data),
+            created_ms=self._clock.now_ms(),
+            tags=json.dumps(list(prepared.tags)),
+            parent=prepared.parent,
+            task_id=prepared.task_id,
+            metadata=json.dumps(prepared.metadata),
+            owner=prepared.owner,
         )
         return self._get_row(artifact_id), inserted
 

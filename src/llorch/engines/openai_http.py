@@ -22,13 +22,13 @@ block, which closes the HTTP connection at once: the engine sees the disconnect 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+import orjson
 
 from llorch.config import EngineKind, PoolSettings
 from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
@@ -42,6 +42,7 @@ from llorch.errors import (
     EngineUnavailable,
     WorkerReset,
 )
+from llorch.timers import Watchdog
 
 _FINISH_REASONS: dict[str, Literal["stop", "length"]] = {"length": "length"}
 _ERROR_BODY_CHARS = 300
@@ -139,36 +140,71 @@ class OpenAIHttpEngine:
         progress = _Progress()
         loop = asyncio.get_running_loop()
         started_at = loop.time()
+        total_at = started_at + self._total_s
+        # The first-token, idle and total limits, on one watchdog (no timer operation per chunk).
+        dog = Watchdog()
+        first_at = started_at + self._first_token_s
+        if first_at < total_at:
+            dog.move(first_at, "the time-to-first-token limit")
+        else:
+            dog.move(total_at, "the total time limit")
         try:
             async with self._client.stream(
                 "POST", path, json=self._body(request), headers=headers
             ) as response:
                 await self._check(response)
-                lines = response.aiter_lines()
-                data: list[str] = []
-                last_data_at = started_at
+                # Bytes, split into lines here: one pass per network read, whatever it holds.
+                reads = response.aiter_bytes()
+                pending = b""
+                data: list[bytes] = []
                 while True:
-                    line = await self._next_line(lines, progress, started_at, last_data_at)
-                    if line is None:
+                    try:
+                        read = await dog.wait(anext(reads, None))
+                    except TimeoutError as exc:
+                        message = f"{self._where} exceeded {dog.reason}"
+                        if progress.tokens:
+                            raise DecodeTimeout(message, engine=self.engine) from exc
+                        raise EngineTimeout(message, engine=self.engine) from exc
+                    if read is None:
                         raise EngineProtocolError(
                             f"{self._where} ended the stream without [DONE]", engine=self.engine
                         )
-                    if line.startswith(":"):
-                        continue  # a comment: keep-alive
-                    if line:
-                        name, _, value = line.partition(":")
-                        if name == "data":
-                            data.append(value.removeprefix(" "))
-                        continue
-                    if not data:
-                        continue
-                    payload, data = "\n".join(data), []
-                    last_data_at = loop.time()
-                    if payload == "[DONE]":
-                        break
-                    for text in self._parse(payload, chat, progress):
+                    lines = (pending + read).split(b"\n")
+                    pending = lines.pop()
+                    texts: list[str] = []
+                    payloads = 0
+                    done = False
+                    for line in lines:
+                        if line.endswith(b"\r"):
+                            line = line[:-1]
+                        if line:
+                            # ":" starts a comment (a keep-alive); event: and id: are ignored.
+                            if line.startswith(b"data:"):
+                                data.append(line[6:] if line[5:6] == b" " else line[5:])
+                            elif line == b"data":
+                                data.append(b"")
+                            continue
+                        if not data:
+                            continue
+                        payload = data[0] if len(data) == 1 else b"\n".join(data)
+                        data = []
+                        payloads += 1
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        texts += self._parse(payload, chat, progress)
+                    if payloads and (progress.tokens or texts):
+                        # The idle limit runs from the last chunk, once a token has come.
+                        idle_at = loop.time() + self._idle_s
+                        if idle_at < total_at:
+                            dog.move(idle_at, "the idle limit between chunks")
+                        else:
+                            dog.move(total_at, "the total time limit")
+                    for text in texts:
                         progress.tokens += 1
                         yield Token(text)
+                    if done:
+                        break
             yield self._finish(request, progress)
         except httpx.HTTPError as exc:
             raise self._translate(exc, progress) from exc
@@ -179,6 +215,8 @@ class OpenAIHttpEngine:
                     engine=self.engine,
                 ) from exc
             raise
+        finally:
+            dog.close()
 
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -219,37 +257,10 @@ class OpenAIHttpEngine:
                 engine=self.engine,
             )
 
-    async def _next_line(
-        self,
-        lines: AsyncIterator[str],
-        progress: _Progress,
-        started_at: float,
-        last_data_at: float,
-    ) -> str | None:
-        """The next line, within the first-token, idle and total limits; None at the end."""
-        now = asyncio.get_running_loop().time()
-        limits = [
-            (started_at + self._total_s, "the total time limit"),
-            (
-                (last_data_at + self._idle_s, "the idle limit between chunks")
-                if progress.tokens
-                else (started_at + self._first_token_s, "the time-to-first-token limit")
-            ),
-        ]
-        at, which = min(limits)
-        try:
-            async with asyncio.timeout(max(0.0, at - now)):
-                return await anext(lines, None)
-        except TimeoutError as exc:
-            message = f"{self._where} exceeded {which}"
-            if progress.tokens:
-                raise DecodeTimeout(message, engine=self.engine) from exc
-            raise EngineTimeout(message, engine=self.engine) from exc
-
-    def _parse(self, payload: str, chat: bool, progress: _Progress) -> list[str]:
+    def _parse(self, payload: bytes, chat: bool, progress: _Progress) -> list[str]:
         """The texts of one chunk; usage and finish reason are noted in ``progress``."""
         try:
-            chunk = json.loads(payload)
+            chunk = orjson.loads(payload)
         except ValueError as exc:
             raise self._malformed(payload) from exc
         if not isinstance(chunk, dict):
@@ -295,9 +306,10 @@ class OpenAIHttpEngine:
             reason = "length"
         return Finish(reason, tokens_in, tokens_out, usage_reported=reported)
 
-    def _malformed(self, payload: str) -> EngineProtocolError:
+    def _malformed(self, payload: bytes) -> EngineProtocolError:
+        text = payload[:80].decode("utf-8", "replace")
         return EngineProtocolError(
-            f"{self._where} sent a malformed chunk: {payload[:80]!r}", engine=self.engine
+            f"{self._where} sent a malformed chunk: {text!r}", engine=self.engine
         )
 
     def _translate(self, exc: httpx.HTTPError, progress: _Progress) -> EngineError:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from llorch.artifacts import ArtifactStore, redact
@@ -24,10 +25,35 @@ from llorch.persistence import Database
 from llorch.scheduler.engine_call import EngineCall
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
-from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
+from llorch.scheduler.task import (
+    CANCELED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    TRANSITIONS,
+    IllegalTransition,
+    TaskRecord,
+)
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch.dispatcher")
+
+
+@dataclass
+class _Ending:
+    """How a task ends, decided at once; written and published by ``Dispatcher._settle``."""
+
+    record: TaskRecord
+    state: str
+    error: LlorchError | None
+    finish_reason: str | None
+    values: dict[str, Any]  # the final row
+    terminal: tuple[str, dict[str, Any]]
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    run_ms: int
+    decode_ms: int
 
 
 class Dispatcher:
@@ -154,23 +180,27 @@ class Dispatcher:
                 return
             self._start(pool, replica, record)
             finish = await call.run()
-            self.finish(
+            ending = self._conclude(
                 record,
                 SUCCEEDED,
                 finish_reason=finish.finish_reason,
                 tokens_in=finish.tokens_in,
                 tokens_out=finish.tokens_out,
             )
+            await self._settle_after_trace(ending)
         except (EngineError, DeadlineUnmet) as exc:
             call.replica.last_error = exc.message
-            self.finish(record, FAILED, error=exc, tokens_out=call.tokens_out)
+            ending = self._conclude(record, FAILED, error=exc, tokens_out=call.tokens_out)
+            await self._settle_after_trace(ending)
         except asyncio.CancelledError:
-            self.finish(record, CANCELED, finish_reason="canceled", tokens_out=call.tokens_out)
+            if not record.ending:  # else it was cancelled while its end was written: it ended
+                self.finish(record, CANCELED, finish_reason="canceled", tokens_out=call.tokens_out)
             if not record.cancel_requested:
                 raise
         except Exception as exc:  # a bug: the task still ends, loudly
             log.exception("task %s failed unexpectedly", record.task_id)
-            self.finish(record, FAILED, error=LlorchError(f"internal error: {exc}"))
+            if not record.ending:
+                self.finish(record, FAILED, error=LlorchError(f"internal error: {exc}"))
         finally:
             call.replica.busy -= 1
             pool.record_replicas()
@@ -251,7 +281,7 @@ class Dispatcher:
 
     # -- the one way a task ends ------------------------------------------------------------
 
-    def finish(
+    def _conclude(
         self,
         record: TaskRecord,
         state: str,
@@ -260,8 +290,11 @@ class Dispatcher:
         error: LlorchError | None = None,
         tokens_in: int | None = None,
         tokens_out: int = 0,
-    ) -> None:
-        record.move_to(state)
+    ) -> _Ending:
+        """The task's final values and terminal event, decided now; nothing is written yet."""
+        if state not in TRANSITIONS[record.state]:
+            raise IllegalTransition(f"task {record.task_id}: {record.state} -> {state}")
+        record.ending = True
         now = self._clock.now_ms()
         tokens_in = record.tokens_in_estimate if tokens_in is None else tokens_in
         if record.started_ms is None:
@@ -308,7 +341,84 @@ class Dispatcher:
             if error.retry_after_ms is not None and error.retriable:
                 data["retry_after_ms"] = error.retry_after_ms
             terminal = ("error", data)
-        task_values["trace_artifact_id"] = self._write_trace(record, task_values, terminal)
+        return _Ending(
+            record,
+            state,
+            error,
+            finish_reason,
+            task_values,
+            terminal,
+            tokens_in,
+            tokens_out,
+            cost,
+            run_ms,
+            decode_ms,
+        )
+
+    def finish(
+        self,
+        record: TaskRecord,
+        state: str,
+        *,
+        finish_reason: str | None = None,
+        error: LlorchError | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int = 0,
+    ) -> None:
+        """End the task now: its trace written on the spot, its row, then its terminal event."""
+        ending = self._conclude(
+            record,
+            state,
+            finish_reason=finish_reason,
+            error=error,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+        trace = self._trace(ending)
+        self._settle(ending, None if trace is None else self._store_trace(ending, trace))
+
+    async def _settle_after_trace(self, ending: _Ending) -> None:
+        """End the task like :meth:`finish`, with the trace's file written off the event loop.
+
+        The trace's fsyncs take milliseconds; on the loop they would stall every stream. The
+        terminal event still goes out only after the trace is stored, so the task links it.
+        """
+        trace = self._trace(ending)
+        if trace is None or self._artifacts is None:
+            self._settle(ending, None)
+            return
+        trace_id: str | None = None
+        try:
+            prepared = self._artifacts.prepare(
+                kind="trace",
+                content=trace,
+                tags=("task-trace", ending.state),
+                task_id=ending.record.task_id,
+                owner=ending.record.row.owner,
+            )
+            write = asyncio.ensure_future(asyncio.to_thread(self._artifacts.write, prepared))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Shut down mid-write: the task still ends, now, without its trace.
+                self._settle(ending, None)
+                raise
+            trace_id = self._artifacts.commit(prepared)[0].id
+        except (LlorchError, OSError) as exc:
+            self._trace_missing(ending, exc)
+        except Exception as exc:  # a bug: the task still ends, without its trace
+            log.exception("task %s: storing its trace failed unexpectedly", ending.record.task_id)
+            self._trace_missing(ending, exc)
+        self._settle(ending, trace_id)
+
+    def _settle(self, ending: _Ending, trace_id: str | None) -> None:
+        """Release the reservation, commit usage and the final row, publish the terminal event."""
+        record, state, error, terminal = ending.record, ending.state, ending.error, ending.terminal
+        tokens_in, tokens_out, decode_ms = ending.tokens_in, ending.tokens_out, ending.decode_ms
+        run_ms, cost, finish_reason = ending.run_ms, ending.cost, ending.finish_reason
+        task_values = ending.values
+        task_values["trace_artifact_id"] = trace_id
+        record.move_to(state)
         self._sessions.release(record.session_id, record.task_id)
         try:
             committed = self._sessions.committed_values(
@@ -337,15 +447,11 @@ class Dispatcher:
             },
         )
 
-    def _write_trace(
-        self,
-        record: TaskRecord,
-        outcome: dict[str, Any],
-        terminal: tuple[str, dict[str, Any]],
-    ) -> str | None:
-        """Store the task's trace artifact (before its terminal event goes out); its id."""
+    def _trace(self, ending: _Ending) -> str | None:
+        """The task's trace artifact, as JSON (None when there is no artifact store)."""
         if self._artifacts is None:
             return None
+        record, outcome, terminal = ending.record, ending.values, ending.terminal
         row = record.row
         pool = self._registry.pools.get(row.pool_id)
         replica = None
@@ -381,25 +487,34 @@ class Dispatcher:
             },
             "transcript": transcript,
         }
+        return json.dumps(trace, ensure_ascii=False, separators=(",", ":"))
+
+    def _store_trace(self, ending: _Ending, content: str) -> str | None:
+        """Store the trace on the spot (before the terminal event goes out); its id."""
+        assert self._artifacts is not None
         try:
             artifact, _ = self._artifacts.put(
                 kind="trace",
-                content=json.dumps(trace, ensure_ascii=False, separators=(",", ":")),
-                tags=("task-trace", outcome["state"]),
-                task_id=row.task_id,
-                owner=row.owner,
+                content=content,
+                tags=("task-trace", ending.state),
+                task_id=ending.record.task_id,
+                owner=ending.record.row.owner,
             )
         except (LlorchError, OSError) as exc:
-            # The task still ends with its terminal event and its final row; the store logged
-            # and counted a failed write, and the task's line says its trace is missing.
-            log.error(
-                "could not store the trace of task %s: %s",
-                row.task_id,
-                exc,
-                extra={"event": "trace_missing", "task_id": row.task_id},
-            )
+            self._trace_missing(ending, exc)
             return None
         return artifact.id
+
+    def _trace_missing(self, ending: _Ending, exc: Exception) -> None:
+        # The task still ends with its terminal event and its final row; the store logged and
+        # counted a failed write, and the task's line says its trace is missing.
+        task_id = ending.record.task_id
+        log.error(
+            "could not store the trace of task %s: %s",
+            task_id,
+            exc,
+            extra={"event": "trace_missing", "task_id": task_id},
+        )
 
     def _record_end(
         self,

@@ -22,6 +22,7 @@ from llorch.errors import DeadlineUnmet, DecodeTimeout, EngineError, EngineRejec
 from llorch.persistence import Database
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.task import TaskRecord
+from llorch.timers import Watchdog
 
 log = logging.getLogger("llorch.dispatcher")
 
@@ -141,28 +142,28 @@ class EngineCall:
         loop = asyncio.get_running_loop()
         settings = self.pool.settings
         idle_s = settings.decode_timeout_ms / 1000
-        first_token_by = loop.time() + settings.timeouts.first_token_ms / 1000
         deadline = self.record.deadline_at
+        first_token_by = loop.time() + settings.timeouts.first_token_ms / 1000
         chunks = self.replica.engine.stream(self.record.request)
+        # One watchdog for the whole relay: moving the idle limit at every token costs no timer.
+        dog = Watchdog()
+        dog.move(first_token_by if deadline is None else min(first_token_by, deadline))
         try:
-            async with asyncio.timeout(None) as timer:
-                while True:
-                    limit = loop.time() + idle_s if self.tokens_out else first_token_by
-                    if deadline is not None:
-                        limit = min(limit, deadline)
-                    timer.reschedule(limit)
-                    chunk = await anext(chunks, None)
-                    if chunk is None:
-                        raise EngineError(
-                            "engine stream ended without finishing",
-                            engine=self.replica.engine.engine,
-                        )
-                    if not isinstance(chunk, Token):
-                        return chunk
-                    if self.first_token_at is None:
-                        self.first_token_at = loop.time()
-                    self._on_token(self, chunk.text)
-                    self.tokens_out += 1
+            while True:
+                chunk = await dog.wait(anext(chunks, None))
+                if chunk is None:
+                    raise EngineError(
+                        "engine stream ended without finishing",
+                        engine=self.replica.engine.engine,
+                    )
+                if not isinstance(chunk, Token):
+                    return chunk
+                now = loop.time()
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                self._on_token(self, chunk.text)
+                self.tokens_out += 1
+                dog.move(now + idle_s if deadline is None else min(now + idle_s, deadline))
         except TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
                 raise DeadlineUnmet("the task's deadline passed while it ran") from exc
@@ -178,4 +179,5 @@ class EngineCall:
                 engine=engine,
             ) from exc
         finally:
+            dog.close()
             await chunks.aclose()

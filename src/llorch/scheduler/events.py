@@ -10,9 +10,13 @@ terminal ``end`` or ``error``.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+from llorch.timers import Watchdog
 
 TERMINAL = frozenset({"end", "error"})
 
@@ -34,6 +38,9 @@ class EventStream:
         self._first_seq = first_seq
         self._events: list[Event] = []
         self._changed = asyncio.Event()
+        # wait_for_seq's waiters, earliest id first: (seq, tie-break, future).
+        self._watches: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._watch_ids = itertools.count()
 
     @property
     def closed(self) -> bool:
@@ -55,30 +62,75 @@ class EventStream:
         # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
         self._changed.set()
         self._changed = asyncio.Event()
+        if self._watches and (event.seq >= self._watches[0][0] or kind in TERMINAL):
+            self._wake_watches()
         return event
 
     async def wait_for_seq(self, seq: int) -> None:
-        """Return once the event with id ``seq`` is published, or the stream is closed."""
-        while self.next_seq <= seq and not self.closed:
-            await self._changed.wait()
+        """Return once the event with id ``seq`` is published, or the stream is closed.
+
+        It is woken once, by that event, not by every event before it.
+        """
+        if self.next_seq > seq or self.closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._watches, (seq, next(self._watch_ids), waiter))
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # a cancelled wait leaves a dead entry, dropped when due
+
+    def _wake_watches(self) -> None:
+        closed = self.closed
+        while self._watches and (closed or self._watches[0][0] < self.next_seq):
+            _, _, waiter = heapq.heappop(self._watches)
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def subscribe(
         self, *, after: int | None = None, heartbeat_s: float | None = None
     ) -> AsyncIterator[Event | None]:
         """Yield events after ``after`` (all when None); yield None when idle for heartbeat_s."""
-        index = 0 if after is None else max(0, after + 1 - self._first_seq)
-        while True:
-            while index < len(self._events):
-                event = self._events[index]
-                index += 1
-                yield event
-                if event.kind in TERMINAL:
-                    return
-            if self.closed:
-                return
-            changed = self._changed
-            try:
-                async with asyncio.timeout(heartbeat_s):
-                    await changed.wait()
-            except TimeoutError:
+        async for batch in self.batches(after=after, heartbeat_s=heartbeat_s):
+            if batch is None:
                 yield None
+                continue
+            for event in batch:
+                yield event
+
+    async def batches(
+        self, *, after: int | None = None, heartbeat_s: float | None = None
+    ) -> AsyncIterator[list[Event] | None]:
+        """Like :meth:`subscribe`, but every event already published comes at once, in one list.
+
+        A reader that keeps up gets one event at a time; one that fell behind catches up in one
+        step (one SSE write for all of them), however many there are.
+        """
+        index = 0 if after is None else max(0, after + 1 - self._first_seq)
+        dog = None if heartbeat_s is None else Watchdog()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if index < len(self._events):
+                    batch = self._events[index:]
+                    index += len(batch)
+                    yield batch
+                    if batch[-1].kind in TERMINAL:
+                        return
+                    continue
+                if self.closed:
+                    return
+                if dog is None:
+                    await self._changed.wait()
+                    continue
+                assert heartbeat_s is not None
+                dog.move(loop.time() + heartbeat_s)
+                try:
+                    await dog.wait(self._changed.wait())
+                except TimeoutError:
+                    dog.move(loop.time() + heartbeat_s)
+                    yield None
+        finally:
+            if dog is not None:
+                dog.close()

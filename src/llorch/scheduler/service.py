@@ -118,7 +118,7 @@ class Scheduler:
             if self._db.get_task(task_id) is None:
                 raise TaskNotFound(f"task {task_id} not found")
             return
-        if record.cancel_requested:
+        if record.cancel_requested or record.ending:
             return
         record.cancel_requested = True
         if record.state == QUEUED and record.runner is None:
