@@ -2,13 +2,20 @@
 
 Modes:
     direct   streamed completions straight from an OpenAI-compatible engine
+    litellm  the same streamed completions through the LiteLLM proxy (--url is the proxy's,
+             --api-key its master key)
     llorch   streamed tasks through llorch: POST /v1/tasks, then GET /v1/tasks/{id}/stream
     admit    POST /v1/tasks only: how many are answered 202 per second
     hold     N tasks with N streams open at once; reads the server's resident memory (--pid)
              before and while they are open
 
-Each worker sends its next request as soon as the previous one ended. Requests that start
-during --warmup are not counted; the measured window is the --duration seconds after it.
+Each worker sends its next request as soon as the previous one ended. The measured window is
+the --duration seconds after --warmup; a request is counted when it ends inside the window, even if
+it started before it; a token is counted when it arrives inside the window. (Counting only the
+requests that both start and end inside the window would undercount streams that last a sizeable
+part of the window, and count none of those that last longer: a LiteLLM stream of 256 tokens at
+concurrency 64 takes 10 s or more on one core. Completions still come in waves then, so
+``per_s_by_tokens``, the token rate over the tokens per stream, is the steadier tasks/s.)
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class Sample:
     tokens: int
     ok: bool
     status: str
+    # When each token arrived (perf_counter), for the tokens that arrived inside the window.
+    arrivals: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +70,7 @@ async def stream_direct(client: httpx.AsyncClient, args: argparse.Namespace) -> 
         "stream": True,
     }
     done = False
+    arrivals: list[float] = []
     async with client.stream("POST", f"{args.url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
@@ -73,10 +83,13 @@ async def stream_direct(client: httpx.AsyncClient, args: argparse.Namespace) -> 
                 break
             choice = orjson.loads(line[6:])["choices"][0]
             if choice.get("text"):
+                now = time.perf_counter()
+                arrivals.append(now)
                 tokens += 1
                 if ttft is None:
-                    ttft = time.perf_counter() - start
-    return Sample(start, time.perf_counter(), ttft, tokens, done, "200" if done else "cut")
+                    ttft = now - start
+    status = "200" if done else "cut"
+    return Sample(start, time.perf_counter(), ttft, tokens, done, status, arrivals)
 
 
 async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
@@ -91,6 +104,7 @@ async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> 
     tokens = 0
     event = ""
     terminal = ""
+    arrivals: list[float] = []
     async with client.stream("GET", f"{args.url}/v1/tasks/{task_id}/stream") as response:
         if response.status_code != 200:
             await response.aread()
@@ -99,9 +113,11 @@ async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> 
             if line.startswith("event: "):
                 event = line[7:]
                 if event == "token":
+                    now = time.perf_counter()
+                    arrivals.append(now)
                     tokens += 1
                     if ttft is None:
-                        ttft = time.perf_counter() - start
+                        ttft = now - start
                 elif event in ("end", "error"):
                     terminal = event
             elif terminal and line.startswith("data: "):
@@ -110,7 +126,7 @@ async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> 
                     return Sample(start, time.perf_counter(), ttft, tokens, False, code)
                 break
     ok = terminal == "end"
-    return Sample(start, time.perf_counter(), ttft, tokens, ok, "end" if ok else "cut")
+    return Sample(start, time.perf_counter(), ttft, tokens, ok, "end" if ok else "cut", arrivals)
 
 
 async def admit_only(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
@@ -122,7 +138,12 @@ async def admit_only(client: httpx.AsyncClient, args: argparse.Namespace) -> Sam
     return Sample(start, time.perf_counter(), None, 0, ok, f"{response.status_code}{code}")
 
 
-MODES = {"direct": stream_direct, "llorch": stream_llorch, "admit": admit_only}
+MODES = {
+    "direct": stream_direct,
+    "litellm": stream_direct,
+    "llorch": stream_llorch,
+    "admit": admit_only,
+}
 
 
 async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,24 +164,33 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
                 sample = Sample(now, now, None, 0, False, type(exc).__name__)
             run.samples.append(sample)
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(
+        limits=limits, timeout=timeout, trust_env=False, headers=headers
+    ) as client:
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    counted = [s for s in run.samples if measure_from <= s.start and s.end <= until]
+    counted = [s for s in run.samples if measure_from <= s.end <= until]
     ok = [s for s in counted if s.ok]
     errors: dict[str, int] = {}
     for s in counted:
         if not s.ok:
             errors[s.status] = errors.get(s.status, 0) + 1
     ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
-    tokens = sum(s.tokens for s in ok)
+    # Tokens are counted by when they arrived, so streams that straddle the window's edges
+    # count for their part inside it (tasks/s, by completions, is quantised when every worker's
+    # stream takes about as long as the window or longer).
+    tokens = sum(1 for s in run.samples if s.ok for t in s.arrivals if measure_from <= t <= until)
     return {
         "mode": args.mode,
         "concurrency": args.concurrency,
         "duration_s": args.duration,
+        "counted": "streams that ended in the window; tokens that arrived in it",
         "completed": len(ok),
         "errors": errors,
         "per_s": len(ok) / args.duration,
         "tokens_per_s": tokens / args.duration,
+        # Whole streams' worth of tokens per second: the tasks/s that the token rate sustains.
+        "per_s_by_tokens": tokens / args.duration / args.max_tokens,
         "ttft_ms_p50": quantile(ttfts, 0.50),
         "ttft_ms_p99": quantile(ttfts, 0.99),
     }
@@ -255,6 +285,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--pid", type=int, help="the server's pid (hold mode)")
+    parser.add_argument("--api-key", help="sent as a bearer token (litellm mode)")
     args = parser.parse_args()
     result = asyncio.run(hold(args) if args.mode == "hold" else closed_loop(args))
     json.dump(result, sys.stdout)
