@@ -40,7 +40,10 @@ class Watchdog:
         self._loop = asyncio.get_running_loop()
         self._at = math.inf
         self._handle: asyncio.TimerHandle | None = None
-        self._waiter: asyncio.Task[object] | None = None  # the task inside wait(), if any
+        # A watchdog belongs to the task that made it (asyncio.current_task is Python code in
+        # 3.11, and this is per token); _waiting says that task is inside wait().
+        self._task = asyncio.current_task()
+        self._waiting = False
         self._cancelled_at: int | None = None  # its cancelling() count before we cancelled it
         #: What the current deadline is, for the message of the error a caller raises.
         self.reason = ""
@@ -62,9 +65,9 @@ class Watchdog:
             if close is not None:
                 close()  # a coroutine never awaited would warn
             raise TimeoutError(self.reason)
-        task = asyncio.current_task()
-        assert task is not None, "Watchdog.wait runs in a task"
-        self._waiter = task
+        task = self._task
+        assert task is not None, "a Watchdog is made and used inside a task"
+        self._waiting = True
         try:
             return await awaitable
         except asyncio.CancelledError:
@@ -73,7 +76,7 @@ class Watchdog:
                 raise TimeoutError(self.reason) from None
             raise
         finally:
-            self._waiter = None
+            self._waiting = False
 
     def close(self) -> None:
         """Release the timer; the watchdog is not used again."""
@@ -86,7 +89,7 @@ class Watchdog:
         now = self._loop.time()
         if self._at > now:
             self._handle = self._loop.call_at(self._at, self._fire)
-        elif self._waiter is not None and self._cancelled_at is None:
-            self._cancelled_at = self._waiter.cancelling()
-            self._waiter.cancel()
+        elif self._waiting and self._task is not None and self._cancelled_at is None:
+            self._cancelled_at = self._task.cancelling()
+            self._task.cancel()
         # Otherwise nothing waits: the next wait sees that the deadline has passed.

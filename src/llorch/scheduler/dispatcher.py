@@ -17,6 +17,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from llorch.artifacts import ArtifactStore, redact
 from llorch.clock import Clock
 from llorch.config import Settings
@@ -487,7 +489,7 @@ class Dispatcher:
             },
             "transcript": transcript,
         }
-        return json.dumps(trace, ensure_ascii=False, separators=(",", ":"))
+        return orjson.dumps(trace).decode()
 
     def _store_trace(self, ending: _Ending, content: str) -> str | None:
         """Store the trace on the spot (before the terminal event goes out); its id."""
