@@ -62,3 +62,26 @@ async def test_a_reload_in_progress_is_a_real_reload_that_rolls_back(tmp_path: P
         health = (await api.client.get("/v1/pools/spare/health")).json()
         assert (health["reloading"], health["model"]) == (False, "mock-spare")
         assert "mock-spare-unloadable" in health["last_reload_error"]
+
+
+@pytest.mark.req("ORCH-CLI-0021")
+async def test_every_replica_down_is_the_mock_engines_failure_injection(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        {"server": {"provider_states": True}, "pools": [pool(health_interval_ms=50)]},
+    )
+    async with in_process(settings) as api:
+        route = "/_pact/provider-states"
+        setup = {"state": "every replica of every pool is down", "params": {}, "action": "setup"}
+        assert (await api.client.post(route, json=setup)).status_code == 200
+        down = await api.client.get("/readyz")
+        refused = await api.submit()
+        await api.client.post(route, json=setup | {"action": "teardown"})
+        up = await api.client.get("/readyz")
+        accepted = await api.submit()
+
+    assert (down.status_code, down.json()["code"]) == (503, "NOT_READY")
+    assert "no pool has a ready replica" in down.json()["message"]
+    assert (refused.status_code, refused.json()["code"]) == (503, "POOL_UNREADY")
+    assert up.status_code == 200
+    assert accepted.status_code == 202

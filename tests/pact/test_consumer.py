@@ -24,6 +24,7 @@ _RETRIABLE = {
     "INTERNAL",
     "POOL_UNAVAILABLE",
     "RELOAD_IN_PROGRESS",
+    "NOT_READY",
 }
 
 

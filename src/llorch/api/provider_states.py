@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from llorch.api.runtime import Runtime
-from llorch.config import ApiKey, RateLimit, Settings
+from llorch.config import ApiKey, FailureSettings, RateLimit, Settings
+from llorch.engines.mock import MockEngine
 
 PATH = "/_pact/provider-states"
 
@@ -255,6 +256,39 @@ async def _rate_limited(s: ProviderStates, p: Params) -> dict[str, Any]:
     return {}
 
 
+async def _every_replica_down(s: ProviderStates, _p: Params) -> dict[str, Any]:
+    """The mock engine's failure injection puts every replica down; the health loop sees it."""
+    engines = [
+        r.engine
+        for pool in s.rt.scheduler.registry.pools.values()
+        for r in pool.replicas
+        if isinstance(r.engine, MockEngine)
+    ]
+    before = [(engine, engine.failure) for engine in engines]
+    for engine in engines:
+        engine.inject(FailureSettings(mode="down"))
+
+    async def back_up() -> None:
+        for engine, failure in before:
+            engine.inject(failure)
+        await _until(lambda: s.rt.not_ready_reason() is None, "a pool to be ready again")
+
+    s._undo.append(back_up)
+    await _until(lambda: s.rt.not_ready_reason() is not None, "every pool to be unready")
+    return {}
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    # The health loop probes every pool each health_interval_ms and signals no event for a
+    # replica going down: poll its verdict (test profile only, bounded by the timeout).
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise StateError(f"timed out waiting for {what}") from None
+
+
 async def _storage_locked(s: ProviderStates, p: Params) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if p.get("session"):
@@ -285,6 +319,7 @@ STATES: dict[str, Setup] = {
     "the request's API key lacks the operation's scope": _wrong_scope,
     "the request's API key has spent its rate limit": _rate_limited,
     "another process holds the database's write lock": _storage_locked,
+    "every replica of every pool is down": _every_replica_down,
 }
 
 

@@ -120,6 +120,17 @@ class MockEngine:
     def slots(self) -> int:
         return self._slots
 
+    @property
+    def failure(self) -> FailureSettings:
+        return self._failure
+
+    def inject(self, failure: FailureSettings) -> None:
+        """Change the injected failure at run time (pact provider states, fault drills).
+
+        A replica put ``down`` fails its next health probe; streams already running go on.
+        """
+        self._failure = failure
+
     async def health(self) -> bool:
         return self._failure.mode != "down"
 
