@@ -291,6 +291,7 @@ async def test_an_engine_not_running_at_start_up_leaves_the_pool_unready(
     settings = settings_for(config(llama_pool(f"http://127.0.0.1:{port}")))
     async with serve(settings) as wire:
         health = await pool_health(wire)
+        readyz = await wire.client.get("/readyz")
         refused = await wire.client.post(
             "/v1/tasks", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}
         )
@@ -300,6 +301,10 @@ async def test_an_engine_not_running_at_start_up_leaves_the_pool_unready(
 
     assert health["ready"] is False
     assert health["replicas"][0]["state"] == "unready"
+    # /readyz says why: the pool, its replica, and what its probe met.
+    assert (readyz.status_code, readyz.json()["code"]) == (503, "NOT_READY")
+    assert "pool llama: llama-0 unready" in readyz.json()["message"]
+    assert "did not answer its health probe: ConnectError" in readyz.json()["message"]
     assert refused.status_code == 503
     assert refused.json()["code"] == "POOL_UNREADY"
     assert "retry-after" in refused.headers

@@ -173,10 +173,11 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
     async with adapter(f"http://127.0.0.1:{free_port()}") as engine:
         with pytest.raises(EngineUnavailable) as caught:
             await collect(engine, request())
-        healthy = await engine.health()
+        with pytest.raises(EngineUnavailable) as probed:
+            await engine.health()
 
     assert caught.value.__cause__ is not None
-    assert healthy is False
+    assert "did not answer its health probe: ConnectError" in probed.value.message
 
 
 @pytest.mark.req("ORCH-ENG-0004")

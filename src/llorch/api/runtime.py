@@ -68,7 +68,8 @@ class Runtime:
         if self._scheduler.closing:
             return "shutting down"
         if not self._scheduler.ready:
-            return "no pool has a ready replica"
+            pools = self._scheduler.registry.pools.values()
+            return "no pool has a ready replica: " + "; ".join(p.unready_reason() for p in pools)
         return None
 
     async def start(self) -> None:

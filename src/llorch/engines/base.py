@@ -65,7 +65,8 @@ class Engine(Protocol):
 
     async def health(self) -> bool:
         """True when the replica can take work; also refreshes what the engine reports
-        (slots, context size, version) where it reports them."""
+        (slots, context size, version) where it reports them. An engine that cannot be
+        reached raises :class:`llorch.errors.EngineError`, whose message says why."""
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:

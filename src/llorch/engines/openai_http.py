@@ -346,10 +346,17 @@ class OpenAIHttpEngine:
             if response.status_code == 404:
                 response = await self._client.get("/v1/models", timeout=self._connect_s)
             if response.status_code != 200:
-                return False
+                # llama.cpp answers 503 while its model loads: not ready yet, and it says so.
+                raise EngineUnavailable(
+                    f"{self._where} answered {response.status_code} to its health probe",
+                    engine=self.engine,
+                )
             await self._describe()
-        except httpx.HTTPError:
-            return False
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(
+                f"{self._where} did not answer its health probe: {type(exc).__name__}",
+                engine=self.engine,
+            ) from exc
         return True
 
     async def _describe(self) -> None:

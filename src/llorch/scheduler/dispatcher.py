@@ -159,15 +159,16 @@ class Dispatcher:
     async def _probe_replica(self, pool: PoolRuntime, replica: Replica) -> None:
         was_serving = replica.serving
         trial = replica.breaker.trial_due()
+        why = "health check failed"
         try:
             ready = await replica.engine.health()
-        except EngineError:
-            ready = False
+        except EngineError as exc:
+            ready, why = False, exc.message
         if trial:
             replica.breaker.trial_result(ready)
             log.info("replica %s: half-open probe %s", replica.id, "passed" if ready else "failed")
-        if not ready and replica.ready:
-            replica.last_error = "health check failed"
+        if not ready:
+            replica.last_error = why
         replica.ready = ready
         if replica.serving and not was_serving:
             pool.wakeup.set()

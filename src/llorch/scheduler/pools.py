@@ -122,6 +122,14 @@ class PoolRuntime:
     def ready(self) -> bool:
         return any(r.serving for r in self.replicas)
 
+    def unready_reason(self) -> str:
+        """Why no replica serves, replica by replica (for ``/readyz``)."""
+        parts = [
+            f"{r.id} {r.state}" + (f" ({r.last_error})" if r.last_error else "")
+            for r in self.replicas
+        ]
+        return f"pool {self.id}: " + ("; ".join(parts) or "no replicas")
+
     @property
     def slots_total(self) -> int:
         return sum(r.engine.slots for r in self.replicas if r.serving)
