@@ -96,6 +96,9 @@ class OpenAIHttpEngine:
             transport=transport,
             # The read timeout backs up the idle limit enforced per chunk below.
             timeout=httpx.Timeout(idle_timeout_s, connect=connect_timeout_s),
+            # httpx keeps 20 idle connections by default: with more slots than that, every
+            # stream past the 20th reconnected. Slots bound the streams; keep them all alive.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max(32, 2 * slots)),
         )
 
     @classmethod
