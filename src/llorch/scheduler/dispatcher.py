@@ -11,19 +11,16 @@ final row written, then the one terminal event published.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-from llorch.artifacts import ArtifactStore, redact
+from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, EngineError, LlorchError, StorageError
 from llorch.persistence import Database
+from llorch.scheduler.ending import Ending, conclude, trace_document
 from llorch.scheduler.engine_call import EngineCall
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
@@ -32,30 +29,11 @@ from llorch.scheduler.task import (
     FAILED,
     RUNNING,
     SUCCEEDED,
-    TRANSITIONS,
-    IllegalTransition,
     TaskRecord,
 )
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch.dispatcher")
-
-
-@dataclass
-class _Ending:
-    """How a task ends, decided at once; written and published by ``Dispatcher._settle``."""
-
-    record: TaskRecord
-    state: str
-    error: LlorchError | None
-    finish_reason: str | None
-    values: dict[str, Any]  # the final row
-    terminal: tuple[str, dict[str, Any]]
-    tokens_in: int
-    tokens_out: int
-    cost: float
-    run_ms: int
-    decode_ms: int
 
 
 class Dispatcher:
@@ -293,69 +271,16 @@ class Dispatcher:
         error: LlorchError | None = None,
         tokens_in: int | None = None,
         tokens_out: int = 0,
-    ) -> _Ending:
-        """The task's final values and terminal event, decided now; nothing is written yet."""
-        if state not in TRANSITIONS[record.state]:
-            raise IllegalTransition(f"task {record.task_id}: {record.state} -> {state}")
-        record.ending = True
-        now = self._clock.now_ms()
-        tokens_in = record.tokens_in_estimate if tokens_in is None else tokens_in
-        if record.started_ms is None:
-            tokens_in = 0  # never reached an engine: nothing was read or generated
-        price = self._settings.pricing.price_for(record.request.model)
-        cost = round((tokens_in * price.input_per_1k + tokens_out * price.output_per_1k) / 1000, 9)
-        run_ms = 0 if record.started_ms is None else max(0, now - record.started_ms)
-        decode_ms = 0 if record.ttft_ms is None else max(0, run_ms - record.ttft_ms)
-        task_values: dict[str, Any] = {
-            "state": state,
-            "ended_ms": now,
-            "ttft_ms": record.ttft_ms,
-            "decode_time_ms": decode_ms,
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "cost": cost,
-            "finish_reason": finish_reason,
-            "terminal_event_id": record.events.next_seq,
-        }
-        if error is not None:
-            task_values |= {
-                "error_code": error.code,
-                "error_message": error.message,
-                "error_retriable": error.retriable,
-            }
-        if error is None:
-            terminal: tuple[str, dict[str, Any]] = (
-                "end",
-                {
-                    "tokens_in": tokens_in,
-                    "tokens_out": tokens_out,
-                    "ttft_ms": record.ttft_ms,
-                    "decode_time_ms": decode_ms,
-                    "cost": cost,
-                    "finish_reason": finish_reason or "stop",
-                },
-            )
-        else:
-            data: dict[str, Any] = {
-                "code": error.code,
-                "message": error.message,
-                "retriable": error.retriable,
-            }
-            if error.retry_after_ms is not None and error.retriable:
-                data["retry_after_ms"] = error.retry_after_ms
-            terminal = ("error", data)
-        return _Ending(
+    ) -> Ending:
+        return conclude(
             record,
             state,
-            error,
-            finish_reason,
-            task_values,
-            terminal,
-            tokens_in,
-            tokens_out,
-            cost,
-            run_ms,
-            decode_ms,
+            clock=self._clock,
+            pricing=self._settings.pricing,
+            finish_reason=finish_reason,
+            error=error,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
         )
 
     def finish(
@@ -380,7 +305,7 @@ class Dispatcher:
         trace = self._trace(ending)
         self._settle(ending, None if trace is None else self._store_trace(ending, trace))
 
-    async def _settle_after_trace(self, ending: _Ending) -> None:
+    async def _settle_after_trace(self, ending: Ending) -> None:
         """End the task like :meth:`finish`, with the trace's file written off the event loop.
 
         The trace's fsyncs take milliseconds; on the loop they would stall every stream. The
@@ -414,7 +339,7 @@ class Dispatcher:
             self._trace_missing(ending, exc)
         self._settle(ending, trace_id)
 
-    def _settle(self, ending: _Ending, trace_id: str | None) -> None:
+    def _settle(self, ending: Ending, trace_id: str | None) -> None:
         """Release the reservation, commit usage and the final row, publish the terminal event."""
         record, state, error, terminal = ending.record, ending.state, ending.error, ending.terminal
         tokens_in, tokens_out, decode_ms = ending.tokens_in, ending.tokens_out, ending.decode_ms
@@ -450,49 +375,18 @@ class Dispatcher:
             },
         )
 
-    def _trace(self, ending: _Ending) -> str | None:
-        """The task's trace artifact, as JSON (None when there is no artifact store)."""
+    def _trace(self, ending: Ending) -> str | None:
+        """The task's trace document (None when there is no artifact store)."""
         if self._artifacts is None:
             return None
-        record, outcome, terminal = ending.record, ending.values, ending.terminal
-        row = record.row
-        pool = self._registry.pools.get(row.pool_id)
+        record = ending.record
+        pool = self._registry.pools.get(record.pool_id)
         replica = None
         if pool is not None and record.replica_id is not None:
             replica = next((r for r in pool.replicas if r.id == record.replica_id), None)
-        transcript = [{"id": e.seq, "event": e.kind, "data": e.data} for e in record.events.events]
-        transcript.append({"id": record.events.next_seq, "event": terminal[0], "data": terminal[1]})
-        trace = {
-            "task_id": row.task_id,
-            "session_id": row.session_id,
-            "correlation_id": row.correlation_id,
-            "request": redact(json.loads(row.request_json)),
-            "model": row.model,
-            "seed": record.request.seed,
-            "pool_id": row.pool_id,
-            "replica_id": record.replica_id,
-            "engine": replica.engine.engine if replica else None,
-            "engine_version": replica.engine.version if replica else None,
-            "state": outcome["state"],
-            "finish_reason": outcome["finish_reason"],
-            "error": terminal[1] if terminal[0] == "error" else None,
-            "usage": {
-                "tokens_in": outcome["tokens_in"],
-                "tokens_out": outcome["tokens_out"],
-                "cost": outcome["cost"],
-            },
-            "timings": {
-                "created_ms": row.created_ms,
-                "started_ms": record.started_ms,
-                "ended_ms": outcome["ended_ms"],
-                "ttft_ms": record.ttft_ms,
-                "decode_time_ms": outcome["decode_time_ms"],
-            },
-            "transcript": transcript,
-        }
-        return orjson.dumps(trace).decode()
+        return trace_document(ending, replica.engine if replica else None)
 
-    def _store_trace(self, ending: _Ending, content: str) -> str | None:
+    def _store_trace(self, ending: Ending, content: str) -> str | None:
         """Store the trace on the spot (before the terminal event goes out); its id."""
         assert self._artifacts is not None
         try:
@@ -508,7 +402,7 @@ class Dispatcher:
             return None
         return artifact.id
 
-    def _trace_missing(self, ending: _Ending, exc: Exception) -> None:
+    def _trace_missing(self, ending: Ending, exc: Exception) -> None:
         # The task still ends with its terminal event and its final row; the store logged and
         # counted a failed write, and the task's line says its trace is missing.
         task_id = ending.record.task_id
