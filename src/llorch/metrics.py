@@ -23,6 +23,8 @@ from prometheus_client import (
 from llorch import __version__
 
 OTHER = "other"
+# Resolved children per (metric, label values as given); past this many, resolve every time.
+_MAX_CACHED_CHILDREN = 4096
 
 
 class Metrics:
@@ -39,6 +41,10 @@ class Metrics:
         self._seen: dict[str, set[str]] = {name: set() for name in self._label_rules}
         self._labels: dict[str, tuple[str, ...]] = {}
         self._collectors: dict[str, Counter | Gauge | Histogram] = {}
+        # Folding is stable (a value once seen stays seen, a value folded into `other` stays
+        # there), so the child a set of label values resolves to never changes: resolving it
+        # costs more than the record itself, hence the cache.
+        self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         for spec in contract["metrics"]:
             name, labels = spec["name"], tuple(spec["labels"])
             unknown = set(labels) - set(self._label_rules)
@@ -77,6 +83,15 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _child(self, name: str, labels: Mapping[str, str]) -> Any:
+        key = (name, tuple(labels.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._resolve(name, labels)
+            if len(self._children) < _MAX_CACHED_CHILDREN:
+                self._children[key] = child
+        return child
+
+    def _resolve(self, name: str, labels: Mapping[str, str]) -> Any:
         collector = self._collectors[name]
         wanted = self._labels[name]
         if set(labels) != set(wanted):

@@ -15,7 +15,8 @@ The request pipeline, outermost first:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -46,15 +47,35 @@ from llorch.scheduler.service import EngineFactory
 class OperationResolver(Resolver):  # type: ignore[misc]  # connexion ships no types
     """Binds each operationId to a handler; a missing handler fails start-up."""
 
-    def __init__(self, table: dict[str, Any]) -> None:
+    def __init__(self, table: dict[str, Callable[..., Awaitable[Any]]]) -> None:
         super().__init__(function_resolver=self._lookup)
         self._table = table
 
-    def _lookup(self, operation_id: str) -> Any:
+    def _lookup(self, operation_id: str) -> Callable[..., Awaitable[Any]]:
         try:
-            return self._table[operation_id]
+            return presigned(self._table[operation_id])
         except KeyError:
             raise ValueError(f"no handler for operationId {operation_id!r}") from None
+
+
+def presigned(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``handler``, carrying its signature, computed once.
+
+    Connexion decorates the handler anew on every request and asks ``inspect.signature`` which
+    arguments it takes: ~10 µs for a bound method, under 1 µs for a function that carries
+    ``__signature__``. The wrapper has no ``__wrapped__``, since connexion unwraps down to the
+    innermost function before it asks.
+    """
+    signature = inspect.signature(handler)
+
+    async def call(**kwargs: Any) -> Any:
+        return await handler(**kwargs)
+
+    call.__signature__ = signature  # type: ignore[attr-defined]
+    call.__name__ = handler.__name__
+    call.__qualname__ = handler.__qualname__
+    call.__doc__ = handler.__doc__
+    return call
 
 
 def create_app(

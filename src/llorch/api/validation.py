@@ -1,25 +1,52 @@
-"""Request-body validation whose errors never repeat what the client sent.
+"""Connexion's request and response validators, made cheap per request, with redacted errors.
 
-Connexion's JSON body validator puts jsonschema's message in the 400 and in an info log line, and
-that message quotes the offending value: a prompt too long would come back in the error and land
-in the logs. This validator names the place and the rule broken, never the value.
+Redaction: connexion's JSON body validator puts jsonschema's message in the 400 and in an info
+log line, and that message quotes the offending value: a prompt too long would come back in the
+error and land in the logs. Our body validator names the place and the rule broken, never the
+value.
+
+Cost: connexion builds a jsonschema validator for every body and every parameter of every
+request (~60 µs for a task submission and its 202). Here each schema is compiled once, by
+``jsonschema_rs`` (Rust), and the Python validator connexion would have used is kept beside it.
+The Rust validator only ever says "valid": when it rejects an instance (or cannot judge it: an
+integer beyond 64 bits, a lone surrogate), the Python validator decides and writes the error,
+so what is accepted, what is refused and every error message stay exactly connexion's. Schemas
+the two could judge differently (``format``, ``writeOnly``) are left to the Python validator.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import jsonschema_rs
 from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem
-from connexion.validators import VALIDATOR_MAP, JSONRequestBodyValidator
-from jsonschema import ValidationError
+from connexion.json_schema import Draft4RequestValidator, Draft4ResponseValidator
+from connexion.utils import is_null, is_nullable
+from connexion.validators import (
+    VALIDATOR_MAP,
+    JSONRequestBodyValidator,
+    JSONResponseBodyValidator,
+    ParameterValidator,
+)
+from jsonschema import Draft4Validator, ValidationError
+from jsonschema.protocols import Validator
 
 log = logging.getLogger("llorch.api")
 
 # Keywords whose message names properties (keys of the schema), never a value of the request.
 _SAFE_MESSAGES = frozenset({"required", "additionalProperties"})
 _MAX_RULE_CHARS = 120
+
+# Keywords on which jsonschema_rs and connexion's Draft 4 validators may disagree in the unsafe
+# direction (Rust accepting what Python refuses): formats are checked by different code, and
+# connexion's response validator refuses any property marked write-only.
+_PYTHON_ONLY_KEYWORDS = frozenset({"format", "writeOnly", "x-writeOnly"})
+# Connexion hands the same schema dict for an operation on every request; a bound keeps a schema
+# built afresh per request (none today) from growing the cache.
+_MAX_CACHED = 1024
 
 
 def describe(error: ValidationError) -> str:
@@ -33,21 +60,144 @@ def describe(error: ValidationError) -> str:
     return f"'{where}' does not satisfy {error.validator}: {rule}"
 
 
+class CompiledSchema:
+    """One schema compiled twice: a Rust fast path and the Python validator that decides."""
+
+    def __init__(self, schema: dict[str, Any], python_cls: Callable[..., Validator]) -> None:
+        self.python = python_cls(schema, format_checker=Draft4Validator.FORMAT_CHECKER)
+        self.fast: jsonschema_rs.Validator | None = None
+        if not _mentions(schema, _PYTHON_ONLY_KEYWORDS):
+            try:
+                self.fast = jsonschema_rs.Draft4Validator(schema, offline=True)
+            except Exception:  # a schema Rust cannot compile (e.g. a Python-only regex)
+                log.debug("schema left to the Python validator", exc_info=True)
+
+    def surely_valid(self, instance: Any) -> bool:
+        """True only when the instance is valid; False means "ask the Python validator"."""
+        if self.fast is None:
+            return False
+        try:
+            return self.fast.is_valid(instance)
+        except Exception:  # not representable for Rust: big integers, lone surrogates
+            return False
+
+
+class SchemaCache:
+    """Compiled schemas by schema object (kept alive here, so an id is never reused)."""
+
+    def __init__(self, python_cls: Callable[..., Validator]) -> None:
+        self._python_cls = python_cls
+        self._compiled: dict[int, tuple[dict[str, Any], CompiledSchema]] = {}
+
+    def get(self, schema: dict[str, Any]) -> CompiledSchema:
+        found = self._compiled.get(id(schema))
+        if found is not None and found[0] is schema:
+            return found[1]
+        compiled = CompiledSchema(schema, self._python_cls)
+        if len(self._compiled) < _MAX_CACHED:
+            self._compiled[id(schema)] = (schema, compiled)
+        return compiled
+
+
 class RedactingJSONRequestBodyValidator(JSONRequestBodyValidator):  # type: ignore[misc]
+    schemas = SchemaCache(Draft4RequestValidator)
+
     def _validate(self, body: Any) -> dict[str, Any] | None:
         if not self._nullable and body is None:
             raise BadRequestProblem("Request body must not be empty")
+        compiled = self.schemas.get(self._schema)
+        if compiled.surely_valid(body):
+            return None
         try:
-            result: dict[str, Any] | None = self._validator.validate(body)
+            compiled.python.validate(body)
         except ValidationError as exc:
             detail = describe(exc)
             log.info("request body rejected: %s", detail, extra={"validator": "body"})
             raise BadRequestProblem(detail=detail) from None
-        return result
+        return None
+
+
+class CachedJSONResponseBodyValidator(JSONResponseBodyValidator):  # type: ignore[misc]
+    """Connexion's response body validator over a compiled schema; its errors unchanged."""
+
+    schemas = SchemaCache(Draft4ResponseValidator)
+
+    @property
+    def validator(self) -> Validator:
+        return self.schemas.get(self._schema).python
+
+    def _validate(self, body: Any) -> None:
+        if self.schemas.get(self._schema).surely_valid(body):
+            return
+        super()._validate(body)
+
+
+class CachedParameterValidator(ParameterValidator):  # type: ignore[misc]
+    """Connexion's parameter validator with each parameter's schema compiled once."""
+
+    schemas = SchemaCache(Draft4Validator)
+
+    def validate(self, scope: dict[str, Any]) -> None:
+        # No parameters declared and none sent: connexion would check nothing.
+        if not self.parameters and not scope.get("query_string"):
+            return
+        super().validate(scope)
+
+    @classmethod
+    def validate_parameter(
+        cls, parameter_type: str, value: Any, param: dict[str, Any], param_name: str | None = None
+    ) -> str | None:
+        # connexion.validators.ParameterValidator.validate_parameter, without its per-call
+        # deepcopy and validator construction.
+        if is_nullable(param) and is_null(value):
+            return None
+        if value is not None:
+            compiled = cls.schemas.get(param.get("schema", param))
+            if compiled.surely_valid(value):
+                return None
+            try:
+                compiled.python.validate(value)
+            except ValidationError as exception:
+                return str(exception)
+            return None
+        if param.get("required"):
+            return f"Missing {parameter_type} parameter '{param['name']}'"
+        return None
+
+
+def _mentions(schema: Any, keywords: frozenset[str]) -> bool:
+    """Whether any mapping in ``schema`` has one of ``keywords`` as a key."""
+    stack = [schema]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            if not keywords.isdisjoint(node):
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def validator_map() -> dict[str, Any]:
-    """Connexion's validators, with the JSON body validator replaced."""
+    """Connexion's validators, with the JSON body, JSON response and parameter validators
+    replaced; the compiled schemas live as long as the API the map is given to."""
+
+    class Body(RedactingJSONRequestBodyValidator):
+        schemas = SchemaCache(Draft4RequestValidator)
+
+    class Response(CachedJSONResponseBodyValidator):
+        schemas = SchemaCache(Draft4ResponseValidator)
+
+    class Parameter(CachedParameterValidator):
+        schemas = SchemaCache(Draft4Validator)
+
     body = MediaTypeDict(dict(VALIDATOR_MAP["body"]))
-    body["*/*json"] = RedactingJSONRequestBodyValidator
-    return {"body": body}
+    body["*/*json"] = Body
+    response = MediaTypeDict(dict(VALIDATOR_MAP["response"]))
+    response["*/*json"] = Response
+    return {"body": body, "response": response, "parameter": Parameter}

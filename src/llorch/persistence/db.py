@@ -76,6 +76,16 @@ class TaskRow:
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
 _SESSION_COLUMNS = [f.name for f in dataclasses.fields(SessionRow)]
+_INSERT_SESSION = (
+    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _SESSION_COLUMNS)})"
+)
+# Every column but the sequence number, which SQLite assigns.
+_ADMIT_COLUMNS = [c for c in _TASK_COLUMNS if c != "seq"]
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
+)
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -163,12 +173,9 @@ class Database:
     # -- sessions ---------------------------------------------------------------------------
 
     def insert_session(self, row: SessionRow) -> None:
-        cols = ", ".join(_SESSION_COLUMNS)
-        marks = ", ".join("?" for _ in _SESSION_COLUMNS)
+        # Not dataclasses.astuple: it deep-copies every value, and a row holds only scalars.
         with self._errors():
-            self._conn.execute(
-                f"INSERT INTO sessions ({cols}) VALUES ({marks})", dataclasses.astuple(row)
-            )
+            self._conn.execute(_INSERT_SESSION, [getattr(row, c) for c in _SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
         cols = ", ".join(_SESSION_COLUMNS)
@@ -197,8 +204,7 @@ class Database:
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
-        cols = [c for c in _TASK_COLUMNS if c != "seq"]
-        values = [getattr(task, c) for c in cols]
+        values = [getattr(task, c) for c in _ADMIT_COLUMNS]
         with self._errors(), self._transaction():
             if new_session:
                 self.insert_session(session)
@@ -207,10 +213,7 @@ class Database:
                     "UPDATE sessions SET last_used_ms = ?, turns = ? WHERE session_id = ?",
                     (session.last_used_ms, session.turns, session.session_id),
                 )
-            cur = self._conn.execute(
-                f"INSERT INTO tasks ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                values,
-            )
+            cur = self._conn.execute(_INSERT_TASK, values)
         return int(cur.lastrowid or 0)
 
     def get_task(self, task_id: str) -> TaskRow | None:
