@@ -574,31 +574,35 @@ def lint_alerts(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int
     return errors, len(alerts)
 
 
-def ensure_promtool() -> str:
-    """The path of promtool, installing Debian's prometheus package when it is missing."""
-    found = shutil.which("promtool")
+def ensure_debian_tool(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` when it is not on PATH."""
+    found = shutil.which(command)
     if found:
         return found
-    step("promtool is not on PATH: apt-get install -y prometheus")
+    step(f"{command} is not on PATH: apt-get install -y {package}")
     if os.geteuid() == 0:
         prefix: list[str] = []
     elif shutil.which("sudo") and run(["sudo", "-n", "true"], check=False, quiet=True) == 0:
         prefix = ["sudo", "-n"]
     else:
         raise TaskError(
-            "promtool is not on PATH and installing it needs root: run "
-            "`apt-get update && apt-get install -y prometheus` as root (or put promtool on PATH)"
+            f"{command} is not on PATH and installing it needs root: run "
+            f"`apt-get update && apt-get install -y {package}` as root (or put {command} on PATH)"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         run([*prefix, "apt-get", "update"], env=env, quiet=True)
-        run([*prefix, "apt-get", "install", "-y", "--no-install-recommends", "prometheus"], env=env)
+        run([*prefix, "apt-get", "install", "-y", "--no-install-recommends", package], env=env)
     except TaskError as exc:
-        raise TaskError(f"could not install promtool with apt-get: {exc}") from exc
-    found = shutil.which("promtool")
+        raise TaskError(f"could not install {command} with apt-get: {exc}") from exc
+    found = shutil.which(command)
     if not found:
-        raise TaskError("apt-get installed prometheus but promtool is still not on PATH")
+        raise TaskError(f"apt-get installed {package} but {command} is still not on PATH")
     return found
+
+
+def ensure_promtool() -> str:
+    return ensure_debian_tool("promtool", "prometheus")
 
 
 def cmd_metrics_lint(args: list[str]) -> int:
@@ -1832,6 +1836,8 @@ def cmd_soak(args: list[str]) -> int:
 def cmd_bench(args: list[str]) -> int:
     """The benchmarks live in bench/run.py (they need the venv's libraries); see its --help."""
     ensure_venv()
+    # The admission profile's load generator: a C client, so the client is never the limit.
+    ensure_debian_tool("wrk", "wrk")
     return run([VENV_PY, ROOT / "bench" / "run.py", *args], check=False)
 
 
