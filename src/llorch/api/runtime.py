@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from llorch.api.auth import AuthKeys, Principal, operation_scopes
+from llorch.api.sse import WriteWatch
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
@@ -37,6 +38,8 @@ class Runtime:
     _artifacts: ArtifactStore | None = None
     # The live API keys; `auth.replace(keys)` swaps them at run time.
     auth: AuthKeys = field(init=False)
+    # The slow-client rules of every open SSE response, in one task.
+    sse_watch: WriteWatch = field(default_factory=WriteWatch)
 
     def __post_init__(self) -> None:
         scopes = operation_scopes((openapi("data"), openapi("control")))
@@ -100,6 +103,7 @@ class Runtime:
         log.info("llorch ready: database %s, pools %s", s.database_path, [p.id for p in s.pools])
 
     async def stop(self) -> None:
+        await self.sse_watch.close()
         if self._scheduler is not None:
             await self._scheduler.stop()
         if self._db is not None:

@@ -4,7 +4,9 @@ The task's events live once, in its :class:`EventStream`; a subscriber only hold
 What one client can make the server hold is therefore the transport's buffer, which uvicorn
 bounds by pausing writes. A client that stops reading leaves its write blocked: when the task
 publishes more than ``max_lag_events`` events meanwhile, or the write stays blocked for
-``write_timeout_s``, the client is disconnected (logged and counted) and the task runs on.
+``write_timeout_s``, the client is disconnected (logged and counted) and the task runs on. One
+:class:`WriteWatch` task checks every open response's write; a write costs its pump two
+attribute stores.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class EventStreamResponse(StreamingResponse):
         max_lag_events: int,
         write_timeout_s: float,
         metrics: Metrics,
+        watch: WriteWatch,
         headers: Mapping[str, str],
         on_disconnect: Callable[[], None] | None = None,
     ) -> None:
@@ -82,33 +85,35 @@ class EventStreamResponse(StreamingResponse):
         self._write_timeout_s = write_timeout_s
         self._metrics = metrics
         self._on_disconnect = on_disconnect
+        self._watch = watch
         self._writing_since: float | None = None
         self._stuck_at = 0
+        self._pump_task: asyncio.Future[None] | None = None
+        self._slow: SlowClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = self._pump_task = asyncio.ensure_future(self._pump(send))
         listen = asyncio.ensure_future(_until_disconnect(receive))
-        guard = asyncio.ensure_future(self._guard())
+        self._watch.add(self)
         try:
-            await asyncio.wait({pump, listen, guard}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pump, listen}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, listen, guard):
+            self._watch.discard(self)
+            for task in (pump, listen):
                 task.cancel()
-            await asyncio.gather(pump, listen, guard, return_exceptions=True)
+            await asyncio.gather(pump, listen, return_exceptions=True)
             await self._frames.aclose()
-        for task in (pump, guard):
-            error = task.exception() if task.done() and not task.cancelled() else None
-            if error is None:
-                continue
-            if not isinstance(error, SlowClient):
-                raise error
+        error = pump.exception() if pump.done() and not pump.cancelled() else None
+        if error is not None:
+            raise error
+        if self._slow is not None:
             self._metrics.inc("llorch_sse_clients_dropped_total")
             log.warning(
                 "slow SSE client disconnected: %s",
-                error,
+                self._slow,
                 extra={"event": "sse_client_dropped", "task_id": self._task_id},
             )
             # Returning without the last body message makes the server close the connection.
@@ -130,38 +135,61 @@ class EventStreamResponse(StreamingResponse):
             self._writing_since = None
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _guard(self) -> None:
-        """Raise :class:`SlowClient` when one write stays blocked past the slow-client rules.
+    def check(self, now: float) -> None:
+        """The slow-client rules, applied by the :class:`WriteWatch`: end a blocked write."""
+        since = self._writing_since
+        if since is None or self._slow is not None or self._pump_task is None:
+            return
+        if self._stream.next_seq > self._stuck_at + self._max_lag:
+            self._slow = SlowClient(
+                f"task {self._task_id} published {self._max_lag} events while the "
+                "client accepted none"
+            )
+        elif now - since >= self._write_timeout_s:
+            self._slow = SlowClient(f"the client accepted nothing for {self._write_timeout_s:g} s")
+        else:
+            return
+        self._pump_task.cancel()
 
-        It runs beside the pump and wakes only when the stream has moved ``max_lag_events`` on,
-        or a write may have been blocked for ``write_timeout_s``: a write costs the pump two
-        attribute stores, not a task and a timer.
-        """
+
+class WriteWatch:
+    """One task for every open SSE response: it applies the slow-client rules to blocked writes.
+
+    It looks ``interval_s`` apart while any response is open, and sleeps while none is. A
+    response per task before this cost each open stream a task and a timer (memory per stream).
+    """
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self._interval_s = interval_s
+        self._open: set[EventStreamResponse] = set()
+        self._someone = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, response: EventStreamResponse) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sse-watch")
+        self._open.add(response)
+        self._someone.set()
+
+    def discard(self, response: EventStreamResponse) -> None:
+        self._open.discard(response)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            since = self._writing_since
-            if since is None:
-                target, wake_at = self._stream.next_seq + self._max_lag, loop.time()
-            else:
-                target, wake_at = self._stuck_at + self._max_lag, since
-            wake_at += self._write_timeout_s
-            try:
-                async with asyncio.timeout_at(wake_at):
-                    if self._stream.closed:
-                        await asyncio.Event().wait()  # only the timeout ends this wait
-                    await self._stream.wait_for_seq(target)
-            except TimeoutError:
-                pass
-            since = self._writing_since
-            if since is None:
-                continue
-            if self._stream.next_seq > self._stuck_at + self._max_lag:
-                raise SlowClient(
-                    f"task {self._task_id} published {self._max_lag} events while the "
-                    "client accepted none"
-                )
-            if loop.time() - since >= self._write_timeout_s:
-                raise SlowClient(f"the client accepted nothing for {self._write_timeout_s:g} s")
+            if not self._open:
+                self._someone.clear()
+                await self._someone.wait()
+            await asyncio.sleep(self._interval_s)
+            now = loop.time()
+            for response in list(self._open):
+                response.check(now)
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -87,6 +87,7 @@ class TaskHandlers:
             max_lag_events=server.stream_max_lag_events,
             write_timeout_s=server.stream_write_timeout_s,
             metrics=self._rt.metrics,
+            watch=self._rt.sse_watch,
             headers=headers,
             on_disconnect=(lambda: scheduler.cancel(task_id))
             if server.cancel_on_disconnect
