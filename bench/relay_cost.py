@@ -1,0 +1,70 @@
+"""CPU time the llorch process spends per relayed token, under the saturation engine.
+
+    .venv/bin/python bench/relay_cost.py [--concurrency 16] [--max-tokens 256] [--duration 10]
+
+Unlike tasks/s, CPU seconds per token hardly move when other work shares the machine, so this is
+what the optimisations in bench/NOTES.md were measured with. Running it with two --max-tokens
+values separates the cost per task from the cost per token (cost = per_task + n * per_token).
+It starts the same processes as ``bench/run.py``: the mock OpenAI engine with no delay, llorch
+with one ``openai`` pool in front of it, and the load generator in llorch mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="the engine's (0: no delay)")
+    parser.add_argument(
+        "--tokens-per-s", type=float, default=0.0, help="the engine's (0: no delay)"
+    )
+    args = parser.parse_args()
+    options = {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "warmup": 0}
+    with tempfile.TemporaryDirectory(prefix="llorch-relay-cost-") as name:
+        tmp = Path(name)
+        with (
+            bench.engine(tmp, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s) as engine_url,
+            bench.llorch(tmp, [bench.openai_pool(engine_url, slots=64)]) as (url, pid),
+        ):
+            bench.load("llorch", url, bench.ENGINE_MODEL, duration=3, **options)  # warm up
+            cpu_before, wall_before = cpu_s(pid), time.monotonic()
+            result = bench.load(
+                "llorch", url, bench.ENGINE_MODEL, duration=args.duration, **options
+            )
+            cpu_used, wall = cpu_s(pid) - cpu_before, time.monotonic() - wall_before
+    tokens = result["tokens_per_s"] * result["duration_s"]
+    report = {
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "tasks_per_s": round(result["per_s"], 1),
+        "tokens_per_s": round(result["tokens_per_s"]),
+        "llorch_cpu_share": round(cpu_used / wall, 3),
+        "us_cpu_per_token": round(1e6 * cpu_used / tokens, 1) if tokens else None,
+    }
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
