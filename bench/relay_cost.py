@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root, so that bench/run.py is the module bench.run (as mypy names it).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as bench
+from bench import run as bench
 
 
 def cpu_s(pid: int) -> float:

@@ -161,9 +161,11 @@ class Dispatcher:
                 return
             self._start(pool, replica, record)
             finish = await call.run()
-            ending = self._conclude(
+            ending = conclude(
                 record,
                 SUCCEEDED,
+                clock=self._clock,
+                pricing=self._settings.pricing,
                 finish_reason=finish.finish_reason,
                 tokens_in=finish.tokens_in,
                 tokens_out=finish.tokens_out,
@@ -171,7 +173,14 @@ class Dispatcher:
             await self._settle_after_trace(ending)
         except (EngineError, DeadlineUnmet) as exc:
             call.replica.last_error = exc.message
-            ending = self._conclude(record, FAILED, error=exc, tokens_out=call.tokens_out)
+            ending = conclude(
+                record,
+                FAILED,
+                clock=self._clock,
+                pricing=self._settings.pricing,
+                error=exc,
+                tokens_out=call.tokens_out,
+            )
             await self._settle_after_trace(ending)
         except asyncio.CancelledError:
             if not record.ending:  # else it was cancelled while its end was written: it ended
@@ -262,27 +271,6 @@ class Dispatcher:
 
     # -- the one way a task ends ------------------------------------------------------------
 
-    def _conclude(
-        self,
-        record: TaskRecord,
-        state: str,
-        *,
-        finish_reason: str | None = None,
-        error: LlorchError | None = None,
-        tokens_in: int | None = None,
-        tokens_out: int = 0,
-    ) -> Ending:
-        return conclude(
-            record,
-            state,
-            clock=self._clock,
-            pricing=self._settings.pricing,
-            finish_reason=finish_reason,
-            error=error,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-        )
-
     def finish(
         self,
         record: TaskRecord,
@@ -294,9 +282,11 @@ class Dispatcher:
         tokens_out: int = 0,
     ) -> None:
         """End the task now: its trace written on the spot, its row, then its terminal event."""
-        ending = self._conclude(
+        ending = conclude(
             record,
             state,
+            clock=self._clock,
+            pricing=self._settings.pricing,
             finish_reason=finish_reason,
             error=error,
             tokens_in=tokens_in,

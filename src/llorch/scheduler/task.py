@@ -53,7 +53,7 @@ class TaskRecord:
     ttft_ms: int | None = None
     queue_position_at_start: int = 0
     cancel_requested: bool = False
-    # Its end is decided and being written (Dispatcher._conclude); nothing may end it again.
+    # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
     runner: asyncio.Task[None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
