@@ -403,3 +403,41 @@ async def test_a_connection_dropped_before_the_first_token_is_retriable_not_a_re
 
     assert isinstance(caught.value, EngineProtocolError | EngineUnavailable)
     assert caught.value.retriable is True
+
+
+@pytest.mark.req("ORCH-ENG-0001")
+async def test_streams_one_after_another_reuse_one_connection() -> None:
+    # An HTTP/1.1 engine that keeps connections alive and ends each response with the chunked
+    # encoding's last chunk, as uvicorn, llama.cpp and vLLM do; it counts connections.
+    connections = 0
+    parts = [*completion_chunks(["a", "b"], usage=(2, 2)), DONE]
+    body = "".join(f"{len(p.encode()):x}\r\n{p}\r\n" for p in parts) + "0\r\n\r\n"
+    response = (
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        "transfer-encoding: chunked\r\n\r\n" + body
+    ).encode()
+
+    async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, adapter(f"http://127.0.0.1:{port}") as engine:
+        first = await collect(engine, request())
+        second = await collect(engine, request())
+
+    assert first == second == [Token("a"), Token("b"), Finish("length", 2, 2)]
+    assert connections == 1

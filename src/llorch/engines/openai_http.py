@@ -22,8 +22,9 @@ block, which closes the HTTP connection at once: the engine sees the disconnect 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ from llorch.timers import Watchdog
 
 _FINISH_REASONS: dict[str, Literal["stop", "length"]] = {"length": "length"}
 _ERROR_BODY_CHARS = 300
+_AFTER_DONE_S = 0.5  # how long the end of a response may follow its [DONE]
 
 
 @dataclass
@@ -208,6 +210,7 @@ class OpenAIHttpEngine:
                         yield Token(text)
                     if done:
                         break
+                await self._read_to_end(reads, dog)
             yield self._finish(request, progress)
         except httpx.HTTPError as exc:
             raise self._translate(exc, progress) from exc
@@ -259,6 +262,18 @@ class OpenAIHttpEngine:
                 f"{self._where} answered {content_type or 'no content type'}, not an event stream",
                 engine=self.engine,
             )
+
+    async def _read_to_end(self, reads: AsyncIterator[bytes], dog: Watchdog) -> None:
+        """After ``[DONE]``: read the rest of the response (the chunked encoding's last chunk).
+
+        A response closed before its end cannot go back to the connection pool: every stream
+        would open a new connection. What comes after ``[DONE]`` is ignored; an engine that
+        keeps the response open past ``_AFTER_DONE_S`` loses its connection instead.
+        """
+        dog.move(asyncio.get_running_loop().time() + _AFTER_DONE_S, "the end after [DONE]")
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            while await dog.wait(anext(reads, None)) is not None:
+                pass
 
     def _parse(self, payload: bytes, chat: bool, progress: _Progress) -> list[str]:
         """The texts of one chunk; usage and finish reason are noted in ``progress``."""
