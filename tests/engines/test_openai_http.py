@@ -417,9 +417,13 @@ async def test_streams_one_after_another_reuse_one_connection() -> None:
         "transfer-encoding: chunked\r\n\r\n" + body
     ).encode()
 
+    closed: list[asyncio.Event] = []
+
     async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
+        done = asyncio.Event()
+        closed.append(done)
         try:
             while head := await reader.readuntil(b"\r\n\r\n"):
                 length = next(
@@ -431,13 +435,20 @@ async def test_streams_one_after_another_reuse_one_connection() -> None:
                 writer.write(response)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed its connection
+        finally:
             writer.close()
+            await writer.wait_closed()
+            done.set()
 
     server = await asyncio.start_server(serve_connection, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server, adapter(f"http://127.0.0.1:{port}") as engine:
-        first = await collect(engine, request())
-        second = await collect(engine, request())
+    async with server:
+        async with adapter(f"http://127.0.0.1:{port}") as engine:
+            first = await collect(engine, request())
+            second = await collect(engine, request())
+        async with asyncio.timeout(5):  # the adapter closed: every connection ends
+            await asyncio.gather(*(c.wait() for c in closed))
 
     assert first == second == [Token("a"), Token("b"), Finish("length", 2, 2)]
     assert connections == 1
