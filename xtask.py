@@ -743,6 +743,25 @@ def _print_log_tail(log_path: Path, lines: int = 60) -> None:
     print("---- end of server log ----", flush=True)
 
 
+def _start_server(
+    *, port: int, config: str | Path, data_dir: Path, log_path: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``python -m llorch serve`` on 127.0.0.1:``port`` in the test profile, in its own process
+    group (``_stop`` ends it and anything it started), its output in ``log_path``."""
+    cmd = [str(VENV_PY), "-m", "llorch", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--config", str(config), "--profile", "test", "--data-dir", str(data_dir)]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+
 def cmd_contract(args: list[str]) -> int:
     _no_args("contract", args)
     ensure_venv()
@@ -753,22 +772,6 @@ def cmd_contract(args: list[str]) -> int:
     base_url = f"http://127.0.0.1:{port}"
     data_dir = Path(tempfile.mkdtemp(prefix="llorch-contract-"))
     log_path = data_dir / "server.log"
-    server_cmd: list[str | Path] = [
-        VENV_PY,
-        "-m",
-        "llorch",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--config",
-        CONTRACT_CONFIG,
-        "--profile",
-        "test",
-        "--data-dir",
-        data_dir,
-    ]
     # Authentication is on (tests/configs/contract.yaml): a fresh key for this run, given to the
     # server in its environment and to schemathesis as a header. Its `ignored_auth` check then
     # proves that each protected operation refuses the same request without it.
@@ -781,16 +784,13 @@ def cmd_contract(args: list[str]) -> int:
     step(f"starting the server on {base_url} (data dir {data_dir})")
     failed = True
     try:
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [str(part) for part in server_cmd],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=server_env,
-            )
+        proc = _start_server(
+            port=port,
+            config=CONTRACT_CONFIG,
+            data_dir=data_dir,
+            log_path=log_path,
+            env=server_env,
+        )
         try:
             _wait_ready(proc, base_url + CONTRACT_READY_PATH, CONTRACT_READY_TIMEOUT_S)
             step("the server is ready")
@@ -1388,21 +1388,12 @@ def cmd_pact_verify(args: list[str]) -> int:
     base_url = f"http://127.0.0.1:{port}"
     data_dir = Path(tempfile.mkdtemp(prefix="llorch-pact-"))
     log_path = data_dir / "server.log"
-    server_cmd = [str(VENV_PY), "-m", "llorch", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server_cmd += ["--config", PACT_CONFIG, "--profile", "test", "--data-dir", str(data_dir)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
     env["PACT_DO_NOT_TRACK"] = "true"
     step(f"starting the server on {base_url} (data dir {data_dir})")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            server_cmd,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
+    proc = _start_server(
+        port=port, config=PACT_CONFIG, data_dir=data_dir, log_path=log_path, env=env
+    )
     try:
         _wait_ready(proc, base_url + "/livez", CONTRACT_READY_TIMEOUT_S)
         step(f"verifying {', '.join(p.name for p in pacts)}")
@@ -1753,23 +1744,16 @@ def cmd_soak(args: list[str]) -> int:
     config_path = data_dir / "soak.yaml"
     config_path.write_text(json.dumps(SOAK_CONFIG, indent=2), encoding="utf-8")
     log_path = data_dir / "server.log"
-    cmd = [
-        str(VENV_PY), "-m", "llorch", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--config", str(config_path), "--profile", "test", "--data-dir", str(data_dir / "var"),
-    ]  # fmt: skip
-    step(f"soak: {minutes:g} min of mixed traffic against {' '.join(cmd[1:])}")
+    step(f"soak: {minutes:g} min of mixed traffic against llorch on port {port} ({config_path})")
     failed = True
     try:
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=dict(os.environ, LLORCH_SOAK_KEY=key),
-            )
+        proc = _start_server(
+            port=port,
+            config=config_path,
+            data_dir=data_dir / "var",
+            log_path=log_path,
+            env=dict(os.environ, LLORCH_SOAK_KEY=key),
+        )
         try:
             _wait_ready(proc, f"http://127.0.0.1:{port}/readyz", CONTRACT_READY_TIMEOUT_S)
             client = SoakClient(port, key)

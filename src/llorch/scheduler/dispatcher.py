@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from llorch.artifacts import ArtifactStore
+from llorch.artifacts.store import Prepared
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, EngineError, LlorchError, StorageError
@@ -292,8 +293,15 @@ class Dispatcher:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
         )
-        trace = self._trace(ending)
-        self._settle(ending, None if trace is None else self._store_trace(ending, trace))
+        trace_id: str | None = None
+        try:
+            prepared = self._prepare_trace(ending)
+            if prepared is not None and self._artifacts is not None:
+                self._artifacts.write(prepared)
+                trace_id = self._artifacts.commit(prepared)[0].id
+        except (LlorchError, OSError) as exc:
+            self._trace_missing(ending, exc)
+        self._settle(ending, trace_id)
 
     async def _settle_after_trace(self, ending: Ending) -> None:
         """End the task like :meth:`finish`, with the trace's file written off the event loop.
@@ -301,27 +309,18 @@ class Dispatcher:
         The trace's fsyncs take milliseconds; on the loop they would stall every stream. The
         terminal event still goes out only after the trace is stored, so the task links it.
         """
-        trace = self._trace(ending)
-        if trace is None or self._artifacts is None:
-            self._settle(ending, None)
-            return
         trace_id: str | None = None
         try:
-            prepared = self._artifacts.prepare(
-                kind="trace",
-                content=trace,
-                tags=("task-trace", ending.state),
-                task_id=ending.record.task_id,
-                owner=ending.record.row.owner,
-            )
-            write = asyncio.ensure_future(asyncio.to_thread(self._artifacts.write, prepared))
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # Shut down mid-write: the task still ends, now, without its trace.
-                self._settle(ending, None)
-                raise
-            trace_id = self._artifacts.commit(prepared)[0].id
+            prepared = self._prepare_trace(ending)
+            if prepared is not None and self._artifacts is not None:
+                write = asyncio.ensure_future(asyncio.to_thread(self._artifacts.write, prepared))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    # Shut down mid-write: the task still ends, now, without its trace.
+                    self._settle(ending, None)
+                    raise
+                trace_id = self._artifacts.commit(prepared)[0].id
         except (LlorchError, OSError) as exc:
             self._trace_missing(ending, exc)
         except Exception as exc:  # a bug: the task still ends, without its trace
@@ -365,8 +364,8 @@ class Dispatcher:
             },
         )
 
-    def _trace(self, ending: Ending) -> str | None:
-        """The task's trace document (None when there is no artifact store)."""
+    def _prepare_trace(self, ending: Ending) -> Prepared | None:
+        """The task's trace artifact, checked and hashed (None without an artifact store)."""
         if self._artifacts is None:
             return None
         record = ending.record
@@ -374,23 +373,13 @@ class Dispatcher:
         replica = None
         if pool is not None and record.replica_id is not None:
             replica = next((r for r in pool.replicas if r.id == record.replica_id), None)
-        return trace_document(ending, replica.engine if replica else None)
-
-    def _store_trace(self, ending: Ending, content: str) -> str | None:
-        """Store the trace on the spot (before the terminal event goes out); its id."""
-        assert self._artifacts is not None
-        try:
-            artifact, _ = self._artifacts.put(
-                kind="trace",
-                content=content,
-                tags=("task-trace", ending.state),
-                task_id=ending.record.task_id,
-                owner=ending.record.row.owner,
-            )
-        except (LlorchError, OSError) as exc:
-            self._trace_missing(ending, exc)
-            return None
-        return artifact.id
+        return self._artifacts.prepare(
+            kind="trace",
+            content=trace_document(ending, replica.engine if replica else None),
+            tags=("task-trace", ending.state),
+            task_id=record.task_id,
+            owner=record.row.owner,
+        )
 
     def _trace_missing(self, ending: Ending, exc: Exception) -> None:
         # The task still ends with its terminal event and its final row; the store logged and
