@@ -4,8 +4,10 @@
 
 1. A deadline moved at every item: a bare await, ``llorch.timers.Watchdog``, and
    ``asyncio.timeout`` + ``Timeout.reschedule`` (µs of wall time per item, one task).
-2. A 64-token stream from the mock OpenAI engine through httpx's ``AsyncClient.stream`` and
-   through ``AsyncHTTPTransport`` directly (µs of CPU per stream, client side).
+2. A 64-token stream from the mock OpenAI engine through httpx's ``AsyncClient.stream``,
+   through httpx's ``AsyncHTTPTransport`` directly, and through aiohttp's ``ClientSession``
+   (what the adapter uses now), each read to its end on a kept-alive connection (µs of CPU per
+   stream, client side).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import uvloop
 
@@ -91,9 +94,23 @@ async def streams(url: str) -> None:
 
     transport_us = await _cpu_per_call(through_transport)
     await transport.aclose()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def through_aiohttp() -> None:
+            async with session.post(
+                f"{url}/v1/completions", data=body.encode(), headers=headers
+            ) as response:
+                while await response.content.readany():
+                    pass
+
+        aiohttp_us = await _cpu_per_call(through_aiohttp)
     print(
         json.dumps(
-            {"async_client_us_per_stream": client_us, "transport_us_per_stream": transport_us}
+            {
+                "httpx_async_client_us_per_stream": client_us,
+                "httpx_transport_us_per_stream": transport_us,
+                "aiohttp_session_us_per_stream": aiohttp_us,
+            }
         )
     )
 

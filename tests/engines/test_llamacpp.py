@@ -304,7 +304,7 @@ async def test_an_engine_not_running_at_start_up_leaves_the_pool_unready(
     # /readyz says why: the pool, its replica, and what its probe met.
     assert (readyz.status_code, readyz.json()["code"]) == (503, "NOT_READY")
     assert "pool llama: llama-0 unready" in readyz.json()["message"]
-    assert "did not answer its health probe: ConnectError" in readyz.json()["message"]
+    assert "did not answer its health probe: cannot connect" in readyz.json()["message"]
     assert refused.status_code == 503
     assert refused.json()["code"] == "POOL_UNREADY"
     assert "retry-after" in refused.headers

@@ -177,7 +177,7 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
             await engine.health()
 
     assert caught.value.__cause__ is not None
-    assert "did not answer its health probe: ConnectError" in probed.value.message
+    assert "did not answer its health probe: cannot connect" in probed.value.message
 
 
 @pytest.mark.req("ORCH-ENG-0004")

@@ -9,27 +9,30 @@ Usage is the engine's own (asked for with ``stream_options.include_usage``); an 
 none gets its streamed chunks counted, and the :class:`Finish` says ``usage_reported=False``.
 
 Every failure is translated here, once, into the :class:`llorch.errors.EngineError` tree, with
-the httpx exception kept as the cause. Before the first token: ``EngineUnavailable`` (cannot
+the aiohttp exception kept as the cause. Before the first token: ``EngineUnavailable`` (cannot
 connect), ``EngineTimeout`` (no first token in time), ``EngineStatusError`` / ``EngineRejected``
 (an error status), ``EngineProtocolError`` (not a stream, a malformed chunk, no ``[DONE]``).
 After the first token every failure is a ``WorkerReset``, or a ``DecodeTimeout`` when the
 engine went silent: the caller has relayed tokens and must not retry.
 
-Closing the generator (or cancelling the task that iterates it) leaves the ``client.stream``
-block, which closes the HTTP connection at once: the engine sees the disconnect and stops.
+Closing the generator (or cancelling the task that iterates it) closes the HTTP connection at
+once: the engine sees the disconnect and stops. A response read to its end goes back to the
+connection pool, so streams one after another reuse a connection.
+
+The HTTP client is aiohttp's: its parser (llhttp, in C) reads a streamed response for about half
+the CPU that httpx, httpcore and h11 took (bench/NOTES.md, "The engine's HTTP client").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 import orjson
 
 from llorch.config import EngineKind, PoolSettings
@@ -49,7 +52,9 @@ from llorch.timers import Watchdog
 _FINISH_REASONS: dict[str, Literal["stop", "length"]] = {"length": "length"}
 _ERROR_BODY_CHARS = 300
 _AFTER_DONE_S = 0.5  # how long the end of a response may follow its [DONE]
-_STREAMS_PER_POOL = 8  # kept-alive connections per httpx client (see OpenAIHttpEngine.__init__)
+# No compressed streams: an SSE body is decoded chunk by chunk as it comes.
+_HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+_JSON = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -77,13 +82,15 @@ class OpenAIHttpEngine:
         idle_timeout_s: float = 30.0,
         total_timeout_s: float = 600.0,
         extra_body: Mapping[str, Any] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.engine: str = kind
         self.version = "unknown"
         self.context_size: int | None = None
         self.base_url = base_url
+        root = base_url.rstrip("/")
+        self._urls = {False: f"{root}/v1/completions", True: f"{root}/v1/chat/completions"}
+        self._root = root
         self._model = model
         self._slots = slots
         self._discover_slots = discover_slots
@@ -93,25 +100,11 @@ class OpenAIHttpEngine:
         self._idle_s = idle_timeout_s
         self._total_s = total_timeout_s
         self._extra_body = dict(extra_body or {})
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # Streams go through several small connection pools, not one: httpcore's pool scans
-        # all its connections for every idle one when it assigns a request (quadratic), and
-        # with 64 kept-alive connections that scan took a quarter of the relay's CPU at c=64.
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=base_url,
-                headers=headers,
-                transport=transport,
-                # The read timeout backs up the idle limit enforced per chunk below.
-                timeout=httpx.Timeout(idle_timeout_s, connect=connect_timeout_s),
-                limits=httpx.Limits(
-                    max_connections=None, max_keepalive_connections=_STREAMS_PER_POOL
-                ),
-            )
-            for _ in range(1 if transport is not None else max(1, -(-slots // _STREAMS_PER_POOL)))
-        ]
-        self._client = self._clients[0]  # health probes and descriptions
-        self._turn = itertools.cycle(self._clients)
+        self._headers = dict(_HEADERS)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        # Made on first use, inside the event loop (aiohttp binds a session to its loop).
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def for_pool(
@@ -119,7 +112,6 @@ class OpenAIHttpEngine:
         replica_id: str,
         base_url: str,
         pool: PoolSettings,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> OpenAIHttpEngine:
         return cls(
             replica_id,
@@ -134,7 +126,6 @@ class OpenAIHttpEngine:
             idle_timeout_s=pool.decode_timeout_ms / 1000,
             total_timeout_s=pool.timeouts.total_ms / 1000,
             extra_body=pool.extra_body,
-            transport=transport,
         )
 
     @property
@@ -144,86 +135,119 @@ class OpenAIHttpEngine:
         return self._slots
 
     async def close(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                # No limit here: the dispatcher gives a replica no more streams than its slots.
+                # Released connections stay alive (aiohttp keeps them 15 s).
+                connector=aiohttp.TCPConnector(limit=0),
+                # The socket read limit backs up the idle limit enforced per chunk below.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_s, sock_read=self._idle_s
+                ),
+                auto_decompress=False,
+            )
+        return session
 
     # -- streaming --------------------------------------------------------------------------
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
         chat = request.messages is not None
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        headers = {"X-Correlation-Id": request.correlation_id} if request.correlation_id else {}
+        headers = dict(_JSON)
+        if request.correlation_id:
+            headers["X-Correlation-Id"] = request.correlation_id
         progress = _Progress()
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         total_at = started_at + self._total_s
         # The first-token, idle and total limits, on one watchdog (no timer operation per chunk).
+        # The first-token limit also covers the wait for the response's head.
         dog = Watchdog()
         first_at = started_at + self._first_token_s
         if first_at < total_at:
             dog.move(first_at, "the time-to-first-token limit")
         else:
             dog.move(total_at, "the total time limit")
+        response: aiohttp.ClientResponse | None = None
         try:
-            async with next(self._turn).stream(
-                "POST", path, json=self._body(request), headers=headers
-            ) as response:
-                await self._check(response)
-                # Bytes, split into lines here: one pass per network read, whatever it holds.
-                reads = response.aiter_bytes()
-                pending = b""
-                data: list[bytes] = []
-                while True:
-                    try:
-                        read = await dog.wait(anext(reads, None))
-                    except TimeoutError as exc:
-                        message = f"{self._where} exceeded {dog.reason}"
-                        if progress.tokens:
-                            raise DecodeTimeout(message, engine=self.engine) from exc
-                        raise EngineTimeout(message, engine=self.engine) from exc
-                    if read is None:
-                        raise EngineProtocolError(
-                            f"{self._where} ended the stream without [DONE]", engine=self.engine
-                        )
-                    lines = (pending + read).split(b"\n")
-                    pending = lines.pop()
-                    texts: list[str] = []
-                    payloads = 0
-                    done = False
-                    for line in lines:
-                        if line.endswith(b"\r"):
-                            line = line[:-1]
-                        if line:
-                            # ":" starts a comment (a keep-alive); event: and id: are ignored.
-                            if line.startswith(b"data:"):
-                                data.append(line[6:] if line[5:6] == b" " else line[5:])
-                            elif line == b"data":
-                                data.append(b"")
-                            continue
-                        if not data:
-                            continue
-                        payload = data[0] if len(data) == 1 else b"\n".join(data)
-                        data = []
-                        payloads += 1
-                        if payload == b"[DONE]":
-                            done = True
-                            break
-                        texts += self._parse(payload, chat, progress)
-                    if payloads and (progress.tokens or texts):
-                        # The idle limit runs from the last chunk, once a token has come.
-                        idle_at = loop.time() + self._idle_s
-                        if idle_at < total_at:
-                            dog.move(idle_at, "the idle limit between chunks")
-                        else:
-                            dog.move(total_at, "the total time limit")
-                    for text in texts:
-                        progress.tokens += 1
-                        yield Token(text)
-                    if done:
+            try:
+                response = await dog.wait(
+                    self._client().post(
+                        self._urls[chat], data=orjson.dumps(self._body(request)), headers=headers
+                    )
+                )
+            except TimeoutError as exc:
+                if isinstance(exc, aiohttp.ClientError):
+                    raise  # the connect limit: translated below
+                raise EngineTimeout(
+                    f"{self._where} exceeded {dog.reason}", engine=self.engine
+                ) from exc
+            await self._check(response)
+            # Bytes, split into lines here: one pass per network read, whatever it holds.
+            content = response.content
+            pending = b""
+            data: list[bytes] = []
+            while True:
+                try:
+                    read = await dog.wait(content.readany())
+                except TimeoutError as exc:
+                    if isinstance(exc, aiohttp.ClientError):
+                        raise  # the socket read limit: translated below
+                    message = f"{self._where} exceeded {dog.reason}"
+                    if progress.tokens:
+                        raise DecodeTimeout(message, engine=self.engine) from exc
+                    raise EngineTimeout(message, engine=self.engine) from exc
+                if not read:
+                    raise EngineProtocolError(
+                        f"{self._where} ended the stream without [DONE]", engine=self.engine
+                    )
+                lines = (pending + read).split(b"\n")
+                pending = lines.pop()
+                texts: list[str] = []
+                payloads = 0
+                done = False
+                for line in lines:
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if line:
+                        # ":" starts a comment (a keep-alive); event: and id: are ignored.
+                        if line.startswith(b"data:"):
+                            data.append(line[6:] if line[5:6] == b" " else line[5:])
+                        elif line == b"data":
+                            data.append(b"")
+                        continue
+                    if not data:
+                        continue
+                    payload = data[0] if len(data) == 1 else b"\n".join(data)
+                    data = []
+                    payloads += 1
+                    if payload == b"[DONE]":
+                        done = True
                         break
-                await self._read_to_end(reads, dog)
+                    texts += self._parse(payload, chat, progress)
+                if payloads and (progress.tokens or texts):
+                    # The idle limit runs from the last chunk, once a token has come.
+                    idle_at = loop.time() + self._idle_s
+                    if idle_at < total_at:
+                        dog.move(idle_at, "the idle limit between chunks")
+                    else:
+                        dog.move(total_at, "the total time limit")
+                for text in texts:
+                    progress.tokens += 1
+                    yield Token(text)
+                if done:
+                    break
+            if await self._read_to_end(content, dog):
+                response.release()  # back to the pool, before the caller moves on
+                response = None
             yield self._finish(request, progress)
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise self._translate(exc, progress) from exc
         except EngineError as exc:
             if progress.tokens and not isinstance(exc, (WorkerReset, DecodeTimeout)):
@@ -234,6 +258,10 @@ class OpenAIHttpEngine:
             raise
         finally:
             dog.close()
+            if response is not None:
+                # Not read to its end (a failure, a cancel, the generator closed): its
+                # connection is closed, and the engine sees the disconnect and stops.
+                response.close()
 
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -255,10 +283,10 @@ class OpenAIHttpEngine:
             body["stop"] = list(request.stop)
         return body
 
-    async def _check(self, response: httpx.Response) -> None:
-        status = response.status_code
+    async def _check(self, response: aiohttp.ClientResponse) -> None:
+        status = response.status
         if status != 200:
-            text = (await response.aread()).decode("utf-8", "replace")[:_ERROR_BODY_CHARS]
+            text = (await response.read()).decode("utf-8", "replace")[:_ERROR_BODY_CHARS]
             message = f"{self._where} answered {status}: {text}"
             if status == 429 or status >= 500:
                 retry_after = response.headers.get("retry-after", "")
@@ -274,17 +302,19 @@ class OpenAIHttpEngine:
                 engine=self.engine,
             )
 
-    async def _read_to_end(self, reads: AsyncIterator[bytes], dog: Watchdog) -> None:
-        """After ``[DONE]``: read the rest of the response (the chunked encoding's last chunk).
+    async def _read_to_end(self, content: aiohttp.StreamReader, dog: Watchdog) -> bool:
+        """After ``[DONE]``: read the rest of the response (the chunked encoding's last chunk);
+        True when it ended, so that its connection can serve the next stream.
 
-        A response closed before its end cannot go back to the connection pool: every stream
-        would open a new connection. What comes after ``[DONE]`` is ignored; an engine that
-        keeps the response open past ``_AFTER_DONE_S`` loses its connection instead.
+        What comes after ``[DONE]`` is ignored; an engine that keeps the response open past
+        ``_AFTER_DONE_S`` loses its connection instead.
         """
         dog.move(asyncio.get_running_loop().time() + _AFTER_DONE_S, "the end after [DONE]")
-        with contextlib.suppress(TimeoutError, httpx.HTTPError):
-            while await dog.wait(anext(reads, None)) is not None:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            while await dog.wait(content.readany()):
                 pass
+            return True
+        return False
 
     def _parse(self, payload: bytes, chat: bool, progress: _Progress) -> list[str]:
         """The texts of one chunk; usage and finish reason are noted in ``progress``."""
@@ -341,11 +371,11 @@ class OpenAIHttpEngine:
             f"{self._where} sent a malformed chunk: {text!r}", engine=self.engine
         )
 
-    def _translate(self, exc: httpx.HTTPError, progress: _Progress) -> EngineError:
+    def _translate(self, exc: aiohttp.ClientError, progress: _Progress) -> EngineError:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return EngineUnavailable(f"cannot reach {self._where}: {detail}", engine=self.engine)
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, aiohttp.ServerTimeoutError):
             if progress.tokens:
                 return DecodeTimeout(f"{self._where} went silent: {detail}", engine=self.engine)
             return EngineTimeout(f"{self._where} timed out: {detail}", engine=self.engine)
@@ -354,9 +384,13 @@ class OpenAIHttpEngine:
                 f"{self._where} dropped the stream after {progress.tokens} tokens: {detail}",
                 engine=self.engine,
             )
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
             return EngineUnavailable(
                 f"{self._where} closed the connection: {detail}", engine=self.engine
+            )
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return EngineProtocolError(
+                f"{self._where} answered malformed HTTP: {detail}", engine=self.engine
             )
         return EngineError(f"{self._where} failed: {detail}", engine=self.engine)
 
@@ -371,20 +405,24 @@ class OpenAIHttpEngine:
         says about itself: llama.cpp ``/props`` (or ``/slots``), vLLM ``/v1/models`` and
         ``/version``, TGI ``/info``. Those are read where present and never fail the probe."""
         try:
-            response = await self._client.get("/health", timeout=self._connect_s)
-            if response.status_code == 404:
-                response = await self._client.get("/v1/models", timeout=self._connect_s)
-            if response.status_code != 200:
+            status = await self._get_status("/health")
+            if status == 404:
+                status = await self._get_status("/v1/models")
+            if status != 200:
                 # llama.cpp answers 503 while its model loads: not ready yet, and it says so.
                 raise EngineUnavailable(
-                    f"{self._where} answered {response.status_code} to its health probe",
-                    engine=self.engine,
+                    f"{self._where} answered {status} to its health probe", engine=self.engine
                 )
             await self._describe()
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                what = "cannot connect"
+            elif isinstance(exc, TimeoutError):
+                what = "timed out"
+            else:
+                what = type(exc).__name__
             raise EngineUnavailable(
-                f"{self._where} did not answer its health probe: {type(exc).__name__}",
-                engine=self.engine,
+                f"{self._where} did not answer its health probe: {what}", engine=self.engine
             ) from exc
         return True
 
@@ -418,12 +456,20 @@ class OpenAIHttpEngine:
                 if isinstance(info.get("version"), str):
                     self.version = info["version"]
 
+    async def _get_status(self, path: str) -> int:
+        timeout = aiohttp.ClientTimeout(total=self._connect_s)
+        async with self._client().get(f"{self._root}{path}", timeout=timeout) as response:
+            await response.read()  # to its end, so the connection can be reused
+            return response.status
+
     async def _get_json(self, path: str) -> Any:
-        response = await self._client.get(path, timeout=self._connect_s)
-        if response.status_code != 200:
-            return None
+        timeout = aiohttp.ClientTimeout(total=self._connect_s)
+        async with self._client().get(f"{self._root}{path}", timeout=timeout) as response:
+            body = await response.read()
+            if response.status != 200:
+                return None
         try:
-            return response.json()
+            return orjson.loads(body)
         except ValueError:
             return None
 
