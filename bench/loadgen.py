@@ -16,6 +16,11 @@ requests that both start and end inside the window would undercount streams that
 part of the window, and count none of those that last longer: a LiteLLM stream of 256 tokens at
 concurrency 64 takes 10 s or more on one core. Completions still come in waves then, so
 ``per_s_by_tokens``, the token rate over the tokens per stream, is the steadier tasks/s.)
+
+The client is aiohttp on uvloop, reading each response a network read at a time: the load
+generator shares its core with the engine, and with httpx (and a line iterator) it used three
+quarters of that core at concurrency 64, which slowed the engine it measured
+(bench/NOTES.md, "The load generator").
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+import uvloop
 
 
 @dataclass
@@ -59,7 +65,14 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-async def stream_direct(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
+def lines_of(pending: bytes, read: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines in ``pending + read`` (without their ends), and what is left over."""
+    lines = (pending + read).split(b"\n")
+    rest = lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines], rest
+
+
+async def stream_direct(client: aiohttp.ClientSession, args: argparse.Namespace) -> Sample:
     start = time.perf_counter()
     ttft = None
     tokens = 0
@@ -71,71 +84,80 @@ async def stream_direct(client: httpx.AsyncClient, args: argparse.Namespace) -> 
     }
     done = False
     arrivals: list[float] = []
-    async with client.stream("POST", f"{args.url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            return Sample(start, time.perf_counter(), None, 0, False, str(response.status_code))
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                break
-            choice = orjson.loads(line[6:])["choices"][0]
-            if choice.get("text"):
-                now = time.perf_counter()
-                arrivals.append(now)
-                tokens += 1
-                if ttft is None:
-                    ttft = now - start
-    status = "200" if done else "cut"
-    return Sample(start, time.perf_counter(), ttft, tokens, done, status, arrivals)
-
-
-async def stream_llorch(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
-    start = time.perf_counter()
-    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens}
-    admitted = await client.post(f"{args.url}/v1/tasks", json=body)
-    if admitted.status_code != 202:
-        code = admitted.json().get("code", "") if admitted.content else ""
-        return Sample(start, time.perf_counter(), None, 0, False, f"{admitted.status_code} {code}")
-    task_id = admitted.json()["task_id"]
-    ttft = None
-    tokens = 0
-    event = ""
-    terminal = ""
-    arrivals: list[float] = []
-    async with client.stream("GET", f"{args.url}/v1/tasks/{task_id}/stream") as response:
-        if response.status_code != 200:
-            await response.aread()
-            return Sample(start, time.perf_counter(), None, 0, False, str(response.status_code))
-        async for line in response.aiter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-                if event == "token":
-                    now = time.perf_counter()
+    async with client.post(f"{args.url}/v1/completions", data=orjson.dumps(body)) as response:
+        if response.status != 200:
+            await response.read()
+            return Sample(start, time.perf_counter(), None, 0, False, str(response.status))
+        pending = b""
+        while not done and (read := await response.content.readany()):
+            now = time.perf_counter()
+            lines, pending = lines_of(pending, read)
+            for line in lines:
+                if not line.startswith(b"data: "):
+                    continue
+                if line == b"data: [DONE]":
+                    done = True
+                    break
+                choice = orjson.loads(line[6:])["choices"][0]
+                if choice.get("text"):
                     arrivals.append(now)
                     tokens += 1
                     if ttft is None:
                         ttft = now - start
-                elif event in ("end", "error"):
-                    terminal = event
-            elif terminal and line.startswith("data: "):
-                if terminal == "error":
-                    code = orjson.loads(line[6:]).get("code", "error")
-                    return Sample(start, time.perf_counter(), ttft, tokens, False, code)
-                break
+    status = "200" if done else "cut"
+    return Sample(start, time.perf_counter(), ttft, tokens, done, status, arrivals)
+
+
+async def stream_llorch(client: aiohttp.ClientSession, args: argparse.Namespace) -> Sample:
+    start = time.perf_counter()
+    body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens}
+    async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as admitted:
+        answer = await admitted.read()
+        if admitted.status != 202:
+            code = orjson.loads(answer).get("code", "") if answer else ""
+            return Sample(start, time.perf_counter(), None, 0, False, f"{admitted.status} {code}")
+    task_id = orjson.loads(answer)["task_id"]
+    ttft = None
+    tokens = 0
+    terminal = ""
+    arrivals: list[float] = []
+    async with client.get(f"{args.url}/v1/tasks/{task_id}/stream") as response:
+        if response.status != 200:
+            await response.read()
+            return Sample(start, time.perf_counter(), None, 0, False, str(response.status))
+        pending = b""
+        ended = False
+        while not ended and (read := await response.content.readany()):
+            now = time.perf_counter()
+            lines, pending = lines_of(pending, read)
+            for line in lines:
+                if line.startswith(b"event: "):
+                    event = line[7:]
+                    if event == b"token":
+                        arrivals.append(now)
+                        tokens += 1
+                        if ttft is None:
+                            ttft = now - start
+                    elif event in (b"end", b"error"):
+                        terminal = event.decode()
+                elif terminal and line.startswith(b"data: "):
+                    if terminal == "error":
+                        code = orjson.loads(line[6:]).get("code", "error")
+                        return Sample(start, time.perf_counter(), ttft, tokens, False, code)
+                    ended = True
+                    break
     ok = terminal == "end"
     return Sample(start, time.perf_counter(), ttft, tokens, ok, "end" if ok else "cut", arrivals)
 
 
-async def admit_only(client: httpx.AsyncClient, args: argparse.Namespace) -> Sample:
+async def admit_only(client: aiohttp.ClientSession, args: argparse.Namespace) -> Sample:
     start = time.perf_counter()
     body = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens}
-    response = await client.post(f"{args.url}/v1/tasks", json=body)
-    ok = response.status_code == 202
-    code = "" if ok else f" {response.json().get('code', '')}"
-    return Sample(start, time.perf_counter(), None, 0, ok, f"{response.status_code}{code}")
+    async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as response:
+        answer = await response.read()
+    ok = response.status == 202
+    code = "" if ok or not answer else f" {orjson.loads(answer).get('code', '')}"
+    return Sample(start, time.perf_counter(), None, 0, ok, f"{response.status}{code}")
 
 
 MODES = {
@@ -146,12 +168,23 @@ MODES = {
 }
 
 
+def session(args: argparse.Namespace, timeout_s: float) -> aiohttp.ClientSession:
+    """One client for all workers: a connection per worker, kept alive, JSON bodies."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        headers=headers,
+        auto_decompress=False,
+    )
+
+
 async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
     call = MODES[args.mode]
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=None)
-    timeout = httpx.Timeout(60.0)
     run = Run()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     measure_from = t0 + args.warmup
     until = measure_from + args.duration
 
@@ -159,16 +192,14 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         while time.perf_counter() < until:
             try:
                 sample = await call(client, args)
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 now = time.perf_counter()
                 sample = Sample(now, now, None, 0, False, type(exc).__name__)
             run.samples.append(sample)
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    async with httpx.AsyncClient(
-        limits=limits, timeout=timeout, trust_env=False, headers=headers
-    ) as client:
+    async with session(args, 60.0) as client:
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - t0)
     counted = [s for s in run.samples if measure_from <= s.end <= until]
     ok = [s for s in counted if s.ok]
     errors: dict[str, int] = {}
@@ -193,6 +224,9 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         "per_s_by_tokens": tokens / args.duration / args.max_tokens,
         "ttft_ms_p50": quantile(ttfts, 0.50),
         "ttft_ms_p99": quantile(ttfts, 0.99),
+        # The load generator's own CPU (seconds per second, warm-up included):
+        # near 1.0, it and not the server under test sets the pace.
+        "loadgen_cpu_share": round(cpu_share, 3),
     }
 
 
@@ -206,8 +240,6 @@ def rss_kib(pid: int) -> int:
 async def hold(args: argparse.Namespace) -> dict[str, Any]:
     """Open ``--concurrency`` streams at once and keep them open while the server's RSS is read."""
     n = args.concurrency
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=None)
-    timeout = httpx.Timeout(300.0)
     errors: dict[str, int] = {}
     opened = 0
     all_open = asyncio.Event()
@@ -216,7 +248,7 @@ async def hold(args: argparse.Namespace) -> dict[str, Any]:
     def error(kind: str) -> None:
         errors[kind] = errors.get(kind, 0) + 1
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with session(args, 300.0) as client:
         # Warm the server's code paths, then measure its baseline.
         for _ in range(8):
             await stream_llorch(client, argparse.Namespace(**{**vars(args), "max_tokens": 2}))
@@ -231,31 +263,33 @@ async def hold(args: argparse.Namespace) -> dict[str, Any]:
                 "task_id": f"hold-{uuid.uuid4().hex}",
             }
             try:
-                admitted = await client.post(f"{args.url}/v1/tasks", json=body)
-                if admitted.status_code != 202:
-                    error(f"submit {admitted.status_code}")
+                async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as sent:
+                    answer = await sent.read()
+                if sent.status != 202:
+                    error(f"submit {sent.status}")
                     opened += 1
                     if opened == n:
                         all_open.set()
                     return
-                task_id = admitted.json()["task_id"]
-                async with client.stream("GET", f"{args.url}/v1/tasks/{task_id}/stream") as resp:
+                task_id = orjson.loads(answer)["task_id"]
+                async with client.get(f"{args.url}/v1/tasks/{task_id}/stream") as resp:
                     opened += 1
                     if opened == n:
                         all_open.set()
-                    if resp.status_code != 200:
-                        error(f"stream {resp.status_code}")
+                    if resp.status != 200:
+                        error(f"stream {resp.status}")
                         return
                     terminal = ""
-                    async for line in resp.aiter_lines():
-                        if line in ("event: end", "event: error"):
-                            terminal = line[7:]
+                    async for raw in resp.content:
+                        line = raw.rstrip(b"\r\n")
+                        if line in (b"event: end", b"event: error"):
+                            terminal = line[7:].decode()
                             break
                     if terminal == "end":
                         ended_ok += 1
                     else:
                         error(f"terminal {terminal or 'missing'}")
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 error(type(exc).__name__)
 
         tasks = [asyncio.create_task(one()) for _ in range(n)]
@@ -287,7 +321,7 @@ def main() -> int:
     parser.add_argument("--pid", type=int, help="the server's pid (hold mode)")
     parser.add_argument("--api-key", help="sent as a bearer token (litellm mode)")
     args = parser.parse_args()
-    result = asyncio.run(hold(args) if args.mode == "hold" else closed_loop(args))
+    result = uvloop.run(hold(args) if args.mode == "hold" else closed_loop(args))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,12 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import run as bench
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -57,11 +50,11 @@ def main() -> int:
         ):
             bench.load("llorch", url, bench.ENGINE_MODEL, duration=3, **options)  # warm up
             spy = None if args.profile is None else start_py_spy(pid, args.profile, args.duration)
-            cpu_before, wall_before = cpu_s(pid), time.monotonic()
+            cpu_before, wall_before = bench.cpu_s(pid), time.monotonic()
             result = bench.load(
                 "llorch", url, bench.ENGINE_MODEL, duration=args.duration, **options
             )
-            cpu_used, wall = cpu_s(pid) - cpu_before, time.monotonic() - wall_before
+            cpu_used, wall = bench.cpu_s(pid) - cpu_before, time.monotonic() - wall_before
             if spy is not None:
                 spy.wait(timeout=60)
     tokens = result["tokens_per_s"] * result["duration_s"]

@@ -134,8 +134,34 @@ def engine(tmp: Path, *, ttft_ms: float, tokens_per_s: float) -> Iterator[str]:
     argv = [PY, str(BENCH / "mock_openai.py"), "--port", str(port)]
     argv += ["--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)]
     _, others = cores()
-    with process(argv, cpus=others, log=tmp / f"engine-{port}.log", ready_url=f"{url}/health"):
-        yield url
+    log = tmp / f"engine-{port}.log"
+    with process(argv, cpus=others, log=log, ready_url=f"{url}/health") as proc:
+        ENGINE_PIDS[url] = proc.pid
+        try:
+            yield url
+        finally:
+            del ENGINE_PIDS[url]
+
+
+# The pid of each running mock engine, by its URL (for the CPU shares of relay_profile).
+ENGINE_PIDS: dict[str, int] = {}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_measured(mode: str, url: str, pids: dict[str, int], **options: Any) -> dict[str, Any]:
+    """:func:`load`, with the CPU share (CPU seconds per second) of each process in ``pids``
+    over the load generator's whole run, warm-up included, as ``<name>_cpu_share``."""
+    before, started = {name: cpu_s(pid) for name, pid in pids.items()}, time.monotonic()
+    result = load(mode, url, ENGINE_MODEL, **options)
+    wall = time.monotonic() - started
+    for name, pid in pids.items():
+        result[f"{name}_cpu_share"] = round((cpu_s(pid) - before[name]) / wall, 3)
+    return result
 
 
 def llorch_config(pools: list[dict[str, Any]]) -> dict[str, Any]:
@@ -309,11 +335,12 @@ def relay_profile(
     rows: list[dict[str, Any]] = []
     with engine(tmp, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s) as engine_url:
         pool = openai_pool(engine_url, slots=max(levels))
-        with llorch(tmp, [pool]) as (url, _):
+        with llorch(tmp, [pool]) as (url, llorch_pid):
+            pids = {"engine": ENGINE_PIDS[engine_url], "llorch": llorch_pid}
             for c in levels:
                 options = {"concurrency": c, "duration": duration, "max_tokens": max_tokens}
-                direct = load("direct", engine_url, ENGINE_MODEL, **options)
-                through = load("llorch", url, ENGINE_MODEL, **options)
+                direct = load_measured("direct", engine_url, pids, **options)
+                through = load_measured("llorch", url, pids, **options)
                 rows.append({"concurrency": c, "direct": direct, "llorch": through})
         if litellm is not None:
             with litellm_proxy(tmp, litellm, engine_url) as (proxy_url, key):
