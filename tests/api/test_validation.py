@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from connexion.exceptions import BadRequestProblem, NonConformingResponseBody
-from connexion.json_schema import Draft4RequestValidator, resolve_refs
+from connexion.json_schema import Draft4RequestValidator, Draft4ResponseValidator, resolve_refs
 from connexion.validators import JSONResponseBodyValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 
@@ -107,6 +107,50 @@ def test_a_response_body_is_judged_like_connexion(body: Any) -> None:
     ours = validator_map()["response"]["application/json"]({}, **options)
     theirs = JSONResponseBodyValidator({}, **options)
     assert _response_error(ours, body) == _response_error(theirs, body)
+
+
+TASK: dict[str, Any] = {
+    "task_id": "t-1",
+    "session_id": "s-1",
+    "model": "mock-small",
+    "priority": "interactive",
+    "state": "running",
+    "queue_position": None,
+    "pool_id": "default",
+    "replica_id": None,
+    "finish_reason": None,
+    "usage": {"tokens_in": 1, "tokens_out": 0, "cost": 0.0},
+    "timings": {"created_ms": 1, "started_ms": None, "ended_ms": None, "ttft_ms": None},
+    "trace_artifact_id": None,
+}
+# OpenAPI's nullable, through the fast path and through connexion's validator.
+TASK_BODIES: list[Any] = [
+    TASK,
+    {**TASK, "finish_reason": "stop", "replica_id": "r-0", "queue_position": 3},
+    {**TASK, "finish_reason": "bogus"},  # the enum still holds
+    {**TASK, "queue_position": -1},  # and the minimum
+    {**TASK, "model": None},  # not nullable
+    {**TASK, "usage": None},
+    {**TASK, "timings": {**TASK["timings"], "created_ms": None}},
+    {**TASK, "error": None},  # a $ref beside no nullable: null is refused
+]
+
+
+@pytest.mark.parametrize("body", TASK_BODIES, ids=range(len(TASK_BODIES)))
+def test_nullable_fields_are_judged_like_connexion(body: Any) -> None:
+    schema = SCHEMAS["Task"]
+    options = {"schema": schema, "nullable": False, "encoding": "utf-8"}
+    ours = validator_map()["response"]["application/json"]({}, **options)
+    theirs = JSONResponseBodyValidator({}, **options)
+    assert _response_error(ours, body) == _response_error(theirs, body)
+
+
+def test_a_task_with_null_fields_takes_the_fast_path() -> None:
+    compiled = CompiledSchema(SCHEMAS["Task"], Draft4ResponseValidator)
+    assert compiled.surely_valid(TASK)
+    assert not compiled.surely_valid({**TASK, "model": None})
+    # The plain Draft 4 validator of parameters knows no nullable.
+    assert not CompiledSchema(SCHEMAS["Task"], Draft4Validator).surely_valid(TASK)
 
 
 @pytest.mark.parametrize("value", [None, 1, 200, 201, 0, "7", 2.5, True])

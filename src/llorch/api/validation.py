@@ -12,6 +12,11 @@ The Rust validator only ever says "valid": when it rejects an instance (or canno
 integer beyond 64 bits, a lone surrogate), the Python validator decides and writes the error,
 so what is accepted, what is refused and every error message stay exactly connexion's. Schemas
 the two could judge differently (``format``, ``writeOnly``) are left to the Python validator.
+
+OpenAPI 3.0's ``nullable: true`` is no JSON Schema keyword: connexion's body and response
+validators let ``null`` through that schema's ``type`` and ``enum``. Rust is given the same rule
+written in JSON Schema (``"null"`` added to that ``type`` and that ``enum``); without it, every
+response with a null field (most task rows) went to the Python validator.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ _MAX_RULE_CHARS = 120
 # direction (Rust accepting what Python refuses): formats are checked by different code, and
 # connexion's response validator refuses any property marked write-only.
 _PYTHON_ONLY_KEYWORDS = frozenset({"format", "writeOnly", "x-writeOnly"})
+# The validators that let null through a nullable schema's type and enum (connexion's
+# allow_nullable); the parameter validator (plain Draft 4) does not.
+_NULLABLE_AWARE = (Draft4RequestValidator, Draft4ResponseValidator)
+# Keywords whose value is a schema, a list of schemas, or a mapping of names to schemas.
+_SUBSCHEMA = frozenset({"items", "additionalProperties", "not"})
+_SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "items"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "definitions"})
 # Connexion hands the same schema dict for an operation on every request; a bound keeps a schema
 # built afresh per request (none today) from growing the cache.
 _MAX_CACHED = 1024
@@ -67,8 +79,9 @@ class CompiledSchema:
         self.python = python_cls(schema, format_checker=Draft4Validator.FORMAT_CHECKER)
         self.fast: jsonschema_rs.Validator | None = None
         if not _mentions(schema, _PYTHON_ONLY_KEYWORDS):
+            rust_schema = with_null(schema) if python_cls in _NULLABLE_AWARE else schema
             try:
-                self.fast = jsonschema_rs.Draft4Validator(schema, offline=True)
+                self.fast = jsonschema_rs.Draft4Validator(rust_schema, offline=True)
             except Exception:  # a schema Rust cannot compile (e.g. a Python-only regex)
                 log.debug("schema left to the Python validator", exc_info=True)
 
@@ -163,6 +176,32 @@ class CachedParameterValidator(ParameterValidator):  # type: ignore[misc]
         if param.get("required"):
             return f"Missing {parameter_type} parameter '{param['name']}'"
         return None
+
+
+def with_null(schema: Any) -> Any:
+    """``schema`` with connexion's nullable rule in JSON Schema: in every (sub)schema that is
+    ``nullable`` (or ``x-nullable: true``), ``"null"`` joins its ``type`` and its ``enum``.
+    The other keywords are left alone: connexion applies them to null as well."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: with_null(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [with_null(sub) for sub in value]
+        elif key in _SUBSCHEMA:
+            out[key] = with_null(value)
+    if schema.get("x-nullable") is True or schema.get("nullable"):
+        kind = schema.get("type")
+        if isinstance(kind, str) and kind != "null":
+            out["type"] = [kind, "null"]
+        elif isinstance(kind, list) and "null" not in kind:
+            out["type"] = [*kind, "null"]
+        enum = schema.get("enum")
+        if isinstance(enum, list) and None not in enum:
+            out["enum"] = [*enum, None]
+    return out
 
 
 def _mentions(schema: Any, keywords: frozenset[str]) -> bool:
