@@ -5,7 +5,7 @@ values, or past its label's cardinality budget, is recorded as ``other``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -77,6 +77,12 @@ class Metrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._child(name, labels).observe(value)
+
+    def setter(self, name: str, **labels: str) -> Callable[[float], None]:
+        """``set`` of one gauge series, resolved now, for a caller that sets it again and
+        again: the series a set of label values resolves to never changes."""
+        setter: Callable[[float], None] = self._child(name, labels).set
+        return setter
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -201,6 +201,40 @@ def test_finish_task_writes_task_and_session_together_or_not_at_all(db: Database
     assert session.tokens_remaining == 900
 
 
+def test_start_task_records_the_start_and_the_session_placement_together(
+    path: Path, db: Database
+) -> None:
+    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+
+    db.start_task(
+        "t-1", "s-1", state="running", started_ms=2_000, pool_id="default", replica_id="default-1"
+    )
+
+    task, session = db.get_task("t-1"), db.get_session("s-1")
+    assert task is not None and session is not None
+    assert (task.state, task.started_ms, task.replica_id) == ("running", 2_000, "default-1")
+    assert (session.last_pool_id, session.last_replica_id) == ("default", "default-1")
+    assert session == session_row(last_pool_id="default", last_replica_id="default-1")
+
+    # One transaction: with the database locked, neither row changes.
+    db.close()
+    impatient = Database.open(path, profile="test", busy_timeout_ms=50)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StorageError):
+            impatient.start_task(
+                "t-1", "s-1", state="failed", started_ms=3_000, pool_id="p2", replica_id="p2-0"
+            )
+        other.execute("ROLLBACK")
+        task, session = impatient.get_task("t-1"), impatient.get_session("s-1")
+        assert task is not None and session is not None
+        assert (task.state, task.started_ms, session.last_pool_id) == ("running", 2_000, "default")
+    finally:
+        other.close()
+        impatient.close()
+
+
 @pytest.mark.req("ORCH-DATA-0041")
 def test_list_tasks_is_newest_first_and_pages_with_before_seq(db: Database) -> None:
     db.insert_session(session_row("s-1"))

@@ -305,3 +305,42 @@ async def test_tasks_accepted_but_not_started_before_a_restart_run_after_it(
 
     assert [e.kind for e in events] == ["started", "token", "token", "token", "end"]
     assert (row.state, row.tokens_out, row.error_code) == ("succeeded", 3, None)
+
+
+async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
+    settings_for: SettingsFactory,
+) -> None:
+    failure = {"mode": "before_first_token", "replicas": [0]}
+    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
+    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1})
+    async with running(settings_for(raw)) as run:
+        session_id = run.scheduler.sessions.create().row.session_id
+        task_id = run.submit(session_id=session_id, max_tokens=3)
+        events = await until_end(run.scheduler.stream(task_id))
+        row = run.row(task_id)
+        session = run.scheduler.sessions.get(session_id)
+        replicas = run.scheduler.registry.pools["default"].replicas
+
+    assert [e.kind for e in events] == ["started", "token", "token", "token", "end"]
+    assert events[0].data["replica_id"] == "default-0"
+    assert (row.state, row.replica_id) == ("succeeded", "default-1")
+    assert session.row.last_replica_id == "default-1"
+    assert [r.breaker.consecutive_failures for r in replicas] == [1, 0]
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3])
+async def test_a_task_stops_after_its_attempts(
+    settings_for: SettingsFactory, attempts: int
+) -> None:
+    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": {"mode": "before_first_token"}}
+    retry = {"attempts": attempts, "backoff_ms": 1}
+    raw = config(mock=failing, retry=retry, breaker={"failure_threshold": 10})
+    async with running(settings_for(raw)) as run:
+        task_id = run.submit(max_tokens=3)
+        events = await until_end(run.scheduler.stream(task_id))
+        row = run.row(task_id)
+        replica = run.scheduler.registry.pools["default"].replicas[0]
+
+    assert [e.kind for e in events] == ["started", "error"]
+    assert (row.state, row.tokens_out) == ("failed", 0)
+    assert replica.breaker.consecutive_failures == attempts

@@ -249,3 +249,39 @@ def test_committed_values_subtract_actual_usage_and_clamp_at_zero(
         "cost_remaining": 0.0,
     }
     assert sessions.committed_values("s-unknown", tokens=1, time_ms=1, cost=0.0) == {}
+
+
+def test_remaining_for_sees_every_commit_and_delete_of_a_session_with_open_tasks(
+    sessions: SessionService, db: Database
+) -> None:
+    sid = sessions.create().row.session_id
+    sessions.reserve(sid, "t-1", SMALL)
+    sessions.reserve(sid, "t-2", SMALL)
+    assert sessions.remaining_for(sid) == Remaining(tokens=980, time_ms=9_800, cost=0.98)
+
+    # t-1 ends: its reservation released, its usage committed (as Dispatcher._settle does).
+    sessions.release(sid, "t-1")
+    db.admit_task(task_row("t-1", session_id=sid), sessions.live_row(sid), new_session=False)
+    committed = sessions.committed_values(sid, tokens=100, time_ms=1_000, cost=0.1)
+    db.finish_task("t-1", {"state": "succeeded"}, sid, committed)
+    assert sessions.remaining_for(sid) == Remaining(tokens=890, time_ms=8_900, cost=0.89)
+    assert sessions.remaining_for(sid) == sessions.remaining(sessions.live_row(sid))
+
+    sessions.delete(sid)
+    assert sessions.remaining_for(sid) == Remaining(0, 0, 0.0)
+
+
+def test_remaining_for_a_session_without_open_tasks_reads_the_database(
+    sessions: SessionService, db: Database
+) -> None:
+    sid = sessions.create().row.session_id
+    assert sessions.remaining_for(sid) == Remaining(tokens=1_000, time_ms=10_000, cost=1.0)
+
+    db.finish_task("t-none", {"state": "succeeded"}, sid, {"tokens_remaining": 400})
+
+    assert sessions.remaining_for(sid).tokens == 400
+    sessions.reserve(sid, "t-1", SMALL)
+    assert sessions.remaining_for(sid).tokens == 390
+    sessions.release(sid, "t-1")
+    db.finish_task("t-none", {"state": "succeeded"}, sid, {"tokens_remaining": 300})
+    assert sessions.remaining_for(sid).tokens == 300

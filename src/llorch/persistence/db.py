@@ -87,6 +87,9 @@ _INSERT_TASK = (
     f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
 )
 
+_START_TASK = "UPDATE tasks SET state = ?, started_ms = ?, replica_id = ? WHERE task_id = ?"
+_PLACE_SESSION = "UPDATE sessions SET last_pool_id = ?, last_replica_id = ? WHERE session_id = ?"
+
 
 def migrations() -> list[tuple[int, str]]:
     """The numbered migration scripts, in order."""
@@ -229,6 +232,21 @@ class Database:
             self._conn.execute(
                 f"UPDATE tasks SET {sets} WHERE task_id = ?", (*values.values(), task_id)
             )
+
+    def start_task(
+        self,
+        task_id: str,
+        session_id: str,
+        *,
+        state: str,
+        started_ms: int,
+        pool_id: str,
+        replica_id: str,
+    ) -> None:
+        """Record a task's start on a replica and its session's placement in one transaction."""
+        with self._errors(), self._transaction():
+            self._conn.execute(_START_TASK, (state, started_ms, replica_id, task_id))
+            self._conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
 
     def finish_task(
         self,

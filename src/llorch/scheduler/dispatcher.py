@@ -225,8 +225,14 @@ class Dispatcher:
         record.move_to(RUNNING)
         record.replica_id = replica.id
         record.started_ms = now
-        self._db.update_task(record.task_id, state=RUNNING, started_ms=now, replica_id=replica.id)
-        self._db.update_session(record.session_id, last_pool_id=pool.id, last_replica_id=replica.id)
+        self._db.start_task(
+            record.task_id,
+            record.session_id,
+            state=RUNNING,
+            started_ms=now,
+            pool_id=pool.id,
+            replica_id=replica.id,
+        )
         log.info(
             "task running",
             extra={

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llorch.clock import Clock, SystemClock
@@ -46,6 +47,12 @@ class Replica:
         if not self.breaker.allows_traffic:
             return "circuit_open"
         return "ready" if self.ready else "unready"
+
+
+# A replica and the setters of its busy slots, total slots and breaker state series.
+_ReplicaGauges = tuple[
+    Replica, Callable[[float], None], Callable[[float], None], Callable[[float], None]
+]
 
 
 class DrainMeter:
@@ -97,6 +104,7 @@ class PoolRuntime:
         self.reloading = False
         self.last_reload_error: str | None = None
         self.generation = 0
+        self._replica_gauges: tuple[list[Replica] | None, list[_ReplicaGauges]] = (None, [])
         # A reload changes ``settings.model``; the models it may choose from never change.
         self.loadable_models = settings.loadable_models
         self.wakeup = asyncio.Event()
@@ -145,17 +153,23 @@ class PoolRuntime:
             )
 
     def record_replicas(self) -> None:
-        for r in self.replicas:
-            self.metrics.set("llorch_replica_slots_busy", r.busy, pool_id=self.id, replica_id=r.id)
-            self.metrics.set(
-                "llorch_replica_slots_total", r.engine.slots, pool_id=self.id, replica_id=r.id
-            )
-            self.metrics.set(
-                "llorch_replica_breaker_state",
-                STATE_VALUE[r.breaker.state],
-                pool_id=self.id,
-                replica_id=r.id,
-            )
+        # Several times per task: the replicas' series are resolved once per list of replicas
+        # (a reload replaces the list).
+        if self._replica_gauges[0] is not self.replicas:
+            self._replica_gauges = (self.replicas, [self._gauges_of(r) for r in self.replicas])
+        for r, busy, total, breaker in self._replica_gauges[1]:
+            busy(r.busy)
+            total(r.engine.slots)
+            breaker(STATE_VALUE[r.breaker.state])
+
+    def _gauges_of(self, r: Replica) -> _ReplicaGauges:
+        labels = {"pool_id": self.id, "replica_id": r.id}
+        return (
+            r,
+            self.metrics.setter("llorch_replica_slots_busy", **labels),
+            self.metrics.setter("llorch_replica_slots_total", **labels),
+            self.metrics.setter("llorch_replica_breaker_state", **labels),
+        )
 
     def record_state(self) -> None:
         for state, flag in (

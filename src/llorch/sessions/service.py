@@ -49,6 +49,11 @@ class SessionService:
         self._settings = settings
         self._clock = clock
         self._reserved: dict[str, dict[str, Reservation]] = {}
+        # The stored rows of sessions with open reservations, for remaining_for (a metrics
+        # event every few tokens of every running task): their committed budgets change only
+        # through committed_values and delete, which drop the row, and a row leaves with the
+        # session's last reservation.
+        self._rows: dict[str, SessionRow | None] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -112,6 +117,7 @@ class SessionService:
         self.live_row(session_id, visible_to=visible_to)
         self._db.delete_session(session_id)
         self._reserved.pop(session_id, None)
+        self._rows.pop(session_id, None)
 
     def live_row(self, session_id: str, *, visible_to: str | None = None) -> SessionRow:
         """The session's row, or SessionNotFound when it is unknown, deleted or expired, or
@@ -146,7 +152,12 @@ class SessionService:
 
     def remaining_for(self, session_id: str) -> Remaining:
         """What the session can still spend; zero for a session that no longer exists."""
-        row = self._db.get_session(session_id)
+        if session_id in self._rows:
+            row = self._rows[session_id]
+        else:
+            row = self._db.get_session(session_id)
+            if session_id in self._reserved:
+                self._rows[session_id] = row
         return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
 
     def check_use(self, row: SessionRow, want: Reservation) -> SessionRow:
@@ -177,11 +188,13 @@ class SessionService:
             held.pop(task_id, None)
             if not held:
                 del self._reserved[session_id]
+                self._rows.pop(session_id, None)
 
     def committed_values(
         self, session_id: str, *, tokens: int, time_ms: int, cost: float
     ) -> dict[str, int | float]:
         """Column values for the session after committing a task's usage (clamped at zero)."""
+        self._rows.pop(session_id, None)  # the caller stores them
         row = self._db.get_session(session_id)
         if row is None:
             return {}
