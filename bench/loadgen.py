@@ -188,7 +188,12 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
     measure_from = t0 + args.warmup
     until = measure_from + args.duration
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
+        # Workers start spread over the first half of the warm-up: with an engine that takes
+        # the same time for every stream, workers started together would stay in step, and
+        # their completions would come in waves that the window's edges cut (a few % of
+        # tasks/s, either way).
+        await asyncio.sleep(i * args.warmup / 2 / args.concurrency)
         while time.perf_counter() < until:
             try:
                 sample = await call(client, args)
@@ -198,7 +203,7 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
             run.samples.append(sample)
 
     async with session(args, 60.0) as client:
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
     cpu_share = (time.process_time() - cpu0) / (time.perf_counter() - t0)
     counted = [s for s in run.samples if measure_from <= s.end <= until]
     ok = [s for s in counted if s.ok]
