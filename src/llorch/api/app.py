@@ -2,14 +2,13 @@
 
 The request pipeline, outermost first:
   connexion's ServerErrorMiddleware
-  → CorrelationIdMiddleware   (X-Correlation-Id on every response, errors included)
-  → RequestMetricsMiddleware  (requests by operationId and status, errors included)
-  → BodyLimitMiddleware       (413 before a large body is read)
+  → EdgeMiddleware      (X-Correlation-Id on every response, errors included; requests counted
+                         by operationId and status, and logged; 413 before a large body is read)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
   → routing → security (llorch.api.auth: bearer key, scope, rate limit)
   → request validation (errors never quote the body) → response validation → lifespan
-  → CorrelationIdMiddleware   (again, inside response validation, which checks the header)
-  → OperationNoteMiddleware   (tells the request metrics which operation matched)
+  → OperationMiddleware (tells the edge which operation matched; the correlation id again,
+                         inside response validation, which checks the header)
   → handlers
 """
 
@@ -29,12 +28,7 @@ from starlette.exceptions import HTTPException
 from llorch.api import problems, provider_states
 from llorch.api.auth import check_bind, security_map
 from llorch.api.handlers import operations
-from llorch.api.middleware import (
-    BodyLimitMiddleware,
-    CorrelationIdMiddleware,
-    OperationNoteMiddleware,
-    RequestMetricsMiddleware,
-)
+from llorch.api.middleware import EdgeMiddleware, OperationMiddleware
 from llorch.api.runtime import Runtime
 from llorch.api.validation import validator_map
 from llorch.clock import Clock, SystemClock
@@ -96,17 +90,10 @@ def create_app(
             await runtime.stop()
 
     app = AsyncApp(__name__, lifespan=lifespan)
-    app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(
-        RequestMetricsMiddleware,
+        EdgeMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         metrics=runtime.metrics,
-    )
-    app.add_middleware(CorrelationIdMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
-    app.add_middleware(OperationNoteMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
-    app.add_middleware(
-        BodyLimitMiddleware,
-        position=MiddlewarePosition.BEFORE_EXCEPTION,
         max_body_bytes=settings.server.max_body_bytes,
         # An artifact's JSON body may escape its content to several times its size; the store
         # itself refuses content above artifacts.max_bytes.
@@ -114,6 +101,7 @@ def create_app(
             "/v1/artifacts": max(settings.server.max_body_bytes, 6 * settings.artifacts.max_bytes)
         },
     )
+    app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
     resolver = OperationResolver(operations(runtime))
     documents = [dict(openapi("data")), dict(openapi("control"))]
     for name, document in zip(("data", "control"), documents, strict=True):
