@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem, NonConformingResponseBody
 from connexion.json_schema import Draft4RequestValidator, Draft4ResponseValidator, resolve_refs
 from connexion.validators import JSONResponseBodyValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 
-from llorch.api.validation import CompiledSchema, describe, validator_map
+from llorch.api.validation import CachedMediaTypeDict, CompiledSchema, describe, validator_map
 from llorch.contracts import openapi
 
 SPEC: dict[str, Any] = resolve_refs(dict(openapi("data")))
@@ -172,3 +173,21 @@ def test_every_contract_schema_takes_the_fast_path(document: str) -> None:
 def test_a_schema_with_a_format_is_left_to_python() -> None:
     schema = {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}}
     assert CompiledSchema(schema, Draft4RequestValidator).fast is None
+
+
+def test_the_media_type_lookup_answers_like_connexions_and_sees_new_keys() -> None:
+    plain = MediaTypeDict(
+        {"*/*json": "json", "text/*": "text", "application/x-www-form-urlencoded": "form"}
+    )
+    cached = CachedMediaTypeDict(dict(plain))
+    for media_type in ["application/json", "application/problem+json", "text/plain", "text/plain"]:
+        assert cached[media_type] == plain[media_type]
+    with pytest.raises(KeyError):
+        cached["image/png"]
+    cached["image/*"] = "image"
+    cached["text/plain"] = "plain"
+    assert (cached["image/png"], cached["text/plain"], cached["text/csv"]) == (
+        "image",
+        "plain",
+        "text",
+    )

@@ -194,6 +194,12 @@ class ArtifactStore:
 
     def commit(self, prepared: Prepared) -> tuple[Artifact, bool]:
         """Record a written body (on the event loop's thread, like every database call)."""
+        artifact_id, inserted = self.record(prepared)
+        return self._get_row(artifact_id), inserted
+
+    def record(self, prepared: Prepared) -> tuple[str, bool]:
+        """:meth:`commit` for a caller that needs only the id: (id, newly inserted), without
+        reading the stored row back."""
         artifact_id = f"sha256:{prepared.digest}"
         inserted = self._db.insert_artifact(
             artifact_id=artifact_id,
@@ -207,7 +213,7 @@ class ArtifactStore:
             metadata=json.dumps(prepared.metadata),
             owner=prepared.owner,
         )
-        return self._get_row(artifact_id), inserted
+        return artifact_id, inserted
 
     def get(self, artifact_id: str, *, visible_to: str | None = None) -> tuple[Artifact, str]:
         """(artifact, content), the body re-read from disk and its digest verified.

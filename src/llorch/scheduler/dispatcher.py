@@ -304,7 +304,7 @@ class Dispatcher:
             prepared = self._prepare_trace(ending)
             if prepared is not None and self._artifacts is not None:
                 self._artifacts.write(prepared)
-                trace_id = self._artifacts.commit(prepared)[0].id
+                trace_id = self._artifacts.record(prepared)[0]
         except (LlorchError, OSError) as exc:
             self._trace_missing(ending, exc)
         self._settle(ending, trace_id)
@@ -326,7 +326,7 @@ class Dispatcher:
                     # Shut down mid-write: the task still ends, now, without its trace.
                     self._settle(ending, None)
                     raise
-                trace_id = self._artifacts.commit(prepared)[0].id
+                trace_id = self._artifacts.record(prepared)[0]
         except (LlorchError, OSError) as exc:
             self._trace_missing(ending, exc)
         except Exception as exc:  # a bug: the task still ends, without its trace
