@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from llorch.errors import StorageError
-from llorch.persistence import Database, SessionRow
+from llorch.persistence import ArtifactInsert, Database, SessionRow
 from llorch.persistence.db import ProfileMismatch, SchemaMismatch, migrations
 from tests.unit.helpers import task_row
 
@@ -290,3 +290,41 @@ def test_a_locked_database_makes_writes_fail_with_a_storage_error(path: Path, db
     finally:
         other.close()
         impatient.close()
+
+
+def trace_row(task_id: str) -> ArtifactInsert:
+    return ArtifactInsert(
+        artifact_id="sha256:" + "ab" * 32,
+        digest="ab" * 32,
+        kind="trace",
+        size_bytes=2,
+        created_ms=1,
+        tags='["task-trace"]',
+        parent=None,
+        task_id=task_id,
+        metadata="{}",
+        owner="key-1",
+    )
+
+
+def test_finish_task_stores_the_trace_row_in_the_same_transaction(db: Database) -> None:
+    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+    trace = trace_row("t-1")
+
+    with pytest.raises(StorageError):
+        db.finish_task("t-1", {"state": "succeeded"}, "s-1", {"no_such_column": 1}, trace=trace)
+    assert db.get_artifact(trace.artifact_id) is None
+
+    db.finish_task(
+        "t-1",
+        {"state": "succeeded", "trace_artifact_id": trace.artifact_id},
+        "s-1",
+        {"tokens_remaining": 900},
+        trace=trace,
+    )
+    task = db.get_task("t-1")
+    stored = db.get_artifact(trace.artifact_id)
+    assert task is not None and stored is not None
+    assert task.trace_artifact_id == trace.artifact_id
+    assert (stored["kind"], stored["task_id"], stored["size_bytes"]) == ("trace", "t-1", 2)
+    assert db.insert_artifact(trace) is False  # stored once

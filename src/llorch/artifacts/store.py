@@ -34,7 +34,7 @@ from llorch.errors import (
     StorageError,
 )
 from llorch.metrics import Metrics
-from llorch.persistence import Database
+from llorch.persistence import ArtifactInsert, Database
 
 KINDS = ("prompt", "trace", "transcript", "document", "other")
 
@@ -200,9 +200,14 @@ class ArtifactStore:
     def record(self, prepared: Prepared) -> tuple[str, bool]:
         """:meth:`commit` for a caller that needs only the id: (id, newly inserted), without
         reading the stored row back."""
-        artifact_id = f"sha256:{prepared.digest}"
-        inserted = self._db.insert_artifact(
-            artifact_id=artifact_id,
+        row = self.row(prepared)
+        return row.artifact_id, self._db.insert_artifact(row)
+
+    def row(self, prepared: Prepared) -> ArtifactInsert:
+        """The row that records a written body, for a caller that stores it in a transaction
+        of its own (:meth:`Database.finish_task` stores a task's trace with the task's end)."""
+        return ArtifactInsert(
+            artifact_id=f"sha256:{prepared.digest}",
             digest=prepared.digest,
             kind=prepared.kind,
             size_bytes=len(prepared.data),
@@ -213,7 +218,6 @@ class ArtifactStore:
             metadata=json.dumps(prepared.metadata),
             owner=prepared.owner,
         )
-        return artifact_id, inserted
 
     def get(self, artifact_id: str, *, visible_to: str | None = None) -> tuple[Artifact, str]:
         """(artifact, content), the body re-read from disk and its digest verified.

@@ -1,5 +1,5 @@
 """SQLite persistence: numbered migrations, profile guard, and the rows llorch keeps."""
 
-from llorch.persistence.db import Database, SessionRow, TaskRow
+from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
 
-__all__ = ["Database", "SessionRow", "TaskRow"]
+__all__ = ["ArtifactInsert", "Database", "SessionRow", "TaskRow"]

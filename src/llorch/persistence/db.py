@@ -100,6 +100,22 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+@dataclass(frozen=True, slots=True)
+class ArtifactInsert:
+    """An artifact's row, as :meth:`Database.insert_artifact` stores it."""
+
+    artifact_id: str
+    digest: str
+    kind: str
+    size_bytes: int
+    created_ms: int
+    tags: str  # JSON
+    parent: str | None
+    task_id: str | None
+    metadata: str  # JSON
+    owner: str | None = None
+
+
 class Database:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -254,11 +270,15 @@ class Database:
         task_values: dict[str, Any],
         session_id: str,
         session_values: dict[str, Any],
+        trace: ArtifactInsert | None = None,
     ) -> None:
-        """Record a task's terminal state and commit its session's usage together."""
+        """Record a task's terminal state and commit its session's usage together, with the
+        row of its trace artifact when there is one (one transaction for all three)."""
         task_sets = ", ".join(f"{k} = ?" for k in task_values)
         session_sets = ", ".join(f"{k} = ?" for k in session_values)
         with self._errors(), self._transaction():
+            if trace is not None:
+                self._insert_artifact(trace)
             self._conn.execute(
                 f"UPDATE tasks SET {task_sets} WHERE task_id = ?", (*task_values.values(), task_id)
             )
@@ -324,37 +344,27 @@ class Database:
     # An artifact row travels as a dict keyed by column name; `tags` (a JSON array of strings)
     # and `metadata` (a JSON object of strings) stay JSON text here, like a task's request_json.
 
-    def insert_artifact(
-        self,
-        *,
-        artifact_id: str,
-        digest: str,
-        kind: str,
-        size_bytes: int,
-        created_ms: int,
-        tags: str,
-        parent: str | None,
-        task_id: str | None,
-        metadata: str,
-        owner: str | None = None,
-    ) -> bool:
+    def insert_artifact(self, artifact: ArtifactInsert) -> bool:
         """Record an artifact's metadata; False (and nothing written) when its id is stored.
 
-        ``owner`` becomes one of the artifact's owners either way.
+        Its ``owner`` becomes one of the artifact's owners either way.
         """
         with self._errors(), self._transaction():
-            values = (artifact_id, digest, kind, size_bytes, created_ms, tags, parent, task_id)
-            cur = self._conn.execute(
-                "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
-                "parent, task_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (artifact_id) DO NOTHING",
-                (*values, metadata),
+            return self._insert_artifact(artifact)
+
+    def _insert_artifact(self, a: ArtifactInsert) -> bool:
+        values = (a.artifact_id, a.digest, a.kind, a.size_bytes, a.created_ms, a.tags, a.parent)
+        cur = self._conn.execute(
+            "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
+            "parent, task_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (artifact_id) DO NOTHING",
+            (*values, a.task_id, a.metadata),
+        )
+        if a.owner is not None:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner) VALUES (?, ?)",
+                (a.artifact_id, a.owner),
             )
-            if owner is not None:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner) VALUES (?, ?)",
-                    (artifact_id, owner),
-                )
         return cur.rowcount > 0
 
     def artifact_owned_by(self, artifact_id: str, owner: str) -> bool:

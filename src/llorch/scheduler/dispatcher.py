@@ -20,7 +20,7 @@ from llorch.artifacts.store import Prepared
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, EngineError, LlorchError, StorageError
-from llorch.persistence import Database
+from llorch.persistence import ArtifactInsert, Database
 from llorch.scheduler.ending import Ending, conclude, trace_document
 from llorch.scheduler.engine_call import EngineCall
 from llorch.scheduler.pools import PoolRuntime, Replica
@@ -299,15 +299,15 @@ class Dispatcher:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
         )
-        trace_id: str | None = None
+        trace: ArtifactInsert | None = None
         try:
             prepared = self._prepare_trace(ending)
             if prepared is not None and self._artifacts is not None:
                 self._artifacts.write(prepared)
-                trace_id = self._artifacts.record(prepared)[0]
+                trace = self._artifacts.row(prepared)
         except (LlorchError, OSError) as exc:
             self._trace_missing(ending, exc)
-        self._settle(ending, trace_id)
+        self._settle(ending, trace)
 
     async def _settle_after_trace(self, ending: Ending) -> None:
         """End the task like :meth:`finish`, with the trace's file written off the event loop.
@@ -315,7 +315,7 @@ class Dispatcher:
         The trace's fsyncs take milliseconds; on the loop they would stall every stream. The
         terminal event still goes out only after the trace is stored, so the task links it.
         """
-        trace_id: str | None = None
+        trace: ArtifactInsert | None = None
         try:
             prepared = self._prepare_trace(ending)
             if prepared is not None and self._artifacts is not None:
@@ -326,28 +326,31 @@ class Dispatcher:
                     # Shut down mid-write: the task still ends, now, without its trace.
                     self._settle(ending, None)
                     raise
-                trace_id = self._artifacts.record(prepared)[0]
+                trace = self._artifacts.row(prepared)
         except (LlorchError, OSError) as exc:
             self._trace_missing(ending, exc)
         except Exception as exc:  # a bug: the task still ends, without its trace
             log.exception("task %s: storing its trace failed unexpectedly", ending.record.task_id)
             self._trace_missing(ending, exc)
-        self._settle(ending, trace_id)
+        self._settle(ending, trace)
 
-    def _settle(self, ending: Ending, trace_id: str | None) -> None:
-        """Release the reservation, commit usage and the final row, publish the terminal event."""
+    def _settle(self, ending: Ending, trace: ArtifactInsert | None) -> None:
+        """Release the reservation, commit usage, the final row and the row of the trace (whose
+        body is on disk already) in one transaction, then publish the terminal event."""
         record, state, error, terminal = ending.record, ending.state, ending.error, ending.terminal
         tokens_in, tokens_out, decode_ms = ending.tokens_in, ending.tokens_out, ending.decode_ms
         run_ms, cost, finish_reason = ending.run_ms, ending.cost, ending.finish_reason
         task_values = ending.values
-        task_values["trace_artifact_id"] = trace_id
+        task_values["trace_artifact_id"] = None if trace is None else trace.artifact_id
         record.move_to(state)
         self._sessions.release(record.session_id, record.task_id)
         try:
             committed = self._sessions.committed_values(
                 record.session_id, tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost
             )
-            self._db.finish_task(record.task_id, task_values, record.session_id, committed)
+            self._db.finish_task(
+                record.task_id, task_values, record.session_id, committed, trace=trace
+            )
         except StorageError:
             # The terminal event still goes out; on restart the row is reconciled.
             log.exception("could not record the end of task %s", record.task_id)
