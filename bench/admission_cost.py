@@ -57,24 +57,6 @@ def start_py_spy(pid: int, out: Path, duration: float, *, gil: bool) -> subproce
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def wrk(url: str, script: Path, duration: float, cwd: Path) -> dict[str, int | float]:
-    _, others = bench.cores()
-    argv = ["wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
-    out = subprocess.run(
-        [*argv, f"{url}/v1/tasks"],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=lambda: os.sched_setaffinity(0, others),
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed:\n{out.stderr}")
-    counts: dict[str, int | float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return counts
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0)
@@ -106,14 +88,14 @@ def main() -> int:
         script = tmp / "admit.lua"
         script.write_text(bench.WRK_ADMIT)
         with bench.llorch(tmp, [pool]) as (url, pid):
-            wrk(url, script, 2, tmp)  # warm up
+            bench.wrk_admit(url, script, 2, tmp)  # warm up
             wait_idle(pid)
             for round_ in range(args.rounds):
                 spy = None
                 if args.profile is not None and round_ == 0:
                     spy = start_py_spy(pid, args.profile, args.duration, gil=not args.all_threads)
                 cpu_before, loop_before = cpu_s(pid), thread_cpu_s(pid)
-                counts = wrk(url, script, args.duration, tmp)
+                counts = bench.wrk_admit(url, script, args.duration, tmp)
                 cpu_at_end = cpu_s(pid)
                 if args.ttft_ms == 0:
                     wait_idle(pid)

@@ -296,20 +296,25 @@ def litellm_proxy(tmp: Path, venv: Path, engine_url: str) -> Iterator[tuple[str,
         yield url, master_key
 
 
-def load(mode: str, url: str, model: str, **options: Any) -> dict[str, Any]:
-    argv = [PY, str(BENCH / "loadgen.py"), mode, "--url", url, "--model", model]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+def on_other_cores(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a load generator to its end on the cores llorch is not pinned to; its output."""
     _, others = cores()
-    out = subprocess.run(
+    return subprocess.run(
         argv,
-        cwd=ROOT,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         check=False,
         preexec_fn=lambda: os.sched_setaffinity(0, others),
     )
+
+
+def load(mode: str, url: str, model: str, **options: Any) -> dict[str, Any]:
+    argv = [PY, str(BENCH / "loadgen.py"), mode, "--url", url, "--model", model]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    out = on_other_cores(argv, ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen {mode} failed:\n{out.stderr}")
     result: dict[str, Any] = json.loads(out.stdout)
@@ -383,6 +388,17 @@ end
 """
 
 
+def wrk_admit(url: str, script: Path, duration: float, cwd: Path) -> dict[str, Any]:
+    """wrk (one thread, 32 connections, on the other cores) running ``script`` against
+    ``POST /v1/tasks``: the counts its ``done`` prints."""
+    argv = ["wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
+    out = on_other_cores([*argv, f"{url}/v1/tasks"], cwd)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed:\n{out.stderr}")
+    counts: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return counts
+
+
 def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
     """POST /v1/tasks answered 202 per second, with validation on (the embedded mock engine).
 
@@ -392,21 +408,8 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
     pool = mock_pool(replicas=4, slots=64, ttft_ms=0, tokens_per_s=0)
     script = tmp / "admit.lua"
     script.write_text(WRK_ADMIT)
-    _, others = cores()
     with llorch(tmp, [pool]) as (url, _):
-        argv = ["wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
-        out = subprocess.run(
-            [*argv, f"{url}/v1/tasks"],
-            cwd=tmp,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            preexec_fn=lambda: os.sched_setaffinity(0, others),
-        )
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed:\n{out.stderr}")
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
+        counts = wrk_admit(url, script, duration, tmp)
     seconds = counts["duration_us"] / 1e6
     result = {
         "mode": "admit (wrk -t1 -c32)",
