@@ -201,13 +201,13 @@ def test_finish_task_writes_task_and_session_together_or_not_at_all(db: Database
     assert session.tokens_remaining == 900
 
 
-def test_start_task_records_the_start_and_the_session_placement_together(
+def test_place_task_records_the_start_and_the_session_placement_together(
     path: Path, db: Database
 ) -> None:
     db.admit_task(task_row("t-1"), session_row(), new_session=True)
 
-    db.start_task(
-        "t-1", "s-1", state="running", started_ms=2_000, pool_id="default", replica_id="default-1"
+    db.place_task(
+        "t-1", "s-1", pool_id="default", replica_id="default-1", state="running", started_ms=2_000
     )
 
     task, session = db.get_task("t-1"), db.get_session("s-1")
@@ -223,8 +223,8 @@ def test_start_task_records_the_start_and_the_session_placement_together(
     try:
         other.execute("BEGIN EXCLUSIVE")
         with pytest.raises(StorageError):
-            impatient.start_task(
-                "t-1", "s-1", state="failed", started_ms=3_000, pool_id="p2", replica_id="p2-0"
+            impatient.place_task(
+                "t-1", "s-1", pool_id="p2", replica_id="p2-0", state="failed", started_ms=3_000
             )
         other.execute("ROLLBACK")
         task, session = impatient.get_task("t-1"), impatient.get_session("s-1")

@@ -20,20 +20,18 @@ request_log = logging.getLogger("llorch.requests")
 _ACCEPTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def _chosen_id(scope: Scope) -> str:
-    """The request's own ``X-Correlation-Id`` when it is sane, else a new one."""
-    for name, value in scope["headers"]:
-        if name == b"x-correlation-id":
-            given = value.decode("latin-1")
-            return given if _ACCEPTABLE_ID.match(given) else uuid.uuid4().hex
-    return uuid.uuid4().hex
-
-
-def _declared_length(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case, as ASGI gives it)."""
+    for key, value in scope["headers"]:
+        if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _chosen_id(scope: Scope) -> str:
+    """The request's own ``X-Correlation-Id`` when it is sane, else a new one."""
+    given = _header(scope, b"x-correlation-id")
+    return given if given is not None and _ACCEPTABLE_ID.match(given) else uuid.uuid4().hex
 
 
 class EdgeMiddleware:
@@ -70,7 +68,7 @@ class EdgeMiddleware:
         cid = _chosen_id(scope)
         limit = self.limits.get(scope["path"], self.max_body_bytes)
         too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
-        declared = _declared_length(scope)
+        declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             receive = _raising_receive(too_large)
         else:

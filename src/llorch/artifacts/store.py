@@ -194,14 +194,9 @@ class ArtifactStore:
 
     def commit(self, prepared: Prepared) -> tuple[Artifact, bool]:
         """Record a written body (on the event loop's thread, like every database call)."""
-        artifact_id, inserted = self.record(prepared)
-        return self._get_row(artifact_id), inserted
-
-    def record(self, prepared: Prepared) -> tuple[str, bool]:
-        """:meth:`commit` for a caller that needs only the id: (id, newly inserted), without
-        reading the stored row back."""
         row = self.row(prepared)
-        return row.artifact_id, self._db.insert_artifact(row)
+        inserted = self._db.insert_artifact(row)
+        return self._get_row(row.artifact_id), inserted
 
     def row(self, prepared: Prepared) -> ArtifactInsert:
         """The row that records a written body, for a caller that stores it in a transaction

@@ -185,9 +185,7 @@ class OpenAIHttpEngine:
             except TimeoutError as exc:
                 if isinstance(exc, aiohttp.ClientError):
                     raise  # the connect limit: translated below
-                raise EngineTimeout(
-                    f"{self._where} exceeded {dog.reason}", engine=self.engine
-                ) from exc
+                raise self._overdue(dog, progress) from exc
             await self._check(response)
             # Bytes, split into lines here: one pass per network read, whatever it holds.
             content = response.content
@@ -199,10 +197,7 @@ class OpenAIHttpEngine:
                 except TimeoutError as exc:
                     if isinstance(exc, aiohttp.ClientError):
                         raise  # the socket read limit: translated below
-                    message = f"{self._where} exceeded {dog.reason}"
-                    if progress.tokens:
-                        raise DecodeTimeout(message, engine=self.engine) from exc
-                    raise EngineTimeout(message, engine=self.engine) from exc
+                    raise self._overdue(dog, progress) from exc
                 if not read:
                     raise EngineProtocolError(
                         f"{self._where} ended the stream without [DONE]", engine=self.engine
@@ -262,6 +257,13 @@ class OpenAIHttpEngine:
                 # Not read to its end (a failure, a cancel, the generator closed): its
                 # connection is closed, and the engine sees the disconnect and stops.
                 response.close()
+
+    def _overdue(self, dog: Watchdog, progress: _Progress) -> EngineError:
+        """The watchdog's deadline passed: a decode timeout once tokens have come."""
+        message = f"{self._where} exceeded {dog.reason}"
+        if progress.tokens:
+            return DecodeTimeout(message, engine=self.engine)
+        return EngineTimeout(message, engine=self.engine)
 
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -405,9 +407,9 @@ class OpenAIHttpEngine:
         says about itself: llama.cpp ``/props`` (or ``/slots``), vLLM ``/v1/models`` and
         ``/version``, TGI ``/info``. Those are read where present and never fail the probe."""
         try:
-            status = await self._get_status("/health")
+            status, _ = await self._get("/health")
             if status == 404:
-                status = await self._get_status("/v1/models")
+                status, _ = await self._get("/v1/models")
             if status != 200:
                 # llama.cpp answers 503 while its model loads: not ready yet, and it says so.
                 raise EngineUnavailable(
@@ -456,18 +458,16 @@ class OpenAIHttpEngine:
                 if isinstance(info.get("version"), str):
                     self.version = info["version"]
 
-    async def _get_status(self, path: str) -> int:
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """(status, body) of a GET, read to its end so that the connection can be reused."""
         timeout = aiohttp.ClientTimeout(total=self._connect_s)
         async with self._client().get(f"{self._root}{path}", timeout=timeout) as response:
-            await response.read()  # to its end, so the connection can be reused
-            return response.status
+            return response.status, await response.read()
 
     async def _get_json(self, path: str) -> Any:
-        timeout = aiohttp.ClientTimeout(total=self._connect_s)
-        async with self._client().get(f"{self._root}{path}", timeout=timeout) as response:
-            body = await response.read()
-            if response.status != 200:
-                return None
+        status, body = await self._get(path)
+        if status != 200:
+            return None
         try:
             return orjson.loads(body)
         except ValueError:

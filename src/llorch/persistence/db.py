@@ -87,7 +87,6 @@ _INSERT_TASK = (
     f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
 )
 
-_START_TASK = "UPDATE tasks SET state = ?, started_ms = ?, replica_id = ? WHERE task_id = ?"
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = ?, last_replica_id = ? WHERE session_id = ?"
 
 
@@ -249,19 +248,17 @@ class Database:
                 f"UPDATE tasks SET {sets} WHERE task_id = ?", (*values.values(), task_id)
             )
 
-    def start_task(
-        self,
-        task_id: str,
-        session_id: str,
-        *,
-        state: str,
-        started_ms: int,
-        pool_id: str,
-        replica_id: str,
+    def place_task(
+        self, task_id: str, session_id: str, *, pool_id: str, replica_id: str, **task_values: Any
     ) -> None:
-        """Record a task's start on a replica and its session's placement in one transaction."""
+        """Record that a task runs on a replica (with its other changed columns, e.g. its start)
+        and its session's placement, in one transaction."""
+        sets = ", ".join(f"{k} = ?" for k in ("replica_id", *task_values))
         with self._errors(), self._transaction():
-            self._conn.execute(_START_TASK, (state, started_ms, replica_id, task_id))
+            self._conn.execute(
+                f"UPDATE tasks SET {sets} WHERE task_id = ?",
+                (replica_id, *task_values.values(), task_id),
+            )
             self._conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
 
     def finish_task(

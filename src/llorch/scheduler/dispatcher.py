@@ -225,13 +225,13 @@ class Dispatcher:
         record.move_to(RUNNING)
         record.replica_id = replica.id
         record.started_ms = now
-        self._db.start_task(
+        self._db.place_task(
             record.task_id,
             record.session_id,
-            state=RUNNING,
-            started_ms=now,
             pool_id=pool.id,
             replica_id=replica.id,
+            state=RUNNING,
+            started_ms=now,
         )
         log.info(
             "task running",

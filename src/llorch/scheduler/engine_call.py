@@ -97,9 +97,8 @@ class EngineCall:
         other.busy += 1
         record = self.record
         record.replica_id = other.id
-        self._db.update_task(record.task_id, replica_id=other.id)
-        self._db.update_session(
-            record.session_id, last_pool_id=self.pool.id, last_replica_id=other.id
+        self._db.place_task(
+            record.task_id, record.session_id, pool_id=self.pool.id, replica_id=other.id
         )
         self.pool.record_replicas()
         self.pool.wakeup.set()  # the slot it left may take a queued task
