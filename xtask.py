@@ -1767,9 +1767,15 @@ def cmd_soak(args: list[str]) -> int:
             for worker in workers:
                 worker.start()
             rss_peak = rss_start
+            # The RSS at the end of each minute: growth that stops after the warm-up, or not.
+            rss_by_minute: list[int] = []
+            started = time.monotonic()
             while any(w.is_alive() for w in workers):
                 time.sleep(1)
-                rss_peak = max(rss_peak, _rss_kib(proc.pid))
+                rss = _rss_kib(proc.pid)
+                rss_peak = max(rss_peak, rss)
+                if time.monotonic() - started >= 60 * (len(rss_by_minute) + 1):
+                    rss_by_minute.append(rss)
             rss_end = _rss_kib(proc.pid)
             step(f"traffic over: waiting for the {len(tally.accepted)} accepted tasks to end")
             ends: dict[str, dict[str, object]] = {}
@@ -1800,7 +1806,12 @@ def cmd_soak(args: list[str]) -> int:
                 "bad_input_5xx": len(tally.bad_input_5xx),
                 "unexpected_5xx": len(tally.good_5xx),
                 "client_errors": len(tally.errors),
-                "rss_kib": {"start": rss_start, "peak": rss_peak, "end": rss_end},
+                "rss_kib": {
+                    "start": rss_start,
+                    "peak": rss_peak,
+                    "end": rss_end,
+                    "by_minute": rss_by_minute,
+                },
                 "rss_growth_kib": rss_end - rss_start,
                 "statuses": dict(sorted(tally.statuses.items())),
             }
