@@ -42,8 +42,6 @@ class ServerSettings:
     # nothing for stream_write_timeout_s, is disconnected (the task runs on).
     stream_max_lag_events: int = 4096
     stream_write_timeout_s: float = 30.0
-    # The pact provider-state route (llorch.api.provider_states); the test profile only.
-    provider_states: bool = False
 
 
 @dataclass(frozen=True)

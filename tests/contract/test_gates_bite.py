@@ -22,6 +22,7 @@ from schemathesis.core.jsonschema.types import JsonValue
 
 from llorch.config import Settings
 from tests.pact.conftest import PACT_FILE, ROOT
+from tests.pact.provider_states import WithProviderStates
 from tests.pact.verify import verify
 from tests.support import live_server, make_settings
 
@@ -64,11 +65,12 @@ class Served:
 
 
 @contextmanager
-def serve(settings: Settings) -> Iterator[Served]:
+def serve(settings: Settings, *, states: bool = False) -> Iterator[Served]:
+    """The real app behind the wrapper; with ``states``, the pact's provider-state route too."""
     wrappers: list[DropBudgetHeader] = []
 
     def wrap(app: Any) -> DropBudgetHeader:
-        wrappers.append(DropBudgetHeader(app))
+        wrappers.append(DropBudgetHeader(WithProviderStates(app) if states else app))
         return wrappers[-1]
 
     with live_server(settings, wrap=wrap) as url:
@@ -82,8 +84,8 @@ def _config(path: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def pact_server(tmp_path: Path) -> Iterator[Served]:
-    """The server `xtask.py pact-verify` runs (tests/configs/pact.yaml), behind the wrapper."""
-    with serve(make_settings(tmp_path, _config(PACT_CONFIG))) as served:
+    """The app `xtask.py pact-verify` serves (tests/configs/pact.yaml), behind the wrapper."""
+    with serve(make_settings(tmp_path, _config(PACT_CONFIG)), states=True) as served:
         yield served
 
 

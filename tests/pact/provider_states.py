@@ -8,13 +8,15 @@ storage busy timeout), the run-time replacement of the API keys, or another proc
 database's write lock. The answer carries the values the pact injects into its requests
 (``session_id``).
 
-:func:`register` refuses to add the route unless the profile is ``test`` and
-``server.provider_states`` is on.
+The shipped server has no such route: :class:`WithProviderStates` wraps the real app (as
+``tests.support.live_server(wrap=...)`` does) and answers this one path itself; the pact
+verifier (tests/pact/verify.py) serves the app that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import subprocess
 import sys
@@ -25,8 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from llorch.api.runtime import Runtime
-from llorch.config import ApiKey, FailureSettings, RateLimit, Settings
+from llorch.config import ApiKey, FailureSettings, RateLimit
 from llorch.engines.mock import MockEngine
+from llorch.errors import AdmissionReject
 
 PATH = "/_pact/provider-states"
 
@@ -135,18 +138,30 @@ class ProviderStates:
 
         self._undo.append(resume)
 
-    def fill(self, pool_id: str, model: str, count: int) -> None:
-        """Occupy every slot and queue place of a pool with long tasks (canceled afterwards)."""
-        ids = [f"pact-fill-{pool_id}-{i}" for i in range(count)]
-        for task_id in ids:
-            body = {"task_id": task_id, "model": model, "prompt": "fill", "max_tokens": 4000}
-            self.rt.scheduler.admit(body, "pact-fill")
+    async def fill(self, pool_id: str, model: str, count: int) -> None:
+        """Occupy every slot and queue place of a pool with long tasks (canceled afterwards).
+
+        A task admitted into a full queue waits for the dispatcher to move the head onto a free
+        slot: admitting all of them at once would find the queue full before the slots are.
+        """
+        ids: list[str] = []
 
         def cancel() -> None:
             for task_id in ids:
                 self.rt.scheduler.cancel(task_id)
 
         self._undo.append(cancel)
+        for task_id in (f"pact-fill-{pool_id}-{i}" for i in range(count)):
+            body = {"task_id": task_id, "model": model, "prompt": "fill", "max_tokens": 4000}
+            await _until(functools.partial(self._admitted, body), f"a place for {task_id}")
+            ids.append(task_id)
+
+    def _admitted(self, body: dict[str, Any]) -> bool:
+        try:
+            self.rt.scheduler.admit(body, "pact-fill")
+        except AdmissionReject:
+            return False
+        return True
 
 
 async def _nothing(_s: ProviderStates, _p: Params) -> dict[str, Any]:
@@ -230,7 +245,7 @@ async def _pool_full(s: ProviderStates, p: Params) -> dict[str, Any]:
     if pool is None:
         raise StateError(f"no pool {pool_id} in the configuration")
     capacity = pool.replicas * pool.slots_per_replica + pool.queue.capacity
-    s.fill(pool_id, pool.model, capacity)
+    await s.fill(pool_id, pool.model, capacity)
     return {}
 
 
@@ -323,18 +338,20 @@ STATES: dict[str, Setup] = {
 }
 
 
-def check(settings: Settings) -> bool:
-    """Whether to register the route; start-up refuses it outside the test profile."""
-    if not settings.server.provider_states:
-        return False
-    if settings.server.profile != "test":
-        raise ValueError(
-            "server.provider_states is allowed only in the test profile "
-            f"(this server's profile is {settings.server.profile!r})"
-        )
-    return True
+class WithProviderStates:
+    """ASGI: the real app, plus ``POST /_pact/provider-states`` answered by :class:`ProviderStates`.
 
+    ``app`` is what :func:`llorch.api.create_app` returns (it carries the runtime the states
+    act on); every other request goes to it unchanged.
+    """
 
-def register(app: Any, runtime: Runtime) -> None:
-    states = ProviderStates(runtime)
-    app.add_url_rule(PATH, "provider_states", states.dispatch, methods=["POST"])
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.states = ProviderStates(app.runtime)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (scope["method"], scope["path"]) == ("POST", PATH):
+            response = await self.states.dispatch(Request(scope, receive))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,35 +1,60 @@
-"""The pact provider-state route exists only in the test profile, and only when asked for."""
+"""The pact provider-state route is test code around the real app; the shipped app has none."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import yaml
+from asgi_lifespan import LifespanManager
 
 from llorch.api import create_app
-from tests.support import in_process, make_settings, pool
+from llorch.config import Settings
+from tests.pact.conftest import ROOT
+from tests.pact.provider_states import PATH, WithProviderStates
+from tests.support import InProcess, in_process, make_settings, pool
+
+PACT_CONFIG = ROOT / "tests" / "configs" / "pact.yaml"
+
+
+@asynccontextmanager
+async def with_states(settings: Settings) -> AsyncIterator[InProcess]:
+    """The real app wrapped with the state route, as the pact verifier serves it."""
+    app = create_app(settings)
+    async with (
+        LifespanManager(WithProviderStates(app), startup_timeout=30) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://llorch.test"
+        ) as client,
+    ):
+        yield InProcess(client, app)
 
 
 @pytest.mark.req("ORCH-CLI-0021")
-@pytest.mark.parametrize("profile", ["dev", "prod"])
-def test_start_up_refuses_the_route_outside_the_test_profile(tmp_path: Path, profile: str) -> None:
-    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [pool()]})
-    with pytest.raises(ValueError, match="only in the test profile"):
-        create_app(settings.with_server(profile=profile))
-
-
-@pytest.mark.req("ORCH-CLI-0021")
-async def test_the_route_is_absent_unless_enabled(tmp_path: Path) -> None:
-    async with in_process(make_settings(tmp_path, {"pools": [pool()]})) as api:
-        response = await api.client.post("/_pact/provider-states", json={"state": "x"})
-        assert response.status_code == 404
+@pytest.mark.parametrize("profile", ["dev", "test", "prod"])
+async def test_the_shipped_app_has_no_state_route_in_any_profile(
+    tmp_path: Path, profile: str
+) -> None:
+    # The pact verifier's own configuration, in every profile: still no route.
+    raw: dict[str, Any] = yaml.safe_load(PACT_CONFIG.read_text(encoding="utf-8"))
+    settings = make_settings(tmp_path, raw).with_server(profile=profile)
+    async with in_process(settings) as api:
+        setup = {"state": "pool default is draining", "params": {}, "action": "setup"}
+        response = await api.client.post(PATH, json=setup)
+        health = (await api.client.get("/v1/pools/default/health")).json()
+    assert response.status_code == 404
+    assert health["draining"] is False
 
 
 @pytest.mark.req("ORCH-CLI-0021")
 async def test_a_state_is_set_up_and_torn_down_through_the_api(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [pool()]})
-    async with in_process(settings) as api:
-        route = "/_pact/provider-states"
+    settings = make_settings(tmp_path, {"pools": [pool()]})
+    async with with_states(settings) as api:
+        route = PATH
         setup = {"state": "pool default is draining", "params": {}, "action": "setup"}
         assert (await api.client.post(route, json=setup)).status_code == 200
         assert (await api.client.get("/v1/pools/default/health")).json()["draining"] is True
@@ -49,9 +74,9 @@ async def test_a_reload_in_progress_is_a_real_reload_that_rolls_back(tmp_path: P
         models=["mock-spare-unloadable"],
         mock={"ttft_ms": 0, "tokens_per_s": 0, "fail_load_models": ["mock-spare-unloadable"]},
     )
-    settings = make_settings(tmp_path, {"server": {"provider_states": True}, "pools": [spare]})
-    async with in_process(settings) as api:
-        route = "/_pact/provider-states"
+    settings = make_settings(tmp_path, {"pools": [spare]})
+    async with with_states(settings) as api:
+        route = PATH
         state = "pool spare is reloading a model that never becomes healthy"
         setup = {"state": state, "params": {}, "action": "setup"}
         assert (await api.client.post(route, json=setup)).status_code == 200
@@ -66,12 +91,9 @@ async def test_a_reload_in_progress_is_a_real_reload_that_rolls_back(tmp_path: P
 
 @pytest.mark.req("ORCH-CLI-0021")
 async def test_every_replica_down_is_the_mock_engines_failure_injection(tmp_path: Path) -> None:
-    settings = make_settings(
-        tmp_path,
-        {"server": {"provider_states": True}, "pools": [pool(health_interval_ms=50)]},
-    )
-    async with in_process(settings) as api:
-        route = "/_pact/provider-states"
+    settings = make_settings(tmp_path, {"pools": [pool(health_interval_ms=50)]})
+    async with with_states(settings) as api:
+        route = PATH
         setup = {"state": "every replica of every pool is down", "params": {}, "action": "setup"}
         assert (await api.client.post(route, json=setup)).status_code == 200
         down = await api.client.get("/readyz")

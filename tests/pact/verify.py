@@ -1,7 +1,10 @@
-"""Verify pacts against a running llorch: `python tests/pact/verify.py URL PACT... [BROKER]`.
+"""Verify pacts against llorch: `python -m tests.pact.verify (--config FILE | --url URL) PACT...`.
 
-Run by `xtask.py pact-verify` (which starts the server) and by the gate test that proves a
-broken provider fails. Exit 0 when every interaction passes; otherwise the verifier's report.
+`xtask.py pact-verify` runs it with `--config tests/configs/pact.yaml`: it serves the real app
+(test profile, a fresh data dir) on a loopback port, wrapped with the provider-state route of
+tests/pact/provider_states.py, and verifies against it. `--url` verifies a server that is
+already running (the gate test that proves a broken provider fails calls :func:`verify`).
+Exit 0 when every interaction passes; otherwise the verifier's report.
 
 BROKER is `--broker-url URL --version V --branch B`: after the local pacts pass, the pacts the
 broker selects for llorch (its consumers' main branches, the branch matching B, and whatever is
@@ -13,11 +16,21 @@ from PACT_BROKER_TOKEN (or PACT_BROKER_USERNAME and PACT_BROKER_PASSWORD).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pact import Verifier
+from tests.pact.provider_states import WithProviderStates
+from tests.support import live_server, make_settings
 
 PROVIDER = "llorch"
 STATE_PATH = "/_pact/provider-states"
@@ -77,24 +90,58 @@ def verify_and_publish(
     return _run(verifier)
 
 
-def main(argv: list[str]) -> int:
-    summary = (__doc__ or "").splitlines()[0]
-    parser = argparse.ArgumentParser(prog="verify.py", description=summary)
-    parser.add_argument("url", help="the running server's base URL")
-    parser.add_argument("pacts", nargs="+", help="pact files")
-    parser.add_argument("--broker-url", help="also verify the broker's pacts; publish results")
-    parser.add_argument("--version", help="the provider version the results are published as")
-    parser.add_argument("--branch", help="the provider branch the results are published on")
-    args = parser.parse_args(argv)
-    ok, output = verify(args.url, args.pacts)
+@contextmanager
+def serving(config: Path) -> Iterator[tuple[str, Path]]:
+    """The real app configured by ``config`` (test profile), with the provider-state route.
+
+    Yields its URL and the file its logs go to (the verifier's report stays readable; the
+    log is printed when verification fails).
+    """
+    raw: dict[str, Any] = yaml.safe_load(config.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="llorch-pact-") as data_dir:
+        log = Path(data_dir) / "server.log"
+        handler = logging.FileHandler(log, encoding="utf-8")
+        logging.getLogger().addHandler(handler)
+        try:
+            settings = make_settings(Path(data_dir) / "var", raw)
+            with live_server(settings, wrap=WithProviderStates) as url:
+                yield url, log
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _verify_all(url: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    ok, output = verify(url, args.pacts)
     print(output)
     if not ok or args.broker_url is None:
         return 0 if ok else 1
     if not args.version or not args.branch:
         parser.error("--broker-url needs --version and --branch")
-    ok, output = verify_and_publish(args.url, Publish(args.broker_url, args.version, args.branch))
+    ok, output = verify_and_publish(url, Publish(args.broker_url, args.version, args.branch))
     print(output)
     return 0 if ok else 1
+
+
+def main(argv: list[str]) -> int:
+    summary = (__doc__ or "").splitlines()[0]
+    parser = argparse.ArgumentParser(prog="python -m tests.pact.verify", description=summary)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="serve the app with this configuration")
+    where.add_argument("--url", help="a running server's base URL")
+    parser.add_argument("pacts", nargs="+", help="pact files")
+    parser.add_argument("--broker-url", help="also verify the broker's pacts; publish results")
+    parser.add_argument("--version", help="the provider version the results are published as")
+    parser.add_argument("--branch", help="the provider branch the results are published on")
+    args = parser.parse_args(argv)
+    if args.url is not None:
+        return _verify_all(args.url, args, parser)
+    with serving(args.config) as (url, log):
+        rc = _verify_all(url, args, parser)
+        if rc != 0:
+            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]
+            print("---- last lines of the server log ----", *tail, sep="\n")
+        return rc
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolver
 from starlette.exceptions import HTTPException
 
-from llorch.api import problems, provider_states
+from llorch.api import problems
 from llorch.api.auth import check_bind, security_map
 from llorch.api.handlers import operations
 from llorch.api.middleware import EdgeMiddleware, OperationMiddleware
@@ -120,7 +120,5 @@ def create_app(
     app.add_error_handler(HTTPException, problems.HttpErrors(*documents))
     app.add_error_handler(UnicodeDecodeError, problems.bad_encoding)
     app.add_error_handler(Exception, problems.unexpected)
-    if provider_states.check(settings):
-        provider_states.register(app, runtime)
     app.runtime = runtime  # for tests and the CLI
     return app
