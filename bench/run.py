@@ -23,18 +23,19 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from signal import SIGINT
 from typing import Any
 
 import yaml
+
+from tools.debian import ensure_wrk
+from tools.server import free_port, llorch_argv, running
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -58,14 +59,6 @@ TARGETS = {
     "kib_per_stream": 64.0,
 }
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def cores() -> tuple[set[int], set[int]]:
     """(llorch's cores, the engine's and load generator's cores)."""
@@ -73,21 +66,6 @@ def cores() -> tuple[set[int], set[int]]:
     if len(available) < 2:
         return set(available), set(available)
     return {available[0]}, set(available[1:])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with _NO_PROXY.open(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
 
 
 @contextlib.contextmanager
@@ -101,30 +79,18 @@ def process(
     env: dict[str, str] | None = None,
     cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
-        )
-        try:
-            if ready_url is not None:
-                wait_http(ready_url, proc, ready_timeout_s)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+    """A benchmark process on ``cpus`` (tools.server.running, unbuffered, stopped by SIGINT)."""
+    with running(
+        argv,
+        log=log,
+        ready_url=ready_url,
+        ready_timeout_s=ready_timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        cpus=cpus,
+        cwd=cwd,
+        stop_signal=SIGINT,
+    ) as proc:
+        yield proc
 
 
 @contextlib.contextmanager
@@ -135,7 +101,8 @@ def engine(tmp: Path, *, ttft_ms: float, tokens_per_s: float) -> Iterator[str]:
     argv += ["--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)]
     _, others = cores()
     log = tmp / f"engine-{port}.log"
-    with process(argv, cpus=others, log=log, ready_url=f"{url}/health") as proc:
+    ready = f"{url}/health"
+    with process(argv, cpus=others, log=log, ready_url=ready) as proc:
         ENGINE_PIDS[url] = proc.pid
         try:
             yield url
@@ -202,11 +169,11 @@ def llorch(tmp: Path, pools: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
     config = tmp / f"llorch-{port}.yaml"
     config.write_text(yaml.safe_dump(llorch_config(pools)))
     data_dir = tmp / f"data-{port}"
-    argv = [PY, "-m", "llorch", "serve", "--config", str(config), "--port", str(port)]
-    argv += ["--profile", "test", "--data-dir", str(data_dir)]
+    argv = llorch_argv(port, config=config, data_dir=data_dir, python=PY)
     mine, _ = cores()
     log = tmp / f"llorch-{port}.log"
-    with process(argv, cpus=mine, log=log, ready_url=f"{url}/readyz") as proc:
+    ready = f"{url}/readyz"
+    with process(argv, cpus=mine, log=log, ready_url=ready) as proc:
         yield url, proc.pid
 
 
@@ -391,7 +358,7 @@ end
 def wrk_admit(url: str, script: Path, duration: float, cwd: Path) -> dict[str, Any]:
     """wrk (one thread, 32 connections, on the other cores) running ``script`` against
     ``POST /v1/tasks``: the counts its ``done`` prints."""
-    argv = ["wrk", "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
+    argv = [ensure_wrk(), "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
     out = on_other_cores([*argv, f"{url}/v1/tasks"], cwd)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed:\n{out.stderr}")

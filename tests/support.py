@@ -27,8 +27,13 @@ MODEL = "mock-small"
 
 
 def make_settings(data_dir: Path, raw: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from a configuration mapping, validated against the schema like a real file."""
+    """Settings from a configuration mapping, validated against the schema like a real file.
+
+    Unless the mapping says otherwise, ``server.shutdown_grace_s`` is 0: a test that leaves a
+    task running would otherwise wait the shipped grace (10 s) at every stop.
+    """
     raw = dict(raw or {})
+    raw["server"] = {"shutdown_grace_s": 0, **raw.get("server", {})}
     validate_config(raw)
     return Settings.from_mapping(raw).with_server(data_dir=str(data_dir), profile="test")
 

@@ -1,6 +1,7 @@
 """CPU time the llorch process spends per relayed token, under the saturation engine.
 
-    .venv/bin/python bench/relay_cost.py [--concurrency 16] [--max-tokens 256] [--duration 10]
+    .venv/bin/python -m bench.probes.relay_cost [--concurrency 16] [--max-tokens 256]
+        [--duration 10]
 
 Unlike tasks/s, CPU seconds per token hardly move when other work shares the machine, so this is
 what the optimisations in bench/NOTES.md were measured with. Running it with two --max-tokens
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 # The repository root, so that bench/run.py is the module bench.run (as mypy names it).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
 

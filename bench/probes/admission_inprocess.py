@@ -1,6 +1,6 @@
 """CPU per admitted task with no HTTP in between, and what SQLite takes of it.
 
-    .venv/bin/python bench/admission_inprocess.py [--tasks 3000] [--sql] [--logs]
+    .venv/bin/python -m bench.probes.admission_inprocess [--tasks 3000] [--sql] [--logs]
 
 llorch's app (``create_app``, the mock pool of the admission profile: 4 x 64 slots, no delay,
 1 token a task) is called as an ASGI app, in this process, with ``POST /v1/tasks`` at
@@ -28,13 +28,18 @@ from typing import Any
 import uvloop
 from asgi_lifespan import LifespanManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.support import make_settings
-
 from llorch.api import logs
 from llorch.api.app import create_app
+from llorch.config import Settings
+from llorch.contracts import validate_config
 from llorch.persistence import db as persistence
+
+
+def settings(data_dir: Path) -> Settings:
+    """CONFIG validated like a configuration file, in the test profile, in ``data_dir``."""
+    validate_config(CONFIG)
+    return Settings.from_mapping(CONFIG).with_server(data_dir=str(data_dir), profile="test")
+
 
 BODY = b'{"model": "mock-small", "prompt": "Once upon a time", "max_tokens": 1}'
 CONFIG: dict[str, Any] = {
@@ -151,7 +156,7 @@ async def run(tasks: int, sql: bool) -> dict[str, Any]:
 
         persistence.Database.open = classmethod(open_timed)  # type: ignore[method-assign,assignment]
     with tempfile.TemporaryDirectory(prefix="llorch-admission-") as name:
-        app = create_app(make_settings(Path(name), CONFIG))
+        app = create_app(settings(Path(name)))
         async with LifespanManager(app) as manager:
             for _ in range(300):  # warm up
                 await submit(manager.app)

@@ -1,6 +1,6 @@
 """Micro benchmarks behind two choices recorded in bench/NOTES.md.
 
-    .venv/bin/python bench/microbench.py
+    .venv/bin/python -m bench.probes.microbench
 
 1. A deadline moved at every item: a bare await, ``llorch.timers.Watchdog``, and
    ``asyncio.timeout`` + ``Timeout.reschedule`` (µs of wall time per item, one task).
@@ -24,10 +24,9 @@ import aiohttp
 import httpx
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
-
 from llorch.timers import Watchdog
 
 ITEMS = 200_000

@@ -1,6 +1,6 @@
 """What the web stack alone costs per ``POST /v1/tasks``: the floor under the admission target.
 
-    .venv/bin/python bench/framework_floor.py [--duration 8]
+    .venv/bin/python -m bench.probes.framework_floor [--duration 8]
 
 Serves ``POST /v1/tasks`` with a handler that does nothing (a constant 202 ``TaskAccepted``), under
 uvicorn (uvloop, httptools) pinned to core 0, and loads it with wrk (``-t1 -c32``, as the admission
@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
+from tools.server import free_port
 
 STACKS = ("starlette", "connexion", "connexion+llorch-validators")
 ACCEPTED: dict[str, Any] = {
@@ -129,7 +130,7 @@ def factory() -> Any:
 
 
 def measure(tmp: Path, stack: str, duration: float) -> dict[str, Any]:
-    port = bench.free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [bench.PY, "-m", "uvicorn", "--factory", "bench.framework_floor:factory"]
     argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]

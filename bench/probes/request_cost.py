@@ -1,6 +1,6 @@
 """Server CPU per request of a few read operations, under wrk.
 
-    .venv/bin/python bench/request_cost.py [--duration 5]
+    .venv/bin/python -m bench.probes.request_cost [--duration 5]
 
 llorch with the mock pool (as ``bench/run.py`` starts it, pinned to core 0); one task is
 submitted and left to finish, then wrk (``-t1 -c16``, on the other cores) asks for
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
 

@@ -1,6 +1,6 @@
 """CPU time the llorch process spends per ``POST /v1/tasks`` answered 202.
 
-    .venv/bin/python bench/admission_cost.py [--duration 10] [--rounds 1] [--ttft-ms 0]
+    .venv/bin/python -m bench.probes.admission_cost [--duration 10] [--rounds 1] [--ttft-ms 0]
 
 The same processes and load as the admission profile of ``bench/run.py`` (llorch with the mock
 pool, 4 x 64 slots, wrk -t1 -c32 on the other cores), but the result is llorch's user + system
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 # The repository root, so that bench/run.py is the module bench.run (as mypy names it).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
-from bench.relay_cost import shares
+from bench.probes.relay_cost import shares
 from bench.run import cpu_s
 
 
