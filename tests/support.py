@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -22,6 +21,9 @@ from llorch.api import create_app
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import validate_config
+from tools.server import free_port
+
+__all__ = ["free_port"]  # with the helpers defined here
 
 MODEL = "mock-small"
 
@@ -118,13 +120,6 @@ async def in_process(settings: Settings, **kwargs: Any) -> AsyncIterator[InProce
         ) as client,
     ):
         yield InProcess(client, app)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager

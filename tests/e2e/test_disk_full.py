@@ -9,9 +9,7 @@ well below one large trace artifact.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ import pytest
 import yaml
 
 from tests.support import free_port, parse_sse
+from tools import server
 
 pytestmark = pytest.mark.wire
 
@@ -38,50 +37,22 @@ LAUNCH = (
 
 
 @contextmanager
-def limited_server(data_dir: Path, config: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
+def limited_server(data_dir: Path, config: dict[str, Any]) -> Iterator[tuple[str, Path]]:
     """The server in a process limited to FILE_SIZE_LIMIT bytes a file; yields its URL and its
-    output lines (read from a pipe, which the limit does not apply to)."""
+    log (a few lines: far below the limit, which applies to it too)."""
     config_path = data_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-c", LAUNCH, str(FILE_SIZE_LIMIT)),
-            *("serve", "--config", str(config_path), "--port", str(port)),
-            *("--data-dir", str(data_dir / "var"), "--profile", "test"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
-    reader.start()
+    argv = [
+        *(sys.executable, "-c", LAUNCH, str(FILE_SIZE_LIMIT)),
+        *("serve", "--config", str(config_path), "--port", str(port)),
+        *("--data-dir", str(data_dir / "var"), "--profile", "test"),
+    ]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "\n".join(lines)
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.05)
-        yield url, lines
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
-        proc.stdout.close()
+    log = data_dir / "server.log"
+    with server.running(argv, log=log, ready_url=f"{url}/readyz", env=env):
+        yield url, log
 
 
 def wait_ended(client: httpx.Client, task_id: str) -> dict[str, Any]:
@@ -109,7 +80,7 @@ def test_a_refused_artifact_write_loses_nothing(tmp_path: Path) -> None:
             }
         ],
     }
-    with limited_server(tmp_path, config) as (url, lines), httpx.Client(base_url=url) as client:
+    with limited_server(tmp_path, config) as (url, log), httpx.Client(base_url=url) as client:
         body = {"model": "mock-small", "prompt": "tell me a story", "max_tokens": BIG}
         big_id = client.post("/v1/tasks", json=body).json()["task_id"]
         big = wait_ended(client, big_id)
@@ -127,6 +98,7 @@ def test_a_refused_artifact_write_loses_nothing(tmp_path: Path) -> None:
     assert replay[-1].data["tokens_out"] == BIG
     # The failed write was logged and counted; the store still takes what fits.
     assert "llorch_artifact_write_failures_total 1.0" in metrics
+    lines = log.read_text(encoding="utf-8").splitlines()
     assert any("cannot write artifact" in line and "File too large" in line for line in lines)
     assert any("could not store the trace of task " + big_id in line for line in lines)
     assert small["state"] == "succeeded"

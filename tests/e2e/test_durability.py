@@ -62,7 +62,7 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
 ) -> None:
     config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=0)
     data_dir = tmp_path / "data"
-    with serve("--config", str(config), data_dir=data_dir) as (url, proc):
+    with serve("--config", str(config), data_dir=data_dir) as (url, proc, _):
         with httpx.Client(base_url=url, timeout=10) as client:
             session = client.post("/v1/sessions", json={"budgets": {"tokens": 10_000}}).json()
             sid = session["session_id"]
@@ -78,7 +78,7 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
         assert proc.wait(timeout=10) == -signal.SIGKILL
 
     with (
-        serve("--config", str(config), data_dir=data_dir) as (url, _),
+        serve("--config", str(config), data_dir=data_dir) as (url, _, _),
         httpx.Client(base_url=url, timeout=30) as client,
     ):
         for task_id in running:
@@ -110,7 +110,7 @@ def test_sigterm_stops_admitting_lets_running_tasks_finish_then_cancels_the_rest
 ) -> None:
     config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=3)
     data_dir = tmp_path / "data"
-    with serve("--config", str(config), data_dir=data_dir) as (url, proc):
+    with serve("--config", str(config), data_dir=data_dir) as (url, proc, _):
         with httpx.Client(base_url=url, timeout=10) as client:
             short = submit(client, max_tokens=10)["task_id"]  # ~1 s: ends within the grace
             long = submit(client, max_tokens=600)["task_id"]  # ~60 s: does not
@@ -128,7 +128,7 @@ def test_sigterm_stops_admitting_lets_running_tasks_finish_then_cancels_the_rest
         assert output_code in (0, -signal.SIGTERM)
 
     with (
-        serve("--config", str(config), data_dir=data_dir) as (url, _),
+        serve("--config", str(config), data_dir=data_dir) as (url, _, _),
         httpx.Client(base_url=url, timeout=10) as client,
     ):
         assert state(client, short)["state"] == "succeeded"

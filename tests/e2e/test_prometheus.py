@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import yaml
 
 from tests.e2e.test_serve import serve
 from tests.support import free_port, parse_sse
+from tools import server
 
 pytestmark = pytest.mark.wire
 
@@ -86,39 +86,16 @@ def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
             }
         )
     )
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    argv = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not come up"
-            time.sleep(0.05)
+    log = tmp_path / "prometheus.log"
+    with server.running(argv, log=log, ready_url=f"{url}/-/ready", ready_timeout_s=20):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_until(check: Any, what: str, timeout_s: float = 20) -> Any:
@@ -182,7 +159,7 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Pat
     exprs = dashboard_exprs()
     assert len(DASHBOARDS) >= 2 and exprs
     config = write_config(tmp_path / "llorch.yaml")
-    with serve("--config", str(config), data_dir=tmp_path / "data") as (url, _proc):
+    with serve("--config", str(config), data_dir=tmp_path / "data") as (url, _proc, _log):
         target = url.removeprefix("http://")
         with (
             prometheus(target, tmp_path) as prom_url,

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,48 +15,23 @@ import pytest
 
 from llorch.config import Settings
 from tests.support import free_port, parse_sse
+from tools import server
 
 pytestmark = pytest.mark.wire
 
 
 @contextmanager
-def serve(*args: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def serve(*args: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``python -m llorch serve --port P --data-dir D ARGS`` until it is ready: (URL, process,
+    its log). The process is stopped (SIGTERM, then SIGKILL) at the end unless it already is."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "llorch", "serve", "--port", str(port), "--data-dir", str(data_dir)),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    argv = [sys.executable, *("-m", "llorch", "serve", "--port", str(port))]
+    argv += ["--data-dir", str(data_dir), *args]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/v1/tasks", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    log = data_dir.parent / f"server-{port}.log"
+    with server.running(argv, log=log, ready_url=f"{url}/readyz", env=env) as proc:
+        yield url, proc, log
 
 
 @pytest.mark.req("ORCH-DATA-0092")
@@ -70,7 +44,7 @@ def test_defaults_are_the_embedded_mock_pool_on_loopback() -> None:
 
 @pytest.mark.req("ORCH-DATA-0092", "ORCH-DATA-0094")
 def test_serve_without_configuration_submits_and_streams(tmp_path: Path) -> None:
-    with serve(data_dir=tmp_path) as (url, proc):
+    with serve(data_dir=tmp_path / "data") as (url, proc, log):
         with httpx.Client(base_url=url, timeout=30) as client:
             accepted = client.post(
                 "/v1/tasks", json={"model": "mock-small", "prompt": "hello", "max_tokens": 4}
@@ -82,10 +56,9 @@ def test_serve_without_configuration_submits_and_streams(tmp_path: Path) -> None
         proc.send_signal(signal.SIGTERM)
         # uvicorn re-raises the signal once its graceful shutdown has completed.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        output = proc.stdout.read() if proc.stdout else ""
-        assert "Application shutdown complete" in output
+        assert "Application shutdown complete" in log.read_text(encoding="utf-8")
     # The dev profile's own database file, under the data dir.
-    assert (tmp_path / "llorch-dev.sqlite3").is_file()
+    assert (tmp_path / "data" / "llorch-dev.sqlite3").is_file()
 
 
 @pytest.mark.req("ORCH-DATA-0093")
