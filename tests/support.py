@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -21,11 +24,14 @@ from llorch.api import create_app
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import validate_config
+from tools import server
 from tools.server import free_port
 
 __all__ = ["free_port"]  # with the helpers defined here
 
 MODEL = "mock-small"
+# A replica that holds its slots: the first token comes after a minute.
+BUSY = {"ttft_ms": 60_000, "tokens_per_s": 0}
 
 
 def make_settings(data_dir: Path, raw: Mapping[str, Any] | None = None) -> Settings:
@@ -109,6 +115,29 @@ class InProcess:
                 await asyncio.sleep(0.005)
 
 
+def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The answer is ``status`` with the error envelope of ``code``; returns the envelope."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code
+    assert body["correlation_id"] == response.headers["x-correlation-id"]
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+async def fill_slots(api: InProcess, count: int, **overrides: Any) -> list[str]:
+    """Submit ``count`` tasks (``task_body(**overrides)``) and wait until each is running."""
+    ids = []
+    for _ in range(count):
+        accepted = await api.submit(**overrides)
+        assert accepted.status_code == 202, accepted.text
+        ids.append(accepted.json()["task_id"])
+    for task_id in ids:
+        await api.wait_state(task_id, "running")
+    return ids
+
+
 @asynccontextmanager
 async def in_process(settings: Settings, **kwargs: Any) -> AsyncIterator[InProcess]:
     """The real app with its lifespan, and an httpx client over ASGI."""
@@ -151,3 +180,45 @@ def live_server(settings: Settings, wrap: Callable[[Any], Any] | None = None) ->
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def serve_process(
+    *args: str, data_dir: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``python -m llorch serve --port P --data-dir D ARGS`` as a user runs it, until it is ready:
+    (its URL, the process, its log). Stopped (SIGTERM, then SIGKILL) at the end unless it is."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
+    argv = [sys.executable, *("-m", "llorch", "serve", "--port", str(port))]
+    argv += ["--data-dir", str(data_dir), *args]
+    url = f"http://127.0.0.1:{port}"
+    log = data_dir.parent / f"server-{port}.log"
+    with server.running(argv, log=log, ready_url=f"{url}/readyz", env=env) as proc:
+        yield url, proc, log
+
+
+def wait_until(
+    check: Callable[..., Any], what: str = "the condition", timeout_s: float = 20
+) -> Any:
+    """Poll ``check`` (a server in another process) until it returns something true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not reached in time"
+        time.sleep(0.05)
+
+
+def submit_to(client: httpx.Client, status: int = 202, **body: Any) -> dict[str, Any]:
+    """POST /v1/tasks (model mock-small, prompt "p", then ``body``), answered ``status``."""
+    response = client.post("/v1/tasks", json={"model": MODEL, "prompt": "p", **body})
+    assert response.status_code == status, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def task_of(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    task: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
+    return task

@@ -11,32 +11,14 @@ import pytest
 
 from llorch.clock import FakeClock
 from tests.conftest import SettingsFactory
-from tests.support import InProcess, in_process, pool, task_body
-
-# A replica that holds its slots: the first token comes after a minute.
-BUSY = {"ttft_ms": 60_000, "tokens_per_s": 0}
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body: dict[str, Any] = response.json()
-    assert body["code"] == code
-    assert body["correlation_id"] == response.headers["x-correlation-id"]
-    assert isinstance(body["message"], str) and body["message"]
-    return body
-
-
-async def fill_slots(api: InProcess, count: int) -> list[str]:
-    """Submit ``count`` tasks and wait until each is running on a replica."""
-    ids = []
-    for _ in range(count):
-        accepted = await api.submit()
-        assert accepted.status_code == 202, accepted.text
-        ids.append(accepted.json()["task_id"])
-    for task_id in ids:
-        await api.wait_state(task_id, "running")
-    return ids
+from tests.support import (
+    BUSY,
+    assert_envelope,
+    fill_slots,
+    in_process,
+    pool,
+    task_body,
+)
 
 
 @pytest.mark.req("ORCH-DATA-0010", "ORCH-DATA-0012", "ORCH-DATA-0002")

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_admission import BUSY, assert_envelope
 from tests.conftest import SettingsFactory
-from tests.support import InProcess, in_process, pool
+from tests.support import BUSY, InProcess, assert_envelope, fill_slots, in_process, pool
 
 
 async def trace_of(api: InProcess, task_id: str) -> dict[str, Any]:
@@ -121,7 +120,7 @@ async def test_every_task_leaves_a_trace_however_it_ends(settings_for: SettingsF
         await api.events(failed)
         assert (await trace_of(api, failed))["error"]["code"] == "ENGINE_ERROR"
 
-        [running] = await fill_slots_of(api, "slow")
+        [running] = await fill_slots(api, 1, model="slow")
         dropped = (await api.submit(model="slow", priority="batch")).json()["task_id"]
         assert (await api.submit(model="slow", priority="interactive")).status_code == 202
         assert (await trace_of(api, dropped))["error"]["code"] == "QUEUE_FULL_DROP_LRU"
@@ -132,9 +131,3 @@ async def test_every_task_leaves_a_trace_however_it_ends(settings_for: SettingsF
         assert canceled["transcript"][-1]["data"]["finish_reason"] == "canceled"
         listed = (await api.client.get("/v1/artifacts", params={"task_id": running})).json()
         assert [a["kind"] for a in listed["items"]] == ["trace"]
-
-
-async def fill_slots_of(api: InProcess, model: str) -> list[str]:
-    task_id = (await api.submit(model=model)).json()["task_id"]
-    await api.wait_state(task_id, "running")
-    return [task_id]

@@ -9,14 +9,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from llorch.api import create_app
 from llorch.clock import FakeClock
 from llorch.config import ApiKey, Settings
 from llorch.contracts import ConfigError, openapi, validate_config
-from tests.support import InProcess, in_process, make_settings, pool, task_body
+from tests.support import InProcess, assert_envelope, in_process, make_settings, pool, task_body
 
 SECRETS = {
     "alice": "alice-4f1c9e0b7d2a",
@@ -70,14 +69,6 @@ async def wait_done(app: InProcess, task_id: str, headers: dict[str, str]) -> di
             if task["state"] in ("succeeded", "failed", "canceled"):
                 return task
             await asyncio.sleep(0.005)
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body["code"] == code
-    assert body["correlation_id"] == response.headers["x-correlation-id"]
-    return body
 
 
 @pytest.mark.req("ORCH-SEC-0010")

@@ -10,9 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llorch.contracts import metrics_contract
 from llorch.metrics import OTHER, Metrics
-from tests.api.test_admission import BUSY
 from tests.conftest import SettingsFactory
-from tests.support import InProcess, in_process, pool
+from tests.support import BUSY, InProcess, fill_slots, in_process, pool
 
 
 async def scrape(api: InProcess) -> dict[str, Any]:
@@ -56,7 +55,7 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
         await api.events(ok)
         failed = (await api.submit(model="broken")).json()["task_id"]
         await api.events(failed)
-        [running] = await fill_slots_of(api, "slow")
+        [running] = await fill_slots(api, 1, model="slow")
         assert (await api.submit(model="slow")).status_code == 202
         assert (await api.submit(model="slow")).status_code == 429
         session = (await api.client.post("/v1/sessions", json={"budgets": {"tokens": 1}})).json()
@@ -97,12 +96,6 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
     assert (
         value(families, "llorch_http_requests_total", operation_id="createTask", status="429") == 2
     )
-
-
-async def fill_slots_of(api: InProcess, model: str) -> list[str]:
-    task_id = (await api.submit(model=model)).json()["task_id"]
-    await api.wait_state(task_id, "running")
-    return [task_id]
 
 
 @pytest.mark.req("ORCH-MET-0002")

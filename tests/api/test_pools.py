@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_admission import BUSY, assert_envelope, fill_slots
 from tests.conftest import SettingsFactory
-from tests.support import InProcess, in_process, pool
+from tests.support import BUSY, InProcess, assert_envelope, fill_slots, in_process, pool
 
 
 async def health(api: InProcess, pool_id: str = "default") -> dict[str, Any]:

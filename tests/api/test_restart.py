@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_admission import BUSY, fill_slots
 from tests.conftest import SettingsFactory
-from tests.support import in_process, pool
+from tests.support import BUSY, fill_slots, in_process, pool
 
 
 @pytest.mark.req("ORCH-DATA-0011")

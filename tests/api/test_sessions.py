@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_admission import assert_envelope
 from tests.conftest import SettingsFactory
-from tests.support import in_process, pool
+from tests.support import assert_envelope, in_process, pool
 
 
 @pytest.mark.req("ORCH-DATA-0070")

@@ -6,9 +6,8 @@ import sqlite3
 
 import pytest
 
-from tests.api.test_admission import BUSY, assert_envelope, fill_slots
 from tests.conftest import SettingsFactory
-from tests.support import in_process, pool
+from tests.support import BUSY, assert_envelope, fill_slots, in_process, pool
 
 
 @pytest.mark.req("ORCH-DATA-0040", "ORCH-DATA-0020")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.test_serve import serve
-from tests.support import parse_sse
+from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
 
@@ -34,55 +32,35 @@ def write_config(path: Path, **server: Any) -> Path:
     return path
 
 
-def wait_until(check: Any, timeout_s: float = 20) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def submit(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = client.post("/v1/tasks", json={"model": "mock-small", "prompt": "p", **body})
-    assert response.status_code == 202, response.text
-    accepted: dict[str, Any] = response.json()
-    return accepted
-
-
-def state(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    task: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
-    return task
-
-
 @pytest.mark.req("ORCH-STATE-0001")
 def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
     tmp_path: Path,
 ) -> None:
     config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=0)
     data_dir = tmp_path / "data"
-    with serve("--config", str(config), data_dir=data_dir) as (url, proc, _):
+    with serve_process("--config", str(config), data_dir=data_dir) as (url, proc, _):
         with httpx.Client(base_url=url, timeout=10) as client:
             session = client.post("/v1/sessions", json={"budgets": {"tokens": 10_000}}).json()
             sid = session["session_id"]
-            running = [submit(client, max_tokens=600, session_id=sid)["task_id"] for _ in range(2)]
-            queued = submit(client, max_tokens=3, session_id=sid)["task_id"]
+            running = [
+                submit_to(client, max_tokens=600, session_id=sid)["task_id"] for _ in range(2)
+            ]
+            queued = submit_to(client, max_tokens=3, session_id=sid)["task_id"]
             artifact = client.post(
                 "/v1/artifacts", json={"kind": "document", "content": "kept across a crash"}
             ).json()
             for task_id in running:
-                wait_until(lambda t=task_id: state(client, t)["state"] == "running")
-            assert state(client, queued)["state"] == "queued"
+                wait_until(lambda t=task_id: task_of(client, t)["state"] == "running")
+            assert task_of(client, queued)["state"] == "queued"
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
 
     with (
-        serve("--config", str(config), data_dir=data_dir) as (url, _, _),
+        serve_process("--config", str(config), data_dir=data_dir) as (url, _, _),
         httpx.Client(base_url=url, timeout=30) as client,
     ):
         for task_id in running:
-            task = state(client, task_id)
+            task = task_of(client, task_id)
             assert task["state"] == "failed"
             assert task["error"]["code"] == "WORKER_RESET" and task["error"]["retriable"]
             # The stream ends with the same error, also for a client resuming mid-stream.
@@ -93,7 +71,7 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
                 assert events[0].data["code"] == "WORKER_RESET" and events[0].id > 5
         # The task accepted but not started runs after the restart.
         done = wait_until(
-            lambda: state(client, queued)["state"] == "succeeded" and state(client, queued)
+            lambda: task_of(client, queued)["state"] == "succeeded" and task_of(client, queued)
         )
         assert done["usage"]["tokens_out"] == 3
         after = client.get(f"/v1/sessions/{sid}").json()
@@ -110,12 +88,12 @@ def test_sigterm_stops_admitting_lets_running_tasks_finish_then_cancels_the_rest
 ) -> None:
     config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=3)
     data_dir = tmp_path / "data"
-    with serve("--config", str(config), data_dir=data_dir) as (url, proc, _):
+    with serve_process("--config", str(config), data_dir=data_dir) as (url, proc, _):
         with httpx.Client(base_url=url, timeout=10) as client:
-            short = submit(client, max_tokens=10)["task_id"]  # ~1 s: ends within the grace
-            long = submit(client, max_tokens=600)["task_id"]  # ~60 s: does not
+            short = submit_to(client, max_tokens=10)["task_id"]  # ~1 s: ends within the grace
+            long = submit_to(client, max_tokens=600)["task_id"]  # ~60 s: does not
             for task_id in (short, long):
-                wait_until(lambda t=task_id: state(client, t)["state"] == "running")
+                wait_until(lambda t=task_id: task_of(client, t)["state"] == "running")
             proc.send_signal(signal.SIGTERM)
             wait_until(lambda: client.get("/readyz").status_code == 503)
             refused = client.post(
@@ -128,9 +106,9 @@ def test_sigterm_stops_admitting_lets_running_tasks_finish_then_cancels_the_rest
         assert output_code in (0, -signal.SIGTERM)
 
     with (
-        serve("--config", str(config), data_dir=data_dir) as (url, _, _),
+        serve_process("--config", str(config), data_dir=data_dir) as (url, _, _),
         httpx.Client(base_url=url, timeout=10) as client,
     ):
-        assert state(client, short)["state"] == "succeeded"
-        ended = state(client, long)
+        assert task_of(client, short)["state"] == "succeeded"
+        ended = task_of(client, long)
         assert ended["state"] == "canceled" and ended["finish_reason"] == "canceled"

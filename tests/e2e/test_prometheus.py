@@ -19,8 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.test_serve import serve
-from tests.support import free_port, parse_sse
+from tests.support import free_port, parse_sse, serve_process, submit_to, task_of, wait_until
 from tools import server
 
 pytestmark = pytest.mark.wire
@@ -98,47 +97,23 @@ def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def wait_until(check: Any, what: str, timeout_s: float = 20) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not reached in time"
-        time.sleep(0.05)
-
-
-def submit(client: httpx.Client, status: int = 202, **body: Any) -> dict[str, Any]:
-    response = client.post(
-        "/v1/tasks", json={"model": "mock-small", "prompt": "p", "max_tokens": 5, **body}
-    )
-    assert response.status_code == status, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
-def state_of(client: httpx.Client, task_id: str) -> str:
-    state: str = client.get(f"/v1/tasks/{task_id}").json()["state"]
-    return state
-
-
 def traffic(client: httpx.Client) -> None:
     """Successes, a failing replica, streams, a 429 from a full queue, a budget 429, a cancel,
     and a reload."""
     bodies: list[dict[str, Any]] = [{}, {}, {"priority": "batch"}, {"model": "broken"}]
     for body in bodies:
-        task_id = submit(client, **body)["task_id"]
+        task_id = submit_to(client, max_tokens=5, **body)["task_id"]
         events = parse_sse(client.get(f"/v1/tasks/{task_id}/stream").text)
         assert events[-1].event in ("end", "error"), events
-    running = submit(client, model="slow")["task_id"]
-    wait_until(lambda: state_of(client, running) == "running", "the busy pool's task runs")
-    queued = submit(client, model="slow")["task_id"]
-    submit(client, 429, model="slow")
+    running = submit_to(client, model="slow", max_tokens=5)["task_id"]
+    wait_until(lambda: task_of(client, running)["state"] == "running", "the busy pool's task runs")
+    queued = submit_to(client, model="slow", max_tokens=5)["task_id"]
+    submit_to(client, 429, model="slow", max_tokens=5)
     session = client.post("/v1/sessions", json={"budgets": {"tokens": 1}}).json()
-    submit(client, 429, session_id=session["session_id"])
+    submit_to(client, 429, session_id=session["session_id"], max_tokens=5)
     assert client.post(f"/v1/tasks/{running}/cancel").status_code < 300
-    wait_until(lambda: state_of(client, running) == "canceled", "the cancel")
-    wait_until(lambda: state_of(client, queued) == "running", "the queued task runs")
+    wait_until(lambda: task_of(client, running)["state"] == "canceled", "the cancel")
+    wait_until(lambda: task_of(client, queued)["state"] == "running", "the queued task runs")
     assert client.post("/v1/pools/default/reload", json={"model": "mock-large"}).status_code == 202
     wait_until(
         lambda: not client.get("/v1/pools/default/health").json()["reloading"], "the reload ends"
@@ -159,7 +134,7 @@ def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Pat
     exprs = dashboard_exprs()
     assert len(DASHBOARDS) >= 2 and exprs
     config = write_config(tmp_path / "llorch.yaml")
-    with serve("--config", str(config), data_dir=tmp_path / "data") as (url, _proc, _log):
+    with serve_process("--config", str(config), data_dir=tmp_path / "data") as (url, _proc, _log):
         target = url.removeprefix("http://")
         with (
             prometheus(target, tmp_path) as prom_url,

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from llorch.config import Settings
-from tests.support import free_port, parse_sse
-from tools import server
+from tests.support import parse_sse, serve_process
 
 pytestmark = pytest.mark.wire
-
-
-@contextmanager
-def serve(*args: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """``python -m llorch serve --port P --data-dir D ARGS`` until it is ready: (URL, process,
-    its log). The process is stopped (SIGTERM, then SIGKILL) at the end unless it already is."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
-    argv = [sys.executable, *("-m", "llorch", "serve", "--port", str(port))]
-    argv += ["--data-dir", str(data_dir), *args]
-    url = f"http://127.0.0.1:{port}"
-    log = data_dir.parent / f"server-{port}.log"
-    with server.running(argv, log=log, ready_url=f"{url}/readyz", env=env) as proc:
-        yield url, proc, log
 
 
 @pytest.mark.req("ORCH-DATA-0092")
@@ -44,7 +26,7 @@ def test_defaults_are_the_embedded_mock_pool_on_loopback() -> None:
 
 @pytest.mark.req("ORCH-DATA-0092", "ORCH-DATA-0094")
 def test_serve_without_configuration_submits_and_streams(tmp_path: Path) -> None:
-    with serve(data_dir=tmp_path / "data") as (url, proc, log):
+    with serve_process(data_dir=tmp_path / "data") as (url, proc, log):
         with httpx.Client(base_url=url, timeout=30) as client:
             accepted = client.post(
                 "/v1/tasks", json={"model": "mock-small", "prompt": "hello", "max_tokens": 4}
