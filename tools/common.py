@@ -31,9 +31,10 @@ def note(message: str) -> None:
     print(f"xtask: {message}", file=sys.stderr, flush=True)
 
 
-def rel(path: Path) -> str:
-    """``path`` relative to the repository root, with forward slashes."""
-    return path.relative_to(ROOT).as_posix()
+def rel(path: Path, root: Path = ROOT) -> str:
+    """``path`` relative to ``root`` (the repository), with forward slashes; a path outside it
+    as it is."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
 def no_args(command: str, args: Sequence[str]) -> None:

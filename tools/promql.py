@@ -99,6 +99,8 @@ def promql_names(expr: str) -> PromqlNames:
             elif value in _PROMQL_GROUPING and nxt == "(":
                 grouping = True
                 i += 1
+            elif value in _PROMQL_GROUPING:
+                pass  # `group_left` / `group_right` without a label list
             elif (
                 nxt == "("
                 or value.lower() in _PROMQL_KEYWORDS

@@ -65,9 +65,9 @@ class Requirement:
         return f"{self.spec}:{self.line}"
 
 
-def parse_spec(path: Path, errors: list[str]) -> list[Requirement]:
+def parse_spec(path: Path, errors: list[str], root: Path = ROOT) -> list[Requirement]:
     """Return the requirements of one spec file; append problems to `errors`."""
-    spec = _rel(path)
+    spec = _rel(path, root)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -254,16 +254,18 @@ def _collect_tests(
             )
 
 
-def scan_tests(errors: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+def scan_tests(
+    errors: list[str], tests_dir: Path = TESTS_DIR
+) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
     """Map requirement ID -> test node IDs, and ID -> where markers name it (for errors)."""
     proofs: dict[str, set[str]] = {}
     mentions: dict[str, list[str]] = {}
-    if not TESTS_DIR.is_dir():
+    if not tests_dir.is_dir():
         return proofs, mentions
-    for path in sorted(TESTS_DIR.rglob("*.py")):
+    for path in sorted(tests_dir.rglob("*.py")):
         if "__pycache__" in path.parts:
             continue
-        where = _rel(path)
+        where = _rel(path, tests_dir.parent)
         try:
             tree = ast.parse(path.read_bytes(), filename=where)
         except SyntaxError as exc:
@@ -332,22 +334,27 @@ def _error_order(error: str) -> tuple[str, int, str]:
     return (match.group(1), int(match.group(2) or 0), error)
 
 
-def extract() -> tuple[dict[str, str], list[Requirement]]:
+def extract(
+    specs_dir: Path = SPECS_DIR, tests_dir: Path = TESTS_DIR
+) -> tuple[dict[str, str], list[Requirement]]:
     """Build requirements/*.yaml in memory: (file name -> text, all requirements)."""
     errors: list[str] = []
-    specs = sorted(SPECS_DIR.glob("*.md")) if SPECS_DIR.is_dir() else []
+    root = specs_dir.parent
+    specs = sorted(specs_dir.glob("*.md")) if specs_dir.is_dir() else []
     if not specs:
-        raise TaskError(f"no spec files: {_rel(SPECS_DIR)}/*.md matches nothing")
+        raise TaskError(f"no spec files: {_rel(specs_dir)}/*.md matches nothing")
     by_spec: dict[str, tuple[str, list[Requirement]]] = {}
     by_id: dict[str, Requirement] = {}
     stems: dict[str, str] = {}
     for path in specs:
         name = f"{path.stem}.yaml"
         if name.lower() in stems:
-            errors.append(f"{_rel(path)}: its output {name} clashes with {stems[name.lower()]}")
-        stems[name.lower()] = _rel(path)
-        by_spec[name] = (_rel(path), [])
-        for req in parse_spec(path, errors):
+            errors.append(
+                f"{_rel(path, root)}: its output {name} clashes with {stems[name.lower()]}"
+            )
+        stems[name.lower()] = _rel(path, root)
+        by_spec[name] = (_rel(path, root), [])
+        for req in parse_spec(path, errors, root):
             first = by_id.get(req.id)
             if first is not None:
                 errors.append(
@@ -356,7 +363,7 @@ def extract() -> tuple[dict[str, str], list[Requirement]]:
                 continue
             by_id[req.id] = req
             by_spec[name][1].append(req)
-    proofs, mentions = scan_tests(errors)
+    proofs, mentions = scan_tests(errors, tests_dir)
     for req_id in sorted(mentions):
         if req_id not in by_id:
             for place in mentions[req_id]:
