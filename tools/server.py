@@ -68,14 +68,16 @@ def llorch_argv(
 def start(
     argv: Sequence[str],
     *,
-    log: Path,
+    log: Path | None,
     env: Mapping[str, str] | None = None,
     cpus: set[int] | None = None,
     cwd: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group, its output in ``log``, pinned to ``cpus``."""
+    """Start ``argv`` in its own process group, its output in ``log`` (None: discarded),
+    pinned to ``cpus``."""
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
-    with log.open("wb") as out:
+    with contextlib.ExitStack() as stack:
+        out = subprocess.DEVNULL if log is None else stack.enter_context(log.open("wb"))
         return subprocess.Popen(
             list(argv),
             cwd=cwd,
@@ -143,7 +145,7 @@ def stop(
 def running(
     argv: Sequence[str],
     *,
-    log: Path,
+    log: Path | None,
     ready_url: str | None,
     ready_timeout_s: float = READY_TIMEOUT_S,
     env: Mapping[str, str] | None = None,

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from llorch.cli import app
 from llorch.client import Client
 from tests.support import MODEL, free_port, live_server, make_settings, pool
+from tools.server import running
 
 pytestmark = pytest.mark.wire
 
@@ -199,24 +200,12 @@ def test_serve_runs_the_server(tmp_path: Path) -> None:
     config = tmp_path / "llorch.yaml"
     config.write_text(f"server: {{port: {port}}}\npools: [{{id: only, model: {MODEL}}}]\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
-    proc = subprocess.Popen(
-        [str(LLORCH), "serve", "--config", str(config), "--data-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "Uvicorn running" in line or "llorch ready" in line:
-                break
+    argv = [str(LLORCH), "serve", "--config", str(config), "--data-dir", str(tmp_path)]
+    ready = f"http://127.0.0.1:{port}/readyz"
+    with running(argv, log=tmp_path / "server.log", ready_url=ready, env=env) as proc:
         result = CliRunner().invoke(
             app, ["--url", f"http://127.0.0.1:{port}", "pools", "ls", "--json"]
         )
         assert [p["pool_id"] for p in as_json(result)["items"]] == ["only"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
     # uvicorn re-raises the signal it handled once it has shut down.
     assert proc.returncode in (0, -signal.SIGTERM)

@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
-import httpx
 from tests.support import free_port
+
+from tools import server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,38 +76,23 @@ class LlamaServer:
             str(self.threads),
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self._proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with {self._proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("llama.cpp server did not become healthy")
-            time.sleep(0.05)
+        self._proc = server.start(cmd, log=None, env=env, cwd=ROOT)
+        try:
+            server.wait_ready(self._proc, f"{self.url}/health", timeout_s)
+        except server.ServerError as exc:
+            self.stop()
+            raise RuntimeError(f"llama.cpp server: {exc}") from exc
+        return self
 
     def kill(self) -> None:
         """SIGKILL: the process dies at once, as a crashed engine would."""
         if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+            server.stop(self._proc, signum=signal.SIGKILL)
             self._proc = None
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+            server.stop(self._proc, timeout_s=10)
             self._proc = None
 
     def __enter__(self) -> LlamaServer:
