@@ -14,8 +14,9 @@ Usage: python3 xtask.py COMMAND [ARGS...]
     spec-extract [--check] .specs/*.md -> requirements/*.yaml; --check fails when
                            requirements/ is stale or a MUST requirement has no test
     contract               schemathesis CLI against a live server on a free loopback port
-    pact-verify            verify contracts/pacts/*.json against the real server (test profile,
-                           mock engine, provider states through tests/configs/pact.yaml); with
+    pact-verify            verify contracts/pacts/*.json against the real app (test profile,
+                           tests/configs/pact.yaml) wrapped with the provider-state route of
+                           tests/pact/provider_states.py; with
                            PACT_BROKER_BASE_URL set, also verify the broker's pacts for llorch
                            and publish the results (version: git describe, and the git branch)
     pact-publish           publish contracts/pacts/*.json to the Pact Broker at
