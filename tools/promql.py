@@ -47,6 +47,21 @@ def _substitute_grafana_vars(expr: str) -> str:
     return _GRAFANA_VAR_RE.sub(repl, expr)
 
 
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """(kind, text) of every token but white space; ValueError where none matches."""
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        match = _PROMQL_TOKEN_RE.match(text, pos)
+        if match is None:
+            raise ValueError(f"cannot read the expression at {text[pos : pos + 20]!r}")
+        pos = match.end()
+        kind = match.lastgroup or ""
+        if kind != "space":
+            tokens.append((kind, match.group()))
+    return tokens
+
+
 def promql_names(expr: str) -> PromqlNames:
     """Find the metric and label names of a PromQL expression with a small tokenizer.
 
@@ -56,18 +71,11 @@ def promql_names(expr: str) -> PromqlNames:
     the remaining identifiers (but PromQL keywords) are metric names.
     """
     out = PromqlNames()
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    text = _substitute_grafana_vars(expr)
-    while pos < len(text):
-        match = _PROMQL_TOKEN_RE.match(text, pos)
-        if match is None:
-            out.errors.append(f"cannot read the expression at {text[pos : pos + 20]!r}")
-            return out
-        pos = match.end()
-        kind = match.lastgroup or ""
-        if kind != "space":
-            tokens.append((kind, match.group()))
+    try:
+        tokens = _tokens(_substitute_grafana_vars(expr))
+    except ValueError as exc:
+        out.errors.append(str(exc))
+        return out
     i = 0
     brace_metric: tuple[str, list[str]] | None = None
     in_braces = False

@@ -65,15 +65,9 @@ class Requirement:
         return f"{self.spec}:{self.line}"
 
 
-def parse_spec(path: Path, errors: list[str], root: Path = ROOT) -> list[Requirement]:
-    """Return the requirements of one spec file; append problems to `errors`."""
-    spec = _rel(path, root)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        errors.append(f"{spec}: not valid UTF-8 ({exc})")
-        return []
-
+def _hyphen_errors(spec: str, lines: list[str]) -> list[str]:
+    """IDs written with a hyphen that only looks like '-'."""
+    errors = []
     for number, line in enumerate(lines, start=1):
         for match in ID_LIKE_RE.finditer(line):
             token = match.group(0)
@@ -84,7 +78,68 @@ def parse_spec(path: Path, errors: list[str], root: Path = ROOT) -> list[Require
                     f"{spec}:{number}: {clean!r} is written with a non-ASCII hyphen "
                     f"({', '.join(bad)}); use '-' (U+002D)"
                 )
+    return errors
 
+
+def _continuation(lines: list[str], index: int, indent: int) -> tuple[list[str], int]:
+    """The continuation lines from ``index`` (non-blank, indented deeper than the bullet, not a
+    new requirement or fence), and the index after them."""
+    parts = []
+    while index < len(lines):
+        follow = lines[index]
+        if not follow.strip() or REQ_LINE_RE.match(follow) or FENCE_RE.match(follow):
+            break
+        follow = follow.expandtabs(4)
+        if len(follow) - len(follow.lstrip()) <= indent:
+            break
+        parts.append(follow)
+        index += 1
+    return parts, index
+
+
+def _closes(fence: str, fence_match: re.Match[str] | None) -> bool:
+    if fence_match is None:
+        return False
+    marker = fence_match.group("fence")
+    return marker[0] == fence[0] and len(marker) >= len(fence)
+
+
+def _not_a_requirement(spec: str, number: int, line: str, errors: list[str]) -> bool:
+    """Report a malformed ID on a plain line; whether the line may precede a setext underline
+    (an unindented paragraph line, not a list item)."""
+    near = NEAR_REQ_LINE_RE.match(line)
+    if near:
+        errors.append(
+            f"{spec}:{number}: malformed requirement ID [{near.group('id')}] "
+            f"(expected the pattern {ID_RE})"
+        )
+    return bool(line.strip()) and not line[0].isspace() and not LIST_ITEM_RE.match(line)
+
+
+def _requirement(
+    where: tuple[str, int], req: re.Match[str], title: str, section: str, errors: list[str]
+) -> Requirement | None:
+    spec, number = where
+    keyword = KEYWORD_RE.search(title)
+    if keyword is None:
+        errors.append(
+            f"{spec}:{number}: requirement {req.group('id')} has no RFC-2119 keyword "
+            "(MUST, MUST NOT, SHALL, SHOULD, SHOULD NOT or MAY, in capitals)"
+        )
+        return None
+    level = LEVELS[keyword.group(1)]
+    return Requirement(req.group("id"), title, level, section, spec, number)
+
+
+def parse_spec(path: Path, errors: list[str], root: Path = ROOT) -> list[Requirement]:
+    """Return the requirements of one spec file; append problems to `errors`."""
+    spec = _rel(path, root)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        errors.append(f"{spec}: not valid UTF-8 ({exc})")
+        return []
+    errors.extend(_hyphen_errors(spec, lines))
     requirements: list[Requirement] = []
     section = ""
     fence: str | None = None
@@ -96,69 +151,26 @@ def parse_spec(path: Path, errors: list[str], root: Path = ROOT) -> list[Require
         index += 1
         fence_match = FENCE_RE.match(line)
         if fence is not None:
-            if (
-                fence_match
-                and fence_match.group("fence")[0] == fence[0]
-                and len(fence_match.group("fence")) >= len(fence)
-            ):
-                fence = None
-            continue
-        if fence_match:
-            fence = fence_match.group("fence")
-            previous_text_line = False
+            fence = None if _closes(fence, fence_match) else fence
             continue
         heading = ATX_HEADING_RE.match(line)
-        if heading:
-            section = " ".join((heading.group("text") or "").split())
-            previous_text_line = False
-            continue
-        if previous_text_line and SETEXT_RE.match(line):
-            section = " ".join(lines[index - 2].split())
-            previous_text_line = False
-            continue
+        setext = previous_text_line and SETEXT_RE.match(line)
         req = REQ_LINE_RE.match(line)
-        if req is None:
-            near = NEAR_REQ_LINE_RE.match(line)
-            if near:
-                errors.append(
-                    f"{spec}:{number}: malformed requirement ID [{near.group('id')}] "
-                    f"(expected the pattern {ID_RE})"
-                )
-            # A setext underline makes a heading only of an unindented paragraph line.
-            previous_text_line = bool(line.strip()) and not line[0].isspace()
-            previous_text_line = previous_text_line and not LIST_ITEM_RE.match(line)
-            continue
         previous_text_line = False
-        indent = len(req.group("indent").expandtabs(4))
-        parts = [req.group("text")]
-        # Continuation lines: non-blank, indented deeper than the bullet, not a new requirement.
-        while index < len(lines):
-            follow = lines[index]
-            if not follow.strip() or REQ_LINE_RE.match(follow) or FENCE_RE.match(follow):
-                break
-            follow = follow.expandtabs(4)
-            if len(follow) - len(follow.lstrip()) <= indent:
-                break
-            parts.append(follow)
-            index += 1
-        title = " ".join(" ".join(parts).split())
-        keyword = KEYWORD_RE.search(title)
-        if keyword is None:
-            errors.append(
-                f"{spec}:{number}: requirement {req.group('id')} has no RFC-2119 keyword "
-                "(MUST, MUST NOT, SHALL, SHOULD, SHOULD NOT or MAY, in capitals)"
-            )
-            continue
-        requirements.append(
-            Requirement(
-                id=req.group("id"),
-                title=title,
-                level=LEVELS[keyword.group(1)],
-                section=section,
-                spec=spec,
-                line=number,
-            )
-        )
+        if fence_match:
+            fence = fence_match.group("fence")
+        elif heading:
+            section = " ".join((heading.group("text") or "").split())
+        elif setext:
+            section = " ".join(lines[index - 2].split())
+        elif req is None:
+            previous_text_line = _not_a_requirement(spec, number, line, errors)
+        else:
+            parts, index = _continuation(lines, index, len(req.group("indent").expandtabs(4)))
+            title = " ".join(" ".join([req.group("text"), *parts]).split())
+            found = _requirement((spec, number), req, title, section, errors)
+            if found is not None:
+                requirements.append(found)
     return requirements
 
 

@@ -37,6 +37,10 @@ def test_functions_keywords_and_strings_are_not_metrics() -> None:
     assert names.grouping == ["x"]
 
 
+def test_what_is_not_promql_is_an_error() -> None:
+    assert promql_names("rate(x[5m]) ~ 1").errors == ["cannot read the expression at '~ 1'"]
+
+
 def test_matching_by_name_is_refused() -> None:
     assert promql_names('{__name__="llorch_up"}').errors == [
         "match metrics by name, not by __name__"
