@@ -12,15 +12,12 @@ import os
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.pact.broker import FakeBroker
 from tests.pact.conftest import PACT_FILE, ROOT
-from tests.pact.verify import Publish, verify_and_publish
-from tests.support import live_server, make_settings
+from tests.pact.verify import Publish, serving, verify_and_publish
 
 pytestmark = pytest.mark.contract
 
@@ -101,7 +98,7 @@ def test_pact_publish_without_a_broker_url_fails_and_says_why() -> None:
 
 @pytest.mark.wire
 def test_verification_results_are_published_with_the_provider_version_and_branch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     token = secrets.token_urlsafe(16)
     monkeypatch.setenv("PACT_BROKER_TOKEN", token)
@@ -115,8 +112,7 @@ def test_verification_results_are_published_with_the_provider_version_and_branch
         if i["description"].startswith(("livez answered 200", "readyz answered 200"))
     ]
     assert len(pact["interactions"]) == 2
-    settings = make_settings(tmp_path, yaml.safe_load(PACT_CONFIG.read_text(encoding="utf-8")))
-    with FakeBroker(pacts=[pact]) as broker, live_server(settings) as url:
+    with FakeBroker(pacts=[pact]) as broker, serving(PACT_CONFIG) as (url, _log):
         ok, output = verify_and_publish(url, Publish(broker.url, "1.4.0-3-gabc1234", "feature-x"))
     assert ok, output
 
