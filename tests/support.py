@@ -21,6 +21,7 @@ from asgi_lifespan import LifespanManager
 from connexion import AsyncApp
 
 from llorch.api import create_app
+from llorch.api.http import HttpLimits, protocol_class
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import validate_config
@@ -166,6 +167,7 @@ def live_server(settings: Settings, wrap: Callable[[Any], Any] | None = None) ->
         port=port,
         log_level="warning",
         lifespan="on",
+        http=protocol_class(HttpLimits.from_settings(settings)),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from llorch.api import create_app, logs
+from llorch.api.http import HttpLimits, protocol_class
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.server.port,
         log_level="info",
         log_config=None,  # keep llorch's JSON handler
+        http=protocol_class(HttpLimits.from_settings(settings)),
         # Tasks are already drained when uvicorn stops; streams of queued tasks end here.
         timeout_graceful_shutdown=2,
     )

@@ -28,6 +28,13 @@ class ServerSettings:
     profile: Profile = "dev"
     data_dir: str = "var"
     max_body_bytes: int = 1_048_576
+    # The connection guard (llorch.api.http): a request head above max_head_bytes is answered
+    # 431; a head or body not received in time 408; max_connections 0 means the descriptor
+    # limit less 256.
+    max_head_bytes: int = 32_768
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 0
     heartbeat_s: float = 15.0
     shutdown_grace_s: float = 10.0
     # Finished tasks whose full event buffer stays in memory for late attach; older ones replay
