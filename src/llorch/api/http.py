@@ -180,16 +180,17 @@ class GuardedProtocol(HttpToolsProtocol):
         victim = next(iter(self.limits.waiting), None)
         if victim is None:
             return False
-        victim._head_late()
+        # Not logged: under a slow-client flood that would be a line per new connection.
+        victim._head_late(logged=False)
         return True
 
-    def _head_late(self) -> None:
+    def _head_late(self, *, logged: bool = True) -> None:
         self._deadline = None
         if self._head_bytes == 0:
             self._close_head()
             self.transport.close()
         else:
-            self._refuse(408, "REQUEST_TIMEOUT", "request head not received in time")
+            self._refuse(408, "REQUEST_TIMEOUT", "request head not received in time", logged)
 
     def _body_late(self) -> None:
         self._deadline = None
