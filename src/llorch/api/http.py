@@ -203,10 +203,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.cycle.message_event.set()
         self.transport.close()
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
-        log.warning(
-            "connection refused: %s", message, extra={"event": "http_refused", "status": status}
-        )
+    def _refuse(self, status: int, code: str, message: str, logged: bool = True) -> None:
+        if logged:
+            extra = {"event": "http_refused", "status": status}
+            log.info("connection refused: %s", message, extra=extra)
         self._close_head()
         self._disarm()
         self.transport.write(refusal(status, code, message))
