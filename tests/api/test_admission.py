@@ -247,7 +247,7 @@ async def test_budget_too_small_for_the_task_answers_429_not_retriable(
     settings_for: SettingsFactory,
 ) -> None:
     async with in_process(settings_for({"pools": [pool()]})) as api:
-        session = await api.client.post("/v1/sessions", json={"budgets": {"tokens": 30}})
+        session = await api.client.post("/v1/sessions", json={"budgets": {"tokens": 60}})
         session_id = session.json()["session_id"]
         response = await api.submit(session_id=session_id, max_tokens=40)
         body = assert_envelope(response, 429, "BUDGET_EXHAUSTED")

@@ -47,6 +47,16 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
                     queue={"capacity": 1},
                 ),
                 pool(id="broken", model="broken", mock={"failure": {"mode": "mid_stream"}}),
+                pool(
+                    id="silent",
+                    model="silent",
+                    decode_timeout_ms=100,
+                    mock={
+                        "ttft_ms": 1,
+                        "tokens_per_s": 0,
+                        "failure": {"mode": "hang", "after_tokens": 1},
+                    },
+                ),
             ],
         }
     )
@@ -60,6 +70,10 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
         assert (await api.submit(model="slow")).status_code == 429
         session = (await api.client.post("/v1/sessions", json={"budgets": {"tokens": 1}})).json()
         assert (await api.submit(session_id=session["session_id"])).status_code == 429
+        # The silent engine's run lasts the decode timeout, past its session's 10 ms.
+        tight = (await api.client.post("/v1/sessions", json={"budgets": {"time_ms": 10}})).json()
+        overrun = await api.submit(model="silent", session_id=tight["session_id"])
+        await api.events(overrun.json()["task_id"])
         mid = await scrape(api)
         assert value(mid, "llorch_queue_depth", pool_id="busy", priority="interactive") == 1
         assert value(mid, "llorch_replica_slots_busy", pool_id="busy") == 1
@@ -87,6 +101,7 @@ async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
     assert value(families, "llorch_tasks_finished_total", pool_id="busy", outcome="canceled") == 1
     assert value(families, "llorch_tasks_rejected_total", code="ADMISSION_REJECT") == 1
     assert value(families, "llorch_budget_rejections_total", policy_label="tokens") == 1
+    assert value(families, "llorch_budget_overruns_total", policy_label="time") == 1
     assert value(families, "llorch_engine_errors_total", code="WORKER_RESET") == 1
     assert value(families, "llorch_tokens_out_total", pool_id="default") == 5
     assert value(families, "llorch_open_streams") == 0

@@ -111,3 +111,62 @@ async def test_a_canceled_task_commits_what_it_used(settings_for: SettingsFactor
         used = end.data["tokens_in"] + end.data["tokens_out"]
         assert budgets["tokens_remaining"] == 10_000 - used
         assert end.data["tokens_out"] < 4000
+
+
+@pytest.mark.req("ORCH-DATA-0081", "ORCH-DATA-0084")
+async def test_prompts_of_short_words_cannot_overspend_a_session(
+    settings_for: SettingsFactory,
+) -> None:
+    # The mock counts a token a word: "a a a ..." is a token every two bytes, twice what four
+    # bytes a token assumes. Reserved at four bytes a token, nine of these tasks fitted a
+    # budget of 1,000 and spent 1,872 (issue 15, F4).
+    settings = settings_for(
+        {
+            "pools": [pool(slots_per_replica=16, mock={"ttft_ms": 50, "tokens_per_s": 0})],
+            "budgets": {"default": {"tokens": 1000, "time_ms": 600_000, "cost": 5.0}},
+        }
+    )
+    prompt = " ".join(["a"] * 200)
+    async with in_process(settings) as api:
+        session_id = (await api.client.post("/v1/sessions", json={})).json()["session_id"]
+        accepted: list[str] = []
+        for _ in range(20):
+            answer = await api.submit(session_id=session_id, prompt=prompt, max_tokens=8)
+            if answer.status_code != 202:
+                assert_envelope(answer, 429, "BUDGET_EXHAUSTED")
+                break
+            accepted.append(answer.json()["task_id"])
+        ends = [(await api.events(task_id))[-1] for task_id in accepted]
+        budgets = (await api.client.get(f"/v1/sessions/{session_id}")).json()["budgets"]
+
+    assert accepted, "the first task fits the budget"
+    assert all(end.event == "end" for end in ends)
+    spent = sum(end.data["tokens_in"] + end.data["tokens_out"] for end in ends)
+    assert all(end.data["tokens_in"] == 200 for end in ends)
+    assert spent <= 1000
+    assert budgets["tokens_remaining"] == 1000 - spent
+
+
+@pytest.mark.req("ORCH-DATA-0084")
+async def test_a_run_longer_than_the_session_has_left_is_charged_what_it_had(
+    settings_for: SettingsFactory,
+) -> None:
+    # The engine sends a token and falls silent: the run lasts the decode timeout (200 ms),
+    # while the reservation (the typical run: 1 ms) fitted the session's 20 ms.
+    silent = pool(
+        decode_timeout_ms=200,
+        mock={"ttft_ms": 1, "tokens_per_s": 0, "failure": {"mode": "hang", "after_tokens": 1}},
+    )
+    async with in_process(settings_for({"pools": [silent]})) as api:
+        session = await api.client.post("/v1/sessions", json={"budgets": {"time_ms": 20}})
+        session_id = session.json()["session_id"]
+        task_id = (await api.submit(session_id=session_id, max_tokens=8)).json()["task_id"]
+        error = (await api.events(task_id))[-1]
+        budgets = (await api.client.get(f"/v1/sessions/{session_id}")).json()["budgets"]
+        task = (await api.client.get(f"/v1/tasks/{task_id}")).json()
+        metrics = (await api.client.get("/metrics")).text
+
+    assert error.data["code"] == "DECODE_TIMEOUT"
+    assert task["state"] == "failed"
+    assert budgets["time_ms_remaining"] == 0
+    assert 'llorch_budget_overruns_total{policy_label="time"} 1.0' in metrics

@@ -11,7 +11,7 @@ from llorch.clock import FakeClock
 from llorch.config import Budget, BudgetSettings, SessionSettings, Settings
 from llorch.errors import BudgetExhausted, SessionNotFound
 from llorch.persistence import Database, SessionRow
-from llorch.sessions import Reservation, SessionService
+from llorch.sessions import Reservation, SessionService, Settled
 from llorch.sessions.service import Remaining
 from tests.unit.helpers import task_row
 
@@ -232,23 +232,29 @@ def test_remaining_never_goes_below_zero(sessions: SessionService) -> None:
     assert sessions.remaining(row) == Remaining(tokens=0, time_ms=0, cost=0.0)
 
 
-@pytest.mark.req("ORCH-DATA-0082")
-def test_committed_values_subtract_actual_usage_and_clamp_at_zero(
+@pytest.mark.req("ORCH-DATA-0082", "ORCH-DATA-0084")
+def test_settle_charges_usage_up_to_what_the_session_has_beside_other_reservations(
     sessions: SessionService,
 ) -> None:
-    sid = sessions.create().row.session_id
+    sid = sessions.create().row.session_id  # 1,000 tokens, 10 s, cost 1.0
+    sessions.reserve(sid, "t-1", Reservation(tokens=300, time_ms=2_000, cost=0.2))
+    sessions.reserve(sid, "t-2", Reservation(tokens=400, time_ms=3_000, cost=0.3))
 
-    assert sessions.committed_values(sid, tokens=250, time_ms=1_500, cost=0.1) == {
+    within = sessions.settle(sid, "t-1", Reservation(tokens=250, time_ms=1_500, cost=0.1))
+    assert within.values == {
         "tokens_remaining": 750,
         "time_ms_remaining": 8_500,
         "cost_remaining": 0.9,
     }
-    assert sessions.committed_values(sid, tokens=2_000, time_ms=20_000, cost=3.0) == {
-        "tokens_remaining": 0,
-        "time_ms_remaining": 0,
-        "cost_remaining": 0.0,
-    }
-    assert sessions.committed_values("s-unknown", tokens=1, time_ms=1, cost=0.0) == {}
+    assert within.overrun is None
+
+    # t-2 uses far more than it reserved: it may take what no other open task holds, no more
+    # (t-1's values are not stored here: the caller stores them with the task's final row).
+    sessions.reserve(sid, "t-3", Reservation(tokens=100, time_ms=1_000, cost=0.1))
+    beyond = sessions.settle(sid, "t-2", Reservation(tokens=2_000, time_ms=20_000, cost=3.0))
+    assert beyond.overrun == Reservation(tokens=2_000 - 900, time_ms=20_000 - 9_000, cost=2.1)
+    assert beyond.values["tokens_remaining"] == 100  # t-3's reservation stays backed
+    assert sessions.settle("s-unknown", "t-9", Reservation(1, 1, 0.0)) == Settled({}, None)
 
 
 def test_remaining_for_sees_every_commit_and_delete_of_a_session_with_open_tasks(
@@ -260,10 +266,9 @@ def test_remaining_for_sees_every_commit_and_delete_of_a_session_with_open_tasks
     assert sessions.remaining_for(sid) == Remaining(tokens=980, time_ms=9_800, cost=0.98)
 
     # t-1 ends: its reservation released, its usage committed (as Dispatcher._settle does).
-    sessions.release(sid, "t-1")
     db.admit_task(task_row("t-1", session_id=sid), sessions.live_row(sid), new_session=False)
-    committed = sessions.committed_values(sid, tokens=100, time_ms=1_000, cost=0.1)
-    db.finish_task("t-1", {"state": "succeeded"}, sid, committed)
+    settled = sessions.settle(sid, "t-1", Reservation(tokens=100, time_ms=1_000, cost=0.1))
+    db.finish_task("t-1", {"state": "succeeded"}, sid, settled.values)
     assert sessions.remaining_for(sid) == Remaining(tokens=890, time_ms=8_900, cost=0.89)
     assert sessions.remaining_for(sid) == sessions.remaining(sessions.live_row(sid))
 

@@ -77,13 +77,24 @@ def request_digest(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def estimate_tokens_in(request: CompletionRequest) -> int:
-    """A conservative prompt-size estimate (4 bytes a token) for reservations and limits."""
+def _prompt_bytes(request: CompletionRequest) -> int:
+    """The prompt's UTF-8 bytes, with 8 for the markers a chat template puts around a message."""
     if request.prompt is not None:
-        size = len(request.prompt.encode())
-    else:
-        size = sum(len(m.content.encode()) + 8 for m in request.messages or ())
-    return max(1, math.ceil(size / 4))
+        return len(request.prompt.encode())
+    return sum(len(m.content.encode()) + 8 for m in request.messages or ())
+
+
+def estimate_tokens_in(request: CompletionRequest) -> int:
+    """The typical prompt size (4 bytes a token): for context limits, and for the charge of a
+    task that ends before its engine counts its prompt."""
+    return max(1, math.ceil(_prompt_bytes(request) / 4))
+
+
+def bound_tokens_in(request: CompletionRequest) -> int:
+    """The most prompt tokens an engine can count, for reservations: a byte-level tokenizer
+    (BPE over UTF-8 bytes, SentencePiece with byte fallback) makes at most a token a byte, and
+    8 more cover the begin/end markers."""
+    return _prompt_bytes(request) + 8
 
 
 def _require_utf8(body: Mapping[str, Any]) -> None:
@@ -147,7 +158,7 @@ class Admitter:
             else self._sessions.live_row(session_id, visible_to=caller.visible_to)
         )
         run_s = pool.meter.expected_run_s(request.max_tokens)
-        want = self._worst_case(pool, request, tokens_in)
+        want = self._worst_case(pool, request)
         try:
             session = self._sessions.check_use(session, want)
         except LlorchError as exc:
@@ -244,11 +255,12 @@ class Admitter:
             remaining=self._sessions.remaining(session),
         )
 
-    def _worst_case(
-        self, pool: PoolRuntime, request: CompletionRequest, tokens_in: int
-    ) -> Reservation:
-        """What a task may spend at most: the reservation it holds until it ends."""
+    def _worst_case(self, pool: PoolRuntime, request: CompletionRequest) -> Reservation:
+        """What a task may spend at most: the reservation it holds until it ends. Its time is
+        the typical run of ``max_tokens``, so a run may take longer: the session is charged no
+        more than it has (:meth:`SessionService.settle`)."""
         price = self._settings.pricing.price_for(request.model)
+        tokens_in = bound_tokens_in(request)
         return Reservation(
             tokens=tokens_in + request.max_tokens,
             time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
@@ -271,7 +283,7 @@ class Admitter:
         request = _completion_request(row.task_id, body, row.correlation_id)
         session = self._sessions.live_row_or_none(row.session_id)
         tokens_in = estimate_tokens_in(request)
-        want = self._worst_case(pool, request, tokens_in)
+        want = self._worst_case(pool, request)
         deadline_at = None
         if "deadline_ms" in body:
             left_ms = body["deadline_ms"] - (self._clock.now_ms() - row.created_ms)

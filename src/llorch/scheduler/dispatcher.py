@@ -32,7 +32,7 @@ from llorch.scheduler.task import (
     SUCCEEDED,
     TaskRecord,
 )
-from llorch.sessions import SessionService
+from llorch.sessions import Reservation, SessionService
 
 log = logging.getLogger("llorch.dispatcher")
 
@@ -343,14 +343,13 @@ class Dispatcher:
         task_values = ending.values
         task_values["trace_artifact_id"] = None if trace is None else trace.artifact_id
         record.move_to(state)
-        self._sessions.release(record.session_id, record.task_id)
+        used = Reservation(tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost)
         try:
-            committed = self._sessions.committed_values(
-                record.session_id, tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost
-            )
+            settled = self._sessions.settle(record.session_id, record.task_id, used)
             self._db.finish_task(
-                record.task_id, task_values, record.session_id, committed, trace=trace
+                record.task_id, task_values, record.session_id, settled.values, trace=trace
             )
+            self._record_overrun(record, settled.overrun)
         except StorageError:
             # The terminal event still goes out; on restart the row is reconciled.
             log.exception("could not record the end of task %s", record.task_id)
@@ -399,6 +398,31 @@ class Dispatcher:
             task_id,
             exc,
             extra={"event": "trace_missing", "task_id": task_id},
+        )
+
+    def _record_overrun(self, record: TaskRecord, overrun: Reservation | None) -> None:
+        """Usage the task's session could not pay: not charged, counted and logged."""
+        if overrun is None:
+            return
+        pool = self._registry.pools.get(record.pool_id)
+        for label, amount in (
+            ("tokens", overrun.tokens),
+            ("time", overrun.time_ms),
+            ("cost", overrun.cost),
+        ):
+            if amount > 0 and pool is not None:
+                pool.metrics.inc("llorch_budget_overruns_total", policy_label=label)
+        log.warning(
+            "task %s used more than its session had left; the excess is not charged",
+            record.task_id,
+            extra={
+                "event": "budget_overrun",
+                "task_id": record.task_id,
+                "session_id": record.session_id,
+                "tokens": overrun.tokens,
+                "time_ms": overrun.time_ms,
+                "cost": overrun.cost,
+            },
         )
 
     def _record_end(

@@ -1,5 +1,5 @@
 """Sessions (TTL from last use, turn cap, affinity) and their budgets (reserve, commit, release)."""
 
-from llorch.sessions.service import Reservation, Session, SessionService
+from llorch.sessions.service import Reservation, Session, SessionService, Settled
 
-__all__ = ["Reservation", "Session", "SessionService"]
+__all__ = ["Reservation", "Session", "SessionService", "Settled"]

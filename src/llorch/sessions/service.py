@@ -33,6 +33,15 @@ class Remaining:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """A task's usage, charged: the session's new column values, and the usage its session
+    could not pay (None when it paid all)."""
+
+    values: dict[str, int | float]
+    overrun: Reservation | None
+
+
+@dataclass(frozen=True)
 class Session:
     row: SessionRow
     remaining: Remaining
@@ -190,19 +199,36 @@ class SessionService:
                 del self._reserved[session_id]
                 self._rows.pop(session_id, None)
 
-    def committed_values(
-        self, session_id: str, *, tokens: int, time_ms: int, cost: float
-    ) -> dict[str, int | float]:
-        """Column values for the session after committing a task's usage (clamped at zero)."""
-        self._rows.pop(session_id, None)  # the caller stores them
+    def settle(self, session_id: str, task_id: str, used: Reservation) -> Settled:
+        """Release a task's reservation and charge its usage: the session's column values to
+        store (with the task's final row), and what it could not pay.
+
+        A task is charged at most what its session has left beside the other open
+        reservations (its own included), so neither the session nor the tasks still running
+        on their reservations are ever overspent; the rest is the task's overrun.
+        """
+        self.release(session_id, task_id)
+        self._rows.pop(session_id, None)  # the caller stores the new values
         row = self._db.get_session(session_id)
         if row is None:
-            return {}
-        return {
-            "tokens_remaining": max(0, row.tokens_remaining - tokens),
-            "time_ms_remaining": max(0, row.time_ms_remaining - time_ms),
-            "cost_remaining": max(0.0, round(row.cost_remaining - cost, 9)),
+            return Settled({}, None)
+        free = self.remaining(row)
+        charged = Reservation(
+            tokens=min(used.tokens, free.tokens),
+            time_ms=min(used.time_ms, free.time_ms),
+            cost=min(used.cost, free.cost),
+        )
+        values: dict[str, int | float] = {
+            "tokens_remaining": row.tokens_remaining - charged.tokens,
+            "time_ms_remaining": row.time_ms_remaining - charged.time_ms,
+            "cost_remaining": max(0.0, round(row.cost_remaining - charged.cost, 9)),
         }
+        overrun = Reservation(
+            tokens=used.tokens - charged.tokens,
+            time_ms=used.time_ms - charged.time_ms,
+            cost=round(used.cost - charged.cost, 9),
+        )
+        return Settled(values, overrun if overrun != Reservation(0, 0, 0.0) else None)
 
     def _view(self, row: SessionRow) -> Session:
         ttl_left = max(0, row.ttl_ms - (self._clock.now_ms() - row.last_used_ms))
