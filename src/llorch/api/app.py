@@ -4,6 +4,7 @@ The request pipeline, outermost first:
   connexion's ServerErrorMiddleware
   → EdgeMiddleware      (X-Correlation-Id on every response, errors included; requests counted
                          by operationId and status, and logged; 413 before a large body is read)
+  → OpenAIErrors        (on the OpenAI facade's routes, the envelope becomes OpenAI's error body)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
   → routing → security (llorch.api.auth: bearer key, scope, rate limit)
   → request validation (errors never quote the body) → response validation → lifespan
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from llorch.api import problems
 from llorch.api.auth import check_bind, security_map
+from llorch.api.facade.errors import OpenAIErrors
 from llorch.api.handlers import operations
 from llorch.api.middleware import EdgeMiddleware, OperationMiddleware
 from llorch.api.runtime import Runtime
@@ -101,6 +103,9 @@ def create_app(
             "/v1/artifacts": max(settings.server.max_body_bytes, 6 * settings.artifacts.max_bytes)
         },
     )
+    # Inserted after EdgeMiddleware at the same position: it sits between it and the exception
+    # middleware, so it sees every error answer as the envelope.
+    app.add_middleware(OpenAIErrors, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
     resolver = OperationResolver(operations(runtime))
     documents = [dict(openapi("data")), dict(openapi("control"))]

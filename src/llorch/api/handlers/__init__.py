@@ -8,6 +8,7 @@ from typing import Any
 
 from llorch.api.handlers.artifacts import ArtifactHandlers
 from llorch.api.handlers.control import ControlHandlers
+from llorch.api.handlers.openai import OpenAIHandlers
 from llorch.api.handlers.sessions import SessionHandlers
 from llorch.api.handlers.tasks import TaskHandlers
 from llorch.api.runtime import Runtime
@@ -18,6 +19,7 @@ def operations(runtime: Runtime) -> dict[str, Callable[..., Any]]:
     sessions = SessionHandlers(runtime)
     control = ControlHandlers(runtime)
     artifacts = ArtifactHandlers(runtime)
+    facade = OpenAIHandlers(runtime)
     return {
         "createTask": tasks.create_task,
         "listTasks": tasks.list_tasks,
@@ -39,4 +41,8 @@ def operations(runtime: Runtime) -> dict[str, Callable[..., Any]]:
         "createArtifact": artifacts.create_artifact,
         "getArtifact": artifacts.get_artifact,
         "listArtifacts": artifacts.list_artifacts,
+        "createChatCompletion": facade.create_chat_completion,
+        "createCompletion": facade.create_completion,
+        "listModels": facade.list_models,
+        "getModel": facade.get_model,
     }

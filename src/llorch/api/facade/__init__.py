@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front door: request mapping, answers and error bodies."""
