@@ -403,3 +403,36 @@ SCENARIOS: list[Scenario] = _specific() + _generic()
 # Declared (operation, status) pairs the pact does not hold, and why. `xtask.py status-coverage`
 # accepts them only when a test of the suite received them (recorded by the status recorder).
 NOT_IN_PACT: dict[tuple[str, int], str] = {}
+
+# The OpenAI facade's consumer is the official openai SDK, not the CLI: its pairs are covered by
+# tests/api/test_openai.py, which drives a live server with that SDK.
+_T = "tests/api/test_openai.py::"
+_FACADE_TESTS = {
+    200: "test_a_stream_is_token_by_token_then_usage_then_done",
+    400: "test_what_the_facade_does_not_serve_is_a_400_naming_it",
+    401: "test_keys_and_scopes_are_those_of_the_task_api",
+    403: "test_keys_and_scopes_are_those_of_the_task_api",
+    404: "test_unknown_model_and_session_are_404",
+    409: "test_a_task_id_reused_with_another_body_is_409_not_retried",
+    413: "test_too_large_and_non_json_bodies_are_openai_errors",
+    415: "test_too_large_and_non_json_bodies_are_openai_errors",
+    429: "test_a_spent_budget_is_429_and_not_retried, test_a_full_queue_is_429_with_retry_advice",
+    502: "test_a_drained_pool_is_503_and_an_engine_failure_502",
+    503: "test_a_drained_pool_is_503_and_an_engine_failure_502",
+}
+_MODEL_TESTS = {
+    200: "test_models_are_listed_and_retrieved",
+    400: "test_bad_model_requests_are_400",
+    401: "test_keys_and_scopes_are_those_of_the_task_api",
+    403: "test_keys_and_scopes_are_those_of_the_task_api",
+    404: "test_models_are_listed_and_retrieved",
+    429: "test_the_sdk_waits_as_retry_after_advises",
+}
+for _op in ("createChatCompletion", "createCompletion"):
+    NOT_IN_PACT |= {(_op, status): _T + test for status, test in _FACADE_TESTS.items()}
+NOT_IN_PACT |= {
+    (op, status): _T + test
+    for op in ("listModels", "getModel")
+    for status, test in _MODEL_TESTS.items()
+    if (op, status) != ("listModels", 404)
+}

@@ -94,6 +94,13 @@ def _wrap_async(send: Callable[..., Any]) -> Callable[..., Any]:
 def pytest_configure(config: pytest.Config) -> None:
     httpx.Client.send = _wrap_sync(httpx.Client.send)  # type: ignore[method-assign]
     httpx.AsyncClient.send = _wrap_async(httpx.AsyncClient.send)  # type: ignore[method-assign]
+    try:
+        # The official openai SDK (tests/api/test_openai.py) speaks through httpx2, whose
+        # responses have the same surface as httpx's.
+        import httpx2
+    except ImportError:
+        return
+    httpx2.Client.send = _wrap_sync(httpx2.Client.send)  # type: ignore[method-assign,arg-type,assignment]
 
 
 @pytest.hookimpl(tryfirst=True)

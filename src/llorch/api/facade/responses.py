@@ -175,6 +175,8 @@ class ChunkStream(Response):
         cancel: Callable[[], None],
     ) -> None:
         super().__init__(media_type="text/event-stream", headers=dict(headers))
+        # A stream has no length (Response, given no content, would declare 0).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._chunks = sse_chunks(stream, shape, heartbeat_s)
         self._watch = _Watched(shape.task_id, cancel)
 
