@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.llamacpp, pytest.mark.wire]
 
 
 @pytest.mark.timeout(180)  # the first run on a machine also downloads the model
-@pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002")
+@pytest.mark.req("ORCH-ENG-0002", "ORCH-OAI-0010", "ORCH-OAI-0020", "ORCH-OAI-0021")
 async def test_the_openai_sdk_gets_a_real_models_answer_through_llorch(
     smollm2: Path, settings_for: SettingsFactory
 ) -> None:
