@@ -5,6 +5,8 @@ Modes:
     litellm  the same streamed completions through the LiteLLM proxy (--url is the proxy's,
              --api-key its master key)
     llorch   streamed tasks through llorch: POST /v1/tasks, then GET /v1/tasks/{id}/stream
+    facade   the direct mode's streamed completions through llorch's OpenAI-compatible door
+             (--url is llorch's): each one a task, answered in OpenAI's chunks
     admit    POST /v1/tasks only: how many are answered 202 per second
     hold     N tasks with N streams open at once; reads the server's resident memory (--pid)
              before and while they are open
@@ -163,6 +165,7 @@ async def admit_only(client: aiohttp.ClientSession, args: argparse.Namespace) ->
 MODES = {
     "direct": stream_direct,
     "litellm": stream_direct,
+    "facade": stream_direct,
     "llorch": stream_llorch,
     "admit": admit_only,
 }
