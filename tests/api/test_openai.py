@@ -380,3 +380,22 @@ def test_the_sdk_waits_as_retry_after_advises(auth_url: str, what: str) -> None:
     # The SDK's own first backoff (0.5-1 s, jittered) could come before the bucket refills;
     # waiting the advised 1000 ms cannot.
     assert seen.statuses[before:] == [429, 200]
+
+
+@pytest.mark.req("ORCH-OAI-0011")
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_the_deadline_header_is_a_count_of_milliseconds(api: httpx.Client, path: str) -> None:
+    # Header values are text: "60000" is a deadline, a number past a day or a word is a 400
+    # (found by schemathesis: every "1" was refused as "not an integer").
+    body = {"model": MODEL, "max_tokens": 2} | (
+        {"messages": HELLO} if "chat" in path else {"prompt": "Once"}
+    )
+    met = api.post(path, json=body, headers={"X-Deadline-Ms": "60000"})
+    assert met.status_code == 200, met.text
+    task = api.get(f"/v1/tasks/{met.headers['x-task-id']}").json()
+    assert task["state"] == "succeeded"
+    for value in ("86400001", "soon", "0", "-5"):
+        refused = api.post(path, json=body, headers={"X-Deadline-Ms": value})
+        assert refused.status_code == 400, (value, refused.text)
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_params")
