@@ -11,12 +11,17 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from tests.conftest import SettingsFactory
 from tests.engines.llamacpp import LlamaServer
 from tests.engines.test_smollm2 import MAX_TOKENS, MODEL, QUESTION
 from tests.integration.wire import config, serve
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.wire]
+
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": message["content"]} for message in QUESTION
+]
 
 
 @pytest.mark.timeout(180)  # the first run on a machine also downloads the model
@@ -44,12 +49,12 @@ async def test_the_openai_sdk_gets_a_real_models_answer_through_llorch(
                 base_url=f"{wire.client.base_url}/v1", api_key="unused", max_retries=0
             )
             whole = await sdk.chat.completions.with_raw_response.create(
-                model=MODEL, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0
+                model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0
             )
             completion = whole.parse()
             streamed = await sdk.chat.completions.create(
                 model=MODEL,
-                messages=QUESTION,
+                messages=MESSAGES,
                 max_tokens=MAX_TOKENS,
                 temperature=0,
                 stream=True,
