@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 Profile = Literal["dev", "test", "prod"]
 QueuePolicy = Literal["reject", "drop-lru"]
+FlowKind = Literal["key", "session", "header"]
 FailureMode = Literal["none", "before_first_token", "mid_stream", "hang", "down"]
 EngineKind = Literal["mock", "llamacpp", "vllm", "tgi", "openai"]
 HTTP_ENGINES: tuple[EngineKind, ...] = ("llamacpp", "vllm", "tgi", "openai")
@@ -146,9 +147,22 @@ class MockSettings:
 
 
 @dataclass(frozen=True)
+class FairnessSettings:
+    """Round-robin inside a priority band across flows: the API key (``key``), the session, or
+    the value of ``header``; a flow gets ``weights[flow]`` dispatches a round (1 when absent)."""
+
+    flow: FlowKind = "key"
+    header: str | None = None
+    weights: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     capacity: int = 100
     policy: QueuePolicy = "reject"
+    # While interactive tasks wait, batch still gets at least this share of the dispatches.
+    batch_min_share: float = 0.0
+    fairness: FairnessSettings = FairnessSettings()
 
 
 @dataclass(frozen=True)
@@ -324,7 +338,10 @@ def _pool(raw: Mapping[str, Any]) -> PoolSettings:
     mock_raw["fail_load_models"] = tuple(mock_raw.get("fail_load_models", ()))
     mock = _merge(MockSettings(), mock_raw)
     mock = dataclasses.replace(mock, failure=FailureSettings(**failure_raw))
-    queue = _merge(QueueSettings(), raw.get("queue", {}))
+    queue_raw = dict(raw.get("queue", {}))
+    fairness = _merge(FairnessSettings(), queue_raw.pop("fairness", {}))
+    queue = _merge(QueueSettings(), queue_raw)
+    queue = dataclasses.replace(queue, fairness=fairness)
     nested: dict[str, Any] = {
         "timeouts": _merge(TimeoutSettings(), raw.get("timeouts", {})),
         "retry": _merge(RetrySettings(), raw.get("retry", {})),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llorch.clock import Clock, SystemClock
@@ -18,6 +18,11 @@ from llorch.scheduler.queue import PRIORITIES, PoolQueue
 from llorch.scheduler.task import TaskRecord
 
 _ALPHA = 0.2  # weight of a new sample in the moving averages
+MAX_FLOW_CHARS = 128  # of a flow named by a header's value
+
+
+def _flow_of(record: TaskRecord) -> str:
+    return record.flow
 
 
 @dataclass(eq=False)
@@ -95,7 +100,11 @@ class PoolRuntime:
         self.clock: Clock = clock or SystemClock()
         self.replicas = [self.new_replica(engine) for engine in engines]
         self.queue: PoolQueue[TaskRecord] = PoolQueue(
-            settings.queue.capacity, settings.queue.policy
+            settings.queue.capacity,
+            settings.queue.policy,
+            flow_of=_flow_of,
+            weights=settings.queue.fairness.weights,
+            batch_min_share=settings.queue.batch_min_share,
         )
         self.meter = DrainMeter(
             ttft_s=settings.mock.ttft_ms / 1000, tokens_per_s=settings.mock.tokens_per_s
@@ -125,6 +134,18 @@ class PoolRuntime:
             clock=self.clock,
         )
         return Replica(engine, breaker)
+
+    def flow_for(self, owner: str | None, session_id: str, headers: Mapping[str, str]) -> str:
+        """The flow a task is counted for in the queue's round-robin: its API key, its session,
+        or the configured header's value (the key's flow when the header is absent)."""
+        fairness = self.settings.queue.fairness
+        if fairness.flow == "session":
+            return session_id
+        if fairness.flow == "header" and fairness.header is not None:
+            value = headers.get(fairness.header.lower()) or headers.get(fairness.header)
+            if value:
+                return value[:MAX_FLOW_CHARS]
+        return owner or ""
 
     @property
     def ready(self) -> bool:

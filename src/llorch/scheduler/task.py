@@ -46,6 +46,8 @@ class TaskRecord:
     tokens_in_estimate: int
     affinity_replica_id: str | None
     deadline_at: float | None  # loop time by which the task must end
+    # Whom the queue's round-robin counts it for (scheduler.pools.PoolRuntime.flow_for).
+    flow: str = ""
     events: EventStream = field(default_factory=EventStream)
     state: str = QUEUED
     replica_id: str | None = None
