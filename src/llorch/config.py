@@ -166,6 +166,15 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class PlacementSettings:
+    """Cache-aware placement: prompts are hashed in blocks of ``prefix_block_chars``; the map of
+    which replica served which prefix last holds at most ``prefix_map_bytes``."""
+
+    prefix_block_chars: int = 256
+    prefix_map_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class TimeoutSettings:
     """Limits of one engine call; the silence allowed between chunks is ``decode_timeout_ms``."""
 
@@ -221,6 +230,7 @@ class PoolSettings:
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     queue: QueueSettings = QueueSettings()
+    placement: PlacementSettings = PlacementSettings()
     mock: MockSettings = MockSettings()
 
     @property
@@ -346,6 +356,7 @@ def _pool(raw: Mapping[str, Any]) -> PoolSettings:
         "timeouts": _merge(TimeoutSettings(), raw.get("timeouts", {})),
         "retry": _merge(RetrySettings(), raw.get("retry", {})),
         "breaker": _merge(BreakerSettings(), raw.get("breaker", {})),
+        "placement": _merge(PlacementSettings(), raw.get("placement", {})),
     }
     flat = {k: v for k, v in raw.items() if k not in ("mock", "queue", *nested)}
     flat["models"] = tuple(raw.get("models", ()))

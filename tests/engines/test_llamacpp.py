@@ -186,7 +186,9 @@ async def test_two_replicas_session_affinity_then_least_loaded(
         LlamaServer(tiny_model, n_parallel=1, n_ctx=768) as fast,
     ):
         props = await engine_get(fast.url, "/props")
-        settings = settings_for(config(llama_pool(slow.url, fast.url, slots_per_replica=4)))
+        # One block is the whole PROMPT: the long task shares the first task's prefix.
+        pool = llama_pool(slow.url, fast.url, slots_per_replica=4)
+        settings = settings_for(config({**pool, "placement": {"prefix_block_chars": 16}}))
         async with serve(settings) as wire:
             await wait_replica_state(wire, "llama-1", "ready")
             health = await pool_health(wire)
@@ -197,7 +199,7 @@ async def test_two_replicas_session_affinity_then_least_loaded(
             again_frames = await wire.read_all((await submit(wire, session_id=session))["task_id"])
             long_id = (await submit(wire, max_tokens=4000))["task_id"]
             async with wire.stream(long_id) as (_, long_frames):
-                await take_until(long_frames, nth_token(1))
+                long_started = events(await take_until(long_frames, nth_token(1)))[0]
                 moved = await submit(wire, session_id=session)
                 moved_frames = await wire.read_all(moved["task_id"])
                 await wire.cancel(long_id)
@@ -208,11 +210,20 @@ async def test_two_replicas_session_affinity_then_least_loaded(
     assert pool["ctx_max"] == props["default_generation_settings"]["n_ctx"]
     assert pool["engine_version"] == props["build_info"]
     placed = [events(f)[0].payload for f in (first_frames, again_frames, moved_frames)]
-    assert [(p["replica_id"], p["kv_warmth"]) for p in placed] == [
-        ("llama-0", False),
-        ("llama-0", True),
-        ("llama-1", False),
+    # The first task goes to either (equal loads: a random tie-break), the session stays there,
+    # a new session with the same prompt follows the prefix, and with that replica full the
+    # session moves to the least loaded one.
+    warm = placed[0]["replica_id"]
+    other = ({"llama-0", "llama-1"} - {warm}).pop()
+    assert [(p["replica_id"], p["kv_warmth"], p["placement"]) for p in placed] == [
+        (warm, False, "least_loaded"),
+        (warm, True, "session"),
+        (other, False, "least_loaded"),
     ]
+    assert (long_started.payload["replica_id"], long_started.payload["placement"]) == (
+        warm,
+        "prefix",
+    )
     assert all(kinds(f)[-1] == "end" for f in (first_frames, again_frames, moved_frames))
 
 

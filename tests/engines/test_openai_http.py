@@ -452,3 +452,19 @@ async def test_streams_one_after_another_reuse_one_connection() -> None:
 
     assert first == second == [Token("a"), Token("b"), Finish("length", 2, 2)]
     assert connections == 1
+
+
+@pytest.mark.req("ORCH-ENG-0040")
+async def test_a_llamacpp_engine_is_asked_to_keep_its_prompt_cache() -> None:
+    script = [Reply((*completion_chunks(["a"], usage=(2, 1)), DONE))] * 3
+    async with ScriptedEngine(script) as fake:
+        async with adapter(fake.url, kind="llamacpp") as engine:
+            await collect(engine, request())
+        async with adapter(fake.url, kind="llamacpp", extra_body={"cache_prompt": False}) as off:
+            await collect(off, request())
+        async with adapter(fake.url, kind="vllm") as other:
+            await collect(other, request())
+
+    asked = [post.body.get("cache_prompt") for post in fake.posts()]
+    # The pool's extra_body may turn it off; other engines do not know the field.
+    assert asked == [True, False, None]

@@ -266,7 +266,11 @@ class OpenAIHttpEngine:
         return EngineTimeout(message, engine=self.engine)
 
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
+        # llama.cpp keeps a slot's prompt cache only when asked; placement sends prompts that
+        # share a prefix to the replica that served it last (the pool's extra_body may say no).
+        cache: dict[str, Any] = {"cache_prompt": True} if self.engine == "llamacpp" else {}
         body: dict[str, Any] = {
+            **cache,
             **self._extra_body,
             "model": self._model,
             "max_tokens": request.max_tokens,

@@ -51,6 +51,8 @@ class TaskRecord:
     events: EventStream = field(default_factory=EventStream)
     state: str = QUEUED
     replica_id: str | None = None
+    # Why placement chose its replica (scheduler.placement.Reason), once dispatched.
+    placement: str | None = None
     started_ms: int | None = None
     ttft_ms: int | None = None
     queue_position_at_start: int = 0
