@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 Profile = Literal["dev", "test", "prod"]
 QueuePolicy = Literal["reject", "drop-lru"]
 FlowKind = Literal["key", "session", "header"]
+TieBreak = Literal["random", "replica_order"]
 FailureMode = Literal["none", "before_first_token", "mid_stream", "hang", "down"]
 EngineKind = Literal["mock", "llamacpp", "vllm", "tgi", "openai"]
 HTTP_ENGINES: tuple[EngineKind, ...] = ("llamacpp", "vllm", "tgi", "openai")
@@ -172,6 +173,9 @@ class PlacementSettings:
 
     prefix_block_chars: int = 256
     prefix_map_bytes: int = 4 * 1024 * 1024
+    # Among equally loaded replicas: a random one (misses spread), or the first listed one
+    # (reproducible placement).
+    tie_break: TieBreak = "random"
 
 
 @dataclass(frozen=True)

@@ -468,3 +468,23 @@ async def test_a_llamacpp_engine_is_asked_to_keep_its_prompt_cache() -> None:
     asked = [post.body.get("cache_prompt") for post in fake.posts()]
     # The pool's extra_body may turn it off; other engines do not know the field.
     assert asked == [True, False, None]
+
+
+@pytest.mark.req("ORCH-ENG-0041")
+async def test_the_engines_cached_prompt_tokens_are_kept_when_it_reports_them() -> None:
+    def usage(details: object) -> str:
+        last = {
+            "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "prompt_tokens_details": details},
+        }
+        return chunk(last)
+
+    script = [
+        Reply((*completion_chunks(["a"]), usage({"cached_tokens": 7}), DONE)),
+        Reply((*completion_chunks(["a"]), usage({"cached_tokens": "many"}), DONE)),
+        Reply((*completion_chunks(["a"], usage=(9, 1)), DONE)),
+    ]
+    async with ScriptedEngine(script) as fake, adapter(fake.url, kind="llamacpp") as engine:
+        finishes = [(await collect(engine, request()))[-1] for _ in script]
+
+    assert [f.tokens_cached for f in finishes if isinstance(f, Finish)] == [7, None, None]

@@ -312,11 +312,11 @@ async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
 ) -> None:
     failure = {"mode": "before_first_token", "replicas": [0]}
     failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
-    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1})
+    # Replica order breaks the tie of two idle replicas: the failing replica 0 gets the first try.
+    order = {"tie_break": "replica_order"}
+    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
     async with running(settings_for(raw)) as run:
         replicas = run.scheduler.registry.pools["default"].replicas
-        # Replica 1 carries one task already: the least loaded, replica 0, gets the first try.
-        replicas[1].busy = 1
         session_id = run.scheduler.sessions.create().row.session_id
         task_id = run.submit(session_id=session_id, max_tokens=3)
         events = await until_end(run.scheduler.stream(task_id))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llorch.config import MockSettings, PoolSettings
+from llorch.config import MockSettings, PlacementSettings, PoolSettings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
@@ -147,6 +147,20 @@ def test_pick_replica_takes_the_least_loaded_with_a_random_tie_break() -> None:
     for replica in pool.replicas:
         replica.busy = 2
     assert pool.pick_replica(None) is None
+
+
+@pytest.mark.req("ORCH-ENG-0021")
+def test_replica_order_breaks_ties_by_the_order_of_the_replicas() -> None:
+    settings = PoolSettings(
+        id="p", replicas=3, placement=PlacementSettings(tie_break="replica_order")
+    )
+    pool = PoolRuntime(settings, build_engines(settings), Metrics(metrics_contract()))
+    for replica in pool.replicas:
+        replica.ready = True
+
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(50)} == {"p-0"}
+    pool.replicas[0].busy = 1
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(50)} == {"p-1"}
 
 
 def test_a_replica_that_is_not_ready_has_no_free_slot() -> None:

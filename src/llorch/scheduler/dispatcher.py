@@ -164,6 +164,7 @@ class Dispatcher:
                 return
             self._start(pool, replica, record)
             finish = await call.run()
+            record.tokens_cached = finish.tokens_cached
             ending = conclude(
                 record,
                 SUCCEEDED,

@@ -139,6 +139,7 @@ def trace_document(ending: Ending, engine: Engine | None) -> str:
         "usage": {
             "tokens_in": outcome["tokens_in"],
             "tokens_out": outcome["tokens_out"],
+            "tokens_cached": record.tokens_cached,
             "cost": outcome["cost"],
         },
         "timings": {

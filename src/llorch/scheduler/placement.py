@@ -103,9 +103,10 @@ def choose(
     session_replica_id: str | None,
     hashes: Sequence[int],
     prefixes: PrefixMap,
-    rng: random.Random,
+    rng: random.Random | None,
 ) -> Decision | None:
-    """The placement of one task among ``candidates``, or None when there is none."""
+    """The placement of one task among ``candidates``, or None when there is none; ties of
+    load are broken by ``rng``, or by the candidates' order without one."""
     if not candidates:
         return None
     ids = [c.replica_id for c in candidates]
@@ -116,4 +117,4 @@ def choose(
         return Decision(ids.index(found[0]), "prefix", found[1])
     lowest = min(c.load for c in candidates)
     tied = [i for i, c in enumerate(candidates) if c.load == lowest]
-    return Decision(rng.choice(tied), "least_loaded")
+    return Decision(rng.choice(tied) if rng else tied[0], "least_loaded")

@@ -133,7 +133,8 @@ class PoolRuntime:
             block_chars=settings.placement.prefix_block_chars,
             max_bytes=settings.placement.prefix_map_bytes,
         )
-        self.rng = rng or random.Random()
+        ordered = settings.placement.tie_break == "replica_order"
+        self.rng = None if ordered else rng or random.Random()
 
     @property
     def id(self) -> str:

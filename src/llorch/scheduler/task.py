@@ -55,6 +55,8 @@ class TaskRecord:
     placement: str | None = None
     started_ms: int | None = None
     ttft_ms: int | None = None
+    # Prompt tokens the engine served from its cache, when it reports them.
+    tokens_cached: int | None = None
     queue_position_at_start: int = 0
     cancel_requested: bool = False
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
