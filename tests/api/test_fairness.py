@@ -142,3 +142,34 @@ async def test_flows_can_be_named_by_a_declared_header(settings_for: SettingsFac
         other = [(await tenant("umbrella")).json()["queue_position"] for _ in range(3)]
         assert flooded == list(range(10))
         assert other == [1, 3, 5]
+
+
+@pytest.mark.req("ORCH-DATA-0028")
+async def test_a_steady_interactive_stream_leaves_batch_its_minimum_share(
+    settings_for: SettingsFactory,
+) -> None:
+    share = 0.25
+    settings = settings_for(
+        {"pools": [one_slot_pool(batch_min_share=share)], "auth": {"keys": keys()}}
+    )
+    async with in_process(settings) as api:
+        gate = await submit(api, "alice")
+        await wait_state_as(api, gate["task_id"], "alice", "running")
+        owner_of = {gate["task_id"]: "alice"}
+        priority_of = {}
+        for priority in ["batch"] * 10 + ["interactive"] * 4:
+            accepted = await submit(api, "alice", priority=priority)
+            owner_of[accepted["task_id"]] = "alice"
+            priority_of[accepted["task_id"]] = priority
+        dispatched, running = [], gate["task_id"]
+        for _ in range(24):
+            # Interactive work keeps arriving: one more for every task that starts.
+            accepted = await submit(api, "alice", priority="interactive")
+            owner_of[accepted["task_id"]] = "alice"
+            priority_of[accepted["task_id"]] = "interactive"
+            running = await next_started(api, running, owner_of)
+            dispatched.append(priority_of[running])
+
+    # One dispatch in every four goes to batch while interactive waits: 6 of 24, evenly.
+    assert dispatched.count("batch") >= share * len(dispatched), dispatched
+    assert all(dispatched[i : i + 4].count("batch") == 1 for i in range(0, 24, 4)), dispatched
