@@ -239,6 +239,8 @@ class PoolRuntime:
     def place(self, record: TaskRecord) -> Placement | None:
         """Where ``record`` should run (:mod:`llorch.scheduler.placement`); nothing changes until
         :meth:`placed` is called."""
+        if not any(r.free > 0 for r in self.replicas):
+            return None  # every slot is busy: no prompt to hash yet
         hashes = self.prefixes.hashes(prompt_text(record.request))
         return self._choose(record.affinity_replica_id, hashes, None)
 
