@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 Profile = Literal["dev", "test", "prod"]
 QueuePolicy = Literal["reject", "drop-lru"]
+FlowKind = Literal["key", "session", "header"]
+TieBreak = Literal["random", "replica_order"]
 FailureMode = Literal["none", "before_first_token", "mid_stream", "hang", "down"]
 EngineKind = Literal["mock", "llamacpp", "vllm", "tgi", "openai"]
 HTTP_ENGINES: tuple[EngineKind, ...] = ("llamacpp", "vllm", "tgi", "openai")
@@ -146,9 +148,34 @@ class MockSettings:
 
 
 @dataclass(frozen=True)
+class FairnessSettings:
+    """Round-robin inside a priority band across flows: the API key (``key``), the session, or
+    the value of ``header``; a flow gets ``weights[flow]`` dispatches a round (1 when absent)."""
+
+    flow: FlowKind = "key"
+    header: str | None = None
+    weights: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     capacity: int = 100
     policy: QueuePolicy = "reject"
+    # While interactive tasks wait, batch still gets at least this share of the dispatches.
+    batch_min_share: float = 0.0
+    fairness: FairnessSettings = FairnessSettings()
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    """Cache-aware placement: prompts are hashed in blocks of ``prefix_block_chars``; the map of
+    which replica served which prefix last holds at most ``prefix_map_bytes``."""
+
+    prefix_block_chars: int = 256
+    prefix_map_bytes: int = 4 * 1024 * 1024
+    # Among equally loaded replicas: a random one (misses spread), or the first listed one
+    # (reproducible placement).
+    tie_break: TieBreak = "random"
 
 
 @dataclass(frozen=True)
@@ -207,6 +234,7 @@ class PoolSettings:
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     queue: QueueSettings = QueueSettings()
+    placement: PlacementSettings = PlacementSettings()
     mock: MockSettings = MockSettings()
 
     @property
@@ -324,11 +352,15 @@ def _pool(raw: Mapping[str, Any]) -> PoolSettings:
     mock_raw["fail_load_models"] = tuple(mock_raw.get("fail_load_models", ()))
     mock = _merge(MockSettings(), mock_raw)
     mock = dataclasses.replace(mock, failure=FailureSettings(**failure_raw))
-    queue = _merge(QueueSettings(), raw.get("queue", {}))
+    queue_raw = dict(raw.get("queue", {}))
+    fairness = _merge(FairnessSettings(), queue_raw.pop("fairness", {}))
+    queue = _merge(QueueSettings(), queue_raw)
+    queue = dataclasses.replace(queue, fairness=fairness)
     nested: dict[str, Any] = {
         "timeouts": _merge(TimeoutSettings(), raw.get("timeouts", {})),
         "retry": _merge(RetrySettings(), raw.get("retry", {})),
         "breaker": _merge(BreakerSettings(), raw.get("breaker", {})),
+        "placement": _merge(PlacementSettings(), raw.get("placement", {})),
     }
     flat = {k: v for k, v in raw.items() if k not in ("mock", "queue", *nested)}
     flat["models"] = tuple(raw.get("models", ()))

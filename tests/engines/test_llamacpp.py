@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from tests.conftest import SettingsFactory
 from tests.engines.llamacpp import ROOT, LlamaServer
@@ -186,7 +187,9 @@ async def test_two_replicas_session_affinity_then_least_loaded(
         LlamaServer(tiny_model, n_parallel=1, n_ctx=768) as fast,
     ):
         props = await engine_get(fast.url, "/props")
-        settings = settings_for(config(llama_pool(slow.url, fast.url, slots_per_replica=4)))
+        # One block is the whole PROMPT: the long task shares the first task's prefix.
+        pool = llama_pool(slow.url, fast.url, slots_per_replica=4)
+        settings = settings_for(config({**pool, "placement": {"prefix_block_chars": 16}}))
         async with serve(settings) as wire:
             await wait_replica_state(wire, "llama-1", "ready")
             health = await pool_health(wire)
@@ -197,7 +200,7 @@ async def test_two_replicas_session_affinity_then_least_loaded(
             again_frames = await wire.read_all((await submit(wire, session_id=session))["task_id"])
             long_id = (await submit(wire, max_tokens=4000))["task_id"]
             async with wire.stream(long_id) as (_, long_frames):
-                await take_until(long_frames, nth_token(1))
+                long_started = events(await take_until(long_frames, nth_token(1)))[0]
                 moved = await submit(wire, session_id=session)
                 moved_frames = await wire.read_all(moved["task_id"])
                 await wire.cancel(long_id)
@@ -208,11 +211,20 @@ async def test_two_replicas_session_affinity_then_least_loaded(
     assert pool["ctx_max"] == props["default_generation_settings"]["n_ctx"]
     assert pool["engine_version"] == props["build_info"]
     placed = [events(f)[0].payload for f in (first_frames, again_frames, moved_frames)]
-    assert [(p["replica_id"], p["kv_warmth"]) for p in placed] == [
-        ("llama-0", False),
-        ("llama-0", True),
-        ("llama-1", False),
+    # The first task goes to either (equal loads: a random tie-break), the session stays there,
+    # a new session with the same prompt follows the prefix, and with that replica full the
+    # session moves to the least loaded one.
+    warm = placed[0]["replica_id"]
+    other = ({"llama-0", "llama-1"} - {warm}).pop()
+    assert [(p["replica_id"], p["kv_warmth"], p["placement"]) for p in placed] == [
+        (warm, False, "least_loaded"),
+        (warm, True, "session"),
+        (other, False, "least_loaded"),
     ]
+    assert (long_started.payload["replica_id"], long_started.payload["placement"]) == (
+        warm,
+        "prefix",
+    )
     assert all(kinds(f)[-1] == "end" for f in (first_frames, again_frames, moved_frames))
 
 
@@ -223,6 +235,7 @@ async def test_a_replica_killed_mid_stream_opens_its_circuit_until_it_returns(
     pool = llama_pool(
         breaker={"failure_threshold": 1, "cooldown_ms": 100},
         retry={"attempts": 2, "backoff_ms": 10},
+        placement={"tie_break": "replica_order"},  # the first task goes to the doomed one
     )
     with LlamaServer(tiny_model, n_parallel=1) as survivor:
         doomed = LlamaServer(slow_model, n_parallel=1).start()
@@ -265,7 +278,12 @@ async def test_an_engine_error_before_the_first_token_is_retried_on_another_repl
     failing = Reply(('{"error": "overloaded"}',), status=503, content_type="application/json")
     with LlamaServer(tiny_model) as llama:
         async with ScriptedEngine([failing]) as broken:
-            pool = llama_pool(broken.url, llama.url, retry={"attempts": 3, "backoff_ms": 10})
+            pool = llama_pool(
+                broken.url,
+                llama.url,
+                retry={"attempts": 3, "backoff_ms": 10},
+                placement={"tie_break": "replica_order"},  # the first try goes to the broken one
+            )
             async with serve(settings_for(config(pool))) as wire:
                 # The scripted engine answers on this test's loop, which the server's start-up
                 # blocks: its first probe may have failed.
@@ -356,3 +374,56 @@ async def test_the_five_line_config_of_the_docs_streams_through_a_llama_server(
     assert kinds(frames)[-1] == "end"
     assert text_of(frames) == expected["choices"][0]["text"]
     assert len(tokens(frames)) == expected["usage"]["completion_tokens"] > 0
+
+
+async def engine_metrics(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        text = (await client.get("/metrics")).text
+    pairs = (line.split() for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in pairs}
+
+
+@pytest.mark.req("ORCH-ENG-0021", "ORCH-ENG-0040", "ORCH-ENG-0041")
+async def test_two_sessions_with_one_long_system_prompt_reuse_one_replicas_cache(
+    tiny_model: Path, settings_for: SettingsFactory
+) -> None:
+    system = "You answer questions about the shipping policy, briefly and politely. " * 10
+    with (
+        LlamaServer(tiny_model, n_parallel=1, n_ctx=2048) as one,
+        LlamaServer(tiny_model, n_parallel=1, n_ctx=2048) as two,
+    ):
+        settings = settings_for(config(llama_pool(one.url, two.url)))
+        placed, traces = [], []
+        async with serve(settings) as wire:
+            await wait_replica_state(wire, "llama-1", "ready")
+            for question in ("Where is my parcel?", "Can I return shoes?"):
+                # A new session each time: only the system prompt links the two tasks.
+                messages = [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ]
+                task_id = (await submit(wire, messages=messages, max_tokens=2))["task_id"]
+                frames = await wire.read_all(task_id)
+                assert kinds(frames)[-1] == "end", kinds(frames)
+                placed.append(events(frames)[0].payload)
+                task = await wire.task(task_id)
+                artifact = await wire.client.get(f"/v1/artifacts/{task['trace_artifact_id']}")
+                traces.append(orjson.loads(artifact.json()["content"]))
+        by_url = {"llama-0": one.url, "llama-1": two.url}
+        warm = placed[0]["replica_id"]
+        cold = ({"llama-0", "llama-1"} - {warm}).pop()
+        warm_metrics = await engine_metrics(by_url[warm])
+        cold_metrics = await engine_metrics(by_url[cold])
+
+    assert [(p["replica_id"], p["placement"]) for p in placed] == [
+        (warm, "least_loaded"),
+        (warm, "prefix"),
+    ]
+    # The engine's own account: the second prompt came from the cache but for its question and
+    # the chat template around it (~25 of ~540 tokens).
+    first, second = (t["usage"] for t in traces)
+    assert first["tokens_cached"] == 0
+    assert first["tokens_in"] > 400
+    assert second["tokens_cached"] >= 0.9 * second["tokens_in"], (first, second)
+    assert warm_metrics["llamacpp:prompt_tokens_cached_total"] == second["tokens_cached"]
+    assert cold_metrics.get("llamacpp:prompt_tokens_total", 0) == 0

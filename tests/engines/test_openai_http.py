@@ -452,3 +452,39 @@ async def test_streams_one_after_another_reuse_one_connection() -> None:
 
     assert first == second == [Token("a"), Token("b"), Finish("length", 2, 2)]
     assert connections == 1
+
+
+@pytest.mark.req("ORCH-ENG-0040")
+async def test_a_llamacpp_engine_is_asked_to_keep_its_prompt_cache() -> None:
+    script = [Reply((*completion_chunks(["a"], usage=(2, 1)), DONE))] * 3
+    async with ScriptedEngine(script) as fake:
+        async with adapter(fake.url, kind="llamacpp") as engine:
+            await collect(engine, request())
+        async with adapter(fake.url, kind="llamacpp", extra_body={"cache_prompt": False}) as off:
+            await collect(off, request())
+        async with adapter(fake.url, kind="vllm") as other:
+            await collect(other, request())
+
+    asked = [post.body.get("cache_prompt") for post in fake.posts()]
+    # The pool's extra_body may turn it off; other engines do not know the field.
+    assert asked == [True, False, None]
+
+
+@pytest.mark.req("ORCH-ENG-0041")
+async def test_the_engines_cached_prompt_tokens_are_kept_when_it_reports_them() -> None:
+    def usage(details: object) -> str:
+        last = {
+            "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "prompt_tokens_details": details},
+        }
+        return chunk(last)
+
+    script = [
+        Reply((*completion_chunks(["a"]), usage({"cached_tokens": 7}), DONE)),
+        Reply((*completion_chunks(["a"]), usage({"cached_tokens": "many"}), DONE)),
+        Reply((*completion_chunks(["a"], usage=(9, 1)), DONE)),
+    ]
+    async with ScriptedEngine(script) as fake, adapter(fake.url, kind="llamacpp") as engine:
+        finishes = [(await collect(engine, request()))[-1] for _ in script]
+
+    assert [f.tokens_cached for f in finishes if isinstance(f, Finish)] == [7, None, None]

@@ -16,7 +16,7 @@ from llorch.config import (
     ServerSettings,
     Settings,
 )
-from llorch.contracts import ConfigError, load_config
+from llorch.contracts import ConfigError, load_config, validate_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -175,3 +175,34 @@ def test_overrides_come_from_an_injected_environment() -> None:
 def test_an_unknown_profile_override_is_refused() -> None:
     with pytest.raises(ValueError, match="LLORCH_PROFILE"):
         Settings().with_overrides({"LLORCH_PROFILE": "staging"})
+
+
+@pytest.mark.req("ORCH-DATA-0026", "ORCH-DATA-0028")
+def test_queue_fairness_and_placement_settings_are_read_and_checked() -> None:
+    queue = {
+        "batch_min_share": 0.2,
+        "fairness": {"flow": "header", "header": "X-Tenant", "weights": {"acme": 3}},
+    }
+    raw = {
+        "pools": [{"id": "p", "model": "m", "queue": queue, "placement": {"tie_break": "random"}}]
+    }
+    validate_config(raw)
+    (pool,) = Settings.from_mapping(raw).pools
+    assert (pool.queue.batch_min_share, pool.queue.capacity) == (0.2, 100)
+    fairness = pool.queue.fairness
+    assert (fairness.flow, fairness.header, dict(fairness.weights)) == (
+        "header",
+        "X-Tenant",
+        {"acme": 3},
+    )
+    assert pool.placement.prefix_block_chars == 256
+
+    refused = [
+        {"fairness": {"flow": "header"}},  # which header?
+        {"fairness": {"weights": {"acme": 0}}},
+        {"batch_min_share": 0.6},
+        {"fairness": {"flow": "tenant"}},
+    ]
+    for bad in refused:
+        with pytest.raises(ConfigError):
+            validate_config({"pools": [{"id": "p", "model": "m", "queue": bad}]})

@@ -312,14 +312,16 @@ async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
 ) -> None:
     failure = {"mode": "before_first_token", "replicas": [0]}
     failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
-    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1})
+    # Replica order breaks the tie of two idle replicas: the failing replica 0 gets the first try.
+    order = {"tie_break": "replica_order"}
+    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
     async with running(settings_for(raw)) as run:
+        replicas = run.scheduler.registry.pools["default"].replicas
         session_id = run.scheduler.sessions.create().row.session_id
         task_id = run.submit(session_id=session_id, max_tokens=3)
         events = await until_end(run.scheduler.stream(task_id))
         row = run.row(task_id)
         session = run.scheduler.sessions.get(session_id)
-        replicas = run.scheduler.registry.pools["default"].replicas
 
     assert [e.kind for e in events] == ["started", "token", "token", "token", "end"]
     assert events[0].data["replica_id"] == "default-0"

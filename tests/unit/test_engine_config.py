@@ -88,7 +88,7 @@ def test_the_examples_of_the_configuration_reference_are_valid() -> None:
     text = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
 
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         raw = yaml.safe_load(block)
         validate_config(raw)

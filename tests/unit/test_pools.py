@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llorch.config import MockSettings, PoolSettings
+from llorch.config import MockSettings, PlacementSettings, PoolSettings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
@@ -122,27 +122,45 @@ def test_pick_replica_prefers_the_affinity_replica_while_it_has_a_free_slot() ->
 
     pool.replicas[1].busy = 2  # full: fall back to the least loaded
     chosen = pool.pick_replica("p-1")
-    assert chosen is not None and chosen.id == "p-0"
+    assert chosen is not None and chosen.id in ("p-0", "p-2")
 
 
-def test_pick_replica_takes_the_least_loaded_with_a_deterministic_tie_break() -> None:
+@pytest.mark.req("ORCH-ENG-0021")
+def test_pick_replica_takes_the_least_loaded_with_a_random_tie_break() -> None:
     pool = runtime(replicas=3, slots=2)
 
-    chosen = pool.pick_replica(None)
-    assert chosen is not None and chosen.id == "p-0"
+    # Equal loads: every replica gets picked (a miss never piles onto the first replica).
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(200)} == {
+        "p-0",
+        "p-1",
+        "p-2",
+    }
 
     pool.replicas[0].busy = 1
-    chosen = pool.pick_replica(None)
-    assert chosen is not None and chosen.id == "p-1"
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(100)} == {"p-1", "p-2"}
 
     pool.replicas[1].busy = 1
-    pool.replicas[2].busy = 1
-    chosen = pool.pick_replica("unknown-replica")
-    assert chosen is not None and chosen.id == "p-0"
+    pool.replicas[2].busy = 2
+    chosen = {getattr(pool.pick_replica("unknown-replica"), "id", None) for _ in range(100)}
+    assert chosen == {"p-0", "p-1"}
 
     for replica in pool.replicas:
         replica.busy = 2
     assert pool.pick_replica(None) is None
+
+
+@pytest.mark.req("ORCH-ENG-0021")
+def test_replica_order_breaks_ties_by_the_order_of_the_replicas() -> None:
+    settings = PoolSettings(
+        id="p", replicas=3, placement=PlacementSettings(tie_break="replica_order")
+    )
+    pool = PoolRuntime(settings, build_engines(settings), Metrics(metrics_contract()))
+    for replica in pool.replicas:
+        replica.ready = True
+
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(50)} == {"p-0"}
+    pool.replicas[0].busy = 1
+    assert {getattr(pool.pick_replica(None), "id", None) for _ in range(50)} == {"p-1"}
 
 
 def test_a_replica_that_is_not_ready_has_no_free_slot() -> None:

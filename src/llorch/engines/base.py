@@ -44,6 +44,9 @@ class Finish:
     tokens_out: int
     # False when the engine sent no usage and llorch counted what it streamed.
     usage_reported: bool = True
+    # Prompt tokens the engine took from its cache instead of evaluating them (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens), when it says.
+    tokens_cached: int | None = None
 
 
 Chunk = Token | Finish

@@ -61,6 +61,7 @@ _JSON = {"Content-Type": "application/json"}
 class _Progress:
     tokens: int = 0
     usage: tuple[int, int] | None = None
+    cached: int | None = None
     finish_reason: str | None = None
 
 
@@ -266,7 +267,11 @@ class OpenAIHttpEngine:
         return EngineTimeout(message, engine=self.engine)
 
     def _body(self, request: CompletionRequest) -> dict[str, Any]:
+        # llama.cpp keeps a slot's prompt cache only when asked; placement sends prompts that
+        # share a prefix to the replica that served it last (the pool's extra_body may say no).
+        cache: dict[str, Any] = {"cache_prompt": True} if self.engine == "llamacpp" else {}
         body: dict[str, Any] = {
+            **cache,
             **self._extra_body,
             "model": self._model,
             "max_tokens": request.max_tokens,
@@ -336,6 +341,7 @@ class OpenAIHttpEngine:
                 progress.usage = (int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
             except (KeyError, TypeError, ValueError) as exc:
                 raise self._malformed(payload) from exc
+            progress.cached = _cached_tokens(usage)
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             raise self._malformed(payload)
@@ -365,7 +371,9 @@ class OpenAIHttpEngine:
         reason = _FINISH_REASONS.get(progress.finish_reason or "", "stop")
         if progress.finish_reason is None and tokens_out >= request.max_tokens:
             reason = "length"
-        return Finish(reason, tokens_in, tokens_out, usage_reported=reported)
+        return Finish(
+            reason, tokens_in, tokens_out, usage_reported=reported, tokens_cached=progress.cached
+        )
 
     def _malformed(self, payload: bytes) -> EngineProtocolError:
         text = payload[:80].decode("utf-8", "replace")
@@ -476,3 +484,11 @@ class OpenAIHttpEngine:
 
 def _positive(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` when the engine reports it (llama.cpp,
+    vLLM with prefix caching); an odd value is ignored, not an error: it is advisory."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and cached >= 0 else None

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llorch.clock import Clock
@@ -65,6 +65,8 @@ class Caller:
     owner: str | None = None
     visible_to: str | None = None
     budgets: Budget | None = None
+    # The request's headers, for a pool whose flows are named by a header.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 ANYONE = Caller()
@@ -176,9 +178,8 @@ class Admitter:
                 pool_id=pool.id,
             ) from None
         # Position in dispatch order once queued (a dropped victim ahead of it frees a place).
-        position = pool.queue.depth("interactive") if priority == "interactive" else len(pool.queue)
-        if victim is not None and (priority == "batch" or victim.priority == "interactive"):
-            position -= 1
+        flow = pool.flow_for(caller.owner, session.session_id, caller.headers)
+        position = pool.queue.position_if_pushed(flow, priority, victim)
         wait_s = pool.wait_s(position)
         if "deadline_ms" in body and (wait_s + run_s) * 1000 > body["deadline_ms"]:
             raise DeadlineUnmet(
@@ -213,6 +214,7 @@ class Admitter:
             tokens_in_estimate=tokens_in,
             affinity_replica_id=session.last_replica_id,
             deadline_at=loop.time() + body["deadline_ms"] / 1000 if "deadline_ms" in body else None,
+            flow=flow,
             queue_position_at_start=position,
         )
         self._sessions.reserve(session.session_id, task_id, want)
@@ -296,6 +298,7 @@ class Admitter:
             tokens_in_estimate=tokens_in,
             affinity_replica_id=session.last_replica_id if session else None,
             deadline_at=deadline_at,
+            flow=pool.flow_for(row.owner, row.session_id, {}),
             queue_position_at_start=len(pool.queue),
         )
         self._sessions.reserve(row.session_id, row.task_id, want)

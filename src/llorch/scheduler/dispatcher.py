@@ -105,15 +105,17 @@ class Dispatcher:
     def _dispatch(self, pool: PoolRuntime) -> None:
         loop = asyncio.get_running_loop()
         while (head := pool.queue.peek()) is not None:
-            replica = pool.pick_replica(head.affinity_replica_id)
-            if replica is None:
+            placement = pool.place(head)
+            if placement is None:
                 return
+            replica = placement.replica
             pool.queue.pop()
             if head.deadline_at is not None and loop.time() >= head.deadline_at:
                 pool.record_queue()
                 self.finish(head, FAILED, error=DeadlineUnmet("deadline passed while queued"))
                 continue
             replica.busy += 1
+            pool.placed(head, placement)
             pool.record_queue()
             pool.record_replicas()
             pool.metrics.inc("llorch_tasks_started_total", pool_id=pool.id, replica_id=replica.id)
@@ -162,6 +164,7 @@ class Dispatcher:
                 return
             self._start(pool, replica, record)
             finish = await call.run()
+            record.tokens_cached = finish.tokens_cached
             ending = conclude(
                 record,
                 SUCCEEDED,
@@ -253,6 +256,7 @@ class Dispatcher:
                 "replica_id": replica.id,
                 "engine": replica.engine.engine,
                 "kv_warmth": replica.id == record.affinity_replica_id,
+                "placement": record.placement,
                 "correlation_id": record.row.correlation_id,
             },
         )

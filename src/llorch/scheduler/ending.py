@@ -130,6 +130,7 @@ def trace_document(ending: Ending, engine: Engine | None) -> str:
         "seed": record.request.seed,
         "pool_id": row.pool_id,
         "replica_id": record.replica_id,
+        "placement": record.placement,
         "engine": engine.engine if engine else None,
         "engine_version": engine.version if engine else None,
         "state": outcome["state"],
@@ -138,6 +139,7 @@ def trace_document(ending: Ending, engine: Engine | None) -> str:
         "usage": {
             "tokens_in": outcome["tokens_in"],
             "tokens_out": outcome["tokens_out"],
+            "tokens_cached": record.tokens_cached,
             "cost": outcome["cost"],
         },
         "timings": {

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llorch.clock import Clock, SystemClock
@@ -14,10 +15,24 @@ from llorch.config import PoolSettings
 from llorch.engines.base import Engine
 from llorch.engines.breaker import STATE_VALUE, CircuitBreaker
 from llorch.metrics import Metrics
+from llorch.scheduler.placement import Candidate, PrefixMap, Reason, choose, prompt_text
 from llorch.scheduler.queue import PRIORITIES, PoolQueue
 from llorch.scheduler.task import TaskRecord
 
 _ALPHA = 0.2  # weight of a new sample in the moving averages
+MAX_FLOW_CHARS = 128  # of a flow named by a header's value
+
+
+def _flow_of(record: TaskRecord) -> str:
+    return record.flow
+
+
+@dataclass(frozen=True)
+class Placement:
+    replica: Replica
+    reason: Reason
+    prefix_blocks: int
+    hashes: list[int]
 
 
 @dataclass(eq=False)
@@ -89,13 +104,18 @@ class PoolRuntime:
         engines: list[Engine],
         metrics: Metrics,
         clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.metrics = metrics
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.replicas = [self.new_replica(engine) for engine in engines]
         self.queue: PoolQueue[TaskRecord] = PoolQueue(
-            settings.queue.capacity, settings.queue.policy
+            settings.queue.capacity,
+            settings.queue.policy,
+            flow_of=_flow_of,
+            weights=settings.queue.fairness.weights,
+            batch_min_share=settings.queue.batch_min_share,
         )
         self.meter = DrainMeter(
             ttft_s=settings.mock.ttft_ms / 1000, tokens_per_s=settings.mock.tokens_per_s
@@ -109,6 +129,12 @@ class PoolRuntime:
         self.loadable_models = settings.loadable_models
         self.wakeup = asyncio.Event()
         self._ended = asyncio.Event()
+        self.prefixes = PrefixMap(
+            block_chars=settings.placement.prefix_block_chars,
+            max_bytes=settings.placement.prefix_map_bytes,
+        )
+        ordered = settings.placement.tie_break == "replica_order"
+        self.rng = None if ordered else rng or random.Random()
 
     @property
     def id(self) -> str:
@@ -125,6 +151,18 @@ class PoolRuntime:
             clock=self.clock,
         )
         return Replica(engine, breaker)
+
+    def flow_for(self, owner: str | None, session_id: str, headers: Mapping[str, str]) -> str:
+        """The flow a task is counted for in the queue's round-robin: its API key, its session,
+        or the configured header's value (the key's flow when the header is absent)."""
+        fairness = self.settings.queue.fairness
+        if fairness.flow == "session":
+            return session_id
+        if fairness.flow == "header" and fairness.header is not None:
+            value = headers.get(fairness.header.lower()) or headers.get(fairness.header)
+            if value:
+                return value[:MAX_FLOW_CHARS]
+        return owner or ""
 
     @property
     def ready(self) -> bool:
@@ -193,15 +231,41 @@ class PoolRuntime:
     def pick_replica(
         self, affinity_replica_id: str | None, avoid: Replica | None = None
     ) -> Replica | None:
-        """The session's last replica when it has a free slot, else the least loaded one;
-        never an unready replica or one whose circuit is open, nor ``avoid``."""
+        """The session's last replica when it has a free slot, else the least loaded one (ties
+        broken at random); never an unready replica or one whose circuit is open, nor ``avoid``."""
+        placement = self._choose(affinity_replica_id, [], avoid)
+        return None if placement is None else placement.replica
+
+    def place(self, record: TaskRecord) -> Placement | None:
+        """Where ``record`` should run (:mod:`llorch.scheduler.placement`); nothing changes until
+        :meth:`placed` is called."""
+        if not any(r.free > 0 for r in self.replicas):
+            return None  # every slot is busy: no prompt to hash yet
+        hashes = self.prefixes.hashes(prompt_text(record.request))
+        return self._choose(record.affinity_replica_id, hashes, None)
+
+    def _choose(
+        self, affinity_replica_id: str | None, hashes: list[int], avoid: Replica | None
+    ) -> Placement | None:
         free = [r for r in self.replicas if r.free > 0 and r is not avoid]
-        if not free:
+        decision = choose(
+            [Candidate(r.id, r.busy / r.engine.slots) for r in free],
+            session_replica_id=affinity_replica_id,
+            hashes=hashes,
+            prefixes=self.prefixes,
+            rng=self.rng,
+        )
+        if decision is None:
             return None
-        for replica in free:
-            if replica.id == affinity_replica_id:
-                return replica
-        return min(free, key=lambda r: (r.busy / r.engine.slots, r.id))
+        return Placement(free[decision.index], decision.reason, decision.prefix_blocks, hashes)
+
+    def placed(self, record: TaskRecord, placement: Placement) -> None:
+        """``record`` was dispatched as ``placement`` says: remember its prompt's prefixes for
+        the replica, and count the decision."""
+        record.placement = placement.reason
+        self.prefixes.record(placement.hashes, placement.replica.id)
+        self.metrics.inc("llorch_placements_total", pool_id=self.id, reason=placement.reason)
+        self.metrics.set("llorch_prefix_map_bytes", self.prefixes.bytes_used, pool_id=self.id)
 
     def drain_interval_s(self) -> float:
         """Measured seconds between two tasks leaving the queue when every slot is busy."""

@@ -46,11 +46,17 @@ class TaskRecord:
     tokens_in_estimate: int
     affinity_replica_id: str | None
     deadline_at: float | None  # loop time by which the task must end
+    # Whom the queue's round-robin counts it for (scheduler.pools.PoolRuntime.flow_for).
+    flow: str = ""
     events: EventStream = field(default_factory=EventStream)
     state: str = QUEUED
     replica_id: str | None = None
+    # Why placement chose its replica (scheduler.placement.Reason), once dispatched.
+    placement: str | None = None
     started_ms: int | None = None
     ttft_ms: int | None = None
+    # Prompt tokens the engine served from its cache, when it reports them.
+    tokens_cached: int | None = None
     queue_position_at_start: int = 0
     cancel_requested: bool = False
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.

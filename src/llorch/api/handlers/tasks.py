@@ -24,7 +24,12 @@ class TaskHandlers:
         admission = self._rt.scheduler.admit(
             body,
             correlation_id.get(),
-            Caller(owner=caller.owner, visible_to=caller.visible_owner, budgets=caller.budgets),
+            Caller(
+                owner=caller.owner,
+                visible_to=caller.visible_owner,
+                budgets=caller.budgets,
+                headers=request.headers,
+            ),
         )
         left = admission.remaining
         headers = {
