@@ -26,12 +26,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from connexion import request as connexion_request
 from connexion.context import context
 from connexion.lifecycle import ConnexionRequest
 
 from llorch.clock import Clock
 from llorch.config import SCOPES, ApiKey, Budget, RateLimit, Settings
 from llorch.errors import BadToken, ForbiddenScope, MissingToken, RateLimited
+from llorch.scheduler import Caller
 
 log = logging.getLogger("llorch.auth")
 
@@ -207,6 +209,18 @@ def principal() -> Principal:
     if isinstance(found, Principal):
         return found
     return Principal(name="", scopes=frozenset())
+
+
+def caller() -> Caller:
+    """The current request's caller as the scheduler sees it: owner, visibility, the key's
+    budgets and the request's headers (a pool may name its fairness flows by a header)."""
+    who = principal()
+    return Caller(
+        owner=who.owner,
+        visible_to=who.visible_owner,
+        budgets=who.budgets,
+        headers=connexion_request.headers,
+    )
 
 
 def check_bind(settings: Settings) -> None:

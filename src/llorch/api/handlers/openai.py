@@ -15,13 +15,12 @@ from typing import Any
 from connexion import request
 from starlette.responses import Response
 
-from llorch.api.auth import principal
+from llorch.api.auth import caller
 from llorch.api.facade import mapping
 from llorch.api.facade.errors import error_body
 from llorch.api.facade.responses import ChunkStream, Shape, WholeCompletion
 from llorch.api.middleware import correlation_id
 from llorch.api.runtime import Runtime, format_cost
-from llorch.scheduler import Caller
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -74,13 +73,8 @@ class OpenAIHandlers:
             mapped = mapper()
         except mapping.Refusal as refusal:
             return _refused(400, refusal.message, code="unsupported_parameter", param=refusal.param)
-        caller = principal()
         scheduler = self._rt.scheduler
-        admission = scheduler.admit(
-            mapped.task,
-            correlation_id.get(),
-            Caller(owner=caller.owner, visible_to=caller.visible_owner, budgets=caller.budgets),
-        )
+        admission = scheduler.admit(mapped.task, correlation_id.get(), caller())
         task_id = admission.task_id
         _record(task_id, mapped)
         left = admission.remaining

@@ -7,10 +7,9 @@ from typing import Any
 from connexion import request
 
 from llorch.api import sse
-from llorch.api.auth import principal
+from llorch.api.auth import caller, principal
 from llorch.api.middleware import correlation_id
 from llorch.api.runtime import Runtime, format_cost
-from llorch.scheduler import Caller
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -20,17 +19,7 @@ class TaskHandlers:
         self._rt = runtime
 
     async def create_task(self, body: dict[str, Any]) -> Reply:
-        caller = principal()
-        admission = self._rt.scheduler.admit(
-            body,
-            correlation_id.get(),
-            Caller(
-                owner=caller.owner,
-                visible_to=caller.visible_owner,
-                budgets=caller.budgets,
-                headers=request.headers,
-            ),
-        )
+        admission = self._rt.scheduler.admit(body, correlation_id.get(), caller())
         left = admission.remaining
         headers = {
             "Location": f"/v1/tasks/{admission.task_id}",
