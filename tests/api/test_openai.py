@@ -19,7 +19,11 @@ SLOW = "mock-slow"  # 20 tokens/s, never an early stop: a call runs long enough 
 FULL = "mock-full"  # one busy slot, queue capacity 1, policy reject
 BROKEN = "mock-broken"  # every engine call fails before its first token
 DRAINED = "mock-drained"
+# Per operation (each pool measures its own speed): instant to admission, then silent after two
+# tokens.
+HUNG = {"chat": "mock-hung-chat", "completion": "mock-hung-completion"}
 MAX_BODY_BYTES = 4096
+HANG = {"mode": "hang", "after_tokens": 2}
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 
 
@@ -37,6 +41,14 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pool(id="full", model=FULL, slots_per_replica=1, mock=BUSY, queue={"capacity": 1}),
             pool(id="broken", model=BROKEN, mock={"failure": {"mode": "before_first_token"}}),
             pool(id="drained", model=DRAINED),
+            *(
+                pool(
+                    id=f"hung-{op}",
+                    model=model,
+                    mock={"ttft_ms": 1, "tokens_per_s": 0, "failure": HANG},
+                )
+                for op, model in HUNG.items()
+            ),
         ],
     }
     with live_server(make_settings(tmp_path_factory.mktemp("openai"), raw)) as base:
@@ -102,7 +114,7 @@ OPS = ["chat", "completion"]
 def test_models_are_listed_and_retrieved(url: str) -> None:
     client = sdk(url)
     listed = [m.id for m in client.models.list()]
-    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED])
+    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED, *HUNG.values()])
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-9")
@@ -399,3 +411,31 @@ def test_the_deadline_header_is_a_count_of_milliseconds(api: httpx.Client, path:
         assert refused.status_code == 400, (value, refused.text)
         error = refused.json()["error"]
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_params")
+
+
+@pytest.mark.req("ORCH-OAI-0030", "ORCH-OAI-0031")
+@pytest.mark.parametrize(
+    ("model", "admitted"),
+    [(SLOW, False), (None, True)],
+    ids=["refused-at-admission", "passed-while-running"],
+)
+@pytest.mark.parametrize("op", OPS)
+def test_a_deadline_that_cannot_be_met_is_the_task_apis_400(
+    url: str, api: httpx.Client, op: str, model: str | None, admitted: bool
+) -> None:
+    # The slow model's 64 tokens at 20 tokens/s cannot end within 300 ms, so admission refuses
+    # them; the hung model looks instant to admission and then goes silent after two tokens, so
+    # the deadline passes while it runs (schemathesis found that answered 502, a status the task
+    # API never gives DEADLINE_UNMET).
+    seen = Seen()
+    client = sdk(url, retries=2, seen=seen).with_options(default_headers={"X-Deadline-Ms": "300"})
+    with pytest.raises(openai.BadRequestError) as missed:
+        call(client, op, model=model or HUNG[op], max_tokens=64)
+    assert seen.statuses == [400]  # not retried: the SDK reads x-should-retry
+    assert error_of(missed.value)["code"] == "deadline_unmet"
+    assert missed.value.response.headers["x-should-retry"] == "false"
+    task_id = missed.value.response.headers.get("x-task-id")
+    assert (task_id is not None) == admitted
+    if task_id is not None:
+        task = api.get(f"/v1/tasks/{task_id}").json()
+        assert (task["state"], task["error"]["code"]) == ("failed", "DEADLINE_UNMET")

@@ -25,8 +25,10 @@ log = logging.getLogger("llorch.streams")
 
 HEARTBEAT = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
-# The statuses a task that failed after admission is answered with (the contract's set).
-_FAILED_STATUSES = frozenset({429, 502, 503})
+# The statuses a task that failed after admission is answered with: the task API's status for
+# its code where the contract declares it on these operations (a deadline that passed while
+# queued or running is DEADLINE_UNMET's 400), else 502.
+_FAILED_STATUSES = frozenset({400, 429, 502, 503})
 
 
 @dataclass(frozen=True)
