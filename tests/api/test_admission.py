@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from typing import Any
 
@@ -19,6 +20,10 @@ from tests.support import (
     pool,
     task_body,
 )
+
+
+def task_body_bytes() -> bytes:
+    return json.dumps(task_body()).encode()
 
 
 @pytest.mark.req("ORCH-DATA-0010", "ORCH-DATA-0012", "ORCH-DATA-0002")
@@ -81,7 +86,7 @@ async def test_invalid_requests_answer_400(
         assert body["retriable"] is False
 
 
-@pytest.mark.req("ORCH-ERR-0003")
+@pytest.mark.req("ORCH-ERR-0003", "ORCH-ERR-0007")
 @pytest.mark.parametrize(
     ("content", "content_type"),
     [
@@ -90,6 +95,33 @@ async def test_invalid_requests_answer_400(
         (b'{"model": "\xff\xfe"}', "application/json"),
         (b'{"model": "mock-small", "prompt": "\\ud800", "max_tokens": 3}', "application/json"),
         (b"", "application/json"),
+        # What an adversarial probe found answered 500 (issue 15 F8): nesting past the
+        # recursion limit, an integer past Python's 4,300-digit conversion limit; and the
+        # non-JSON constants Python's parser admits by default (they reached engines as null).
+        (
+            b'{"model": "mock-small", "prompt": "x", "meta": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            "application/json",
+        ),
+        (b"[" * 200 + b"]" * 200, "application/json"),
+        (
+            b'{"model": "mock-small", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+            "application/json",
+        ),
+        (
+            b'{"model": "mock-small", "prompt": "x", "max_tokens": 3, "temperature": NaN}',
+            "application/json",
+        ),
+        (
+            b'{"model": "mock-small", "prompt": "x", "max_tokens": 3, "temperature": Infinity}',
+            "application/json",
+        ),
+        (
+            b'{"model": "mock-small", "prompt": "x", "max_tokens": 3, "temperature": -Infinity}',
+            "application/json",
+        ),
     ],
 )
 async def test_malformed_bodies_answer_400_never_5xx(
@@ -100,6 +132,50 @@ async def test_malformed_bodies_answer_400_never_5xx(
             "/v1/tasks", content=content, headers={"content-type": content_type}
         )
         assert_envelope(response, 400, "INVALID_PARAMS")
+
+
+@pytest.mark.req("ORCH-ERR-0003", "ORCH-ERR-0007")
+@pytest.mark.parametrize(
+    "budgets",
+    [
+        b'{"tokens": NaN}',
+        b'{"cost": NaN}',
+        b'{"cost": Infinity}',
+        b'{"time_ms": 1' + b"0" * 5000 + b"}",
+    ],
+)
+async def test_a_session_budget_that_is_not_a_number_answers_400(
+    settings_for: SettingsFactory, budgets: bytes
+) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        response = await api.client.post(
+            "/v1/sessions",
+            content=b'{"budgets": ' + budgets + b"}",
+            headers={"content-type": "application/json"},
+        )
+        body = assert_envelope(response, 400, "INVALID_PARAMS")
+        # The envelope names the problem, not the storage layer's constraint.
+        assert "CHECK" not in body["message"] and "sqlite" not in body["message"].lower()
+
+
+@pytest.mark.req("ORCH-ERR-0003")
+async def test_a_body_without_a_content_type_answers_4xx(settings_for: SettingsFactory) -> None:
+    # It answered 500 on createTask: connexion validates a body by its media type, so one
+    # without reached the handler unparsed. Where connexion assumes JSON (createSession) the
+    # body is validated as JSON instead.
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        for path, status in (("/v1/tasks", 415), ("/v1/sessions", 400)):
+            request = api.client.build_request("POST", path, content=task_body_bytes())
+            assert "content-type" not in request.headers  # httpx sets none for raw bytes
+            response = await api.client.send(request)
+            assert response.status_code == status, (path, response.text)
+            assert response.json()["code"] in ("UNSUPPORTED_MEDIA_TYPE", "INVALID_PARAMS")
+        chat = api.client.build_request(
+            "POST", "/v1/chat/completions", content=b'{"model": "mock-small", "messages": []}'
+        )
+        response = await api.client.send(chat)
+        assert 400 <= response.status_code < 500, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 @pytest.mark.req("ORCH-DATA-0017")

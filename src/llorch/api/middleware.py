@@ -8,6 +8,7 @@ import time
 import uuid
 from contextvars import ContextVar
 
+from connexion.exceptions import UnsupportedMediaTypeProblem
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +27,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _untyped_body(scope: Scope) -> bool:
+    """The request carries a body (by length or chunked) and no ``Content-Type``."""
+    if _header(scope, b"content-type") is not None:
+        return False
+    length = _header(scope, b"content-length")
+    return (length is not None and length.strip() != "0") or (
+        _header(scope, b"transfer-encoding") is not None
+    )
 
 
 def _chosen_id(scope: Scope) -> str:
@@ -147,6 +158,10 @@ class OperationMiddleware:
         routing = scope.get("extensions", {}).get("connexion_routing", {})
         if note is not None and "operation_id" in routing:
             note["operation_id"] = routing["operation_id"]
+        if _untyped_body(scope):
+            # Connexion validates a body by its media type: one without would reach the handler
+            # unparsed and unvalidated.
+            raise UnsupportedMediaTypeProblem(detail="a request body needs a Content-Type")
         cid = correlation_id.get() or _chosen_id(scope)
 
         async def send_with_id(message: Message) -> None:

@@ -17,13 +17,19 @@ OpenAPI 3.0's ``nullable: true`` is no JSON Schema keyword: connexion's body and
 validators let ``null`` through that schema's ``type`` and ``enum``. Rust is given the same rule
 written in JSON Schema (``"null"`` added to that ``type`` and that ``enum``); without it, every
 response with a null field (most task rows) went to the Python validator.
+
+Strict JSON: every request body is parsed by :func:`strict_json`, which refuses what Python's
+parser admits beyond RFC 8259 (``NaN``, ``Infinity``) and what would make a later step fail
+(nesting past :data:`MAX_JSON_DEPTH`, which validation walks recursively; integers past the
+interpreter's digit limit), each as a 400 before the body is validated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
 
 import jsonschema_rs
 from connexion.datastructures import MediaTypeDict
@@ -112,8 +118,47 @@ class SchemaCache:
         return compiled
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _depth(document: Any) -> int:
+    """How deeply ``document``'s arrays and objects nest, found without recursion."""
+    deepest, pending = 0, [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def strict_json(text: str) -> Any:
+    """``text`` parsed as RFC 8259 JSON, or a 400 that says what is wrong with it."""
+    try:
+        document = json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        raise BadRequestProblem(detail="request body nests too deeply") from None
+    except ValueError as exc:  # a decode error, a non-JSON constant, an integer too long
+        raise BadRequestProblem(detail=f"request body is not JSON: {str(exc)[:200]}") from None
+    if _depth(document) > MAX_JSON_DEPTH:
+        raise BadRequestProblem(
+            detail=f"request body nests deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
+    return document
+
+
 class RedactingJSONRequestBodyValidator(JSONRequestBodyValidator):  # type: ignore[misc]
     schemas = SchemaCache(Draft4RequestValidator)
+
+    async def _parse(self, stream: AsyncIterator[bytes], scope: Any) -> Any:
+        body = b"".join([chunk async for chunk in stream]).decode(self._encoding)
+        return strict_json(body) if body else None
 
     def _validate(self, body: Any) -> dict[str, Any] | None:
         if not self._nullable and body is None:
