@@ -367,7 +367,7 @@ async def test_pool_without_ready_replica_answers_503(settings_for: SettingsFact
         assert unpinned.status_code == 202 and unpinned.json()["pool_id"] == "spare"
 
 
-@pytest.mark.req("ORCH-DATA-0019")
+@pytest.mark.req("ORCH-DATA-0019", "ORCH-ERR-0008")
 async def test_storage_failure_answers_500_and_admits_nothing(
     settings_for: SettingsFactory,
 ) -> None:
@@ -380,6 +380,8 @@ async def test_storage_failure_answers_500_and_admits_nothing(
             response = await api.submit(task_id="during-lock")
             body = assert_envelope(response, 500, "INTERNAL")
             assert body["retriable"] is True
+            # Neither the SQL error nor a path reaches the client (issue 15, low).
+            assert body["message"] == "internal error"
         finally:
             locker.execute("ROLLBACK")
             locker.close()

@@ -56,3 +56,19 @@ def test_formatter_emits_one_json_object_with_the_extras() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "hello you" and line["level"] == "warning"
     assert line["task_id"] == "t-1" and line["logger"] == "llorch.x"
+
+
+@pytest.mark.req("ORCH-MET-0012")
+async def test_a_503_is_logged_at_info_without_a_traceback(
+    settings_for: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        drained = await api.client.post("/v1/pools/default/drain", json={"deadline_ms": 10})
+        assert drained.status_code == 202
+        refused = await api.submit()
+        assert refused.status_code == 503, refused.text
+
+    [line] = [r for r in caplog.records if r.name == "llorch.api" and "503" in r.getMessage()]
+    assert line.levelno == logging.INFO and line.exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -91,13 +91,23 @@ def envelope_response(
 
 def domain_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     assert isinstance(exc, LlorchError)
-    if STATUS[exc.code] >= 500:
+    status = STATUS[exc.code]
+    if status == 500:  # a fault of ours: the traceback is what finds it
         log.error("request failed: %s", exc.message, exc_info=exc)
+    elif status >= 500:  # a state of the service (draining, unready) or of an engine
+        log.log(
+            logging.INFO if status == 503 else logging.WARNING,
+            "request refused: %s %s: %s",
+            status,
+            exc.code,
+            exc.message,
+        )
     # RFC 6750: a 401 names the scheme that would be accepted.
     challenge = {"WWW-Authenticate": 'Bearer realm="llorch"'} if STATUS[exc.code] == 401 else None
     return envelope_response(
         exc.code,
-        exc.message,
+        # A 500's own message names files and SQL: it goes to the log above, not to the client.
+        "internal error" if status == 500 else exc.message,
         retriable=exc.retriable,
         retry_after_ms=exc.retry_after_ms,
         headers=challenge,
