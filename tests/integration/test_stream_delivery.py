@@ -54,14 +54,36 @@ async def test_attach_after_the_end_replays_everything_and_resumes_after_last_ev
         full = await wire.read_all(task_id)
         again = await wire.read_all(task_id)
         resumed = await wire.read_all(task_id, {"Last-Event-ID": "2"})
-        after_the_end = await wire.read_all(task_id, {"Last-Event-ID": "6"})
 
     assert kinds(full) == ["started"] + ["token"] * 5 + ["end"]
     assert_sequenced(full)
     assert comparable(again) == comparable(full)
     assert [f.id for f in events(resumed)] == [3, 4, 5, 6]
     assert comparable(resumed) == comparable(full)[3:]
-    assert events(after_the_end) == []
+
+
+@pytest.mark.req("ORCH-DATA-0058", "ORCH-DATA-0050")
+@pytest.mark.parametrize("retained", [None, 0], ids=["in-memory", "from-row"])
+@pytest.mark.parametrize("outcome", ["end", "error"])
+async def test_resuming_at_or_past_the_terminal_frame_replays_it(
+    settings_for: SettingsFactory, outcome: str, retained: int | None
+) -> None:
+    # An empty 200 here would make a browser EventSource reconnect for ever.
+    mock = {"failure": {"mode": "mid_stream", "after_tokens": 2}} if outcome == "error" else {}
+    server = {} if retained is None else {"streams_retained": retained}
+    async with serve(settings_for(config(pool(mock=mock), **server))) as wire:
+        task_id = await wire.submit(max_tokens=4)
+        await wire.wait_state(task_id, "succeeded", "failed")
+        terminal = comparable(await wire.read_all(task_id))[-1]
+        terminal_id = terminal[0]
+        assert terminal_id is not None
+        at = await wire.read_all(task_id, {"Last-Event-ID": str(terminal_id)})
+        past = await wire.read_all(task_id, {"Last-Event-ID": str(terminal_id + 5)})
+
+    assert terminal[1] == outcome
+    # read_all returns once the server closes the stream: nothing follows the terminal frame.
+    assert comparable(at) == [terminal]
+    assert comparable(past) == [terminal]
 
 
 @pytest.mark.req("ORCH-DATA-0053", "ORCH-DATA-0051")

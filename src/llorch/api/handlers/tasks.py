@@ -70,13 +70,18 @@ class TaskHandlers:
         view = scheduler.task(task_id)
         stream = scheduler.stream(task_id)
         last = request.headers.get("last-event-id")
+        after = int(last) if last is not None else None
+        if after is not None and stream.closed:
+            # A resume at or past an ended task's terminal frame gets that frame again: an empty
+            # 200 would make a browser EventSource reconnect for ever. Live tasks are not touched.
+            after = min(after, stream.events[-1].seq - 1)
         headers = self._rt.budget_headers(view["session_id"])
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         server = self._rt.settings.server
         return sse.EventStreamResponse(
             stream,
             task_id=task_id,
-            after=int(last) if last is not None else None,
+            after=after,
             heartbeat_s=server.heartbeat_s,
             max_lag_events=server.stream_max_lag_events,
             write_timeout_s=server.stream_write_timeout_s,
