@@ -20,6 +20,8 @@ from llorch.api.http import HttpLimits, protocol_class
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
+from llorch.errors import StorageError
+from llorch.persistence.db import check_database
 
 log = logging.getLogger("llorch")
 
@@ -83,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_dir": args.data_dir,
     }
     settings = settings.with_server(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        # The database opens in the app's lifespan, where a failure is uvicorn's traceback.
+        check_database(settings.database_path)
+    except StorageError as exc:  # an empty or corrupt file
+        print(f"llorch: {exc}", file=sys.stderr)
+        return 2
     try:
         app = create_app(settings)
     except ValueError as exc:  # e.g. a non-loopback bind without API keys

@@ -30,6 +30,7 @@
     ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
     ├── ArtifactCorrupt              ARTIFACT_CORRUPT
     ├── StorageError                 INTERNAL
+    │   └── StorageCorrupt           INTERNAL, not retriable: an empty or corrupt database file
     └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
         ├── EngineUnavailable        ENGINE_ERROR: refused, unreachable, connect timeout
         ├── EngineProtocolError      ENGINE_ERROR: a malformed or unfinished stream
@@ -153,6 +154,13 @@ class StorageError(LlorchError):
 
     code = "INTERNAL"
     retriable = True
+
+
+class StorageCorrupt(StorageError):
+    """The database file is empty (zero bytes) or fails SQLite's ``quick_check``: the server
+    refuses to start on it rather than start empty or serve from broken pages."""
+
+    retriable = False
 
 
 class EngineError(LlorchError):

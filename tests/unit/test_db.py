@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from llorch.errors import StorageError
+from llorch.errors import StorageCorrupt, StorageError
 from llorch.persistence import ArtifactInsert, Database, SessionRow
-from llorch.persistence.db import ProfileMismatch, SchemaMismatch, migrations
+from llorch.persistence.db import ProfileMismatch, SchemaMismatch, check_database, migrations
 from tests.unit.helpers import task_row
 
 
@@ -98,6 +98,22 @@ def test_a_database_refuses_to_be_opened_by_another_profile(tmp_path: Path) -> N
     with pytest.raises(ProfileMismatch):
         Database.open(path, profile="test")
     Database.open(path, profile="dev").close()
+
+
+@pytest.mark.req("ORCH-STATE-0003")
+def test_an_empty_or_corrupt_file_is_refused_and_left_as_it_was(path: Path) -> None:
+    check_database(path)  # absent: a new database, created by open
+    path.parent.mkdir(parents=True)
+    path.touch()
+    for refuse in (check_database, lambda p: Database.open(p, profile="test")):
+        with pytest.raises(StorageCorrupt, match="empty file"):
+            refuse(path)
+    assert path.stat().st_size == 0
+    path.write_bytes(b"not a database, " * 512)
+    for refuse in (check_database, lambda p: Database.open(p, profile="test")):
+        with pytest.raises(StorageCorrupt, match="is corrupt: file is not a database"):
+            refuse(path)
+    assert path.read_bytes() == b"not a database, " * 512
 
 
 @pytest.mark.req("ORCH-DATA-0095")

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llorch.errors import StorageError
+from llorch.errors import StorageCorrupt, StorageError
 
 _MIGRATIONS = resources.files("llorch.persistence") / "migrations"
 
@@ -99,6 +99,52 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def check_database(path: Path) -> None:
+    """Refuse, with :class:`StorageCorrupt`, an existing database file that is empty or fails
+    ``PRAGMA quick_check``; an absent file passes (:meth:`Database.open` creates it). Only reads:
+    the start-up runs this before the server, so a refusal is one line and not a traceback."""
+    if not path.exists():
+        return
+    _refuse_empty(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    try:
+        _quick_check(conn, path)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _refuse_empty(path: Path) -> None:
+    # SQLite takes a zero-byte file for a new database: it would start empty, silently.
+    if path.is_file() and path.stat().st_size == 0:
+        raise StorageCorrupt(
+            f"database {path} is an empty file (0 bytes); refusing to start on it as a new "
+            "database (restore it from a backup, or remove it to start afresh)"
+        )
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """StorageCorrupt unless ``PRAGMA quick_check`` answers 'ok'; other SQLite errors pass up."""
+    try:
+        found = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "not a database" not in text and "malformed" not in text:
+            raise
+        found = [text]
+    if found != ["ok"]:
+        more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+        detail = " ".join((found[0] if found else "no answer").split())
+        raise StorageCorrupt(
+            f"database {path} is corrupt: {detail}{more}; refusing to start on it "
+            "(restore it from a backup)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ArtifactInsert:
     """An artifact's row, as :meth:`Database.insert_artifact` stores it."""
@@ -123,15 +169,24 @@ class Database:
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
         """Open (creating if needed), migrate, check the profile and verify the schema."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_empty(path)
         try:
             conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
             )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        try:
+            _quick_check(conn, path)  # before anything writes to the file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
+            conn.close()
             raise StorageError(f"cannot open database {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
         db = cls(conn)
         try:
             db._migrate()
