@@ -102,6 +102,13 @@ class ApiKey:
 @dataclass(frozen=True)
 class AuthSettings:
     keys: tuple[ApiKey, ...] = ()
+    # Whether /openapi.json and the Swagger UI are served without a key; None: only while
+    # authentication is off.
+    public_docs: bool | None = None
+
+    @property
+    def serves_docs(self) -> bool:
+        return not self.keys if self.public_docs is None else self.public_docs
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,11 @@ class Settings:
         )
         pools = tuple(_pool(p) for p in raw.get("pools", [{}]))
         artifacts = _merge(ArtifactSettings(), raw.get("artifacts", {}))
-        auth = AuthSettings(keys=tuple(_api_key(k) for k in raw.get("auth", {}).get("keys", [])))
+        auth_raw = raw.get("auth", {})
+        auth = AuthSettings(
+            keys=tuple(_api_key(k) for k in auth_raw.get("keys", [])),
+            public_docs=auth_raw.get("public_docs"),
+        )
         return cls(
             server=server,
             sessions=sessions,
@@ -318,7 +329,9 @@ class Settings:
         keys = tuple(_resolve_key(k, environ) for k in self.auth.keys)
         pools = tuple(_with_engine_key(p, environ) for p in self.pools)
         return dataclasses.replace(
-            self.with_server(**changes), auth=AuthSettings(keys=keys), pools=pools
+            self.with_server(**changes),
+            auth=dataclasses.replace(self.auth, keys=keys),
+            pools=pools,
         )
 
     def with_server(self, **changes: Any) -> Settings:

@@ -406,3 +406,28 @@ async def test_keys_and_prompts_stay_out_of_logs_errors_and_traces(
     for secret in SECRETS.values():
         assert secret not in logged
         assert secret not in trace.json()["content"]
+
+
+@pytest.mark.req("ORCH-SEC-0070")
+@pytest.mark.parametrize(
+    ("auth", "served"),
+    [
+        ({}, True),  # authentication off (loopback dev mode): the docs are served
+        ({"keys": keys_config()}, False),  # keys configured: not unless asked for
+        ({"keys": keys_config(), "public_docs": True}, True),
+        ({"public_docs": False}, False),
+    ],
+)
+async def test_the_api_documents_are_public_only_where_configured(
+    tmp_path: Path, auth: dict[str, Any], served: bool
+) -> None:
+    settings = make_settings(tmp_path, {"pools": [pool()], "auth": auth})
+    async with in_process(settings) as app:
+        for path in ("/openapi.json", "/ui/"):
+            response = await app.client.get(path)
+            assert (response.status_code == 200) == served, (path, response.status_code)
+            if not served:
+                assert_envelope(response, 404, "NOT_FOUND")
+        if served:
+            document = (await app.client.get("/openapi.json")).json()
+            assert document["openapi"].startswith("3.0")

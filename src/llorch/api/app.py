@@ -23,6 +23,7 @@ from typing import Any
 from connexion import AsyncApp
 from connexion.exceptions import ProblemException
 from connexion.middleware import MiddlewarePosition
+from connexion.options import SwaggerUIOptions
 from connexion.resolver import Resolver
 from starlette.exceptions import HTTPException
 
@@ -119,6 +120,9 @@ def create_app(
             pythonic_params=False,
             security_map=security_map(runtime.auth),
             validator_map=validator_map(),
+            swagger_ui_options=SwaggerUIOptions(
+                serve_spec=settings.auth.serves_docs, swagger_ui=settings.auth.serves_docs
+            ),
         )
     app.add_error_handler(LlorchError, problems.domain_error)
     app.add_error_handler(ProblemException, problems.problem)
