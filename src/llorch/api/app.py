@@ -7,6 +7,7 @@ The request pipeline, outermost first:
   → OpenAIErrors        (on the OpenAI facade's routes, the envelope becomes OpenAI's error body)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
   → routing → security (llorch.api.auth: bearer key, scope, rate limit)
+  → ChunkedBodyMiddleware (a chunked body is read, within the limit, and given its length)
   → request validation (errors never quote the body) → response validation → lifespan
   → OperationMiddleware (tells the edge which operation matched; the correlation id again,
                          inside response validation, which checks the header)
@@ -31,7 +32,7 @@ from llorch.api import problems
 from llorch.api.auth import check_bind, security_map
 from llorch.api.facade.errors import OpenAIErrors
 from llorch.api.handlers import operations
-from llorch.api.middleware import EdgeMiddleware, OperationMiddleware
+from llorch.api.middleware import ChunkedBodyMiddleware, EdgeMiddleware, OperationMiddleware
 from llorch.api.runtime import Runtime
 from llorch.api.validation import validator_map
 from llorch.clock import Clock, SystemClock
@@ -107,6 +108,7 @@ def create_app(
     # Inserted after EdgeMiddleware at the same position: it sits between it and the exception
     # middleware, so it sees every error answer as the envelope.
     app.add_middleware(OpenAIErrors, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(ChunkedBodyMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION)
     app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
     resolver = OperationResolver(operations(runtime))
     documents = [dict(openapi("data")), dict(openapi("control"))]

@@ -142,6 +142,54 @@ def _counting_receive(inner: Receive, limit: int, error: Exception) -> Receive:
     return receive
 
 
+class ChunkedBodyMiddleware:
+    """Between security and request validation: a body sent ``Transfer-Encoding: chunked``
+    (no ``Content-Length``) goes on as if it had been sent with its length.
+
+    Connexion's body validator takes a request without a ``Content-Length`` for one without a
+    body: "RequestBody is required", or the schema's default put before the body sent. So the
+    body is read here, through the edge's counting ``receive`` (a body over the limit is the
+    413 while it streams in), and replayed message by message with the length it turned out to
+    have, in place of the transfer coding.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or _header(scope, b"transfer-encoding") is None
+            or _header(scope, b"content-length") is not None
+        ):
+            await self.app(scope, receive, send)
+            return
+        messages = await _whole_body(receive)
+        length = sum(len(message.get("body", b"")) for message in messages)
+        headers = [(key, value) for key, value in scope["headers"] if key != b"transfer-encoding"]
+        headers.append((b"content-length", str(length).encode("latin-1")))
+        await self.app({**scope, "headers": headers}, _replaying(messages, receive), send)
+
+
+async def _whole_body(receive: Receive) -> list[Message]:
+    """The request's messages up to its last body part (or the client's disconnect)."""
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replaying(messages: list[Message], inner: Receive) -> Receive:
+    pending = iter(messages)
+
+    async def receive() -> Message:
+        return next(pending, None) or await inner()
+
+    return receive
+
+
 class OperationMiddleware:
     """Inside connexion's routing, around the handler: tells :class:`EdgeMiddleware` which
     operation matched, and puts the correlation id on the response where connexion's response
