@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import pytest
@@ -178,6 +179,35 @@ async def test_probes(settings_for: SettingsFactory) -> None:
         assert "no pool has a ready replica" in body["message"]
         assert int(not_ready.headers["retry-after"]) >= 1
     async with in_process(settings_for({"pools": [pool()]})) as api:
+        ready = await api.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+
+
+@pytest.mark.req("ORCH-CTRL-0042", "ORCH-CTRL-0040")
+async def test_readyz_answers_503_while_the_last_database_write_failed(
+    settings_for: SettingsFactory,
+) -> None:
+    settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
+    async with in_process(settings) as api:
+        assert (await api.client.get("/readyz")).status_code == 200
+        # Another process holds the database's write lock past the busy timeout.
+        locker = sqlite3.connect(settings.database_path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            assert_envelope(await api.submit(task_id="during-lock"), 500, "INTERNAL")
+            not_ready = await api.client.get("/readyz")
+            body = assert_envelope(not_ready, 503, "NOT_READY")
+            assert "storage" in body["message"]
+            assert int(not_ready.headers["retry-after"]) >= 1
+            # The process is alive: only readiness follows storage.
+            live = await api.client.get("/livez")
+            assert live.status_code == 200 and live.json() == {"status": "ok"}
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        # Releasing the lock alone does not clear it: the next write that succeeds does.
+        assert (await api.client.get("/readyz")).status_code == 503
+        assert (await api.submit(task_id="after-lock")).status_code == 202
         ready = await api.client.get("/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ok"}
 

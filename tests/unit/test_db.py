@@ -344,3 +344,30 @@ def test_finish_task_stores_the_trace_row_in_the_same_transaction(db: Database) 
     assert task.trace_artifact_id == trace.artifact_id
     assert (stored["kind"], stored["task_id"], stored["size_bytes"]) == ("trace", "t-1", 2)
     assert db.insert_artifact(trace) is False  # stored once
+
+
+@pytest.mark.req("ORCH-CTRL-0042")
+def test_the_outcome_of_the_most_recent_write_is_recorded(db: Database) -> None:
+    def failing() -> bool:  # calls, so that mypy does not narrow the attributes
+        return db.write_failing
+
+    def failed_ms() -> int | None:
+        return db.last_write_failure_ms
+
+    assert not failing() and failed_ms() is None
+    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+
+    # The session's insert succeeds inside the transaction; the task's then fails: failing.
+    with pytest.raises(StorageError):
+        db.admit_task(task_row("t-1", session_id="s-2"), session_row("s-2"), new_session=True)
+    assert failing()
+    failed_at = failed_ms()
+    assert failed_at is not None and failed_at > 0
+
+    # A read, successful or not, leaves it as it is.
+    assert db.get_task("t-1") is not None
+    assert failing()
+
+    db.update_task("t-1", state="running")
+    assert not failing()
+    assert failed_ms() == failed_at

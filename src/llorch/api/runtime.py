@@ -70,6 +70,11 @@ class Runtime:
             return "starting: the database is not open and verified yet"
         if self._scheduler.closing:
             return "shutting down"
+        if self._db.write_failing:
+            return (
+                "storage failing: the most recent database write failed; "
+                "ready again once one succeeds"
+            )
         if not self._scheduler.ready:
             pools = self._scheduler.registry.pools.values()
             return "no pool has a ready replica: " + "; ".join(p.unready_reason() for p in pools)

@@ -2,12 +2,14 @@
 
 Every ``sqlite3.Error`` is translated here, once, into :class:`llorch.errors.StorageError` with the
 cause kept. Writes happen at admission, at dispatch and at the end of a task: never per token.
+The outcome of every write is kept (:attr:`Database.write_failing`): readiness reports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,6 +166,11 @@ class ArtifactInsert:
 class Database:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        # Whether the most recent write raised StorageError (locked past the busy timeout, a
+        # full disk, a corrupt page); the next write that succeeds clears it.
+        self.write_failing = False
+        # When a write last failed (wall clock, ms since the epoch), or None if none has.
+        self.last_write_failure_ms: int | None = None
 
     @classmethod
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
@@ -247,7 +254,7 @@ class Database:
 
     def insert_session(self, row: SessionRow) -> None:
         # Not dataclasses.astuple: it deep-copies every value, and a row holds only scalars.
-        with self._errors():
+        with self._write():
             self._conn.execute(_INSERT_SESSION, [getattr(row, c) for c in _SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
@@ -259,7 +266,7 @@ class Database:
         return SessionRow(*found) if found else None
 
     def delete_session(self, session_id: str) -> bool:
-        with self._errors():
+        with self._write():
             cur = self._conn.execute(
                 "UPDATE sessions SET deleted = 1 WHERE session_id = ? AND deleted = 0",
                 (session_id,),
@@ -268,7 +275,7 @@ class Database:
 
     def update_session(self, session_id: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self._errors():
+        with self._write():
             self._conn.execute(
                 f"UPDATE sessions SET {sets} WHERE session_id = ?", (*values.values(), session_id)
             )
@@ -278,7 +285,7 @@ class Database:
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
         values = [getattr(task, c) for c in _ADMIT_COLUMNS]
-        with self._errors(), self._transaction():
+        with self._write(), self._transaction():
             if new_session:
                 self.insert_session(session)
             else:
@@ -298,7 +305,7 @@ class Database:
 
     def update_task(self, task_id: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self._errors():
+        with self._write():
             self._conn.execute(
                 f"UPDATE tasks SET {sets} WHERE task_id = ?", (*values.values(), task_id)
             )
@@ -309,7 +316,7 @@ class Database:
         """Record that a task runs on a replica (with its other changed columns, e.g. its start)
         and its session's placement, in one transaction."""
         sets = ", ".join(f"{k} = ?" for k in ("replica_id", *task_values))
-        with self._errors(), self._transaction():
+        with self._write(), self._transaction():
             self._conn.execute(
                 f"UPDATE tasks SET {sets} WHERE task_id = ?",
                 (replica_id, *task_values.values(), task_id),
@@ -328,7 +335,7 @@ class Database:
         row of its trace artifact when there is one (one transaction for all three)."""
         task_sets = ", ".join(f"{k} = ?" for k in task_values)
         session_sets = ", ".join(f"{k} = ?" for k in session_values)
-        with self._errors(), self._transaction():
+        with self._write(), self._transaction():
             if trace is not None:
                 self._insert_artifact(trace)
             self._conn.execute(
@@ -392,6 +399,18 @@ class Database:
         except sqlite3.Error as exc:
             raise StorageError(f"storage failure: {exc}") from exc
 
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """Like :meth:`_errors`, for a write: records whether it succeeded."""
+        try:
+            with self._errors():
+                yield
+        except StorageError:
+            self.write_failing = True
+            self.last_write_failure_ms = int(time.time() * 1000)
+            raise
+        self.write_failing = False
+
     # -- artifacts --------------------------------------------------------------------------
     # An artifact row travels as a dict keyed by column name; `tags` (a JSON array of strings)
     # and `metadata` (a JSON object of strings) stay JSON text here, like a task's request_json.
@@ -401,7 +420,7 @@ class Database:
 
         Its ``owner`` becomes one of the artifact's owners either way.
         """
-        with self._errors(), self._transaction():
+        with self._write(), self._transaction():
             return self._insert_artifact(artifact)
 
     def _insert_artifact(self, a: ArtifactInsert) -> bool:
