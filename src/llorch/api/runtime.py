@@ -70,7 +70,7 @@ class Runtime:
             return "starting: the database is not open and verified yet"
         if self._scheduler.closing:
             return "shutting down"
-        if self._db.write_failing:
+        if self._db.write_failing and not self._db.probe_write():
             return (
                 "storage failing: the most recent database write failed; "
                 "ready again once one succeeds"

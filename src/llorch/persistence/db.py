@@ -380,6 +380,17 @@ class Database:
             ).fetchall()
         return [_task(r) for r in found]
 
+    def probe_write(self) -> bool:
+        """While writes fail, try one that changes nothing (the write lock taken and a commit
+        made): readiness must recover even on a server taken out of rotation, which gets no
+        writes of its own. Returns whether storage takes writes again."""
+        try:
+            with self._write(), self._transaction():
+                self._conn.execute("DELETE FROM sessions WHERE 0")
+        except StorageError:
+            return False
+        return True
+
     # -- helpers ----------------------------------------------------------------------------
 
     @contextmanager
