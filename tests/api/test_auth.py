@@ -250,6 +250,30 @@ async def test_shared_content_keeps_each_keys_own_view(tmp_path: Path) -> None:
     assert bob_read["content"] == alice_read["content"] == "shared body"
 
 
+@pytest.mark.req("ORCH-SEC-0023", "ORCH-SEC-0021")
+async def test_a_control_key_sees_its_own_view_of_content_it_stored(tmp_path: Path) -> None:
+    content = {"content": "shared body"}
+    async with in_process(auth_settings(tmp_path)) as app:
+        c, ops = app.client, as_("ops")
+        body = content | {"kind": "prompt", "tags": ["a"], "metadata": {"who": "alice"}}
+        artifact_id = (await c.post("/v1/artifacts", json=body, headers=as_("alice"))).json()["id"]
+        before = (await c.get(f"/v1/artifacts/{artifact_id}", headers=ops)).json()
+        mine = content | {"kind": "other", "tags": ["o"], "metadata": {"who": "ops"}}
+        stored = await c.post("/v1/artifacts", json=mine, headers=ops)
+        after = (await c.get(f"/v1/artifacts/{artifact_id}", headers=ops)).json()
+        listed = (await c.get("/v1/artifacts", headers=ops)).json()["items"]
+        by_old_tag = (await c.get("/v1/artifacts", params={"tag": "a"}, headers=ops)).json()
+        alice_read = (await c.get(f"/v1/artifacts/{artifact_id}", headers=as_("alice"))).json()
+
+    assert view(before) == ("prompt", ["a"], {"who": "alice"})  # it sees every key's
+    assert stored.status_code == 201
+    expected = ("other", ["o"], {"who": "ops"})
+    assert view(stored.json()) == view(after) == expected
+    assert [view(a) for a in listed if a["id"] == artifact_id] == [expected]
+    assert by_old_tag["items"] == []
+    assert view(alice_read) == ("prompt", ["a"], {"who": "alice"})
+
+
 @pytest.mark.req("ORCH-SEC-0022")
 async def test_sessions_of_a_key_with_budgets_never_exceed_them(tmp_path: Path) -> None:
     async with in_process(auth_settings(tmp_path)) as app:
