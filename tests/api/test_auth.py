@@ -213,6 +213,67 @@ async def test_a_key_sees_only_its_own_tasks_sessions_and_artifacts(tmp_path: Pa
     assert task_id in [t["task_id"] for t in ops_tasks]
 
 
+def view(artifact: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
+    return artifact["kind"], artifact["tags"], artifact["metadata"]
+
+
+@pytest.mark.req("ORCH-SEC-0023", "ORCH-CTRL-0020")
+async def test_shared_content_keeps_each_keys_own_view(tmp_path: Path) -> None:
+    x = {"kind": "prompt", "tags": ["alice-tag"], "metadata": {"who": "alice"}}
+    y = {"kind": "document", "tags": ["bob-tag"], "metadata": {"who": "bob"}}
+    content = {"content": "shared body"}
+    async with in_process(auth_settings(tmp_path)) as app:
+        c, alice, bob = app.client, as_("alice"), as_("bob")
+        first = await c.post("/v1/artifacts", json=content | x, headers=alice)
+        second = await c.post("/v1/artifacts", json=content | y, headers=bob)
+        again = await c.post("/v1/artifacts", json=content | {"kind": "other"}, headers=bob)
+        artifact_id = first.json()["id"]
+        alice_read = (await c.get(f"/v1/artifacts/{artifact_id}", headers=alice)).json()
+        bob_read = (await c.get(f"/v1/artifacts/{artifact_id}", headers=bob)).json()
+        alice_list = (await c.get("/v1/artifacts", headers=alice)).json()["items"]
+        bob_list = (await c.get("/v1/artifacts", headers=bob)).json()["items"]
+        bob_by_tag = (await c.get("/v1/artifacts", params={"tag": "alice-tag"}, headers=bob)).json()
+        bob_by_kind = (
+            await c.get("/v1/artifacts", params={"kind": "document"}, headers=bob)
+        ).json()
+
+    assert (first.status_code, second.status_code, again.status_code) == (201, 201, 200)
+    assert second.json()["id"] == artifact_id == again.json()["id"]
+    expected_x = ("prompt", ["alice-tag"], {"who": "alice"})
+    expected_y = ("document", ["bob-tag"], {"who": "bob"})
+    assert view(first.json()) == view(alice_read) == expected_x
+    assert view(second.json()) == view(again.json()) == view(bob_read) == expected_y
+    assert [view(a) for a in alice_list] == [expected_x]
+    assert [view(a) for a in bob_list] == [expected_y]
+    assert bob_by_tag["items"] == []
+    assert [a["id"] for a in bob_by_kind["items"]] == [artifact_id]
+    assert bob_read["content"] == alice_read["content"] == "shared body"
+
+
+@pytest.mark.req("ORCH-SEC-0023", "ORCH-SEC-0021")
+async def test_a_control_key_sees_its_own_view_of_content_it_stored(tmp_path: Path) -> None:
+    content = {"content": "shared body"}
+    async with in_process(auth_settings(tmp_path)) as app:
+        c, ops = app.client, as_("ops")
+        body = content | {"kind": "prompt", "tags": ["a"], "metadata": {"who": "alice"}}
+        artifact_id = (await c.post("/v1/artifacts", json=body, headers=as_("alice"))).json()["id"]
+        before = (await c.get(f"/v1/artifacts/{artifact_id}", headers=ops)).json()
+        mine = content | {"kind": "other", "tags": ["o"], "metadata": {"who": "ops"}}
+        stored = await c.post("/v1/artifacts", json=mine, headers=ops)
+        after = (await c.get(f"/v1/artifacts/{artifact_id}", headers=ops)).json()
+        listed = (await c.get("/v1/artifacts", headers=ops)).json()["items"]
+        by_old_tag = (await c.get("/v1/artifacts", params={"tag": "a"}, headers=ops)).json()
+        alice_read = (await c.get(f"/v1/artifacts/{artifact_id}", headers=as_("alice"))).json()
+
+    assert view(before) == ("prompt", ["a"], {"who": "alice"})  # it sees every key's
+    assert stored.status_code == 201
+    expected = ("other", ["o"], {"who": "ops"})
+    assert view(stored.json()) == view(after) == expected
+    assert [view(a) for a in listed if a["id"] == artifact_id] == [expected]
+    assert by_old_tag["items"] == []
+    assert view(alice_read) == ("prompt", ["a"], {"who": "alice"})
+
+
 @pytest.mark.req("ORCH-SEC-0022")
 async def test_sessions_of_a_key_with_budgets_never_exceed_them(tmp_path: Path) -> None:
     async with in_process(auth_settings(tmp_path)) as app:

@@ -371,3 +371,37 @@ def test_the_outcome_of_the_most_recent_write_is_recorded(db: Database) -> None:
     db.update_task("t-1", state="running")
     assert not failing()
     assert failed_ms() == failed_at
+
+
+@pytest.mark.req("ORCH-SEC-0023")
+def test_the_views_migration_keeps_every_existing_owners_metadata(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in migrations():
+        if number <= 4:
+            conn.executescript(script)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute(
+        "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
+        "metadata) VALUES ('sha256:ab', 'ab', 'prompt', 1, 7, '[\"t\"]', '{\"k\": \"v\"}')"
+    )
+    for owner in ("alice", "bob"):
+        conn.execute("INSERT INTO artifact_owners VALUES ('sha256:ab', ?)", (owner,))
+    conn.close()
+
+    db = Database.open(path, profile="test")
+    try:
+        for owner in ("alice", "bob"):
+            assert db.artifact_owned_by("sha256:ab", owner)
+            view = db.get_artifact("sha256:ab", owner)
+            assert view is not None
+            assert (view["kind"], view["tags"], view["metadata"]) == (
+                "prompt",
+                '["t"]',
+                '{"k": "v"}',
+            )
+            assert view["created_ms"] == 7
+        assert not db.artifact_owned_by("sha256:ab", "carol")
+        assert "artifact_owners" not in tables(path)
+    finally:
+        db.close()

@@ -121,12 +121,15 @@ class ArtifactStore:
         owner: str | None = None,
         visible_to: str | None = None,
     ) -> tuple[Artifact, bool]:
-        """(artifact, created). Identical content already stored -> (the existing artifact, False).
+        """(artifact, created), the artifact as ``owner`` stored it.
 
-        The existing artifact keeps its own kind, tags, parent, task and metadata. Its body is
-        rewritten only if it went missing or was corrupted on disk. ``owner`` (an API key's
-        name) becomes one of its owners; a ``parent`` must be visible to ``visible_to`` (None: to
-        everyone).
+        Content is shared by digest, but each ``owner`` (an API key's name) has its own view of it:
+        its first store of the content is created (with its own kind, tags, parent, task and
+        metadata) even when another owner stored the same bytes; storing it again is not, and
+        answers the view it stored first. Without an owner (authentication off), identical
+        content already stored is (the existing artifact, False). The body is rewritten only if
+        it went missing or was corrupted on disk; a ``parent`` must be visible to ``visible_to``
+        (None: to everyone).
         """
         prepared = self.prepare(
             kind=kind,
@@ -196,7 +199,7 @@ class ArtifactStore:
         """Record a written body (on the event loop's thread, like every database call)."""
         row = self.row(prepared)
         inserted = self._db.insert_artifact(row)
-        return self._get_row(row.artifact_id), inserted
+        return self._get_row(row.artifact_id, prepared.owner), inserted
 
     def row(self, prepared: Prepared) -> ArtifactInsert:
         """The row that records a written body, for a caller that stores it in a transaction
@@ -214,15 +217,18 @@ class ArtifactStore:
             owner=prepared.owner,
         )
 
-    def get(self, artifact_id: str, *, visible_to: str | None = None) -> tuple[Artifact, str]:
+    def get(
+        self, artifact_id: str, *, visible_to: str | None = None, owner: str | None = None
+    ) -> tuple[Artifact, str]:
         """(artifact, content), the body re-read from disk and its digest verified.
 
-        ``visible_to`` given: an artifact that owner did not store is not found.
+        ``visible_to`` given: an artifact that owner did not store is not found. The artifact is
+        shown as ``owner`` stored it, if it did (else as its first store did).
         """
         # The id is checked before anything else, so that no other string can become a path.
         if not _ID.fullmatch(artifact_id):
             raise InvalidParams("an artifact id is 'sha256:' and 64 lowercase hex digits")
-        artifact = self._get_row(artifact_id)
+        artifact = self._get_row(artifact_id, owner)
         if not self._visible(artifact_id, visible_to):
             raise ArtifactNotFound(f"no artifact {artifact_id}")
         digest = artifact_id.removeprefix("sha256:")
@@ -246,9 +252,11 @@ class ArtifactStore:
         limit: int,
         cursor: str | None,
         visible_to: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[Artifact], str | None]:
         """A page newest first and the next cursor (None at the end); ``visible_to`` given,
-        only that owner's artifacts.
+        only that owner's artifacts, each as it stored it. ``owner``: whose view to show of an
+        artifact it stored (the others as their first store did).
 
         The cursor is the ``seq`` of the page's last row; the next page holds the older rows.
         """
@@ -269,6 +277,7 @@ class ArtifactStore:
             limit=limit + 1,
             before_seq=before_seq,
             owner=visible_to,
+            viewer=owner,
         )
         page = rows[:limit]
         next_cursor = str(page[-1]["seq"]) if len(rows) > limit else None
@@ -276,8 +285,8 @@ class ArtifactStore:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _get_row(self, artifact_id: str) -> Artifact:
-        row = self._db.get_artifact(artifact_id)
+    def _get_row(self, artifact_id: str, viewer: str | None = None) -> Artifact:
+        row = self._db.get_artifact(artifact_id, viewer)
         if row is None:
             raise ArtifactNotFound(f"no artifact {artifact_id}")
         return _artifact(row)

@@ -427,9 +427,11 @@ class Database:
     # and `metadata` (a JSON object of strings) stay JSON text here, like a task's request_json.
 
     def insert_artifact(self, artifact: ArtifactInsert) -> bool:
-        """Record an artifact's metadata; False (and nothing written) when its id is stored.
+        """Record an artifact; True when this is its owner's first store of the content.
 
-        Its ``owner`` becomes one of the artifact's owners either way.
+        The content's row is written once, by its first store. An ``owner`` gets a view of its
+        own (kind, tags, parent, task, metadata, time), written by its first store only; without
+        an owner (authentication off) True means the content was not stored before.
         """
         with self._write(), self._transaction():
             return self._insert_artifact(artifact)
@@ -442,25 +444,31 @@ class Database:
             "ON CONFLICT (artifact_id) DO NOTHING",
             (*values, a.task_id, a.metadata),
         )
-        if a.owner is not None:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner) VALUES (?, ?)",
-                (a.artifact_id, a.owner),
-            )
-        return cur.rowcount > 0
+        if a.owner is None:
+            return cur.rowcount > 0
+        view = self._conn.execute(
+            "INSERT INTO artifact_views (artifact_id, owner, kind, created_ms, tags, parent, "
+            "task_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (artifact_id, owner) DO NOTHING",
+            (a.artifact_id, a.owner, a.kind, a.created_ms, a.tags, a.parent, a.task_id, a.metadata),
+        )
+        return view.rowcount > 0
 
     def artifact_owned_by(self, artifact_id: str, owner: str) -> bool:
         with self._errors():
             found = self._conn.execute(
-                "SELECT 1 FROM artifact_owners WHERE artifact_id = ? AND owner = ?",
+                "SELECT 1 FROM artifact_views WHERE artifact_id = ? AND owner = ?",
                 (artifact_id, owner),
             ).fetchone()
         return found is not None
 
-    def get_artifact(self, artifact_id: str) -> dict[str, Any] | None:
+    def get_artifact(self, artifact_id: str, viewer: str | None = None) -> dict[str, Any] | None:
+        """The artifact as ``viewer`` stored it when it has a view of its own, else as its
+        first store did (None: the content is not stored)."""
         with self._errors():
             cur = self._conn.execute(
-                "SELECT * FROM artifacts WHERE artifact_id = ?", (artifact_id,)
+                f"SELECT * FROM ({_shown(viewer is not None)}) WHERE artifact_id = ?",
+                (viewer, artifact_id),
             )
             found = cur.fetchone()
         return dict(zip([d[0] for d in cur.description], found, strict=True)) if found else None
@@ -474,27 +482,53 @@ class Database:
         limit: int,
         before_seq: int | None,
         owner: str | None = None,
+        viewer: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first; `tag` matches one element of the tags array exactly; `owner` given:
-        only the artifacts that owner stored."""
+        """Newest first; `tag` matches one element of the tags array exactly. `owner` given:
+        only the artifacts that owner stored, each as it stored it, ordered by when it did.
+        Otherwise every artifact, as `viewer` stored it when it did, else as its first store did;
+        the filters apply to what is shown."""
         where, params = _where(
             ("kind = ?", kind),
-            ("EXISTS (SELECT 1 FROM json_each(artifacts.tags) WHERE json_each.value = ?)", tag),
+            ("EXISTS (SELECT 1 FROM json_each(shown.tags) WHERE json_each.value = ?)", tag),
             ("task_id = ?", task_id),
             ("seq < ?", before_seq),
-            (
-                "EXISTS (SELECT 1 FROM artifact_owners o "
-                "WHERE o.artifact_id = artifacts.artifact_id AND o.owner = ?)",
-                owner,
-            ),
         )
+        source = _OWN_VIEWS if owner is not None else _shown(viewer is not None)
         with self._errors():
             cur = self._conn.execute(
-                f"SELECT * FROM artifacts {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+                f"SELECT * FROM ({source}) AS shown {where} ORDER BY seq DESC LIMIT ?",
+                (owner if owner is not None else viewer, *params, limit),
             )
             found = cur.fetchall()
         columns = [d[0] for d in cur.description]
         return [dict(zip(columns, row, strict=True)) for row in found]
+
+
+# An owner's views, each with its content's columns; one parameter: the owner.
+_OWN_VIEWS = (
+    "SELECT v.seq, a.artifact_id, a.digest, v.kind, a.size_bytes, v.created_ms, v.tags, "
+    "v.parent, v.task_id, v.metadata FROM artifact_views v "
+    "JOIN artifacts a ON a.artifact_id = v.artifact_id WHERE v.owner = ?"
+)
+
+
+def _shown(with_viewer: bool) -> str:
+    """Every artifact, in its viewer's own view where there is one and else as its first store
+    wrote it; one parameter: the viewer (NULL matches no view)."""
+    if not with_viewer:
+        return (
+            "SELECT seq, artifact_id, digest, kind, size_bytes, created_ms, tags, parent, "
+            "task_id, metadata FROM artifacts WHERE ? IS NULL"
+        )
+    picked = ", ".join(
+        f"CASE WHEN v.seq IS NULL THEN a.{c} ELSE v.{c} END AS {c}"
+        for c in ("kind", "created_ms", "tags", "parent", "task_id", "metadata")
+    )
+    return (
+        f"SELECT a.seq, a.artifact_id, a.digest, a.size_bytes, {picked} FROM artifacts a "
+        "LEFT JOIN artifact_views v ON v.artifact_id = a.artifact_id AND v.owner = ?"
+    )
 
 
 def _where(*filters: tuple[str, object]) -> tuple[str, list[object]]:

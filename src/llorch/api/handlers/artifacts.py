@@ -32,8 +32,9 @@ class ArtifactHandlers:
         )
 
     async def get_artifact(self, artifact_id: str) -> Reply:
+        caller = principal()
         artifact, content = self._rt.artifacts.get(
-            artifact_id, visible_to=principal().visible_owner
+            artifact_id, visible_to=caller.visible_owner, owner=caller.owner
         )
         return artifact.to_json() | {"content": content}, 200, {}
 
@@ -45,12 +46,14 @@ class ArtifactHandlers:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Reply:
+        caller = principal()
         items, next_cursor = self._rt.artifacts.list(
             kind=kind,
             tag=tag,
             task_id=task_id,
             limit=limit,
             cursor=cursor,
-            visible_to=principal().visible_owner,
+            visible_to=caller.visible_owner,
+            owner=caller.owner,
         )
         return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}
