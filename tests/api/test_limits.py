@@ -151,3 +151,22 @@ async def test_an_artifact_at_max_bytes_is_stored_and_one_byte_more_is_413(tmp_p
     assert at.json()["size_bytes"] == limit
     assert past.status_code == 413, past.text
     assert past.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.req("ORCH-ERR-0009")
+async def test_a_parameter_error_names_the_parameter_not_its_value(tmp_path: Path) -> None:
+    # A 500 KB Last-Event-ID came back as a 1 MB 400: connexion's message quotes it twice.
+    huge = "9" * 500_000
+    async with in_process(make_settings(tmp_path, {"pools": [pool()]})) as api:
+        accepted = await api.submit()
+        task_id = accepted.json()["task_id"]
+        refused = await api.client.get(
+            f"/v1/tasks/{task_id}/stream", headers={"Last-Event-ID": huge}
+        )
+        listed = await api.client.get("/v1/tasks", params={"limit": huge[:60_000]})
+    for response, name in ((refused, "Last-Event-ID"), (listed, "limit")):
+        assert response.status_code == 400, response.text[:200]
+        body = response.json()
+        assert body["code"] == "INVALID_PARAMS"
+        assert name in body["message"] and "999999" not in body["message"]
+        assert len(response.content) < 1024

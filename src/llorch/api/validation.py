@@ -78,6 +78,16 @@ def describe(error: ValidationError) -> str:
     return f"'{where}' does not satisfy {error.validator}: {rule}"
 
 
+def describe_parameter(error: ValidationError, parameter_type: str, name: str) -> str:
+    """``<type> parameter '<name>' does not satisfy <rule>``, without the value."""
+    where = ".".join(str(part) for part in error.absolute_path)
+    rule = repr(error.validator_value)
+    if len(rule) > _MAX_RULE_CHARS:
+        rule = rule[:_MAX_RULE_CHARS] + "…"
+    place = f"{name}.{where}" if where else name
+    return f"{parameter_type} parameter '{place}' does not satisfy {error.validator}: {rule}"
+
+
 class CompiledSchema:
     """One schema compiled twice: a Rust fast path and the Python validator that decides."""
 
@@ -216,7 +226,9 @@ class CachedParameterValidator(ParameterValidator):  # type: ignore[misc]
             try:
                 compiled.python.validate(value)
             except ValidationError as exception:
-                return str(exception)
+                # Connexion answers str(exception), which quotes the value twice: a 500 KB
+                # header came back as a 1 MB 400. Name the parameter and the rule instead.
+                return describe_parameter(exception, parameter_type, param_name or param["name"])
             return None
         if param.get("required"):
             return f"Missing {parameter_type} parameter '{param['name']}'"
