@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -125,6 +126,19 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[st
     assert body["correlation_id"] == response.headers["x-correlation-id"]
     assert isinstance(body["message"], str) and body["message"]
     return body
+
+
+@contextmanager
+def write_lock_held(database: Path) -> Iterator[None]:
+    """Another process's view of storage failing: a second connection holds the database's
+    write lock (``BEGIN EXCLUSIVE``) until the block ends."""
+    locker = sqlite3.connect(database, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
 
 
 async def fill_slots(api: InProcess, count: int, **overrides: Any) -> list[str]:

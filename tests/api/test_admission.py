@@ -19,6 +19,7 @@ from tests.support import (
     in_process,
     pool,
     task_body,
+    write_lock_held,
 )
 
 
@@ -374,17 +375,12 @@ async def test_storage_failure_answers_500_and_admits_nothing(
     settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
     async with in_process(settings) as api:
         # Another process holds the database's write lock past the busy timeout.
-        locker = sqlite3.connect(settings.database_path, isolation_level=None)
-        try:
-            locker.execute("BEGIN EXCLUSIVE")
+        with write_lock_held(settings.database_path):
             response = await api.submit(task_id="during-lock")
             body = assert_envelope(response, 500, "INTERNAL")
             assert body["retriable"] is True
             # Neither the SQL error nor a path reaches the client (issue 15, low).
             assert body["message"] == "internal error"
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
         assert_envelope(await api.client.get("/v1/tasks/during-lock"), 404, "TASK_NOT_FOUND")
         assert (await api.submit(task_id="during-lock")).status_code == 202
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 import pytest
 
 from tests.conftest import SettingsFactory
-from tests.support import BUSY, InProcess, assert_envelope, fill_slots, in_process, pool
+from tests.support import (
+    BUSY,
+    InProcess,
+    assert_envelope,
+    fill_slots,
+    in_process,
+    pool,
+    write_lock_held,
+)
 
 
 async def health(api: InProcess, pool_id: str = "default") -> dict[str, Any]:
@@ -191,9 +198,7 @@ async def test_readyz_answers_503_while_the_last_database_write_failed(
     async with in_process(settings) as api:
         assert (await api.client.get("/readyz")).status_code == 200
         # Another process holds the database's write lock past the busy timeout.
-        locker = sqlite3.connect(settings.database_path, isolation_level=None)
-        try:
-            locker.execute("BEGIN EXCLUSIVE")
+        with write_lock_held(settings.database_path):
             assert_envelope(await api.submit(task_id="during-lock"), 500, "INTERNAL")
             not_ready = await api.client.get("/readyz")
             body = assert_envelope(not_ready, 503, "NOT_READY")
@@ -202,9 +207,6 @@ async def test_readyz_answers_503_while_the_last_database_write_failed(
             # The process is alive: only readiness follows storage.
             live = await api.client.get("/livez")
             assert live.status_code == 200 and live.json() == {"status": "ok"}
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
         # Released, the probe's own write succeeds: readiness recovers with no traffic (a
         # balancer that took the server out of rotation sends none).
         ready = await api.client.get("/readyz")

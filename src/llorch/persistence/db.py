@@ -11,7 +11,7 @@ import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -109,15 +109,10 @@ def check_database(path: Path) -> None:
         return
     _refuse_empty(path)
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            _quick_check(conn, path)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
-    try:
-        _quick_check(conn, path)
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot open database {path}: {exc}") from exc
-    finally:
-        conn.close()
 
 
 def _refuse_empty(path: Path) -> None:
