@@ -161,3 +161,21 @@ async def test_unknown_routes_and_methods_answer_the_envelope(
     async with in_process(settings_for({"pools": [pool()]})) as api:
         assert_envelope(await api.client.get("/v2/nothing"), 404, "NOT_FOUND")
         assert_envelope(await api.client.delete("/v1/tasks"), 405, "METHOD_NOT_ALLOWED")
+
+
+async def test_opening_a_stream_reads_the_task_row_once(settings_for: SettingsFactory) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        conn: sqlite3.Connection = api.runtime.scheduler._db._conn
+        task_id = (await api.submit(max_tokens=3)).json()["task_id"]
+        await api.events(task_id)
+        reads: list[str] = []
+        conn.set_trace_callback(lambda sql: reads.append(sql) if "FROM tasks" in sql else None)
+        # With its stream still in memory, then forgotten (replayed from the row).
+        for forget in (False, True):
+            if forget:
+                api.runtime.scheduler.registry._ended.clear()
+            reads.clear()
+            events = await api.events(task_id, **{"last-event-id": "0"})
+            assert events[-1].event == "end"
+            assert len(reads) == 1, reads
+        conn.set_trace_callback(None)

@@ -15,11 +15,11 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llorch.clock import Clock
-from llorch.config import Budget, Settings
+from llorch.config import Settings
 from llorch.engines.base import ChatMessage, CompletionRequest
 from llorch.errors import (
     DeadlineUnmet,
@@ -32,6 +32,7 @@ from llorch.errors import (
     TaskExists,
 )
 from llorch.persistence import Database, TaskRow
+from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.queue import Priority
 from llorch.scheduler.registry import Registry
@@ -55,21 +56,6 @@ class Admission:
     backoff_ms: int
     remaining: Remaining
 
-
-@dataclass(frozen=True)
-class Caller:
-    """Who submits: the owner of the task (and of a session it opens), whose sessions and
-    tasks it may use (``visible_to`` None: everyone's), and the budgets a session it opens
-    cannot exceed."""
-
-    owner: str | None = None
-    visible_to: str | None = None
-    budgets: Budget | None = None
-    # The request's headers, for a pool whose flows are named by a header.
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-ANYONE = Caller()
 
 Finisher = Callable[..., None]
 
@@ -314,9 +300,7 @@ class Admitter:
         row = self._db.get_task(task_id)
         if row is None:
             return None
-        if row.request_digest != digest or (
-            caller.visible_to is not None and row.owner != caller.visible_to
-        ):
+        if row.request_digest != digest or not caller.can_see(row.owner):
             raise TaskExists(f"task {task_id} exists with another body")
         record = self._registry.live.get(task_id)
         pool = self._registry.pools[row.pool_id]

@@ -16,12 +16,21 @@ from llorch.engines.base import Engine
 from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound, WorkerReset
 from llorch.metrics import Metrics
 from llorch.persistence import Database, TaskRow
-from llorch.scheduler.admission import ANYONE, Admission, Admitter, Caller
-from llorch.scheduler.control import PoolOperations, pool_capabilities
+from llorch.scheduler.admission import Admission, Admitter
+from llorch.scheduler.caller import ANYONE, Caller
+from llorch.scheduler.control import PoolOperations
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.snapshots import (
+    PoolSnapshot,
+    TaskPage,
+    TaskSnapshot,
+    TaskStream,
+    pool_snapshot,
+    task_snapshot,
+)
 from llorch.scheduler.task import CANCELED, FAILED, QUEUED, RUNNING, TERMINAL_STATES
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
@@ -139,11 +148,23 @@ class Scheduler:
             raise TaskNotFound(f"task {task_id} not found")
         return _replay_from_row(row)
 
-    def task(self, task_id: str) -> dict[str, Any]:
+    def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
+        """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
+        see it."""
+        row = self.row(task_id, caller)
+        live = self.registry.stream(task_id)
+        return TaskStream(row=row, events=live if live is not None else _replay_from_row(row))
+
+    def row(self, task_id: str, caller: Caller) -> TaskRow:
+        """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's
+        task is not found, rather than forbidden: its existence is not told)."""
         row = self._db.get_task(task_id)
-        if row is None:
+        if row is None or not caller.can_see(row.owner):
             raise TaskNotFound(f"task {task_id} not found")
-        return self._view(row)
+        return row
+
+    def task(self, task_id: str, caller: Caller) -> TaskSnapshot:
+        return task_snapshot(self.registry, self.row(task_id, caller))
 
     def tasks(
         self,
@@ -152,20 +173,24 @@ class Scheduler:
         state: str | None,
         limit: int,
         cursor: str | None,
-        visible_to: str | None = None,
-    ) -> dict[str, Any]:
+        caller: Caller,
+    ) -> TaskPage:
         # The cursor is the sequence number of the last task of the previous page.
         # Any 19-digit string is a valid cursor: clamp it to what SQLite can compare.
         before = min(int(cursor), 2**63 - 1) if cursor is not None else None
         rows = self._db.list_tasks(
-            session_id=session_id, state=state, limit=limit + 1, before_seq=before, owner=visible_to
+            session_id=session_id,
+            state=state,
+            limit=limit + 1,
+            before_seq=before,
+            owner=caller.visible_to,
         )
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
-        return {"items": [self._view(r) for r in page], "next_cursor": next_cursor}
+        return TaskPage(tuple(task_snapshot(self.registry, r) for r in page), next_cursor)
 
-    def capabilities(self) -> list[dict[str, Any]]:
-        return [pool_capabilities(p) for p in self.registry.pools.values()]
+    def capabilities(self) -> list[PoolSnapshot]:
+        return [pool_snapshot(p) for p in self.registry.pools.values()]
 
     @property
     def ready(self) -> bool:
@@ -173,44 +198,6 @@ class Scheduler:
 
     def remaining(self, session_id: str) -> Remaining:
         return self.sessions.remaining_for(session_id)
-
-    def _view(self, row: TaskRow) -> dict[str, Any]:
-        record = self.registry.live.get(row.task_id)
-        state = record.state if record is not None else row.state
-        position = None
-        if record is not None and state == QUEUED:
-            pool = self.registry.pools[row.pool_id]
-            position = pool.queue.position(record, record.priority)
-        error = None
-        if row.error_code is not None and state in TERMINAL_STATES:
-            error = {
-                "code": row.error_code,
-                "message": row.error_message or "",
-                "retriable": bool(row.error_retriable),
-            }
-        view: dict[str, Any] = {
-            "task_id": row.task_id,
-            "session_id": row.session_id,
-            "model": row.model,
-            "priority": row.priority,
-            "state": state,
-            "queue_position": position,
-            "pool_id": row.pool_id,
-            "replica_id": row.replica_id,
-            "finish_reason": row.finish_reason,
-            "usage": {"tokens_in": row.tokens_in, "tokens_out": row.tokens_out, "cost": row.cost},
-            "timings": {
-                "created_ms": row.created_ms,
-                "started_ms": row.started_ms,
-                "ended_ms": row.ended_ms,
-                "ttft_ms": row.ttft_ms,
-                "decode_time_ms": row.decode_time_ms,
-            },
-            "trace_artifact_id": row.trace_artifact_id,
-        }
-        if error is not None:
-            view["error"] = error
-        return view
 
 
 def _replay_from_row(row: TaskRow) -> EventStream:

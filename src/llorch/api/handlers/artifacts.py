@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llorch.api.auth import principal
+from llorch.api.auth import caller
 from llorch.api.runtime import Runtime
 
 Reply = tuple[Any, int, dict[str, str]]
@@ -15,15 +15,15 @@ class ArtifactHandlers:
         self._rt = runtime
 
     async def create_artifact(self, body: dict[str, Any]) -> Reply:
-        caller = principal()
+        who = caller()
         artifact, created = self._rt.artifacts.put(
             kind=body["kind"],
             content=body["content"],
             tags=body.get("tags", ()),
             parent=body.get("parent"),
             metadata=body.get("metadata"),
-            owner=caller.owner,
-            visible_to=caller.visible_owner,
+            owner=who.owner,
+            visible_to=who.visible_to,
         )
         return (
             artifact.to_json(),
@@ -32,9 +32,9 @@ class ArtifactHandlers:
         )
 
     async def get_artifact(self, artifact_id: str) -> Reply:
-        caller = principal()
+        who = caller()
         artifact, content = self._rt.artifacts.get(
-            artifact_id, visible_to=caller.visible_owner, owner=caller.owner
+            artifact_id, visible_to=who.visible_to, owner=who.owner
         )
         return artifact.to_json() | {"content": content}, 200, {}
 
@@ -46,14 +46,14 @@ class ArtifactHandlers:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Reply:
-        caller = principal()
+        who = caller()
         items, next_cursor = self._rt.artifacts.list(
             kind=kind,
             tag=tag,
             task_id=task_id,
             limit=limit,
             cursor=cursor,
-            visible_to=caller.visible_owner,
-            owner=caller.owner,
+            visible_to=who.visible_to,
+            owner=who.owner,
         )
         return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}
