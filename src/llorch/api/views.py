@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llorch.artifacts import Artifact
 from llorch.config import Settings
 from llorch.scheduler import Admission
 from llorch.scheduler.snapshots import PoolSnapshot, TaskPage, TaskSnapshot
@@ -163,7 +164,7 @@ def capabilities_body(
     }
 
 
-# -- sessions ---------------------------------------------------------------------------------
+# -- sessions and artifacts ------------------------------------------------------------------
 
 
 def session_body(session: Session) -> dict[str, Any]:
@@ -183,4 +184,19 @@ def session_body(session: Session) -> dict[str, Any]:
             "time_ms_remaining": session.remaining.time_ms,
             "cost_remaining": session.remaining.cost,
         },
+    }
+
+
+def artifact_body(artifact: Artifact) -> dict[str, Any]:
+    """The control contract's ``Artifact`` object."""
+    return {
+        "id": artifact.id,
+        "digest": artifact.digest,
+        "kind": artifact.kind,
+        "size_bytes": artifact.size_bytes,
+        "created_ms": artifact.created_ms,
+        "tags": list(artifact.tags),
+        "parent": artifact.parent,
+        "task_id": artifact.task_id,
+        "metadata": dict(artifact.metadata),
     }

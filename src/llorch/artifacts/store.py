@@ -60,20 +60,6 @@ class Artifact:
     # Read-only, and left out of the hash: a mapping has none.
     metadata: Mapping[str, str] = field(hash=False)
 
-    def to_json(self) -> dict[str, Any]:
-        """The control contract's ``Artifact`` object."""
-        return {
-            "id": self.id,
-            "digest": self.digest,
-            "kind": self.kind,
-            "size_bytes": self.size_bytes,
-            "created_ms": self.created_ms,
-            "tags": list(self.tags),
-            "parent": self.parent,
-            "task_id": self.task_id,
-            "metadata": dict(self.metadata),
-        }
-
 
 @dataclass(frozen=True)
 class Prepared:

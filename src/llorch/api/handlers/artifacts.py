@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llorch.api import views
 from llorch.api.auth import caller
 from llorch.api.runtime import Runtime
 
@@ -26,7 +27,7 @@ class ArtifactHandlers:
             visible_to=who.visible_to,
         )
         return (
-            artifact.to_json(),
+            views.artifact_body(artifact),
             201 if created else 200,
             {"Location": f"/v1/artifacts/{artifact.id}"},
         )
@@ -36,7 +37,7 @@ class ArtifactHandlers:
         artifact, content = self._rt.artifacts.get(
             artifact_id, visible_to=who.visible_to, owner=who.owner
         )
-        return artifact.to_json() | {"content": content}, 200, {}
+        return views.artifact_body(artifact) | {"content": content}, 200, {}
 
     async def list_artifacts(
         self,
@@ -56,4 +57,5 @@ class ArtifactHandlers:
             visible_to=who.visible_to,
             owner=who.owner,
         )
-        return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}
+        body = {"items": [views.artifact_body(a) for a in items], "next_cursor": next_cursor}
+        return body, 200, {}
