@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,7 +35,7 @@ import aiohttp
 import orjson
 
 from llorch.config import EngineKind, PoolSettings
-from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import Chunk, CompletionRequest, Finish, Token, estimate_tokens_in
 from llorch.errors import (
     DecodeTimeout,
     EngineError,
@@ -364,9 +363,9 @@ class OpenAIHttpEngine:
             tokens_in, tokens_out = progress.usage
             reported = True
         else:
-            # The engine sent no usage: count what it streamed, estimate the prompt.
-            text = request.prompt or "".join(m.content for m in request.messages or ())
-            tokens_in, tokens_out = max(1, math.ceil(len(text) / 4)), progress.tokens
+            # The engine sent no usage: count what it streamed, estimate the prompt as
+            # admission does.
+            tokens_in, tokens_out = estimate_tokens_in(request), progress.tokens
             reported = False
         reason = _FINISH_REASONS.get(progress.finish_reason or "", "stop")
         if progress.finish_reason is None and tokens_out >= request.max_tokens:
