@@ -74,6 +74,8 @@ class TaskRow:
     trace_artifact_id: str | None = None
     terminal_event_id: int | None = None
     owner: str | None = None
+    # When tokens_out of a running task was last checkpointed (Database.record_progress).
+    progress_ms: int | None = None
 
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
@@ -341,6 +343,14 @@ class Database:
                     f"UPDATE sessions SET {session_sets} WHERE session_id = ?",
                     (*session_values.values(), session_id),
                 )
+
+    def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
+        """Checkpoint the tokens running tasks have produced so far, in one transaction."""
+        with self._write(), self._transaction():
+            self._conn.executemany(
+                "UPDATE tasks SET tokens_out = ?, progress_ms = ? WHERE task_id = ?",
+                [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
+            )
 
     def list_tasks(
         self,

@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from llorch.clock import Clock
 from llorch.config import Settings
-from llorch.engines.base import ChatMessage, CompletionRequest
+from llorch.engines.base import CompletionRequest, bound_tokens_in, estimate_tokens_in
 from llorch.errors import (
     DeadlineUnmet,
     InvalidParams,
@@ -36,7 +36,8 @@ from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.queue import Priority
 from llorch.scheduler.registry import Registry
-from llorch.scheduler.task import FAILED, QUEUED, TaskRecord
+from llorch.scheduler.settle import Settlement
+from llorch.scheduler.task import FAILED, QUEUED, TaskRecord, completion_request
 from llorch.sessions import Reservation, SessionService
 from llorch.sessions.service import Remaining, new_id
 
@@ -57,32 +58,9 @@ class Admission:
     remaining: Remaining
 
 
-Finisher = Callable[..., None]
-
-
 def request_digest(body: Mapping[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _prompt_bytes(request: CompletionRequest) -> int:
-    """The prompt's UTF-8 bytes, with 8 for the markers a chat template puts around a message."""
-    if request.prompt is not None:
-        return len(request.prompt.encode())
-    return sum(len(m.content.encode()) + 8 for m in request.messages or ())
-
-
-def estimate_tokens_in(request: CompletionRequest) -> int:
-    """The typical prompt size (4 bytes a token): for context limits, and for the charge of a
-    task that ends before its engine counts its prompt."""
-    return max(1, math.ceil(_prompt_bytes(request) / 4))
-
-
-def bound_tokens_in(request: CompletionRequest) -> int:
-    """The most prompt tokens an engine can count, for reservations: a byte-level tokenizer
-    (BPE over UTF-8 bytes, SentencePiece with byte fallback) makes at most a token a byte, and
-    8 more cover the begin/end markers."""
-    return _prompt_bytes(request) + 8
 
 
 def _require_utf8(body: Mapping[str, Any]) -> None:
@@ -100,14 +78,14 @@ class Admitter:
         sessions: SessionService,
         settings: Settings,
         clock: Clock,
-        finish: Finisher,
+        settlement: Settlement,
     ) -> None:
         self._registry = registry
         self._db = db
         self._sessions = sessions
         self._settings = settings
         self._clock = clock
-        self._finish = finish
+        self._settlement = settlement
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
@@ -121,7 +99,7 @@ class Admitter:
                 return replay
         else:
             task_id = new_id("t")
-        request = _completion_request(task_id, body, correlation_id)
+        request = completion_request(task_id, body, correlation_id)
         priority: Priority = body.get("priority", "interactive")
         pool = self._route(request.model, body.get("placement") or {})
         tokens_in = estimate_tokens_in(request)
@@ -207,7 +185,7 @@ class Admitter:
         self._registry.add(record)
         if victim is not None:
             pool.queue.remove(victim, victim.priority)
-            self._finish(
+            self._settlement.end_now(
                 victim,
                 FAILED,
                 error=QueueFullDropLru(
@@ -252,10 +230,7 @@ class Admitter:
         return Reservation(
             tokens=tokens_in + request.max_tokens,
             time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
-            cost=round(
-                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
-                9,
-            ),
+            cost=price.cost(tokens_in, request.max_tokens),
         )
 
     def restore(self, row: TaskRow) -> bool:
@@ -268,7 +243,7 @@ class Admitter:
         if pool is None:
             return False
         body = json.loads(row.request_json)
-        request = _completion_request(row.task_id, body, row.correlation_id)
+        request = completion_request(row.task_id, body, row.correlation_id)
         session = self._sessions.live_row_or_none(row.session_id)
         tokens_in = estimate_tokens_in(request)
         want = self._worst_case(pool, request)
@@ -356,22 +331,3 @@ class Admitter:
                 pool_id=open_pools[0].id,
             )
         return min(ready, key=rank)
-
-
-def _completion_request(
-    task_id: str, body: Mapping[str, Any], correlation_id: str
-) -> CompletionRequest:
-    messages = body.get("messages")
-    return CompletionRequest(
-        task_id=task_id,
-        model=body["model"],
-        prompt=body.get("prompt"),
-        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages)
-        if messages is not None
-        else None,
-        max_tokens=body["max_tokens"],
-        seed=body.get("seed"),
-        temperature=body.get("temperature"),
-        stop=tuple(body.get("stop", ())),
-        correlation_id=correlation_id,
-    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +12,7 @@ from llorch.config import PoolSettings, Settings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound, WorkerReset
+from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound
 from llorch.metrics import Metrics
 from llorch.persistence import Database, TaskRow
 from llorch.scheduler.admission import Admission, Admitter
@@ -23,6 +22,7 @@ from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.settle import Settlement, replay_from_row
 from llorch.scheduler.snapshots import (
     PoolSnapshot,
     TaskPage,
@@ -31,7 +31,7 @@ from llorch.scheduler.snapshots import (
     pool_snapshot,
     task_snapshot,
 )
-from llorch.scheduler.task import CANCELED, FAILED, QUEUED, RUNNING, TERMINAL_STATES
+from llorch.scheduler.task import CANCELED, QUEUED, RUNNING
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
 
@@ -60,10 +60,11 @@ class Scheduler:
             [PoolRuntime(p, engines(p, 0), self.metrics, clock) for p in settings.pools],
             settings.server.streams_retained,
         )
-        self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
-        self._admitter = Admitter(
-            self.registry, db, sessions, settings, clock, self._dispatcher.finish
+        self._settlement = Settlement(self.registry, db, sessions, settings, clock, artifacts)
+        self._dispatcher = Dispatcher(
+            self.registry, db, sessions, settings, clock, self._settlement
         )
+        self._admitter = Admitter(self.registry, db, sessions, settings, clock, self._settlement)
         self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
         self.closing = False
 
@@ -79,6 +80,7 @@ class Scheduler:
     async def stop(self) -> None:
         self.closing = True
         await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
+        await self._settlement.stop()
         for pool in self.registry.pools.values():
             for replica in pool.replicas:
                 await replica.engine.close()
@@ -87,22 +89,12 @@ class Scheduler:
         """After a restart: queued tasks are queued again; tasks that were running end with a
         retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
         for row in self._db.tasks_in_states([RUNNING, QUEUED]):
-            if row.state == QUEUED and self._admitter.restore(row):
-                continue
-            error = WorkerReset("the server restarted while the task was in flight")
-            # Its events died with the process; the terminal frame gets an id above any a client
-            # can have seen (started, one token and at most one metrics frame per token), so a
-            # Last-Event-ID resume still reaches it.
-            max_tokens = int(json.loads(row.request_json).get("max_tokens", 0))
-            self._db.update_task(
-                row.task_id,
-                state=FAILED,
-                ended_ms=self._clock.now_ms(),
-                error_code=error.code,
-                error_message=error.message,
-                error_retriable=True,
-                terminal_event_id=2 * max_tokens + 2,
-            )
+            try:
+                if row.state == QUEUED and self._admitter.restore(row):
+                    continue
+                self._settlement.reconcile(row)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._settlement.quarantine(row, exc)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -134,7 +126,7 @@ class Scheduler:
             pool = self.registry.pools[record.pool_id]
             pool.queue.remove(record, record.priority)
             pool.record_queue()
-            self._dispatcher.finish(record, CANCELED, finish_reason="canceled")
+            self._settlement.end_now(record, CANCELED, finish_reason="canceled")
         elif record.state == RUNNING and record.runner is not None:
             # The flag is set before this returns, so no token frame follows the cancel.
             record.runner.cancel()
@@ -146,14 +138,14 @@ class Scheduler:
         row = self._db.get_task(task_id)
         if row is None:
             raise TaskNotFound(f"task {task_id} not found")
-        return _replay_from_row(row)
+        return replay_from_row(row)
 
     def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
         """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
         see it."""
         row = self.row(task_id, caller)
         live = self.registry.stream(task_id)
-        return TaskStream(row=row, events=live if live is not None else _replay_from_row(row))
+        return TaskStream(row=row, events=live if live is not None else replay_from_row(row))
 
     def row(self, task_id: str, caller: Caller) -> TaskRow:
         """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's
@@ -198,40 +190,6 @@ class Scheduler:
 
     def remaining(self, session_id: str) -> Remaining:
         return self.sessions.remaining_for(session_id)
-
-
-def _replay_from_row(row: TaskRow) -> EventStream:
-    """A stream for a task whose events are no longer in memory: only its terminal event, under
-    its original id (earlier ids are gone: a client sees the gap)."""
-    stream = EventStream(first_seq=row.terminal_event_id or 0)
-    if row.state not in TERMINAL_STATES:
-        # Unreachable while the process lives (live tasks keep their stream); kept total.
-        stream.publish(
-            "error",
-            {"code": "WORKER_RESET", "message": "task events were lost", "retriable": True},
-        )
-    elif row.error_code is not None:
-        stream.publish(
-            "error",
-            {
-                "code": row.error_code,
-                "message": row.error_message or "",
-                "retriable": bool(row.error_retriable),
-            },
-        )
-    else:
-        stream.publish(
-            "end",
-            {
-                "tokens_in": row.tokens_in,
-                "tokens_out": row.tokens_out,
-                "ttft_ms": row.ttft_ms,
-                "decode_time_ms": row.decode_time_ms or 0,
-                "cost": row.cost,
-                "finish_reason": row.finish_reason or "stop",
-            },
-        )
-    return stream
 
 
 __all__ = ["Admission", "Caller", "Scheduler"]
