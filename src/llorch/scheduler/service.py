@@ -119,17 +119,19 @@ class Scheduler:
             if self._db.get_task(task_id) is None:
                 raise TaskNotFound(f"task {task_id} not found")
             return
-        if record.cancel_requested or record.ending:
+        phase = record.phase
+        if record.cancel_requested or phase == "ending":
             return
         record.cancel_requested = True
-        if record.state == QUEUED and record.runner is None:
+        if phase == "queued":
             pool = self.registry.pools[record.pool_id]
             pool.queue.remove(record, record.priority)
             pool.record_queue()
             self._settlement.end_now(record, CANCELED, finish_reason="canceled")
-        elif record.state == RUNNING and record.runner is not None:
+        elif phase == "running" and record.runner is not None:
             # The flag is set before this returns, so no token frame follows the cancel.
             record.runner.cancel()
+        # "dispatched": its run sees the flag before it starts the task, and ends it canceled.
 
     def stream(self, task_id: str) -> EventStream:
         found = self.registry.stream(task_id)

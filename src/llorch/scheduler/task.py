@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from llorch.engines.base import ChatMessage, CompletionRequest
 from llorch.persistence import TaskRow
@@ -21,6 +21,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
     "canceled",
 )
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+Phase = Literal["queued", "dispatched", "running", "ending"]
 
 # Every allowed transition; anything else is a bug.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -77,6 +79,25 @@ class TaskRecord:
     @property
     def pool_id(self) -> str:
         return self.row.pool_id
+
+    @property
+    def phase(self) -> Phase:
+        """Where a live task is, from its state and flags:
+
+        ======= ====== ====== ============= =====================================================
+        state   runner ending phase         meaning
+        ======= ====== ====== ============= =====================================================
+        queued  None   False  ``queued``    in its pool's queue
+        queued  set    False  ``dispatched`` on a replica slot; its run has not started it yet
+        running set    False  ``running``   its engine call under way
+        any     any    True   ``ending``    its end decided and being written (Settlement)
+        ======= ====== ====== ============= =====================================================
+        """
+        if self.ending:
+            return "ending"
+        if self.state == QUEUED:
+            return "queued" if self.runner is None else "dispatched"
+        return "running"
 
     def check_move(self, state: str) -> None:
         """The one transition check: IllegalTransition unless ``state`` may follow."""
