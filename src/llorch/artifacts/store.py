@@ -34,7 +34,7 @@ from llorch.errors import (
     StorageError,
 )
 from llorch.metrics import Metrics
-from llorch.persistence import ArtifactInsert, Database
+from llorch.persistence import ArtifactInsert, Storage
 
 KINDS = ("prompt", "trace", "transcript", "document", "other")
 
@@ -78,7 +78,7 @@ class Prepared:
 class ArtifactStore:
     def __init__(
         self,
-        db: Database,
+        db: Storage,
         root: Path,
         *,
         max_bytes: int,
@@ -189,7 +189,7 @@ class ArtifactStore:
 
     def row(self, prepared: Prepared) -> ArtifactInsert:
         """The row that records a written body, for a caller that stores it in a transaction
-        of its own (:meth:`Database.finish_task` stores a task's trace with the task's end)."""
+        of its own (:meth:`Storage.finish_task` stores a task's trace with the task's end)."""
         return ArtifactInsert(
             artifact_id=f"sha256:{prepared.digest}",
             digest=prepared.digest,

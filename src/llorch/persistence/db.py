@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -167,7 +166,6 @@ class Database:
         # full disk, a corrupt page); the next write that succeeds clears it.
         self.write_failing = False
         # When a write last failed (wall clock, ms since the epoch), or None if none has.
-        self.last_write_failure_ms: int | None = None
 
     @classmethod
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
@@ -269,15 +267,6 @@ class Database:
                 (session_id,),
             )
         return cur.rowcount > 0
-
-    def update_session(self, session_id: str, **values: Any) -> None:
-        sets = ", ".join(f"{k} = ?" for k in values)
-        with self._write():
-            self._conn.execute(
-                f"UPDATE sessions SET {sets} WHERE session_id = ?", (*values.values(), session_id)
-            )
-
-    # -- tasks ------------------------------------------------------------------------------
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
@@ -423,7 +412,6 @@ class Database:
                 yield
         except StorageError:
             self.write_failing = True
-            self.last_write_failure_ms = int(time.time() * 1000)
             raise
         self.write_failing = False
 

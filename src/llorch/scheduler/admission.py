@@ -31,7 +31,7 @@ from llorch.errors import (
     QueueFullDropLru,
     TaskExists,
 )
-from llorch.persistence import Database, SessionRow, TaskRow
+from llorch.persistence import SessionRow, Storage, TaskRow
 from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.queue import Priority
@@ -127,7 +127,7 @@ class Admitter:
     def __init__(
         self,
         registry: Registry,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         settings: Settings,
         clock: Clock,

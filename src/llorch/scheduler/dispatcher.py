@@ -16,7 +16,7 @@ from typing import Any
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, EngineError, StorageError
-from llorch.persistence import Database
+from llorch.persistence import Storage
 from llorch.scheduler.engine_call import EngineCall, RunContext
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
@@ -31,7 +31,7 @@ class Dispatcher:
     def __init__(
         self,
         registry: Registry,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         settings: Settings,
         clock: Clock,

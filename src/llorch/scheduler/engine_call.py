@@ -35,7 +35,7 @@ from llorch.errors import (
     EngineTimeout,
     LlorchError,
 )
-from llorch.persistence import Database
+from llorch.persistence import Storage
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.settle import Settlement
 from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
@@ -49,7 +49,7 @@ log = logging.getLogger("llorch.dispatcher")
 class RunContext:
     """What every run needs beside its pool, replica and task."""
 
-    db: Database
+    db: Storage
     sessions: SessionService
     settlement: Settlement
     clock: Clock

@@ -14,7 +14,7 @@ from llorch.engines import build_engines
 from llorch.engines.base import Engine
 from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound
 from llorch.metrics import Metrics
-from llorch.persistence import Database, TaskRow
+from llorch.persistence import Storage, TaskRow
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.control import PoolOperations
@@ -44,7 +44,7 @@ class Scheduler:
     def __init__(
         self,
         settings: Settings,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         clock: Clock,
         engines: EngineFactory = build_engines,

@@ -32,7 +32,7 @@ from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.engines.base import estimate_tokens_in
 from llorch.errors import EngineError, LlorchError, StorageError, WorkerReset
-from llorch.persistence import ArtifactInsert, Database, TaskRow
+from llorch.persistence import ArtifactInsert, Storage, TaskRow
 from llorch.scheduler.ending import Ending, conclude, error_columns, terminal_frame, trace_document
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.registry import Registry
@@ -49,7 +49,7 @@ class Settlement:
     def __init__(
         self,
         registry: Registry,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         settings: Settings,
         clock: Clock,
