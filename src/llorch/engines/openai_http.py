@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import orjson
@@ -62,6 +62,38 @@ class _Progress:
     usage: tuple[int, int] | None = None
     cached: int | None = None
     finish_reason: str | None = None
+
+
+_T = TypeVar("_T")
+
+
+class _SseReader:
+    """The ``data`` payloads of an SSE byte stream, split once per network read, whatever it
+    holds. ``:`` starts a comment (a keep-alive); ``event:`` and ``id:`` lines are ignored."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+
+    def feed(self, read: bytes) -> list[bytes]:
+        """The payloads completed by ``read``."""
+        lines = (self._pending + read).split(b"\n")
+        self._pending = lines.pop()
+        payloads: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line == b"data":
+                    data.append(b"")
+                continue
+            if data:
+                payloads.append(data[0] if len(data) == 1 else b"\n".join(data))
+                data.clear()
+        return payloads
 
 
 class OpenAIHttpEngine:
@@ -162,50 +194,21 @@ class OpenAIHttpEngine:
         dog.move(total_at, "the total time limit")
         response: aiohttp.ClientResponse | None = None
         try:
-            try:
-                response = await dog.wait(
-                    self._client().post(
-                        self._urls[chat], data=orjson.dumps(self._body(request)), headers=headers
-                    )
-                )
-            except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ClientError):
-                    raise  # the connect limit: translated below
-                raise self._overdue(dog, progress) from exc
+            body = orjson.dumps(self._body(request))
+            post = self._client().post(self._urls[chat], data=body, headers=headers)
+            response = await self._within(dog, post, progress)
             await self._check(response)
-            # Bytes, split into lines here: one pass per network read, whatever it holds.
             content = response.content
-            pending = b""
-            data: list[bytes] = []
+            events = _SseReader()
             while True:
-                try:
-                    read = await dog.wait(content.readany())
-                except TimeoutError as exc:
-                    if isinstance(exc, aiohttp.ClientError):
-                        raise  # a transport error: translated below
-                    raise self._overdue(dog, progress) from exc
+                read = await self._within(dog, content.readany(), progress)
                 if not read:
                     raise EngineProtocolError(
                         f"{self._where} ended the stream without [DONE]", engine=self.engine
                     )
-                lines = (pending + read).split(b"\n")
-                pending = lines.pop()
                 texts: list[str] = []
                 done = False
-                for line in lines:
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line:
-                        # ":" starts a comment (a keep-alive); event: and id: are ignored.
-                        if line.startswith(b"data:"):
-                            data.append(line[6:] if line[5:6] == b" " else line[5:])
-                        elif line == b"data":
-                            data.append(b"")
-                        continue
-                    if not data:
-                        continue
-                    payload = data[0] if len(data) == 1 else b"\n".join(data)
-                    data = []
+                for payload in events.feed(read):
                     if payload == b"[DONE]":
                         done = True
                         break
@@ -234,6 +237,15 @@ class OpenAIHttpEngine:
                 # Not read to its end (a failure, a cancel, the generator closed): its
                 # connection is closed, and the engine sees the disconnect and stops.
                 response.close()
+
+    async def _within(self, dog: Watchdog, step: Awaitable[_T], progress: _Progress) -> _T:
+        """``step``, unless the call's total time runs out first."""
+        try:
+            return await dog.wait(step)
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):
+                raise  # a transport error (the connect limit): translated by stream()
+            raise self._overdue(dog, progress) from exc
 
     def _overdue(self, dog: Watchdog, progress: _Progress) -> EngineError:
         """The watchdog's deadline passed: a decode timeout once tokens have come."""
