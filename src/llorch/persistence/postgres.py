@@ -1,0 +1,371 @@
+"""The store of several instances: one PostgreSQL database, through psycopg 3 and its pool.
+
+It implements :class:`llorch.persistence.storage.Storage` with the queries of the SQLite store
+(:mod:`llorch.persistence.db`), spelled for PostgreSQL, so that every row reads back as SQLite
+gives it. Every ``psycopg.Error`` (the pool's timeouts included) is translated here, once, into
+:class:`llorch.errors.StorageError` with the cause kept.
+
+The calls are synchronous, like the interface: each one blocks the event loop for a round trip
+to the server (docs/configuration.md, "database"). ``server.storage_busy_timeout_ms`` bounds how
+long a statement waits for a lock (``lock_timeout``) and for a free connection of the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool
+
+from llorch.errors import StorageError
+from llorch.persistence import pg_schema
+from llorch.persistence.db import (
+    _ADMIT_COLUMNS,
+    _SESSION_COLUMNS,
+    _TASK_COLUMNS,
+    ArtifactInsert,
+    SessionRow,
+    TaskRow,
+    _task,
+    _where,
+)
+
+# Storage calls come one at a time from the event loop's thread; a few spare connections cover
+# the pool replacing a broken one.
+POOL_MAX_SIZE = 4
+# libpq's connect_timeout (seconds) unless the URL sets its own.
+CONNECT_TIMEOUT_S = 5
+
+_TASKS = ", ".join(_TASK_COLUMNS)
+_INSERT_SESSION = (
+    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "
+    f"VALUES ({', '.join('%s' for _ in _SESSION_COLUMNS)})"
+)
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
+    f"VALUES ({', '.join('%s' for _ in _ADMIT_COLUMNS)}) RETURNING seq"
+)
+_PLACE_SESSION = "UPDATE sessions SET last_pool_id = %s, last_replica_id = %s WHERE session_id = %s"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    params.pop("password", None)
+    host, port, dbname = params.get("host", ""), params.get("port", ""), params.get("dbname", "")
+    user = f"{params['user']}@" if params.get("user") else ""
+    return f"postgresql://{user}{host}{':' if port else ''}{port}/{dbname}"
+
+
+class PostgresStorage:
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]]) -> None:
+        self._pool = pool
+        # As for SQLite: whether the most recent write raised StorageError.
+        self.write_failing = False
+
+    @classmethod
+    def open(cls, url: str, *, profile: str, busy_timeout_ms: int = 5000) -> PostgresStorage:
+        """Connect, migrate, check the profile and verify the schema, then open the pool."""
+        where = redact(url)
+        params = conninfo_to_dict(url)
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        conninfo = make_conninfo(**params)
+
+        def configure(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
+
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                configure(conn)
+                pg_schema.migrate(conn)
+                pg_schema.claim_profile(conn, profile)
+                pg_schema.verify_schema(conn)
+            pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+                conninfo,
+                min_size=1,
+                max_size=POOL_MAX_SIZE,
+                kwargs={"autocommit": True},
+                configure=configure,
+                timeout=busy_timeout_ms / 1000,
+                name="llorch",
+                open=False,
+            )
+            pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot open database {where}: {exc}") from exc
+        return cls(pool)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            return pg_schema.schema_version(conn)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def insert_session(self, row: SessionRow) -> None:
+        with self._write(), self._connection() as conn:
+            conn.execute(_INSERT_SESSION, [getattr(row, c) for c in _SESSION_COLUMNS])
+
+    def get_session(self, session_id: str) -> SessionRow | None:
+        cols = ", ".join(_SESSION_COLUMNS)
+        with self._connection() as conn:
+            found = conn.execute(
+                f"SELECT {cols} FROM sessions WHERE session_id = %s AND deleted = 0",
+                (session_id,),
+            ).fetchone()
+        return SessionRow(*found) if found else None
+
+    def delete_session(self, session_id: str) -> bool:
+        with self._write(), self._connection() as conn:
+            cur = conn.execute(
+                "UPDATE sessions SET deleted = 1 WHERE session_id = %s AND deleted = 0",
+                (session_id,),
+            )
+        return cur.rowcount > 0
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
+        """Persist an accepted task and its session's use in one transaction; returns its seq."""
+        values = [getattr(task, c) for c in _ADMIT_COLUMNS]
+        with self._write(), self._connection() as conn, conn.transaction():
+            if new_session:
+                conn.execute(_INSERT_SESSION, [getattr(session, c) for c in _SESSION_COLUMNS])
+            else:
+                conn.execute(
+                    "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
+                    (session.last_used_ms, session.turns, session.session_id),
+                )
+            found = conn.execute(_INSERT_TASK, values).fetchone()
+        return int(found[0]) if found else 0
+
+    def get_task(self, task_id: str) -> TaskRow | None:
+        with self._connection() as conn:
+            found = conn.execute(
+                f"SELECT {_TASKS} FROM tasks WHERE task_id = %s", (task_id,)
+            ).fetchone()
+        return _task(found) if found else None
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{k} = %s" for k in values)
+        with self._write(), self._connection() as conn:
+            conn.execute(f"UPDATE tasks SET {sets} WHERE task_id = %s", (*values.values(), task_id))
+
+    def place_task(
+        self, task_id: str, session_id: str, *, pool_id: str, replica_id: str, **task_values: Any
+    ) -> None:
+        """The task's replica (and its other changed columns) and its session's placement, in
+        one transaction."""
+        sets = ", ".join(f"{k} = %s" for k in ("replica_id", *task_values))
+        with self._write(), self._connection() as conn, conn.transaction():
+            conn.execute(
+                f"UPDATE tasks SET {sets} WHERE task_id = %s",
+                (replica_id, *task_values.values(), task_id),
+            )
+            conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
+
+    def finish_task(
+        self,
+        task_id: str,
+        task_values: dict[str, Any],
+        session_id: str,
+        session_values: dict[str, Any],
+        trace: ArtifactInsert | None = None,
+    ) -> None:
+        """The task's terminal state, its session's usage and its trace's row, together."""
+        task_sets = ", ".join(f"{k} = %s" for k in task_values)
+        session_sets = ", ".join(f"{k} = %s" for k in session_values)
+        with self._write(), self._connection() as conn, conn.transaction():
+            if trace is not None:
+                _insert_artifact(conn, trace)
+            conn.execute(
+                f"UPDATE tasks SET {task_sets} WHERE task_id = %s",
+                (*task_values.values(), task_id),
+            )
+            if session_values:
+                conn.execute(
+                    f"UPDATE sessions SET {session_sets} WHERE session_id = %s",
+                    (*session_values.values(), session_id),
+                )
+
+    def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
+        """Checkpoint the tokens running tasks have produced so far, in one transaction."""
+        with self._write(), self._connection() as conn, conn.transaction():
+            conn.cursor().executemany(
+                "UPDATE tasks SET tokens_out = %s, progress_ms = %s WHERE task_id = %s",
+                [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
+            )
+
+    def list_tasks(
+        self,
+        *,
+        session_id: str | None,
+        state: str | None,
+        limit: int,
+        before_seq: int | None,
+        owner: str | None = None,
+    ) -> list[TaskRow]:
+        """Newest first; ``owner`` given: only that owner's tasks."""
+        where, params = _where(
+            ("session_id = %s", session_id),
+            ("state = %s", state),
+            ("seq < %s", before_seq),
+            ("owner = %s", owner),
+        )
+        with self._connection() as conn:
+            found = conn.execute(
+                f"SELECT {_TASKS} FROM tasks {where} ORDER BY seq DESC LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+        return [_task(r) for r in found]
+
+    def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
+        with self._connection() as conn:
+            found = conn.execute(
+                f"SELECT {_TASKS} FROM tasks WHERE state = ANY(%s) ORDER BY seq", (list(states),)
+            ).fetchall()
+        return [_task(r) for r in found]
+
+    def probe_write(self) -> bool:
+        """While writes fail, one write that changes nothing (a row lock on sessions taken and
+        a commit made); whether storage takes writes again."""
+        try:
+            with self._write(), self._connection() as conn, conn.transaction():
+                conn.execute("DELETE FROM sessions WHERE false")
+        except StorageError:
+            return False
+        return True
+
+    # -- artifacts --------------------------------------------------------------------------
+
+    def insert_artifact(self, artifact: ArtifactInsert) -> bool:
+        """True when this is its owner's first store of the content (as for SQLite)."""
+        with self._write(), self._connection() as conn, conn.transaction():
+            return _insert_artifact(conn, artifact)
+
+    def artifact_owned_by(self, artifact_id: str, owner: str) -> bool:
+        with self._connection() as conn:
+            found = conn.execute(
+                "SELECT 1 FROM artifact_views WHERE artifact_id = %s AND owner = %s",
+                (artifact_id, owner),
+            ).fetchone()
+        return found is not None
+
+    def get_artifact(self, artifact_id: str, viewer: str | None = None) -> dict[str, Any] | None:
+        """The artifact as ``viewer`` stored it when it has a view of its own, else as its
+        first store did (None: the content is not stored)."""
+        with self._connection() as conn:
+            cur = conn.execute(
+                f"SELECT * FROM ({_shown(viewer is not None)}) AS shown WHERE artifact_id = %s",
+                (viewer, artifact_id),
+            )
+            found = cur.fetchone()
+            columns = [d.name for d in cur.description or ()]
+        return dict(zip(columns, found, strict=True)) if found else None
+
+    def list_artifacts(
+        self,
+        *,
+        kind: str | None,
+        tag: str | None,
+        task_id: str | None,
+        limit: int,
+        before_seq: int | None,
+        owner: str | None = None,
+        viewer: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first, with the filters and views of the SQLite store's list_artifacts."""
+        where, params = _where(
+            ("kind = %s", kind),
+            (
+                "EXISTS (SELECT 1 FROM json_array_elements_text(shown.tags::json) AS t(value) "
+                "WHERE t.value = %s)",
+                tag,
+            ),
+            ("task_id = %s", task_id),
+            ("seq < %s", before_seq),
+        )
+        source = _OWN_VIEWS if owner is not None else _shown(viewer is not None)
+        with self._connection() as conn:
+            cur = conn.execute(
+                f"SELECT * FROM ({source}) AS shown {where} ORDER BY seq DESC LIMIT %s",
+                (owner if owner is not None else viewer, *params, limit),
+            )
+            found = cur.fetchall()
+            columns = [d.name for d in cur.description or ()]
+        return [dict(zip(columns, row, strict=True)) for row in found]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        """A connection of the pool (autocommit: each statement its own transaction unless in
+        ``conn.transaction()``); any psycopg error becomes a StorageError."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StorageError(f"storage failure: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """Records whether the write inside succeeded."""
+        try:
+            yield
+        except StorageError:
+            self.write_failing = True
+            raise
+        self.write_failing = False
+
+
+def _insert_artifact(conn: psycopg.Connection[tuple[Any, ...]], a: ArtifactInsert) -> bool:
+    values = (a.artifact_id, a.digest, a.kind, a.size_bytes, a.created_ms, a.tags, a.parent)
+    cur = conn.execute(
+        "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
+        "parent, task_id, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (artifact_id) DO NOTHING",
+        (*values, a.task_id, a.metadata),
+    )
+    if a.owner is None:
+        return cur.rowcount > 0
+    view = conn.execute(
+        "INSERT INTO artifact_views (artifact_id, owner, kind, created_ms, tags, parent, "
+        "task_id, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (artifact_id, owner) DO NOTHING",
+        (a.artifact_id, a.owner, a.kind, a.created_ms, a.tags, a.parent, a.task_id, a.metadata),
+    )
+    return view.rowcount > 0
+
+
+# An owner's views, each with its content's columns; one parameter: the owner.
+_OWN_VIEWS = (
+    "SELECT v.seq, a.artifact_id, a.digest, v.kind, a.size_bytes, v.created_ms, v.tags, "
+    "v.parent, v.task_id, v.metadata FROM artifact_views v "
+    "JOIN artifacts a ON a.artifact_id = v.artifact_id WHERE v.owner = %s"
+)
+
+
+def _shown(with_viewer: bool) -> str:
+    """Every artifact, in its viewer's own view where there is one and else as its first store
+    wrote it; one parameter: the viewer (NULL matches no view)."""
+    if not with_viewer:
+        return (
+            "SELECT seq, artifact_id, digest, kind, size_bytes, created_ms, tags, parent, "
+            "task_id, metadata FROM artifacts WHERE %s::text IS NULL"
+        )
+    picked = ", ".join(
+        f"CASE WHEN v.seq IS NULL THEN a.{c} ELSE v.{c} END AS {c}"
+        for c in ("kind", "created_ms", "tags", "parent", "task_id", "metadata")
+    )
+    return (
+        f"SELECT a.seq, a.artifact_id, a.digest, a.size_bytes, {picked} FROM artifacts a "
+        "LEFT JOIN artifact_views v ON v.artifact_id = a.artifact_id AND v.owner = %s"
+    )
