@@ -25,6 +25,7 @@ from llorch.api import create_app
 from llorch.api.http import HttpLimits, protocol_class
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
+from llorch.persistence import Database
 from llorch.contracts import validate_config
 from tools import server
 from tools.server import free_port
@@ -120,7 +121,7 @@ class InProcess:
 def sql_connection(api: InProcess) -> sqlite3.Connection:
     """The SQLite connection of the server's database, to trace the statements it runs."""
     database = api.runtime._db
-    assert database is not None
+    assert isinstance(database, Database), "the server runs on SQLite"
     return database._conn
 
 

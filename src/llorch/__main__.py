@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings.with_server(**{k: v for k, v in overrides.items() if v is not None})
     try:
         # The database opens in the app's lifespan, where a failure is uvicorn's traceback.
-        check_database(settings.database_path)
+        if settings.database.url is None:  # SQLite: its file is checked before anything opens it
+            check_database(settings.database_path)
     except StorageError as exc:  # an empty or corrupt file
         print(f"llorch: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 Profile = Literal["dev", "test", "prod"]
 QueuePolicy = Literal["reject", "drop-lru"]
@@ -133,6 +134,19 @@ class PricingSettings:
 
     def price_for(self, model: str) -> Price:
         return self.models.get(model, self.default)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where tasks, sessions, budgets and artifact metadata live: a PostgreSQL ``url``
+    (``postgresql://user@host:port/dbname``), or None for SQLite under ``server.data_dir``."""
+
+    url: str | None = field(default=None, repr=False)
+
+    @property
+    def shown(self) -> str | None:
+        """The URL without its password, for logs and messages."""
+        return None if self.url is None else without_password(self.url)
 
 
 @dataclass(frozen=True)
@@ -271,11 +285,17 @@ class Settings:
     artifacts: ArtifactSettings = ArtifactSettings()
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
     auth: AuthSettings = AuthSettings()
+    database: DatabaseSettings = DatabaseSettings()
 
     @property
     def database_path(self) -> Path:
         """One database file per profile, so profiles never share state."""
         return Path(self.server.data_dir) / f"llorch-{self.server.profile}.sqlite3"
+
+    @property
+    def storage_shown(self) -> str:
+        """Where state lives, for logs: the database URL without its password, or the file."""
+        return self.database.shown or str(self.database_path)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -315,10 +335,12 @@ class Settings:
             artifacts=artifacts,
             pools=pools,
             auth=auth,
+            database=_database(raw.get("database", {})),
         )
 
     def with_overrides(self, environ: Mapping[str, str]) -> Settings:
-        """Apply ``LLORCH_HOST``, ``LLORCH_PORT``, ``LLORCH_PROFILE`` and ``LLORCH_DATA_DIR``."""
+        """Apply ``LLORCH_HOST``, ``LLORCH_PORT``, ``LLORCH_PROFILE``, ``LLORCH_DATA_DIR`` and
+        ``LLORCH_DATABASE_URL`` (which may carry a password; empty: SQLite)."""
         changes: dict[str, Any] = {}
         if "LLORCH_HOST" in environ:
             changes["host"] = environ["LLORCH_HOST"]
@@ -340,6 +362,7 @@ class Settings:
             self.with_server(**changes),
             auth=dataclasses.replace(self.auth, keys=keys),
             pools=pools,
+            database=_database_from_env(environ, self.database),
         )
 
     def with_server(self, **changes: Any) -> Settings:
@@ -354,6 +377,51 @@ _D = TypeVar("_D")
 
 def _merge(base: _D, raw: Mapping[str, Any]) -> _D:
     return dataclasses.replace(base, **raw)  # type: ignore[type-var]
+
+
+def _database(raw: Mapping[str, Any]) -> DatabaseSettings:
+    """The file's database section; its URL must not carry a password (secrets live only in
+    the environment)."""
+    url = raw.get("url")
+    if url is not None and _has_password(url):
+        raise ValueError(
+            "configuration key database.url: the URL carries a password; put the password in "
+            "LLORCH_DATABASE_URL (or libpq's PGPASSWORD or ~/.pgpass), not in the file"
+        )
+    return DatabaseSettings(url=url)
+
+
+def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) -> DatabaseSettings:
+    if "LLORCH_DATABASE_URL" not in environ:
+        return current
+    url = environ["LLORCH_DATABASE_URL"]
+    if not url:
+        return DatabaseSettings()
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            f"LLORCH_DATABASE_URL: {without_password(url)!r} is not a postgresql:// URL"
+        )
+    return DatabaseSettings(url=url)
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part and of its query replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join(
+        f"{name}=***" if name == "password" else f"{name}={value}"
+        for name, values in parse_qs(parts.query, keep_blank_values=True).items()
+        for value in values
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def _with_engine_key(pool: PoolSettings, environ: Mapping[str, str]) -> PoolSettings:

@@ -13,7 +13,7 @@ from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
-from llorch.persistence import Database
+from llorch.persistence import Storage, open_storage
 from llorch.scheduler import Scheduler
 from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
@@ -27,7 +27,7 @@ class Runtime:
     clock: Clock = field(default_factory=SystemClock)
     engines: EngineFactory | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics(metrics_contract()))
-    _db: Database | None = None
+    _db: Storage | None = None
     _scheduler: Scheduler | None = None
     _artifacts: ArtifactStore | None = None
     # The live API keys; `auth.replace(keys)` swaps them at run time.
@@ -69,11 +69,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        self._db = Database.open(
-            s.database_path,
-            profile=s.server.profile,
-            busy_timeout_ms=s.server.storage_busy_timeout_ms,
-        )
+        self._db = open_storage(s)
         sessions = SessionService(self._db, s, self.clock)
         self._artifacts = ArtifactStore(
             self._db,
@@ -92,7 +88,7 @@ class Runtime:
             metrics=self.metrics,
         )
         await self._scheduler.start()
-        log.info("llorch ready: database %s, pools %s", s.database_path, [p.id for p in s.pools])
+        log.info("llorch ready: database %s, pools %s", s.storage_shown, [p.id for p in s.pools])
 
     async def stop(self) -> None:
         await self.sse_watch.close()

@@ -1,7 +1,8 @@
-"""Persistence: the storage interface (:class:`Storage`), its SQLite implementation
-(:class:`Database`: numbered migrations, profile guard) and the rows llorch keeps."""
+"""Persistence: the storage interface (:class:`Storage`, opened by :func:`open_storage`), its
+SQLite implementation (:class:`Database`: numbered migrations, profile guard), its PostgreSQL
+implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps."""
 
 from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
-from llorch.persistence.storage import Storage
+from llorch.persistence.storage import Storage, open_storage
 
-__all__ = ["ArtifactInsert", "Database", "SessionRow", "Storage", "TaskRow"]
+__all__ = ["ArtifactInsert", "Database", "SessionRow", "Storage", "TaskRow", "open_storage"]

@@ -20,6 +20,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
+from llorch.config import without_password
 from llorch.errors import StorageError
 from llorch.persistence import pg_schema
 from llorch.persistence.db import (
@@ -51,18 +52,6 @@ _INSERT_TASK = (
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = %s, last_replica_id = %s WHERE session_id = %s"
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(unparsable URL)"
-    params.pop("password", None)
-    host, port, dbname = params.get("host", ""), params.get("port", ""), params.get("dbname", "")
-    user = f"{params['user']}@" if params.get("user") else ""
-    return f"postgresql://{user}{host}{':' if port else ''}{port}/{dbname}"
-
-
 class PostgresStorage:
     def __init__(self, pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]]) -> None:
         self._pool = pool
@@ -72,7 +61,7 @@ class PostgresStorage:
     @classmethod
     def open(cls, url: str, *, profile: str, busy_timeout_ms: int = 5000) -> PostgresStorage:
         """Connect, migrate, check the profile and verify the schema, then open the pool."""
-        where = redact(url)
+        where = without_password(url)
         params = conninfo_to_dict(url)
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         conninfo = make_conninfo(**params)

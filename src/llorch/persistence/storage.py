@@ -1,7 +1,8 @@
 """What the scheduler, sessions and artifacts need from storage: one typed interface.
 
-:class:`llorch.persistence.db.Database` (SQLite) implements it; a second backend (PostgreSQL, for
-several instances) is another implementation of the same protocol, not a change to its callers.
+:class:`llorch.persistence.db.Database` (SQLite, the embedded default) and
+:class:`llorch.persistence.postgres.PostgresStorage` (PostgreSQL, ``database.url``) implement it;
+:func:`open_storage` opens the one the settings name.
 Every write is one transaction; a write storage refuses raises :class:`llorch.errors.StorageError`
 and leaves :attr:`Storage.write_failing` true until a write succeeds.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from llorch.persistence.db import ArtifactInsert, SessionRow, TaskRow
+from llorch.config import Settings
+from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
 
 
 class Storage(Protocol):
@@ -23,6 +25,10 @@ class Storage(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def schema_version(self) -> int:
+        """The number of the last migration applied."""
+        ...
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -98,3 +104,23 @@ class Storage(Protocol):
         owner: str | None = None,
         viewer: str | None = None,
     ) -> list[dict[str, Any]]: ...
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The store the settings name, opened, migrated and verified: PostgreSQL when
+    ``database.url`` is set, else SQLite under ``server.data_dir``."""
+    server = settings.server
+    if settings.database.url is None:
+        return Database.open(
+            settings.database_path,
+            profile=server.profile,
+            busy_timeout_ms=server.storage_busy_timeout_ms,
+        )
+    # Imported here: a server on SQLite never loads the PostgreSQL driver.
+    from llorch.persistence.postgres import PostgresStorage
+
+    return PostgresStorage.open(
+        settings.database.url,
+        profile=server.profile,
+        busy_timeout_ms=server.storage_busy_timeout_ms,
+    )
