@@ -25,8 +25,8 @@ from llorch.api import create_app
 from llorch.api.http import HttpLimits, protocol_class
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
-from llorch.persistence import Database
 from llorch.contracts import validate_config
+from llorch.persistence import Database
 from tools import server
 from tools.server import free_port
 

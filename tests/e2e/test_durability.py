@@ -15,8 +15,8 @@ from tests.support import parse_sse, serve_process, submit_to, task_of, wait_unt
 pytestmark = pytest.mark.wire
 
 
-def write_config(path: Path, **server: Any) -> Path:
-    config = {
+def write_config(path: Path, database_url: str | None = None, **server: Any) -> Path:
+    config: dict[str, Any] = {
         "server": {"heartbeat_s": 0.5, **server},
         "pools": [
             {
@@ -28,15 +28,26 @@ def write_config(path: Path, **server: Any) -> Path:
             }
         ],
     }
+    if database_url is not None:
+        config["database"] = {"url": database_url}
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-@pytest.mark.req("ORCH-STATE-0001", "ORCH-STATE-0005")
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None: SQLite under the data dir; else a new PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.mark.req("ORCH-STATE-0001", "ORCH-STATE-0005", "ORCH-STATE-0007")
 def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str | None
 ) -> None:
-    config = write_config(tmp_path / "llorch.yaml", shutdown_grace_s=0)
+    config = write_config(tmp_path / "llorch.yaml", database_url, shutdown_grace_s=0)
     data_dir = tmp_path / "data"
     with serve_process("--config", str(config), data_dir=data_dir) as (url, proc, _):
         with httpx.Client(base_url=url, timeout=10) as client:

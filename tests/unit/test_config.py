@@ -172,6 +172,42 @@ def test_overrides_come_from_an_injected_environment() -> None:
     assert Settings().with_overrides({}) == Settings()
 
 
+@pytest.mark.req("ORCH-STATE-0007")
+def test_the_database_url_comes_from_the_file_and_the_environment_overrides_it(
+    tmp_path: Path,
+) -> None:
+    assert Settings().database.url is None  # SQLite under data_dir
+    assert Settings().storage_shown == str(Settings().database_path)
+    from_file = load_config(write(tmp_path, "database: {url: 'postgresql://llorch@db:5432/a'}"))
+    assert from_file.database.url == "postgresql://llorch@db:5432/a"
+
+    env_url = "postgresql://llorch:s3cret@db:5432/b?sslmode=require"
+    overridden = from_file.with_overrides({"LLORCH_DATABASE_URL": env_url})
+    assert overridden.database.url == env_url
+    assert overridden.storage_shown == "postgresql://llorch:***@db:5432/b?sslmode=require"
+    assert "s3cret" not in repr(overridden)
+    assert from_file.with_overrides({}).database == from_file.database
+    assert from_file.with_overrides({"LLORCH_DATABASE_URL": ""}).database.url is None
+    with pytest.raises(ValueError, match="LLORCH_DATABASE_URL: 'mysql://u:\\*\\*\\*@h/d'"):
+        Settings().with_overrides({"LLORCH_DATABASE_URL": "mysql://u:pw@h/d"})
+
+
+@pytest.mark.req("ORCH-STATE-0008")
+@pytest.mark.parametrize(
+    "url", ["postgresql://llorch:pw@db/a", "postgresql://llorch@db/a?password=pw"]
+)
+def test_a_password_in_the_file_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ValueError, match=r"database\.url: the URL carries a password") as caught:
+        load_config(write(tmp_path, f"database: {{url: '{url}'}}"))
+    assert "pw" not in str(caught.value).replace("password", "")
+
+
+@pytest.mark.req("ORCH-DATA-0093")
+def test_a_database_url_that_is_not_postgresql_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"configuration key database\.url:"):
+        load_config(write(tmp_path, "database: {url: 'sqlite:///x'}"))
+
+
 def test_an_unknown_profile_override_is_refused() -> None:
     with pytest.raises(ValueError, match="LLORCH_PROFILE"):
         Settings().with_overrides({"LLORCH_PROFILE": "staging"})

@@ -1,18 +1,24 @@
-"""The SQLite store: migrations, the profile guard, the schema check, atomic writes, paging."""
+"""The store, on both backends (SQLite and PostgreSQL): migrations, the profile guard, the
+schema check, atomic writes, paging; and what is SQLite's own (empty and corrupt files)."""
 
 from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from llorch.errors import StorageCorrupt, StorageError
-from llorch.persistence import ArtifactInsert, Database, SessionRow
+from llorch.persistence import ArtifactInsert, Database, SessionRow, Storage, pg_schema
 from llorch.persistence.db import ProfileMismatch, SchemaMismatch, check_database, migrations
+from llorch.persistence.postgres import PostgresStorage
+from tests.support import free_port
 from tests.unit.helpers import task_row
 
 
@@ -24,6 +30,110 @@ def path(tmp_path: Path) -> Path:
 @pytest.fixture
 def db(path: Path) -> Iterator[Database]:
     opened = Database.open(path, profile="test")
+    yield opened
+    opened.close()
+
+
+@dataclass
+class Backend:
+    """One storage backend as the tests drive it: how to open it and how another client
+    reaches the same database underneath the store."""
+
+    name: str
+    open: Callable[..., Storage]  # (profile="test", busy_timeout_ms=5000)
+    execute: Callable[[str], None]  # one statement, committed, by another connection
+    count: Callable[[str], int]
+    tables: Callable[[], set[str]]
+    # Another client holding the write lock of every table until the block ends.
+    write_lock_held: Callable[[], AbstractContextManager[None]]
+    integrity_error: type[Exception]
+    lock_error: type[Exception]
+    migrations: list[tuple[int, str]]
+
+
+def sqlite_backend(path: Path) -> Backend:
+    def execute(sql: str) -> None:
+        with sqlite3.connect(path) as conn:
+            conn.execute(sql)
+
+    @contextmanager
+    def write_lock_held() -> Iterator[None]:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            yield
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+
+    def opener(profile: str = "test", busy_timeout_ms: int = 5000) -> Storage:
+        return Database.open(path, profile=profile, busy_timeout_ms=busy_timeout_ms)
+
+    return Backend(
+        "sqlite",
+        opener,
+        execute,
+        lambda table: count(path, table),
+        lambda: tables(path),
+        write_lock_held,
+        sqlite3.IntegrityError,
+        sqlite3.OperationalError,
+        migrations(),
+    )
+
+
+def postgres_backend(url: str) -> Backend:
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(sql.encode())
+            return cur.fetchall() if cur.description else []
+
+    def execute(sql: str) -> None:
+        rows(sql)
+
+    @contextmanager
+    def write_lock_held() -> Iterator[None]:
+        # EXCLUSIVE: other clients still read, none writes (like SQLite's write lock).
+        with psycopg.connect(url) as other:
+            other.execute(
+                "LOCK TABLE meta, sessions, tasks, artifacts, artifact_views IN EXCLUSIVE MODE"
+            )
+            yield
+            other.rollback()
+
+    def opener(profile: str = "test", busy_timeout_ms: int = 5000) -> Storage:
+        return PostgresStorage.open(url, profile=profile, busy_timeout_ms=busy_timeout_ms)
+
+    return Backend(
+        "postgres",
+        opener,
+        execute,
+        lambda table: int(rows(f"SELECT count(*) FROM {table}")[0][0]),
+        lambda: {
+            str(name)
+            for (name,) in rows(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        },
+        write_lock_held,
+        psycopg.IntegrityError,
+        psycopg.OperationalError,
+        pg_schema.migrations(),
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, path: Path) -> Backend:
+    if request.param == "sqlite":
+        return sqlite_backend(path)
+    # Only now: a run of the SQLite cases alone starts no PostgreSQL.
+    return postgres_backend(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Storage]:
+    opened = backend.open()
     yield opened
     opened.close()
 
@@ -65,39 +175,44 @@ def test_the_migrations_are_numbered_sql_files_in_order() -> None:
     assert "CREATE TABLE" in found[0][1]
 
 
-@pytest.mark.req("ORCH-DATA-0095")
-def test_opening_a_new_database_migrates_it_and_sets_user_version(path: Path, db: Database) -> None:
-    assert path.exists()
-    assert db.schema_version() == migrations()[-1][0]
-    assert {"meta", "sessions", "tasks"} <= tables(path)
+@pytest.mark.req("ORCH-STATE-0007")
+def test_postgresql_has_a_migration_for_every_number_sqlite_has() -> None:
+    assert [n for n, _ in pg_schema.migrations()] == [n for n, _ in migrations()]
 
 
-@pytest.mark.req("ORCH-DATA-0095")
-def test_reopening_a_migrated_database_is_idempotent_and_keeps_the_data(
-    path: Path, db: Database
+@pytest.mark.req("ORCH-DATA-0095", "ORCH-STATE-0007")
+def test_opening_a_new_database_migrates_it_and_records_its_version(
+    backend: Backend, store: Storage
 ) -> None:
-    db.insert_session(session_row())
-    db.close()
+    assert store.schema_version() == backend.migrations[-1][0]
+    assert {"meta", "sessions", "tasks", "artifacts", "artifact_views"} <= backend.tables()
+
+
+@pytest.mark.req("ORCH-DATA-0095", "ORCH-STATE-0007")
+def test_reopening_a_migrated_database_is_idempotent_and_keeps_the_data(
+    backend: Backend, store: Storage
+) -> None:
+    store.insert_session(session_row())
+    store.close()
 
     for _ in range(2):
-        again = Database.open(path, profile="test")
+        again = backend.open()
         try:
-            assert again.schema_version() == migrations()[-1][0]
+            assert again.schema_version() == backend.migrations[-1][0]
             assert again.get_session("s-1") == session_row()
         finally:
             again.close()
 
 
-@pytest.mark.req("ORCH-DATA-0094")
-def test_a_database_refuses_to_be_opened_by_another_profile(tmp_path: Path) -> None:
-    path = tmp_path / "llorch-dev.sqlite3"
-    Database.open(path, profile="dev").close()
+@pytest.mark.req("ORCH-DATA-0094", "ORCH-STATE-0007")
+def test_a_database_refuses_to_be_opened_by_another_profile(backend: Backend) -> None:
+    backend.open(profile="dev").close()
 
     with pytest.raises(ProfileMismatch, match=r"'dev'.*'prod'"):
-        Database.open(path, profile="prod")
+        backend.open(profile="prod")
     with pytest.raises(ProfileMismatch):
-        Database.open(path, profile="test")
-    Database.open(path, profile="dev").close()
+        backend.open(profile="test")
+    backend.open(profile="dev").close()
 
 
 @pytest.mark.req("ORCH-STATE-0003")
@@ -116,199 +231,204 @@ def test_an_empty_or_corrupt_file_is_refused_and_left_as_it_was(path: Path) -> N
     assert path.read_bytes() == b"not a database, " * 512
 
 
-@pytest.mark.req("ORCH-DATA-0095")
-def test_an_extra_table_in_the_live_schema_is_refused(path: Path, db: Database) -> None:
-    db.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE intruder (x INTEGER)")
+@pytest.mark.req("ORCH-DATA-0095", "ORCH-STATE-0007")
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        ("CREATE TABLE intruder (x INTEGER)", "intruder"),
+        ("DROP INDEX tasks_by_state", "tasks_by_state"),
+        ("ALTER TABLE tasks ADD COLUMN surprise TEXT", "tasks"),
+    ],
+    ids=["extra-table", "missing-index", "changed-table"],
+)
+def test_a_live_schema_that_differs_from_the_migrations_is_refused(
+    backend: Backend, store: Storage, tamper: str, named: str
+) -> None:
+    store.close()
+    backend.execute(tamper)
 
-    with pytest.raises(SchemaMismatch, match="intruder"):
-        Database.open(path, profile="test")
-
-
-@pytest.mark.req("ORCH-DATA-0095")
-def test_a_missing_index_in_the_live_schema_is_refused(path: Path, db: Database) -> None:
-    db.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("DROP INDEX tasks_by_state")
-
-    with pytest.raises(SchemaMismatch, match="tasks_by_state"):
-        Database.open(path, profile="test")
-
-
-@pytest.mark.req("ORCH-DATA-0095")
-def test_a_changed_table_in_the_live_schema_is_refused(path: Path, db: Database) -> None:
-    db.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("ALTER TABLE tasks ADD COLUMN surprise TEXT")
-
-    with pytest.raises(SchemaMismatch):
-        Database.open(path, profile="test")
+    with pytest.raises(SchemaMismatch, match=named):
+        backend.open()
 
 
-def test_sessions_are_inserted_read_and_soft_deleted(db: Database) -> None:
-    db.insert_session(session_row(turns=3, last_pool_id="default", last_replica_id="default-0"))
+@pytest.mark.req("ORCH-STATE-0007")
+def test_sessions_are_inserted_read_and_soft_deleted(store: Storage) -> None:
+    store.insert_session(session_row(turns=3, last_pool_id="default", last_replica_id="default-0"))
 
-    row = db.get_session("s-1")
+    row = store.get_session("s-1")
     assert row == session_row(turns=3, last_pool_id="default", last_replica_id="default-0")
-    assert db.get_session("s-unknown") is None
+    assert store.get_session("s-unknown") is None
 
-    assert db.delete_session("s-1") is True
-    assert db.get_session("s-1") is None
-    assert db.delete_session("s-1") is False
+    assert store.delete_session("s-1") is True
+    assert store.get_session("s-1") is None
+    assert store.delete_session("s-1") is False
 
 
-@pytest.mark.req("ORCH-DATA-0011")
-def test_admit_task_writes_the_task_and_a_new_session_together(path: Path, db: Database) -> None:
-    seq = db.admit_task(task_row("t-1", session_id="s-1"), session_row(), new_session=True)
+@pytest.mark.req("ORCH-DATA-0011", "ORCH-STATE-0007")
+def test_admit_task_writes_the_task_and_a_new_session_together(store: Storage) -> None:
+    seq = store.admit_task(task_row("t-1", session_id="s-1"), session_row(), new_session=True)
 
-    stored = db.get_task("t-1")
+    stored = store.get_task("t-1")
     assert stored == dataclasses.replace(task_row("t-1", session_id="s-1"), seq=seq)
     assert seq >= 1
-    assert db.get_session("s-1") == session_row()
+    assert store.get_session("s-1") == session_row()
 
 
 @pytest.mark.req("ORCH-DATA-0011", "ORCH-DATA-0072")
-def test_admit_task_records_the_use_of_an_existing_session(db: Database) -> None:
-    db.insert_session(session_row())
+def test_admit_task_records_the_use_of_an_existing_session(store: Storage) -> None:
+    store.insert_session(session_row())
 
-    db.admit_task(task_row("t-1"), session_row(turns=1, last_used_ms=5_000), new_session=False)
+    store.admit_task(task_row("t-1"), session_row(turns=1, last_used_ms=5_000), new_session=False)
 
-    row = db.get_session("s-1")
+    row = store.get_session("s-1")
     assert row is not None
     assert (row.turns, row.last_used_ms) == (1, 5_000)
 
 
 @pytest.mark.req("ORCH-DATA-0019")
-def test_a_failed_admission_leaves_neither_task_nor_session(path: Path, db: Database) -> None:
-    db.admit_task(task_row("t-1", session_id="s-1"), session_row("s-1"), new_session=True)
+def test_a_failed_admission_leaves_neither_task_nor_session(
+    backend: Backend, store: Storage
+) -> None:
+    store.admit_task(task_row("t-1", session_id="s-1"), session_row("s-1"), new_session=True)
 
     # The task id is taken: the insert fails after the new session was written in the same
     # transaction, which must be rolled back.
     with pytest.raises(StorageError) as caught:
-        db.admit_task(task_row("t-1", session_id="s-2"), session_row("s-2"), new_session=True)
+        store.admit_task(task_row("t-1", session_id="s-2"), session_row("s-2"), new_session=True)
 
-    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+    assert isinstance(caught.value.__cause__, backend.integrity_error)
     assert caught.value.code == "INTERNAL"
-    assert db.get_session("s-2") is None
-    assert count(path, "tasks") == 1
+    assert store.get_session("s-2") is None
+    assert backend.count("tasks") == 1
 
 
 @pytest.mark.req("ORCH-DATA-0082")
-def test_finish_task_writes_task_and_session_together_or_not_at_all(db: Database) -> None:
-    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+def test_finish_task_writes_task_and_session_together_or_not_at_all(store: Storage) -> None:
+    store.admit_task(task_row("t-1"), session_row(), new_session=True)
 
     with pytest.raises(StorageError):
-        db.finish_task("t-1", {"state": "succeeded"}, "s-1", {"no_such_column": 1})
-    task = db.get_task("t-1")
+        store.finish_task("t-1", {"state": "succeeded"}, "s-1", {"no_such_column": 1})
+    task = store.get_task("t-1")
     assert task is not None and task.state == "queued"
 
-    db.finish_task(
+    store.finish_task(
         "t-1",
         {"state": "failed", "error_code": "WORKER_RESET", "error_retriable": True},
         "s-1",
-        {"tokens_remaining": 900},
+        {"tokens_remaining": 900, "cost_remaining": 1.25},
     )
-    task = db.get_task("t-1")
-    session = db.get_session("s-1")
+    task = store.get_task("t-1")
+    session = store.get_session("s-1")
     assert task is not None and session is not None
     assert (task.state, task.error_code, task.error_retriable) == ("failed", "WORKER_RESET", True)
-    assert session.tokens_remaining == 900
+    assert (session.tokens_remaining, session.cost_remaining) == (900, 1.25)
 
 
 def test_place_task_records_the_start_and_the_session_placement_together(
-    path: Path, db: Database
+    backend: Backend, store: Storage
 ) -> None:
-    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+    store.admit_task(task_row("t-1"), session_row(), new_session=True)
 
-    db.place_task(
+    store.place_task(
         "t-1", "s-1", pool_id="default", replica_id="default-1", state="running", started_ms=2_000
     )
 
-    task, session = db.get_task("t-1"), db.get_session("s-1")
+    task, session = store.get_task("t-1"), store.get_session("s-1")
     assert task is not None and session is not None
     assert (task.state, task.started_ms, task.replica_id) == ("running", 2_000, "default-1")
     assert (session.last_pool_id, session.last_replica_id) == ("default", "default-1")
     assert session == session_row(last_pool_id="default", last_replica_id="default-1")
 
     # One transaction: with the database locked, neither row changes.
-    db.close()
-    impatient = Database.open(path, profile="test", busy_timeout_ms=50)
-    other = sqlite3.connect(path, isolation_level=None)
+    store.close()
+    impatient = backend.open(busy_timeout_ms=50)
     try:
-        other.execute("BEGIN EXCLUSIVE")
-        with pytest.raises(StorageError):
+        with backend.write_lock_held(), pytest.raises(StorageError):
             impatient.place_task(
                 "t-1", "s-1", pool_id="p2", replica_id="p2-0", state="failed", started_ms=3_000
             )
-        other.execute("ROLLBACK")
         task, session = impatient.get_task("t-1"), impatient.get_session("s-1")
         assert task is not None and session is not None
         assert (task.state, task.started_ms, session.last_pool_id) == ("running", 2_000, "default")
     finally:
-        other.close()
         impatient.close()
 
 
 @pytest.mark.req("ORCH-DATA-0041")
-def test_list_tasks_is_newest_first_and_pages_with_before_seq(db: Database) -> None:
-    db.insert_session(session_row("s-1"))
-    db.insert_session(session_row("s-2"))
+def test_list_tasks_is_newest_first_and_pages_with_before_seq(store: Storage) -> None:
+    store.insert_session(session_row("s-1"))
+    store.insert_session(session_row("s-2"))
     seqs = {}
     for i in range(5):
         session_id = "s-1" if i % 2 == 0 else "s-2"
-        seqs[f"t-{i}"] = db.admit_task(
+        seqs[f"t-{i}"] = store.admit_task(
             task_row(f"t-{i}", session_id=session_id), session_row(session_id), new_session=False
         )
-    db.update_task("t-4", state="succeeded")
+    store.update_task("t-4", state="succeeded")
 
-    first = db.list_tasks(session_id=None, state=None, limit=2, before_seq=None)
+    first = store.list_tasks(session_id=None, state=None, limit=2, before_seq=None)
     assert [t.task_id for t in first] == ["t-4", "t-3"]
-    second = db.list_tasks(session_id=None, state=None, limit=2, before_seq=first[-1].seq)
+    second = store.list_tasks(session_id=None, state=None, limit=2, before_seq=first[-1].seq)
     assert [t.task_id for t in second] == ["t-2", "t-1"]
-    third = db.list_tasks(session_id=None, state=None, limit=2, before_seq=second[-1].seq)
+    third = store.list_tasks(session_id=None, state=None, limit=2, before_seq=second[-1].seq)
     assert [t.task_id for t in third] == ["t-0"]
     assert [t.seq for t in first + second + third] == sorted(seqs.values(), reverse=True)
 
-    by_session = db.list_tasks(session_id="s-1", state=None, limit=10, before_seq=None)
+    by_session = store.list_tasks(session_id="s-1", state=None, limit=10, before_seq=None)
     assert [t.task_id for t in by_session] == ["t-4", "t-2", "t-0"]
-    by_state = db.list_tasks(session_id="s-1", state="queued", limit=10, before_seq=None)
+    by_state = store.list_tasks(session_id="s-1", state="queued", limit=10, before_seq=None)
     assert [t.task_id for t in by_state] == ["t-2", "t-0"]
-    assert [t.task_id for t in db.tasks_in_states(["queued"])] == ["t-0", "t-1", "t-2", "t-3"]
+    assert [t.task_id for t in store.tasks_in_states(["queued"])] == ["t-0", "t-1", "t-2", "t-3"]
+    assert store.tasks_in_states([]) == []
+
+
+@pytest.mark.req("ORCH-STATE-0007")
+def test_progress_is_checkpointed_for_every_running_task_at_once(store: Storage) -> None:
+    for task_id in ("t-1", "t-2"):
+        store.admit_task(task_row(task_id), session_row(), new_session=task_id == "t-1")
+
+    store.record_progress([("t-1", 5), ("t-2", 7)], 9_000)
+    store.record_progress([], 9_500)
+
+    rows = [store.get_task(t) for t in ("t-1", "t-2")]
+    assert [(r.tokens_out, r.progress_ms) for r in rows if r is not None] == [
+        (5, 9_000),
+        (7, 9_000),
+    ]
 
 
 @pytest.mark.req("ORCH-DATA-0019")
-def test_a_locked_database_makes_writes_fail_with_a_storage_error(path: Path, db: Database) -> None:
-    db.close()
-    impatient = Database.open(path, profile="test", busy_timeout_ms=50)
-    other = sqlite3.connect(path, isolation_level=None)
+def test_a_locked_database_makes_writes_fail_with_a_storage_error(
+    backend: Backend, store: Storage
+) -> None:
+    store.close()
+    impatient = backend.open(busy_timeout_ms=50)
     try:
-        other.execute("BEGIN EXCLUSIVE")
+        with backend.write_lock_held():
+            with pytest.raises(StorageError) as caught:
+                impatient.admit_task(task_row("t-1"), session_row(), new_session=True)
+            assert isinstance(caught.value.__cause__, backend.lock_error)
+            assert caught.value.retriable is True
+            with pytest.raises(StorageError):
+                impatient.insert_session(session_row("s-2"))
+            with pytest.raises(StorageError):
+                impatient.update_task("t-1", state="running")
+            assert impatient.write_failing and not impatient.probe_write()
 
-        with pytest.raises(StorageError) as caught:
-            impatient.admit_task(task_row("t-1"), session_row(), new_session=True)
-        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
-        assert caught.value.retriable is True
-        with pytest.raises(StorageError):
-            impatient.insert_session(session_row("s-2"))
-        with pytest.raises(StorageError):
-            impatient.update_task("t-1", state="running")
-
-        other.execute("ROLLBACK")
         # Nothing was half-written while the lock was held.
         assert impatient.get_task("t-1") is None
         assert impatient.get_session("s-1") is None
         assert impatient.get_session("s-2") is None
         # And the store works again once the lock is gone.
+        assert impatient.probe_write()
         impatient.admit_task(task_row("t-1"), session_row(), new_session=True)
         assert impatient.get_task("t-1") is not None
     finally:
-        other.close()
         impatient.close()
 
 
-def trace_row(task_id: str) -> ArtifactInsert:
-    return ArtifactInsert(
+def trace_row(task_id: str, **changes: Any) -> ArtifactInsert:
+    row = ArtifactInsert(
         artifact_id="sha256:" + "ab" * 32,
         digest="ab" * 32,
         kind="trace",
@@ -320,49 +440,131 @@ def trace_row(task_id: str) -> ArtifactInsert:
         metadata="{}",
         owner="key-1",
     )
+    return dataclasses.replace(row, **changes)
 
 
-def test_finish_task_stores_the_trace_row_in_the_same_transaction(db: Database) -> None:
-    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+def test_finish_task_stores_the_trace_row_in_the_same_transaction(store: Storage) -> None:
+    store.admit_task(task_row("t-1"), session_row(), new_session=True)
     trace = trace_row("t-1")
 
     with pytest.raises(StorageError):
-        db.finish_task("t-1", {"state": "succeeded"}, "s-1", {"no_such_column": 1}, trace=trace)
-    assert db.get_artifact(trace.artifact_id) is None
+        store.finish_task("t-1", {"state": "succeeded"}, "s-1", {"no_such_column": 1}, trace=trace)
+    assert store.get_artifact(trace.artifact_id) is None
 
-    db.finish_task(
+    store.finish_task(
         "t-1",
         {"state": "succeeded", "trace_artifact_id": trace.artifact_id},
         "s-1",
         {"tokens_remaining": 900},
         trace=trace,
     )
-    task = db.get_task("t-1")
-    stored = db.get_artifact(trace.artifact_id)
+    task = store.get_task("t-1")
+    stored = store.get_artifact(trace.artifact_id)
     assert task is not None and stored is not None
     assert task.trace_artifact_id == trace.artifact_id
     assert (stored["kind"], stored["task_id"], stored["size_bytes"]) == ("trace", "t-1", 2)
-    assert db.insert_artifact(trace) is False  # stored once
+    assert store.insert_artifact(trace) is False  # stored once
+
+
+@pytest.mark.req("ORCH-SEC-0023", "ORCH-STATE-0007")
+def test_each_owner_sees_its_own_view_of_shared_content(store: Storage) -> None:
+    first = trace_row("t-1", kind="document", tags='["a", "b"]', owner="alice")
+    assert store.insert_artifact(first) is True
+    assert store.insert_artifact(first) is False
+    bob = dataclasses.replace(first, kind="prompt", tags='["c"]', created_ms=5, owner="bob")
+    assert store.insert_artifact(bob) is True
+    anonymous = trace_row("t-9", artifact_id="sha256:" + "cd" * 32, digest="cd" * 32, owner=None)
+    assert store.insert_artifact(anonymous) is True
+    assert store.insert_artifact(anonymous) is False
+
+    shared = first.artifact_id
+    assert store.artifact_owned_by(shared, "bob") and not store.artifact_owned_by(shared, "carol")
+    as_bob = store.get_artifact(shared, "bob")
+    assert as_bob is not None and (as_bob["kind"], as_bob["tags"], as_bob["created_ms"]) == (
+        "prompt",
+        '["c"]',
+        5,
+    )
+    as_carol = store.get_artifact(shared, "carol")  # no view of its own: the first store's
+    assert as_carol is not None and as_carol == store.get_artifact(shared)
+    assert as_carol["kind"] == "document"
+
+    def ids(**query: Any) -> list[tuple[str, str]]:
+        found = store.list_artifacts(
+            kind=query.pop("kind", None),
+            tag=query.pop("tag", None),
+            task_id=query.pop("task_id", None),
+            limit=10,
+            before_seq=query.pop("before_seq", None),
+            **query,
+        )
+        return [(a["artifact_id"][7:9], a["kind"]) for a in found]
+
+    assert ids() == [("cd", "trace"), ("ab", "document")]
+    assert ids(viewer="bob") == [("cd", "trace"), ("ab", "prompt")]
+    assert ids(owner="bob") == [("ab", "prompt")]
+    assert ids(owner="alice", tag="b") == [("ab", "document")]
+    assert ids(tag="c") == [] and ids(tag="c", viewer="bob") == [("ab", "prompt")]
+    assert ids(kind="trace", task_id="t-9") == [("cd", "trace")]
+    newest = store.list_artifacts(
+        kind=None, tag=None, task_id=None, limit=1, before_seq=None, owner=None
+    )
+    assert ids(before_seq=newest[0]["seq"]) == [("ab", "document")]
+
+
+@pytest.mark.req("ORCH-STATE-0007")
+def test_rows_read_back_the_same_from_both_backends(path: Path, postgres_url: str) -> None:
+    stores = [sqlite_backend(path).open(), postgres_backend(postgres_url).open()]
+    try:
+        answers = []
+        for store in stores:
+            store.admit_task(task_row("t-1"), session_row(cost_remaining=0.1), new_session=True)
+            store.place_task("t-1", "s-1", pool_id="p", replica_id="p-0", started_ms=7)
+            trace = trace_row("t-1", metadata='{"k":  "v"}')
+            store.finish_task(
+                "t-1",
+                {"state": "failed", "error_retriable": False, "cost": 1e-9, "tokens_out": 2**40},
+                "s-1",
+                {"cost_remaining": 0.1 - 1e-9},
+                trace=trace,
+            )
+            answers.append(
+                (
+                    store.get_task("t-1"),
+                    store.get_session("s-1"),
+                    store.get_artifact(trace.artifact_id),
+                    store.get_artifact(trace.artifact_id, "key-1"),
+                    store.list_artifacts(
+                        kind=None, tag=None, task_id=None, limit=5, before_seq=None, owner="key-1"
+                    ),
+                )
+            )
+        assert answers[0] == answers[1]
+        task = answers[1][0]
+        assert task is not None and task.error_retriable is False
+    finally:
+        for store in stores:
+            store.close()
 
 
 @pytest.mark.req("ORCH-CTRL-0042")
-def test_the_outcome_of_the_most_recent_write_is_recorded(db: Database) -> None:
+def test_the_outcome_of_the_most_recent_write_is_recorded(store: Storage) -> None:
     def failing() -> bool:  # calls, so that mypy does not narrow the attributes
-        return db.write_failing
+        return store.write_failing
 
     assert not failing()
-    db.admit_task(task_row("t-1"), session_row(), new_session=True)
+    store.admit_task(task_row("t-1"), session_row(), new_session=True)
 
     # The session's insert succeeds inside the transaction; the task's then fails: failing.
     with pytest.raises(StorageError):
-        db.admit_task(task_row("t-1", session_id="s-2"), session_row("s-2"), new_session=True)
+        store.admit_task(task_row("t-1", session_id="s-2"), session_row("s-2"), new_session=True)
     assert failing()
 
     # A read, successful or not, leaves it as it is.
-    assert db.get_task("t-1") is not None
+    assert store.get_task("t-1") is not None
     assert failing()
 
-    db.update_task("t-1", state="running")
+    store.update_task("t-1", state="running")
     assert not failing()
 
 
@@ -374,15 +576,36 @@ def test_the_views_migration_keeps_every_existing_owners_metadata(path: Path) ->
         if number <= 4:
             conn.executescript(script)
     conn.execute("PRAGMA user_version = 4")
-    conn.execute(
-        "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
-        "metadata) VALUES ('sha256:ab', 'ab', 'prompt', 1, 7, '[\"t\"]', '{\"k\": \"v\"}')"
-    )
+    conn.execute(_ARTIFACT_AT_VERSION_4)
     for owner in ("alice", "bob"):
         conn.execute("INSERT INTO artifact_owners VALUES ('sha256:ab', ?)", (owner,))
     conn.close()
 
-    db = Database.open(path, profile="test")
+    _check_views_kept(Database.open(path, profile="test"), lambda: tables(path))
+
+
+@pytest.mark.req("ORCH-SEC-0023", "ORCH-STATE-0007")
+def test_the_postgresql_views_migration_keeps_every_existing_owners_metadata(
+    postgres_url: str,
+) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        pg_schema.migrate(conn, up_to=4)
+        assert pg_schema.schema_version(conn) == 4
+        conn.execute(_ARTIFACT_AT_VERSION_4)
+        for owner in ("alice", "bob"):
+            conn.execute("INSERT INTO artifact_owners VALUES ('sha256:ab', %s)", (owner,))
+
+    backend = postgres_backend(postgres_url)
+    _check_views_kept(backend.open(), backend.tables)
+
+
+_ARTIFACT_AT_VERSION_4 = (
+    "INSERT INTO artifacts (artifact_id, digest, kind, size_bytes, created_ms, tags, "
+    "metadata) VALUES ('sha256:ab', 'ab', 'prompt', 1, 7, '[\"t\"]', '{\"k\": \"v\"}')"
+)
+
+
+def _check_views_kept(db: Storage, tables_now: Callable[[], set[str]]) -> None:
     try:
         for owner in ("alice", "bob"):
             assert db.artifact_owned_by("sha256:ab", owner)
@@ -395,6 +618,17 @@ def test_the_views_migration_keeps_every_existing_owners_metadata(path: Path) ->
             )
             assert view["created_ms"] == 7
         assert not db.artifact_owned_by("sha256:ab", "carol")
-        assert "artifact_owners" not in tables(path)
+        assert "artifact_owners" not in tables_now()
     finally:
         db.close()
+
+
+@pytest.mark.req("ORCH-STATE-0008")
+def test_an_unreachable_postgresql_is_a_storage_error_that_hides_the_password() -> None:
+    url = f"postgresql://llorch:s3cret@127.0.0.1:{free_port()}/llorch"
+
+    with pytest.raises(
+        StorageError, match=r"cannot open database postgresql://llorch:\*\*\*@"
+    ) as e:
+        PostgresStorage.open(url, profile="test")
+    assert "s3cret" not in str(e.value)

@@ -122,7 +122,8 @@ SELECT c.relkind::text || ':' || c.relname::text,
     WHEN 'r' THEN
       (SELECT string_agg(a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod)
                 || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
-                || CASE WHEN a.attidentity <> '' THEN ' identity ' || a.attidentity::text ELSE '' END
+                || CASE WHEN a.attidentity <> '' THEN ' identity ' || a.attidentity::text
+                   ELSE '' END
                 || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), ''),
               ', ' ORDER BY a.attnum)
        FROM pg_attribute a

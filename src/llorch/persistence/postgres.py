@@ -64,7 +64,7 @@ class PostgresStorage:
         where = without_password(url)
         params = conninfo_to_dict(url)
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
-        conninfo = make_conninfo(**params)
+        conninfo = make_conninfo("", **params)
 
         def configure(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")

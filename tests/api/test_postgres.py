@@ -1,0 +1,60 @@
+"""The server on PostgreSQL (``database.url``): the way of a task, end to end, in process."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from llorch.persistence.postgres import PostgresStorage
+from tests.conftest import SettingsFactory
+from tests.support import in_process, pool
+
+
+@pytest.mark.req("ORCH-STATE-0007")
+async def test_a_task_runs_end_to_end_on_postgresql(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    settings = settings_for({"database": {"url": postgres_url}, "pools": [pool()]})
+    async with in_process(settings) as api:
+        assert isinstance(api.runtime._db, PostgresStorage)
+        assert (await api.client.get("/readyz")).status_code == 200
+        created = await api.client.post("/v1/sessions", json={"budgets": {"tokens": 1000}})
+        sid = created.json()["session_id"]
+        task_id = (await api.submit(max_tokens=4, session_id=sid)).json()["task_id"]
+
+        events = await api.events(task_id)
+        assert (events[0].event, events[-1].event) == ("started", "end")
+        task = await api.wait_state(task_id, "succeeded")
+        assert task["usage"]["tokens_out"] == 4
+        session = (await api.client.get(f"/v1/sessions/{sid}")).json()
+        used = task["usage"]["tokens_in"] + task["usage"]["tokens_out"]
+        assert session["budgets"]["tokens_remaining"] == 1000 - used
+        trace = await api.client.get(f"/v1/artifacts/{task['trace_artifact_id']}")
+        assert trace.status_code == 200 and trace.json()["kind"] == "trace"
+        listed = (await api.client.get("/v1/tasks", params={"session_id": sid})).json()
+        assert [t["task_id"] for t in listed["items"]] == [task_id]
+
+    # The state is in PostgreSQL, and no SQLite file was made.
+    assert not settings.database_path.exists()
+    with psycopg.connect(postgres_url) as conn:
+        row = conn.execute("SELECT state, tokens_out FROM tasks WHERE task_id = %s", (task_id,))
+        assert row.fetchone() == ("succeeded", 4)
+
+
+@pytest.mark.req("ORCH-STATE-0007", "ORCH-DATA-0011")
+async def test_queued_tasks_run_after_a_restart_on_postgresql(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    database = {"url": postgres_url}
+    busy = settings_for(
+        {"database": database, "pools": [pool(slots_per_replica=1, mock={"ttft_ms": 60_000})]}
+    )
+    async with in_process(busy) as api:
+        running = (await api.submit()).json()["task_id"]
+        await api.wait_state(running, "running")
+        queued = (await api.submit(max_tokens=3)).json()["task_id"]
+
+    async with in_process(settings_for({"database": database, "pools": [pool()]})) as api:
+        done = await api.wait_state(queued, "succeeded")
+        assert done["usage"]["tokens_out"] == 3
+        assert (await api.client.get(f"/v1/tasks/{running}")).json()["state"] == "canceled"
