@@ -95,23 +95,13 @@ def expected_schema(conn: Connection) -> dict[str, str]:
     """The description of the schema the migrations produce, built in a scratch schema that is
     rolled back (it needs the CREATE privilege on the database, as migrating does)."""
     scratch = f"llorch_expected_{secrets.token_hex(4)}"
-
-    class _Rollback(Exception):
-        pass
-
-    found: dict[str, str] = {}
-    try:
-        with conn.transaction():
-            conn.execute(f"CREATE SCHEMA {scratch}")
-            conn.execute(f"SET LOCAL search_path TO {scratch}")
-            conn.execute(_VERSION_TABLE)
-            for _, script in migrations():
-                conn.execute(script.encode("utf-8"))
-            found = describe(conn)
-            raise _Rollback
-    except _Rollback:
-        pass
-    return found
+    with conn.transaction(force_rollback=True):  # the scratch schema is undone at the end
+        conn.execute(f"CREATE SCHEMA {scratch}")
+        conn.execute(f"SET LOCAL search_path TO {scratch}")
+        conn.execute(_VERSION_TABLE)
+        for _, script in migrations():
+            conn.execute(script.encode("utf-8"))
+        return describe(conn)
 
 
 # Each relation of the current schema, described: a table by its columns and constraints, an
