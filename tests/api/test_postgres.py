@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -58,3 +60,34 @@ async def test_queued_tasks_run_after_a_restart_on_postgresql(
         done = await api.wait_state(queued, "succeeded")
         assert done["usage"]["tokens_out"] == 3
         assert (await api.client.get(f"/v1/tasks/{running}")).json()["state"] == "canceled"
+
+
+@pytest.mark.req("ORCH-STATE-0007", "ORCH-STATE-0004", "ORCH-CTRL-0042")
+async def test_an_end_postgresql_refuses_is_retried_and_readiness_says_storage(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    settings = settings_for(
+        {
+            "database": {"url": postgres_url},
+            "server": {"storage_busy_timeout_ms": 50},
+            "pools": [pool(mock={"ttft_ms": 0, "tokens_per_s": 200, "eos": False})],
+        }
+    )
+    async with in_process(settings) as api:
+        task_id = (await api.submit(max_tokens=10)).json()["task_id"]
+        await api.wait_state(task_id, "running")
+        # Another client holds the tables' write lock past the lock timeout while the task ends.
+        with psycopg.connect(postgres_url) as other:
+            other.execute("LOCK TABLE tasks, sessions, artifacts, artifact_views IN EXCLUSIVE MODE")
+            await asyncio.sleep(0.5)  # ten tokens take 50 ms: the engine is done
+            held = (await api.client.get(f"/v1/tasks/{task_id}")).json()
+            assert held["state"] == "running" and held["timings"]["ended_ms"] is None
+            ready = await api.client.get("/readyz")
+            assert ready.status_code == 503 and "storage" in ready.json()["message"]
+            other.rollback()
+        done = await api.wait_state(task_id, "succeeded", "failed", "canceled")
+        assert done["state"] == "succeeded" and done["usage"]["tokens_out"] == 10
+        assert [e.event for e in await api.events(task_id) if e.event in ("end", "error")] == [
+            "end"
+        ]
+        assert (await api.client.get("/readyz")).status_code == 200
