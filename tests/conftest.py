@@ -46,9 +46,15 @@ def postgres_server() -> Iterator[DatabaseFactory]:
 
 
 @pytest.fixture
-def postgres_url(postgres_server: DatabaseFactory) -> str:
-    """The URL of a new, empty database of its own for this test."""
-    return postgres_server()
+def postgres_url(postgres_server: DatabaseFactory) -> Iterator[str]:
+    """The URL of a new, empty database of its own for this test (dropped afterwards on a
+    server of LLORCH_TEST_DATABASE_URL; a private cluster goes away with its directory)."""
+    url = postgres_server()
+    yield url
+    external = os.environ.get("LLORCH_TEST_DATABASE_URL")
+    if external:
+        with psycopg.connect(external, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
 
 
 def _create_database(server_url: str) -> str:

@@ -61,15 +61,14 @@ class PostgresStorage:
     @classmethod
     def open(cls, url: str, *, profile: str, busy_timeout_ms: int = 5000) -> PostgresStorage:
         """Connect, migrate, check the profile and verify the schema, then open the pool."""
-        where = without_password(url)
-        params = conninfo_to_dict(url)
-        params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
-        conninfo = make_conninfo("", **params)
 
         def configure(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
 
         try:
+            params = conninfo_to_dict(url)
+            params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+            conninfo = make_conninfo("", **params)
             with psycopg.connect(conninfo, autocommit=True) as conn:
                 configure(conn)
                 pg_schema.migrate(conn)
@@ -85,9 +84,13 @@ class PostgresStorage:
                 name="llorch",
                 open=False,
             )
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot open database {without_password(url)}: {exc}") from exc
+        try:
             pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:
-            raise StorageError(f"cannot open database {where}: {exc}") from exc
+            pool.close()
+            raise StorageError(f"cannot open database {without_password(url)}: {exc}") from exc
         return cls(pool)
 
     def close(self) -> None:
