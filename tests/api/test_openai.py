@@ -3,7 +3,9 @@ live uvicorn (disconnects need a real socket)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.conftest import SettingsFactory
+from tests.engines.scripted import Reply, ScriptedEngine, chunk
+from tests.integration.wire import Wire, config, serve
 from tests.support import BUSY, MODEL, live_server, make_settings, pool, wait_until
 
 SLOW = "mock-slow"  # 20 tokens/s, never an early stop: a call runs long enough to hang up on
@@ -188,14 +193,16 @@ def test_service_tier_and_the_priority_header_map_onto_the_priority(
     assert task["priority"] == "interactive"
 
 
-@pytest.mark.req("ORCH-OAI-0013", "ORCH-OAI-0030")
+@pytest.mark.req("ORCH-OAI-0013", "ORCH-OAI-0014", "ORCH-OAI-0015", "ORCH-OAI-0030")
 @pytest.mark.parametrize(
     ("op", "extra", "param"),
     [
         ("chat", {"n": 2}, "n"),
-        ("chat", {"top_p": 0.5}, "top_p"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        # Refused by admission: no pool serving the model has an engine that serves it.
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"response_format": {"type": "grammar"}}, "response_format"),
         ("completion", {"n": 2}, "n"),
         ("completion", {"logprobs": 1}, "logprobs"),
         ("chat", {"extra_body": {"bogus": 1}}, "bogus"),
@@ -207,8 +214,41 @@ def test_what_the_facade_does_not_serve_is_a_400_naming_it(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         call(sdk(url), op, **extra)
-    assert error_of(refused.value)["param"] == param
+    error = error_of(refused.value)
+    assert error["param"] == param
     assert refused.value.response.headers["x-should-retry"] == "false"
+    if param.startswith("tool"):  # refused on every engine, and the message says why
+        assert "tool call" in error["message"]
+
+
+@pytest.mark.req("ORCH-OAI-0012")
+@pytest.mark.parametrize("op", OPS)
+def test_sampling_fields_map_onto_the_task(url: str, api: httpx.Client, op: str) -> None:
+    # The mock engine ignores top_p; what the task carries is what an HTTP engine is sent
+    # (test_the_facade_passes_top_p_and_response_format_to_an_engine_that_serves_them).
+    client = sdk(url)
+    sampling: dict[str, Any] = {"temperature": 0.5, "top_p": 0.25, "seed": 3, "stop": "zz"}
+    if op == "chat":
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=2, **sampling
+        )
+    else:
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt="Once", max_tokens=2, **sampling
+        )
+    request = _trace(api, raw.headers["x-task-id"])["request"]
+    assert (request["temperature"], request["top_p"], request["seed"]) == (0.5, 0.25, 3)
+    assert request["stop"] == ["zz"]
+
+
+def _trace(api: httpx.Client, task_id: str) -> dict[str, Any]:
+    def stored() -> str | None:
+        trace_id: str | None = api.get(f"/v1/tasks/{task_id}").json()["trace_artifact_id"]
+        return trace_id
+
+    artifact = api.get(f"/v1/artifacts/{wait_until(stored, 'the trace stored')}").json()
+    trace: dict[str, Any] = json.loads(artifact["content"])
+    return trace
 
 
 @pytest.mark.req("ORCH-OAI-0030")
@@ -439,3 +479,73 @@ def test_a_deadline_that_cannot_be_met_is_the_task_apis_400(
     if task_id is not None:
         task = api.get(f"/v1/tasks/{task_id}").json()
         assert (task["state"], task["error"]["code"]) == ("failed", "DEADLINE_UNMET")
+
+
+CITY = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "schema": {"type": "object", "properties": {"name": {"type": "string"}}},
+        "strict": True,
+    },
+}
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-OAI-0012", "ORCH-OAI-0014", "ORCH-ENG-0008", "ORCH-ENG-0009")
+async def test_the_facade_passes_top_p_and_response_format_to_an_engine_that_serves_them(
+    settings_for: SettingsFactory,
+) -> None:
+    # One model on two pools: a mock one (it cannot shape its text) and a scripted vLLM one.
+    deltas = ['{"name"', ': "Paris"}']
+    parts = [
+        *(
+            chunk({"choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
+            for d in deltas
+        ),
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        chunk({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}),
+        "data: [DONE]\n\n",
+    ]
+    http_pool = {
+        "id": "vllm",
+        "engine": "vllm",
+        "model": MODEL,
+        "endpoints": [],
+        "health_interval_ms": 50,
+        "timeouts": {"connect_ms": 300},
+    }
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "top_p": 0.5}
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake:
+        http_pool["endpoints"] = [fake.url]
+        async with serve(settings_for(config(pool(id="mock"), http_pool))) as wire:
+            await wait_ready(wire, "vllm")
+            shaped = await wire.client.post(
+                "/v1/chat/completions", json=body | {"response_format": CITY}
+            )
+            plain = await wire.client.post("/v1/chat/completions", json=body)
+            pinned = await wire.client.post(
+                "/v1/tasks",
+                json=body | {"response_format": CITY, "placement": {"pin_pool_id": "mock"}},
+            )
+            task = (await wire.client.get(f"/v1/tasks/{shaped.headers['x-task-id']}")).json()
+
+    assert shaped.status_code == 200, shaped.text
+    assert shaped.json()["choices"][0]["message"]["content"] == '{"name": "Paris"}'
+    assert task["pool_id"] == "vllm"  # placed where the engine serves it, never on the mock
+    sent = [p.body for p in fake.posts()]
+    assert sent[0]["response_format"] == CITY and sent[0]["top_p"] == 0.5
+    # Without one, the task may go to either pool; what reached the engine carried no format.
+    assert plain.status_code == 200, plain.text
+    assert all("response_format" not in b for b in sent[1:])
+    assert pinned.status_code == 400, pinned.text
+    assert pinned.json()["message"].startswith("'response_format' is not served")
+
+
+async def wait_ready(wire: Wire, pool_id: str) -> None:
+    # The scripted engine runs on this loop, which the server's start-up blocks.
+    async with asyncio.timeout(20):
+        while True:
+            if (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:
+                return
+            await asyncio.sleep(0.02)

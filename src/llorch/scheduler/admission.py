@@ -137,7 +137,7 @@ class Admitter:
             task_id = new_id("t")
         request = _completion_request(task_id, body, correlation_id)
         priority: Priority = body.get("priority", "interactive")
-        pool = self._route(request.model, body.get("placement") or {})
+        pool = self._route(request, body.get("placement") or {})
         tokens_in = estimate_tokens_in(request)
         if request.max_tokens > pool.settings.max_tokens_out:
             raise InvalidParams(
@@ -338,7 +338,8 @@ class Admitter:
             remaining=self._sessions.remaining_for(row.session_id),
         )
 
-    def _route(self, model: str, placement: Mapping[str, Any]) -> PoolRuntime:
+    def _route(self, request: CompletionRequest, placement: Mapping[str, Any]) -> PoolRuntime:
+        model = request.model
         serving = [p for p in self._registry.pools.values() if p.model == model]
         if not serving:
             known = sorted({p.model for p in self._registry.pools.values()})
@@ -349,6 +350,7 @@ class Admitter:
             if pinned is None or pinned.model != model:
                 raise InvalidParams(f"pool {pin!r} does not serve model {model!r}")
             serving = [pinned]
+        serving = _able(serving, request)
         prefer = list(placement.get("prefer_pools", []))
         avoid = set(placement.get("avoid_pools", []))
 
@@ -374,10 +376,31 @@ class Admitter:
         return min(ready, key=rank)
 
 
+def _able(serving: list[PoolRuntime], request: CompletionRequest) -> list[PoolRuntime]:
+    """The pools whose engine serves what the request needs (ORCH-ENG-0009), or a 400 naming
+    the first field none of them serves."""
+    needs = request.features
+    if needs and request.messages is None:
+        raise InvalidParams(f"'{min(needs)}' is not served for a prompt, only for messages")
+    able = [p for p in serving if needs <= p.features]
+    if not able:
+        engines = sorted({p.settings.engine for p in serving})
+        missing = min(needs - frozenset.intersection(*(p.features for p in serving)))
+        raise InvalidParams(
+            f"'{missing}' is not served by the engine of any pool serving model "
+            f"{request.model!r} ({', '.join(engines)})",
+            pool_id=serving[0].id,
+        )
+    return able
+
+
 def _completion_request(
     task_id: str, body: Mapping[str, Any], correlation_id: str
 ) -> CompletionRequest:
     messages = body.get("messages")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format["type"] == "text":
+        response_format = None  # what every engine does anyway
     return CompletionRequest(
         task_id=task_id,
         model=body["model"],
@@ -388,6 +411,8 @@ def _completion_request(
         max_tokens=body["max_tokens"],
         seed=body.get("seed"),
         temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
         stop=tuple(body.get("stop", ())),
+        response_format=response_format,
         correlation_id=correlation_id,
     )

@@ -168,6 +168,13 @@ class PoolRuntime:
     def ready(self) -> bool:
         return any(r.serving for r in self.replicas)
 
+    @property
+    def features(self) -> frozenset[str]:
+        """What every replica's engine serves beyond text (a pool has one engine type)."""
+        if not self.replicas:
+            return frozenset()
+        return frozenset.intersection(*(r.engine.features for r in self.replicas))
+
     def unready_reason(self) -> str:
         """Why no replica serves, replica by replica (for ``/readyz``)."""
         parts = [
