@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from llorch.api.auth import AuthKeys, Principal, operation_scopes
-from llorch.api.sse import WriteWatch
+from llorch.api.sse import SlowClientGuard, WriteWatch
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
@@ -16,6 +16,7 @@ from llorch.errors import TaskNotFound
 from llorch.metrics import Metrics
 from llorch.persistence import Database
 from llorch.scheduler import Scheduler
+from llorch.scheduler.events import EventStream
 from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
 
@@ -44,6 +45,21 @@ class Runtime:
     def __post_init__(self) -> None:
         scopes = operation_scopes((openapi("data"), openapi("control")))
         self.auth = AuthKeys(self.settings.auth.keys, self.clock, scopes)
+
+    def slow_client_guard(
+        self, stream: EventStream, task_id: str, framing: str = "sse"
+    ) -> SlowClientGuard:
+        """The slow-client rules of ``server`` for one response streaming ``task_id``."""
+        server = self.settings.server
+        return SlowClientGuard(
+            stream,
+            task_id=task_id,
+            max_lag_events=server.stream_max_lag_events,
+            write_timeout_s=server.stream_write_timeout_s,
+            metrics=self.metrics,
+            watch=self.sse_watch,
+            framing=framing,
+        )
 
     @property
     def scheduler(self) -> Scheduler:

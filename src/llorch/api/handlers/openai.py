@@ -98,9 +98,13 @@ class OpenAIHandlers:
 
         if mapped.stream:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            heartbeat_s = self._rt.settings.server.heartbeat_s
             return ChunkStream(
-                stream, shape, heartbeat_s=heartbeat_s, headers=headers, cancel=cancel
+                stream,
+                shape,
+                heartbeat_s=self._rt.settings.server.heartbeat_s,
+                headers=headers,
+                cancel=cancel,
+                guard=self._rt.slow_client_guard(stream, task_id, framing="openai"),
             )
         return WholeCompletion(stream, shape, headers=headers, cancel=cancel)
 

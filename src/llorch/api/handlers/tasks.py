@@ -83,10 +83,8 @@ class TaskHandlers:
             task_id=task_id,
             after=after,
             heartbeat_s=server.heartbeat_s,
-            max_lag_events=server.stream_max_lag_events,
-            write_timeout_s=server.stream_write_timeout_s,
             metrics=self._rt.metrics,
-            watch=self._rt.sse_watch,
+            guard=self._rt.slow_client_guard(stream, task_id),
             headers=headers,
             on_disconnect=(lambda: scheduler.cancel(task_id))
             if server.cancel_on_disconnect
