@@ -18,7 +18,16 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.conftest import SettingsFactory
 from tests.engines.scripted import Reply, ScriptedEngine, chunk
 from tests.integration.wire import Wire, config, serve
-from tests.support import BUSY, MODEL, live_server, make_settings, pool, wait_until
+from tests.support import (
+    BUSY,
+    MODEL,
+    in_process,
+    live_server,
+    make_settings,
+    pool,
+    wait_until,
+    write_lock_held,
+)
 
 SLOW = "mock-slow"  # 20 tokens/s, never an early stop: a call runs long enough to hang up on
 FULL = "mock-full"  # one busy slot, queue capacity 1, policy reject
@@ -549,3 +558,34 @@ async def wait_ready(wire: Wire, pool_id: str) -> None:
             if (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:
                 return
             await asyncio.sleep(0.02)
+
+
+@pytest.mark.req("ORCH-DATA-0019", "ORCH-OAI-0030")
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing(
+    settings_for: SettingsFactory, path: str
+) -> None:
+    settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
+    body = {"model": MODEL, "max_tokens": 2} | (
+        {"messages": HELLO} if "chat" in path else {"prompt": "Once"}
+    )
+    headers = {"X-Task-Id": "t-during-lock"}
+    async with in_process(settings) as api:
+        # Another process holds the database's write lock past the busy timeout.
+        with write_lock_held(settings.database_path):
+            failed = await api.client.post(path, json=body, headers=headers)
+        missing = await api.client.get("/v1/tasks/t-during-lock")
+        again = await api.client.post(path, json=body, headers=headers)
+
+    assert failed.status_code == 500, failed.text
+    assert failed.json() == {
+        "error": {
+            "message": "internal error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal",
+        }
+    }
+    assert failed.headers["x-should-retry"] == "true"
+    assert missing.status_code == 404
+    assert again.status_code == 200, again.text
