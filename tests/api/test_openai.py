@@ -538,10 +538,13 @@ async def test_the_facade_passes_top_p_and_response_format_to_an_engine_that_ser
                 json=body | {"response_format": CITY, "placement": {"pin_pool_id": "mock"}},
             )
             task = (await wire.client.get(f"/v1/tasks/{shaped.headers['x-task-id']}")).json()
+            capabilities = (await wire.client.get("/v1/capabilities")).json()
 
     assert shaped.status_code == 200, shaped.text
     assert shaped.json()["choices"][0]["message"]["content"] == '{"name": "Paris"}'
     assert task["pool_id"] == "vllm"  # placed where the engine serves it, never on the mock
+    features = {p["pool_id"]: p["features"] for p in capabilities["pools"]}
+    assert features == {"mock": [], "vllm": ["response_format"]}
     sent = [p.body for p in fake.posts()]
     assert sent[0]["response_format"] == CITY and sent[0]["top_p"] == 0.5
     # Without one, the task may go to either pool; what reached the engine carried no format.

@@ -227,6 +227,7 @@ def pool_capabilities(pool: PoolRuntime) -> dict[str, Any]:
         "ctx_max": _ctx_max(pool),
         "max_tokens_out": pool.settings.max_tokens_out,
         "workloads": ["completion", "chat"],
+        "features": sorted(pool.features),
         "slots_total": sum(r.engine.slots for r in pool.replicas),
         "slots_free": sum(r.free for r in pool.replicas),
         "queue_capacity": pool.settings.queue.capacity,
