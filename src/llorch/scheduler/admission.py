@@ -380,7 +380,9 @@ def _able(serving: list[PoolRuntime], request: CompletionRequest) -> list[PoolRu
     """The pools whose engine serves what the request needs (ORCH-ENG-0009), or a 400 naming
     the first field none of them serves."""
     needs = request.features
-    if needs and request.messages is None:
+    if not needs:
+        return serving
+    if request.messages is None:
         raise InvalidParams(f"'{min(needs)}' is not served for a prompt, only for messages")
     able = [p for p in serving if needs <= p.features]
     if not able:
