@@ -417,6 +417,7 @@ _FACADE_TESTS = {
     413: "test_too_large_and_non_json_bodies_are_openai_errors",
     415: "test_too_large_and_non_json_bodies_are_openai_errors",
     429: "test_a_spent_budget_is_429_and_not_retried, test_a_full_queue_is_429_with_retry_advice",
+    500: "test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing",
     502: "test_a_drained_pool_is_503_and_an_engine_failure_502",
     503: "test_a_drained_pool_is_503_and_an_engine_failure_502",
 }
