@@ -39,9 +39,11 @@ class ServerSettings:
     max_connections: int = 0
     heartbeat_s: float = 15.0
     shutdown_grace_s: float = 10.0
-    # Finished tasks whose full event buffer stays in memory for late attach; older ones replay
-    # only their terminal event, rebuilt from the database.
+    # Finished tasks whose full event buffer stays in memory for late attach, at most this many
+    # and at most this many bytes of them (estimated); older ones are replayed from their trace
+    # artifact, or only their terminal event, rebuilt from the database.
     streams_retained: int = 1000
+    streams_retained_bytes: int = 32 * 1024 * 1024
     metrics_every_tokens: int = 16
     storage_busy_timeout_ms: int = 5000
     # A client that closes its stream cancels the task (off: the task runs on and can be

@@ -161,3 +161,29 @@ async def test_unknown_routes_and_methods_answer_the_envelope(
     async with in_process(settings_for({"pools": [pool()]})) as api:
         assert_envelope(await api.client.get("/v2/nothing"), 404, "NOT_FOUND")
         assert_envelope(await api.client.delete("/v1/tasks"), 405, "METHOD_NOT_ALLOWED")
+
+
+@pytest.mark.req("ORCH-DATA-0059", "ORCH-DATA-0096")
+async def test_ended_streams_are_kept_within_the_byte_budget_and_the_rest_replayed_from_traces(
+    settings_for: SettingsFactory,
+) -> None:
+    # A 40-token task's stream is estimated at ~16 KB: a 40 KB budget keeps two of five, and a
+    # count of 1000 never binds.
+    budget = 40_000
+    server = {"streams_retained": 1000, "streams_retained_bytes": budget}
+    async with in_process(settings_for({"server": server, "pools": [pool()]})) as api:
+        ids = []
+        for _ in range(5):
+            task_id = (await api.submit(max_tokens=40)).json()["task_id"]
+            await api.wait_state(task_id, "succeeded")
+            ids.append(task_id)
+        registry = api.runtime.scheduler.registry
+        kept = [registry.stream(t) is not None for t in ids]
+        retained_bytes = registry.retained_bytes
+        oldest = await api.events(ids[0])
+
+    assert kept == [False, False, False, True, True]
+    assert 0 < retained_bytes <= budget
+    # The evicted stream comes back whole from its trace: started, 40 tokens, metrics, end.
+    assert [f.id for f in oldest] == list(range(len(oldest)))
+    assert sum(f.event == "token" for f in oldest) == 40 and oldest[-1].event == "end"

@@ -22,6 +22,7 @@ from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.replay import replay_from_trace
 from llorch.scheduler.task import CANCELED, FAILED, QUEUED, RUNNING, TERMINAL_STATES
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
@@ -45,11 +46,13 @@ class Scheduler:
         self._settings = settings
         self._db = db
         self._clock = clock
+        self._artifacts = artifacts
         self.sessions = sessions
         self.metrics = metrics or Metrics(metrics_contract())
         self.registry = Registry(
             [PoolRuntime(p, engines(p, 0), self.metrics, clock) for p in settings.pools],
             settings.server.streams_retained,
+            settings.server.streams_retained_bytes,
         )
         self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
         self._admitter = Admitter(
@@ -137,7 +140,8 @@ class Scheduler:
         row = self._db.get_task(task_id)
         if row is None:
             raise TaskNotFound(f"task {task_id} not found")
-        return _replay_from_row(row)
+        # Evicted from memory: the transcript in its trace, else the terminal frame from its row.
+        return replay_from_trace(self._artifacts, row) or _replay_from_row(row)
 
     def task(self, task_id: str) -> dict[str, Any]:
         row = self._db.get_task(task_id)
