@@ -45,6 +45,9 @@ class ServerSettings:
     streams_retained: int = 1000
     streams_retained_bytes: int = 32 * 1024 * 1024
     metrics_every_tokens: int = 16
+    # How often the tokens of running tasks are checkpointed, so a restart charges a task it
+    # cut short for what it produced (0: never).
+    progress_interval_ms: int = 1000
     storage_busy_timeout_ms: int = 5000
     # A client that closes its stream cancels the task (off: the task runs on and can be
     # re-attached with Last-Event-ID).
@@ -117,6 +120,11 @@ class AuthSettings:
 class Price:
     input_per_1k: float
     output_per_1k: float
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        """What ``tokens_in`` prompt and ``tokens_out`` generated tokens cost: the one formula
+        for reservations (the worst case) and for charges (the usage)."""
+        return round((tokens_in * self.input_per_1k + tokens_out * self.output_per_1k) / 1000, 9)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from tests.conftest import SettingsFactory
-from tests.support import BUSY, assert_envelope, fill_slots, in_process, pool
+from tests.support import BUSY, assert_envelope, fill_slots, in_process, pool, sql_connection
 
 
 @pytest.mark.req("ORCH-DATA-0040", "ORCH-DATA-0020")
@@ -138,7 +138,7 @@ async def test_tokens_are_not_written_to_the_database_one_by_one(
     settings = settings_for({"pools": [pool(mock={"ttft_ms": 0, "tokens_per_s": 0, "eos": False})]})
     async with in_process(settings) as api:
         # Count the statements the server runs while a 300-token task streams.
-        conn: sqlite3.Connection = api.runtime.scheduler._db._conn
+        conn: sqlite3.Connection = sql_connection(api)
         writes: list[str] = []
         conn.set_trace_callback(
             lambda sql: (
@@ -187,3 +187,21 @@ async def test_ended_streams_are_kept_within_the_byte_budget_and_the_rest_replay
     # The evicted stream comes back whole from its trace: started, 40 tokens, metrics, end.
     assert [f.id for f in oldest] == list(range(len(oldest)))
     assert sum(f.event == "token" for f in oldest) == 40 and oldest[-1].event == "end"
+
+
+async def test_opening_a_stream_reads_the_task_row_once(settings_for: SettingsFactory) -> None:
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        conn: sqlite3.Connection = sql_connection(api)
+        task_id = (await api.submit(max_tokens=3)).json()["task_id"]
+        await api.events(task_id)
+        reads: list[str] = []
+        conn.set_trace_callback(lambda sql: reads.append(sql) if "FROM tasks" in sql else None)
+        # With its stream still in memory, then forgotten (replayed from the row).
+        for forget in (False, True):
+            if forget:
+                api.runtime.scheduler.registry._ended.clear()
+            reads.clear()
+            events = await api.events(task_id, **{"last-event-id": "0"})
+            assert events[-1].event == "end"
+            assert len(reads) == 1, reads
+        conn.set_trace_callback(None)

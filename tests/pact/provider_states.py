@@ -125,7 +125,7 @@ class ProviderStates:
 
     def drained(self, pool_id: str) -> None:
         pools = self.rt.scheduler.pools
-        if not pools.health(pool_id)["draining"]:
+        if not pools.health(pool_id).draining:
             pools.drain(pool_id, 60_000)
         self.resume_after(pool_id)
 
@@ -133,7 +133,7 @@ class ProviderStates:
         pools = self.rt.scheduler.pools
 
         def resume() -> None:
-            if pools.health(pool_id)["draining"]:
+            if pools.health(pool_id).draining:
                 pools.resume(pool_id)
 
         self._undo.append(resume)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from llorch.api.auth import AuthKeys, Principal, operation_scopes
+from llorch.api.auth import AuthKeys, operation_scopes
 from llorch.api.sse import WriteWatch
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
-from llorch.errors import TaskNotFound
 from llorch.metrics import Metrics
 from llorch.persistence import Database
 from llorch.scheduler import Scheduler
@@ -20,11 +19,6 @@ from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch")
-
-
-def format_cost(value: float) -> str:
-    text = f"{value:.9f}".rstrip("0").rstrip(".")
-    return text or "0"
 
 
 @dataclass
@@ -56,13 +50,6 @@ class Runtime:
         if self._artifacts is None:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
-
-    def check_task_visible(self, caller: Principal, task_id: str) -> None:
-        """TaskNotFound unless the task exists and ``caller`` may see it (another key's task
-        is not found, rather than forbidden: its existence is not told)."""
-        row = None if self._db is None else self._db.get_task(task_id)
-        if row is None or not caller.can_see(row.owner):
-            raise TaskNotFound(f"task {task_id} not found")
 
     def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""
@@ -116,11 +103,3 @@ class Runtime:
         self._scheduler = None
         self._artifacts = None
         self._db = None
-
-    def budget_headers(self, session_id: str) -> dict[str, str]:
-        left = self.scheduler.remaining(session_id)
-        return {
-            "X-Budget-Tokens-Remaining": str(left.tokens),
-            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
-            "X-Budget-Cost-Remaining": format_cost(left.cost),
-        }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -74,6 +73,8 @@ class TaskRow:
     trace_artifact_id: str | None = None
     terminal_event_id: int | None = None
     owner: str | None = None
+    # When tokens_out of a running task was last checkpointed (Database.record_progress).
+    progress_ms: int | None = None
 
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
@@ -165,7 +166,6 @@ class Database:
         # full disk, a corrupt page); the next write that succeeds clears it.
         self.write_failing = False
         # When a write last failed (wall clock, ms since the epoch), or None if none has.
-        self.last_write_failure_ms: int | None = None
 
     @classmethod
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
@@ -268,15 +268,6 @@ class Database:
             )
         return cur.rowcount > 0
 
-    def update_session(self, session_id: str, **values: Any) -> None:
-        sets = ", ".join(f"{k} = ?" for k in values)
-        with self._write():
-            self._conn.execute(
-                f"UPDATE sessions SET {sets} WHERE session_id = ?", (*values.values(), session_id)
-            )
-
-    # -- tasks ------------------------------------------------------------------------------
-
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
         values = [getattr(task, c) for c in _ADMIT_COLUMNS]
@@ -341,6 +332,14 @@ class Database:
                     f"UPDATE sessions SET {session_sets} WHERE session_id = ?",
                     (*session_values.values(), session_id),
                 )
+
+    def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
+        """Checkpoint the tokens running tasks have produced so far, in one transaction."""
+        with self._write(), self._transaction():
+            self._conn.executemany(
+                "UPDATE tasks SET tokens_out = ?, progress_ms = ? WHERE task_id = ?",
+                [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
+            )
 
     def list_tasks(
         self,
@@ -413,7 +412,6 @@ class Database:
                 yield
         except StorageError:
             self.write_failing = True
-            self.last_write_failure_ms = int(time.time() * 1000)
             raise
         self.write_failing = False
 
