@@ -14,8 +14,6 @@ that the registry can bound the streams it retains in bytes.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +64,6 @@ class EventStream:
         self._events: list[Event] = []
         self.approx_bytes = 0  # see approx_bytes()
         self._changed = asyncio.Event()
-        # wait_for_seq's waiters, earliest id first: (seq, tie-break, future).
-        self._watches: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._watch_ids = itertools.count()
 
     @classmethod
     def replayed(cls, frames: Iterable[tuple[int, str, dict[str, Any]]]) -> EventStream:
@@ -101,31 +96,7 @@ class EventStream:
         # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
         self._changed.set()
         self._changed = asyncio.Event()
-        if self._watches and (event.seq >= self._watches[0][0] or kind in TERMINAL):
-            self._wake_watches()
         return event
-
-    async def wait_for_seq(self, seq: int) -> None:
-        """Return once the event with id ``seq`` is published, or the stream is closed.
-
-        It is woken once, by that event, not by every event before it.
-        """
-        if self.next_seq > seq or self.closed:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._watches, (seq, next(self._watch_ids), waiter))
-        try:
-            await waiter
-        finally:
-            if not waiter.done():
-                waiter.cancel()  # a cancelled wait leaves a dead entry, dropped when due
-
-    def _wake_watches(self) -> None:
-        closed = self.closed
-        while self._watches and (closed or self._watches[0][0] < self.next_seq):
-            _, _, waiter = heapq.heappop(self._watches)
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def subscribe(
         self, *, after: int | None = None, heartbeat_s: float | None = None
