@@ -181,6 +181,8 @@ class QueueSettings:
     # While interactive tasks wait, batch still gets at least this share of the dispatches.
     batch_min_share: float = 0.0
     fairness: FairnessSettings = FairnessSettings()
+    # The longest a task may wait in the queue (None: no limit; a task may ask for less).
+    max_wait_ms: int | None = None
 
 
 @dataclass(frozen=True)

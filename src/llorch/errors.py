@@ -25,6 +25,7 @@
     ├── BudgetExhausted              BUDGET_EXHAUSTED
     ├── Unavailable
     │   ├── PoolUnready              POOL_UNREADY
+    │   ├── QueueTimeout             QUEUE_TIMEOUT: waited in the queue past its limit
     │   ├── PoolUnavailable          POOL_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
     ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
@@ -139,6 +140,10 @@ class Unavailable(LlorchError):
 
 class PoolUnready(Unavailable):
     code = "POOL_UNREADY"
+
+
+class QueueTimeout(Unavailable):
+    code = "QUEUE_TIMEOUT"
 
 
 class PoolUnavailable(Unavailable):

@@ -205,3 +205,37 @@ async def test_opening_a_stream_reads_the_task_row_once(settings_for: SettingsFa
             assert events[-1].event == "end"
             assert len(reads) == 1, reads
         conn.set_trace_callback(None)
+
+
+@pytest.mark.req("ORCH-DATA-0097")
+async def test_a_task_that_waits_past_its_wait_limit_ends_queue_timeout_uncharged(
+    settings_for: SettingsFactory,
+) -> None:
+    busy = pool(slots_per_replica=1, mock=BUSY, queue={"max_wait_ms": 300})
+    async with in_process(settings_for({"pools": [busy]})) as api:
+        await fill_slots(api, 1)
+        created = await api.client.post("/v1/sessions", json={"budgets": {"tokens": 5000}})
+        sid = created.json()["session_id"]
+        # The pool's limit, and a task asking for less than it.
+        pooled = (await api.submit(session_id=sid)).json()["task_id"]
+        sooner = (await api.submit(session_id=sid, max_wait_ms=50)).json()["task_id"]
+        ended = await api.wait_state(sooner, "failed")
+        still = (await api.client.get(f"/v1/tasks/{pooled}")).json()
+        assert still["state"] == "queued"  # 50 ms passed for the one, not 300 for the other
+        late = await api.wait_state(pooled, "failed")
+        session = (await api.client.get(f"/v1/sessions/{sid}")).json()
+        frames = [await api.events(t) for t in (sooner, pooled)]
+
+    for task in (ended, late):
+        assert task["error"]["code"] == "QUEUE_TIMEOUT" and task["error"]["retriable"]
+        assert task["usage"] == {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}
+        assert task["timings"]["started_ms"] is None
+    waited_ms = late["timings"]["ended_ms"] - late["timings"]["created_ms"]
+    assert waited_ms >= 300
+    for stream in frames:
+        # One terminal frame, the error, with the drain rate's advice.
+        assert [f.event for f in stream] == ["error"]
+        assert stream[0].data["code"] == "QUEUE_TIMEOUT"
+        assert stream[0].data["retry_after_ms"] > 0
+    # Reservations released, nothing charged.
+    assert session["budgets"]["tokens_remaining"] == 5000

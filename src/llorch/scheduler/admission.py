@@ -236,6 +236,7 @@ class Admitter:
             want=draft.want,
             affinity=session.last_replica_id,
             deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
             flow=draft.flow,
             position=draft.position,
         )
@@ -257,6 +258,7 @@ class Admitter:
                 ),
             )
         pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
         pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=record.priority)
         log.info(
@@ -282,15 +284,21 @@ class Admitter:
         want: Reservation,
         affinity: str | None,
         deadline_ms: int | None,
+        max_wait_ms: int | None,
         flow: str,
         position: int,
     ) -> TaskRecord:
-        """The live record of an admitted or restored task; its deadline counts from its
-        creation (a restored task has spent part of it already)."""
+        """The live record of an admitted or restored task; its deadline and its wait limit
+        count from its creation (a restored task has spent part of them already)."""
+        loop_now, waited_ms = (
+            asyncio.get_running_loop().time(),
+            self._clock.now_ms() - row.created_ms,
+        )
         deadline_at = None
         if deadline_ms is not None:
-            left_ms = deadline_ms - (self._clock.now_ms() - row.created_ms)
-            deadline_at = asyncio.get_running_loop().time() + left_ms / 1000
+            deadline_at = loop_now + (deadline_ms - waited_ms) / 1000
+        limits = [m for m in (pool.settings.queue.max_wait_ms, max_wait_ms) if m is not None]
+        wait_until = loop_now + (min(limits) - waited_ms) / 1000 if limits else None
         return TaskRecord(
             row=row,
             request=request,
@@ -299,6 +307,7 @@ class Admitter:
             tokens_in_estimate=estimate_tokens_in(request),
             affinity_replica_id=affinity,
             deadline_at=deadline_at,
+            wait_until=wait_until,
             flow=flow,
             queue_position_at_start=position,
         )
@@ -335,12 +344,14 @@ class Admitter:
             want=want,
             affinity=session.last_replica_id if session else None,
             deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
             flow=pool.flow_for(row.owner, row.session_id, {}),
             position=len(pool.queue),
         )
         self._sessions.reserve(row.session_id, row.task_id, want)
         self._registry.add(record)
         pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
         pool.wakeup.set()
         return True

@@ -49,6 +49,8 @@ class TaskRecord:
     tokens_in_estimate: int
     affinity_replica_id: str | None
     deadline_at: float | None  # loop time by which the task must end
+    # Loop time by which it must have left the queue (ORCH-DATA-0097).
+    wait_until: float | None = None
     # Whom the queue's round-robin counts it for (scheduler.pools.PoolRuntime.flow_for).
     flow: str = ""
     events: EventStream = field(default_factory=EventStream)
