@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from llorch.api.auth import AuthKeys, operation_scopes
 from llorch.api.sse import WriteWatch
@@ -13,12 +15,15 @@ from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
-from llorch.persistence import Database
+from llorch.persistence import Database, when_free
 from llorch.scheduler import Scheduler
 from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch")
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,6 +55,12 @@ class Runtime:
         if self._artifacts is None:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
+
+    async def when_free(self, write: Callable[[], T]) -> T:
+        """``write()``, tried again while the database's write lock is held elsewhere."""
+        if self._db is None:
+            raise RuntimeError("the runtime is not started")
+        return await when_free(self._db, write)
 
     def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,9 +13,9 @@ from llorch.config import PoolSettings, Settings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound
+from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, StorageBusy, TaskNotFound
 from llorch.metrics import Metrics
-from llorch.persistence import Storage, TaskRow
+from llorch.persistence import Storage, TaskRow, when_free
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.control import PoolOperations
@@ -72,7 +73,7 @@ class Scheduler:
         self.closing = False
 
     async def start(self) -> None:
-        self._reconcile()
+        await self._reconcile()
         await self._dispatcher.start()
 
     async def quiesce(self) -> None:
@@ -88,32 +89,49 @@ class Scheduler:
             for replica in pool.replicas:
                 await replica.engine.close()
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """After a restart: queued tasks are queued again; tasks that were running end with a
         retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
         for row in self._db.tasks_in_states([RUNNING, QUEUED]):
             try:
                 if row.state == QUEUED and self._admitter.restore(row):
                     continue
-                self._settlement.reconcile(row)
+                await when_free(self._db, functools.partial(self._settlement.reconcile, row))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                self._settlement.quarantine(row, exc)
+                await when_free(self._db, functools.partial(self._settlement.quarantine, row, exc))
 
     # -- operations -------------------------------------------------------------------------
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
+        """Admit a task now; StorageBusy (uncounted) when the write lock is held elsewhere."""
         if self.closing:
             self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
             raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
         try:
             return self._admitter.admit(body, correlation_id, caller)
+        except StorageBusy:
+            raise  # not refused yet: admit_when_free tries again
         except LlorchError as exc:
-            self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
-            if isinstance(exc, BudgetExhausted) and exc.policy_label:
-                self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
+            self._count_rejection(exc)
             raise
+
+    async def admit_when_free(
+        self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
+    ) -> Admission:
+        """:meth:`admit`, tried again while the database's write lock is held elsewhere (an
+        admission writes nothing before its one transaction), the event loop free meanwhile."""
+        try:
+            return await when_free(self._db, lambda: self.admit(body, correlation_id, caller))
+        except StorageBusy as exc:
+            self._count_rejection(exc)
+            raise
+
+    def _count_rejection(self, exc: LlorchError) -> None:
+        self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
+        if isinstance(exc, BudgetExhausted) and exc.policy_label:
+            self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
 
     def cancel(self, task_id: str) -> None:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""

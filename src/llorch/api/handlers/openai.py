@@ -74,7 +74,7 @@ class OpenAIHandlers:
         except mapping.Refusal as refusal:
             return _refused(400, refusal.message, code="unsupported_parameter", param=refusal.param)
         scheduler = self._rt.scheduler
-        admission = scheduler.admit(mapped.task, correlation_id.get(), caller())
+        admission = await scheduler.admit_when_free(mapped.task, correlation_id.get(), caller())
         task_id = admission.task_id
         _record(task_id, mapped)
         headers = {"X-Task-Id": task_id} | views.budget_headers(admission.remaining)

@@ -19,7 +19,7 @@ class TaskHandlers:
         self._rt = runtime
 
     async def create_task(self, body: dict[str, Any]) -> Reply:
-        admission = self._rt.scheduler.admit(body, correlation_id.get(), caller())
+        admission = await self._rt.scheduler.admit_when_free(body, correlation_id.get(), caller())
         headers = {"Location": f"/v1/tasks/{admission.task_id}"}
         headers |= views.budget_headers(admission.remaining)
         return views.admission_body(admission), 202, headers
