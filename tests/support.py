@@ -117,6 +117,13 @@ class InProcess:
                 await asyncio.sleep(0.005)
 
 
+def sql_connection(api: InProcess) -> sqlite3.Connection:
+    """The SQLite connection of the server's database, to trace the statements it runs."""
+    database = api.runtime._db
+    assert database is not None
+    return database._conn
+
+
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     """The answer is ``status`` with the error envelope of ``code``; returns the envelope."""
     assert response.status_code == status, response.text

@@ -39,10 +39,15 @@ class ServerSettings:
     max_connections: int = 0
     heartbeat_s: float = 15.0
     shutdown_grace_s: float = 10.0
-    # Finished tasks whose full event buffer stays in memory for late attach; older ones replay
-    # only their terminal event, rebuilt from the database.
+    # Finished tasks whose full event buffer stays in memory for late attach, at most this many
+    # and at most this many bytes of them (estimated); older ones are replayed from their trace
+    # artifact, or only their terminal event, rebuilt from the database.
     streams_retained: int = 1000
+    streams_retained_bytes: int = 32 * 1024 * 1024
     metrics_every_tokens: int = 16
+    # How often the tokens of running tasks are checkpointed, so a restart charges a task it
+    # cut short for what it produced (0: never).
+    progress_interval_ms: int = 1000
     storage_busy_timeout_ms: int = 5000
     # A client that closes its stream cancels the task (off: the task runs on and can be
     # re-attached with Last-Event-ID).
@@ -116,6 +121,11 @@ class Price:
     input_per_1k: float
     output_per_1k: float
 
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        """What ``tokens_in`` prompt and ``tokens_out`` generated tokens cost: the one formula
+        for reservations (the worst case) and for charges (the usage)."""
+        return round((tokens_in * self.input_per_1k + tokens_out * self.output_per_1k) / 1000, 9)
+
 
 @dataclass(frozen=True)
 class PricingSettings:
@@ -171,6 +181,8 @@ class QueueSettings:
     # While interactive tasks wait, batch still gets at least this share of the dispatches.
     batch_min_share: float = 0.0
     fairness: FairnessSettings = FairnessSettings()
+    # The longest a task may wait in the queue (None: no limit; a task may ask for less).
+    max_wait_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ SLOW = "mock-slow"  # 20 tokens/s, never an early stop: a call runs long enough 
 FULL = "mock-full"  # one busy slot, queue capacity 1, policy reject
 BROKEN = "mock-broken"  # every engine call fails before its first token
 DRAINED = "mock-drained"
+WAITS = "mock-waits"  # one slot, and a queue wait limit of 200 ms
 # Per operation (each pool measures its own speed): instant to admission, then silent after two
 # tokens.
 HUNG = {"chat": "mock-hung-chat", "completion": "mock-hung-completion"}
@@ -55,6 +56,9 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pool(id="full", model=FULL, slots_per_replica=1, mock=BUSY, queue={"capacity": 1}),
             pool(id="broken", model=BROKEN, mock={"failure": {"mode": "before_first_token"}}),
             pool(id="drained", model=DRAINED),
+            pool(
+                id="waits", model=WAITS, slots_per_replica=1, mock=BUSY, queue={"max_wait_ms": 200}
+            ),
             *(
                 pool(
                     id=f"hung-{op}",
@@ -128,7 +132,7 @@ OPS = ["chat", "completion"]
 def test_models_are_listed_and_retrieved(url: str) -> None:
     client = sdk(url)
     listed = [m.id for m in client.models.list()]
-    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED, *HUNG.values()])
+    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED, WAITS, *HUNG.values()])
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-9")
@@ -592,3 +596,24 @@ async def test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing(
     assert failed.headers["x-should-retry"] == "true"
     assert missing.status_code == 404
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.req("ORCH-DATA-0097", "ORCH-OAI-0030")
+@pytest.mark.parametrize("op", ["chat", "completion"])
+def test_a_call_that_waits_past_the_pools_wait_limit_is_503_queue_timeout(
+    url: str, api: httpx.Client, op: str
+) -> None:
+    filler = api.post("/v1/tasks", json={"model": WAITS, "prompt": "p", "max_tokens": 1}).json()
+    wait_until(lambda: api.get(f"/v1/tasks/{filler['task_id']}").json()["state"] == "running")
+    seen = Seen()
+    try:
+        with pytest.raises(openai.InternalServerError) as waited:
+            call(sdk(url, seen=seen), op, model=WAITS, max_tokens=4)
+    finally:
+        api.post(f"/v1/tasks/{filler['task_id']}/cancel")
+    assert seen.statuses == [503]
+    assert error_of(waited.value)["code"] == "queue_timeout"
+    headers = waited.value.response.headers
+    assert headers["x-should-retry"] == "true" and int(headers["retry-after"]) >= 1
+    task = api.get(f"/v1/tasks/{headers['x-task-id']}").json()
+    assert (task["state"], task["error"]["code"]) == ("failed", "QUEUE_TIMEOUT")

@@ -32,7 +32,7 @@ def write_config(path: Path, **server: Any) -> Path:
     return path
 
 
-@pytest.mark.req("ORCH-STATE-0001")
+@pytest.mark.req("ORCH-STATE-0001", "ORCH-STATE-0005")
 def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
     tmp_path: Path,
 ) -> None:
@@ -49,9 +49,11 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
             artifact = client.post(
                 "/v1/artifacts", json={"kind": "document", "content": "kept across a crash"}
             ).json()
+            # Each running task has produced tokens, and a progress checkpoint recorded them.
             for task_id in running:
-                wait_until(lambda t=task_id: task_of(client, t)["state"] == "running")
+                wait_until(lambda t=task_id: task_of(client, t)["usage"]["tokens_out"] > 0)
             assert task_of(client, queued)["state"] == "queued"
+            produced = {t: task_of(client, t)["usage"]["tokens_out"] for t in running}
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
 
@@ -59,10 +61,15 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
         serve_process("--config", str(config), data_dir=data_dir) as (url, _, _),
         httpx.Client(base_url=url, timeout=30) as client,
     ):
+        charged = 0
         for task_id in running:
             task = task_of(client, task_id)
             assert task["state"] == "failed"
             assert task["error"]["code"] == "WORKER_RESET" and task["error"]["retriable"]
+            # Charged for what it produced by its last checkpoint, and its prompt.
+            assert task["usage"]["tokens_out"] >= produced[task_id]
+            assert task["usage"]["tokens_in"] > 0
+            charged += task["usage"]["tokens_in"] + task["usage"]["tokens_out"]
             # The stream ends with the same error, also for a client resuming mid-stream.
             for headers in ({}, {"Last-Event-ID": "5"}):
                 stream = client.get(f"/v1/tasks/{task_id}/stream", headers=headers)
@@ -77,7 +84,7 @@ def test_after_sigkill_queued_tasks_run_again_and_running_ones_end_worker_reset(
         after = client.get(f"/v1/sessions/{sid}").json()
         assert after["turns"] == 3
         used = done["usage"]["tokens_in"] + done["usage"]["tokens_out"]
-        assert after["budgets"]["tokens_remaining"] == 10_000 - used
+        assert after["budgets"]["tokens_remaining"] == 10_000 - used - charged
         kept = client.get(f"/v1/artifacts/{artifact['id']}").json()
         assert kept["content"] == "kept across a crash"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from tests.conftest import SettingsFactory
@@ -21,7 +22,6 @@ from llorch.errors import (
     EngineProtocolError,
     EngineRejected,
     EngineStatusError,
-    EngineTimeout,
     EngineUnavailable,
     WorkerReset,
 )
@@ -237,30 +237,49 @@ async def test_an_error_object_mid_stream_ends_as_a_worker_reset() -> None:
     assert "out of memory" in caught.value.message
 
 
+async def wait_ready(wire: Any, pool_id: str) -> None:
+    """Until the pool's scripted engine passed a health probe."""
+    async with asyncio.timeout(20):
+        # The scripted engine runs on this loop, which the server's start-up blocks.
+        while not (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.wire
 @pytest.mark.req("ORCH-ENG-0006")
-async def test_no_first_token_in_time_is_an_engine_timeout() -> None:
-    async with (
-        ScriptedEngine([Reply((": still loading\n\n",), end="hang")]) as fake,
-        adapter(fake.url, first_token_timeout_s=0.2) as engine,
-    ):
-        with pytest.raises(EngineTimeout) as caught:
-            await collect(engine, request())
+@pytest.mark.parametrize(
+    ("parts", "code", "said"),
+    [
+        ((": still loading\n\n",), "DECODE_TIMEOUT", "no first token"),
+        (tuple(completion_chunks(["a"])[:1]), "DECODE_TIMEOUT", "no output"),
+    ],
+    ids=["no-first-token", "silent-after-a-token"],
+)
+async def test_the_schedulers_first_token_and_idle_limits_hold_for_an_http_engine(
+    settings_for: SettingsFactory, parts: tuple[str, ...], code: str, said: str
+) -> None:
+    async with ScriptedEngine([Reply(parts, end="hang")]) as fake:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [fake.url],
+            "health_interval_ms": 50,
+            "decode_timeout_ms": 200,
+            "timeouts": {"connect_ms": 300, "first_token_ms": 200},
+            "retry": {"attempts": 1},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            accepted = await wire.client.post(
+                "/v1/tasks", json={"model": "small", "prompt": "hello", "max_tokens": 4}
+            )
+            assert accepted.status_code == 202, accepted.text
+            frames = await wire.read_all(accepted.json()["task_id"])
 
-    assert "time-to-first-token" in caught.value.message
-
-
-@pytest.mark.req("ORCH-ENG-0006")
-async def test_silence_after_a_token_is_a_decode_timeout() -> None:
-    parts = tuple(completion_chunks(["a"])[:1])
-    async with (
-        ScriptedEngine([Reply(parts, end="hang")]) as fake,
-        adapter(fake.url, idle_timeout_s=0.2) as engine,
-    ):
-        with pytest.raises(DecodeTimeout) as caught:
-            await collect(engine, request())
-
-    assert not isinstance(caught.value, EngineTimeout)
-    assert caught.value.code == "DECODE_TIMEOUT"
+    error = events(frames)[-1]
+    assert error.event == "error" and error.payload["code"] == code, error
+    assert said in error.payload["message"]
 
 
 @pytest.mark.req("ORCH-ENG-0006")
@@ -268,7 +287,7 @@ async def test_the_total_time_limit_holds_while_tokens_keep_coming() -> None:
     parts = tuple(completion_chunks(["a"] * 400)[:-1])  # ~1 ms apart, never finishing
     async with (
         ScriptedEngine([Reply(parts, end="hang")]) as fake,
-        adapter(fake.url, total_timeout_s=0.1, idle_timeout_s=5) as engine,
+        adapter(fake.url, total_timeout_s=0.1) as engine,
     ):
         with pytest.raises(DecodeTimeout) as caught:
             await collect(engine, request(max_tokens=1000))
@@ -309,13 +328,7 @@ async def test_llorch_sends_the_correlation_id_and_the_key_from_the_environment(
         }
         settings = settings_for(config(pool)).with_overrides({"TEST_VLLM_KEY": "k-from-env"})
         async with serve(settings) as wire:
-            async with asyncio.timeout(20):
-                # The scripted engine runs on this loop, which the server's start-up blocks.
-                while True:
-                    health = (await wire.client.get("/v1/pools/vllm/health")).json()
-                    if health["ready"]:
-                        break
-                    await asyncio.sleep(0.02)
+            await wait_ready(wire, "vllm")
             accepted = await wire.client.post(
                 "/v1/tasks",
                 json={"model": "small", "prompt": "hello", "max_tokens": 2},

@@ -125,7 +125,7 @@ class ProviderStates:
 
     def drained(self, pool_id: str) -> None:
         pools = self.rt.scheduler.pools
-        if not pools.health(pool_id)["draining"]:
+        if not pools.health(pool_id).draining:
             pools.drain(pool_id, 60_000)
         self.resume_after(pool_id)
 
@@ -133,7 +133,7 @@ class ProviderStates:
         pools = self.rt.scheduler.pools
 
         def resume() -> None:
-            if pools.health(pool_id)["draining"]:
+            if pools.health(pool_id).draining:
                 pools.resume(pool_id)
 
         self._undo.append(resume)
@@ -175,6 +175,13 @@ async def _task_finished(s: ProviderStates, p: Params) -> dict[str, Any]:
 
 async def _task_failed(s: ProviderStates, p: Params) -> dict[str, Any]:
     await s.finished_task(str(p.get("task_id", "t-failed")), "mock-broken")
+    return {}
+
+
+async def _task_waited(s: ProviderStates, p: Params) -> dict[str, Any]:
+    """Pool waits' one slot busy: the task waits in its queue past the pool's wait limit."""
+    await s.fill("waits", "mock-waits", 1)
+    await s.finished_task(str(p.get("task_id", "t-waited")), "mock-waits")
     return {}
 
 
@@ -320,6 +327,7 @@ STATES: dict[str, Setup] = {
     "the server is running": _nothing,
     "task t-finished has finished": _task_finished,
     "task t-failed failed mid-stream on pool broken": _task_failed,
+    "task t-waited waited past the wait limit of pool waits": _task_waited,
     "session S exists": _session_exists,
     "session S has no tokens left": _session_exists,
     "artifact A exists": _artifact_exists,

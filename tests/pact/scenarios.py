@@ -22,6 +22,7 @@ _SCOPE_KEY = {"getMetrics": DATA_ONLY_KEY, "getCapabilities": NO_SCOPE_KEY}
 RUNNING = "the server is running"
 FINISHED = "task t-finished has finished"
 FAILED = "task t-failed failed mid-stream on pool broken"
+WAITED = "task t-waited waited past the wait limit of pool waits"
 SESSION = "session S exists"
 NO_TOKENS = "session S has no tokens left"
 ARTIFACT = "artifact A exists"
@@ -56,6 +57,15 @@ FAILED_SSE = (
     _STARTED
     + f"({_EVENT})*"
     + r'id: [0-9]+\nevent: error\ndata: \{[^\n]*"code":"WORKER_RESET"[^\n]*\}\n\n\z'
+)
+# A task that never left its queue: its one frame is the terminal error.
+WAITED_SSE = (
+    r"\A(: heartbeat\n\n)*id: 0\nevent: error\n"
+    r'data: \{[^\n]*"code":"QUEUE_TIMEOUT"[^\n]*"retriable":true[^\n]*\}\n\n\z'
+)
+WAITED_EXAMPLE = (
+    'id: 0\nevent: error\ndata: {"code":"QUEUE_TIMEOUT","message":"waited 201 ms in the queue '
+    'of pool waits, past its wait limit","retriable":true,"retry_after_ms":1000}\n\n'
 )
 FINISHED_EXAMPLE = (
     "id: 0\nevent: started\n"
@@ -142,6 +152,7 @@ class Scenario:
     path_from_state: str | None = None  # e.g. "/v1/sessions/${session_id}"
     body_from_state: dict[str, str] = field(default_factory=dict)
     stream: bool = False
+    started: bool = True  # a stream: the task reached an engine (a started frame)
 
     @property
     def description(self) -> str:
@@ -296,6 +307,17 @@ def _specific() -> list[Scenario]:
             headers=BUDGET_HEADERS,
             content_type="text/event-stream",
             stream=True,
+        ),
+        Scenario(
+            stream_op("t-waited"),
+            200,
+            WAITED,
+            body=WAITED_EXAMPLE,
+            body_regex=WAITED_SSE,
+            headers=BUDGET_HEADERS,
+            content_type="text/event-stream",
+            stream=True,
+            started=False,
         ),
         Scenario(stream_op("t-nope"), 404, RUNNING, "TASK_NOT_FOUND"),
         Scenario(SAMPLES["cancelTask"], 204, FINISHED),

@@ -10,8 +10,8 @@ from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.breaker import CircuitBreaker
 from llorch.metrics import Metrics
-from llorch.scheduler.control import pool_health
 from llorch.scheduler.pools import PoolRuntime
+from llorch.scheduler.snapshots import pool_snapshot
 
 
 def breaker(clock: FakeClock, threshold: int = 3, cooldown_s: float = 5.0) -> CircuitBreaker:
@@ -85,7 +85,7 @@ def test_placement_never_picks_a_replica_whose_circuit_is_open() -> None:
     chosen = pool.pick_replica("p-0")
     assert chosen is not None and chosen.id == "p-1"
     assert pool.slots_total == 2
-    assert [r["state"] for r in pool_health(pool)["replicas"]] == ["circuit_open", "ready"]
+    assert [r.state for r in pool_snapshot(pool).replicas] == ["circuit_open", "ready"]
     exposition = metrics.exposition()[0].decode()
     assert 'llorch_replica_breaker_state{pool_id="p",replica_id="p-0"} 2.0' in exposition
     assert 'llorch_replica_breaker_state{pool_id="p",replica_id="p-1"} 0.0' in exposition

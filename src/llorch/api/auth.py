@@ -7,8 +7,9 @@ it in its contract (``x-llorch-scopes``); an operation with ``security: []`` is 
 
 Connexion calls :meth:`AuthKeys.verify` from its security middleware (after routing, before
 validation: a stranger's body is never parsed), through the handler class that
-:func:`security_map` registers for the ``bearer`` scheme. The caller's :class:`Principal` is then
-in the request's connexion context, where handlers read it with :func:`principal`::
+:func:`security_map` registers for the ``bearer`` scheme. The :class:`~llorch.scheduler.Caller` is
+then in the request's connexion context, where handlers read it with :func:`caller` and pass it to
+the service, which decides visibility by it::
 
     keys = AuthKeys(settings.auth.keys, clock, operation_scopes(documents))
     app.add_api(document, security_map=security_map(keys), ...)
@@ -23,7 +24,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from connexion import request as connexion_request
@@ -31,45 +32,15 @@ from connexion.context import context
 from connexion.lifecycle import ConnexionRequest
 
 from llorch.clock import Clock
-from llorch.config import SCOPES, ApiKey, Budget, RateLimit, Settings
+from llorch.config import SCOPES, ApiKey, RateLimit, Settings
 from llorch.errors import BadToken, ForbiddenScope, MissingToken, RateLimited
-from llorch.scheduler import Caller
+from llorch.scheduler.caller import ANYONE, NOBODY, Caller
 
 log = logging.getLogger("llorch.auth")
 
 SCOPES_KEY = "x-llorch-scopes"
-_PRINCIPAL = "llorch_principal"
+_CALLER = "llorch_caller"
 _METHODS = ("get", "put", "post", "delete", "patch")
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling. ``name`` is None when authentication is off."""
-
-    name: str | None
-    scopes: frozenset[str]
-    budgets: Budget | None = None
-
-    @property
-    def owner(self) -> str | None:
-        """What the resources this caller creates are owned by."""
-        return self.name
-
-    @property
-    def sees_all(self) -> bool:
-        """The control scope (or no authentication at all) sees every key's resources."""
-        return self.name is None or "control" in self.scopes
-
-    @property
-    def visible_owner(self) -> str | None:
-        """The owner to filter on, or None to see everything."""
-        return None if self.sees_all else self.name
-
-    def can_see(self, owner: str | None) -> bool:
-        return self.sees_all or owner == self.name
-
-
-ANONYMOUS = Principal(name=None, scopes=frozenset(SCOPES))
 
 
 class TokenBucket:
@@ -148,10 +119,10 @@ class AuthKeys:
             if k.config.rate_limit is not None
         }
 
-    def authenticate(self, authorization: str | None, operation_id: str | None) -> Principal:
+    def authenticate(self, authorization: str | None, operation_id: str | None) -> Caller:
         """The caller of ``operation_id`` given its Authorization header, or an AuthError."""
         if not self._keys:
-            return ANONYMOUS
+            return ANYONE
         if not authorization:
             raise MissingToken("this operation needs an Authorization: Bearer <key> header")
         scheme, _, secret = authorization.strip().partition(" ")
@@ -180,13 +151,13 @@ class AuthKeys:
                     f"key {config.name!r} is over its rate limit",
                     retry_after_ms=max(1, math.ceil(wait_s * 1000)),
                 )
-        return Principal(name=config.name, scopes=frozenset(config.scopes), budgets=config.budgets)
+        return Caller(name=config.name, scopes=frozenset(config.scopes), budgets=config.budgets)
 
     def verify(self, request: ConnexionRequest) -> dict[str, Any]:
         """Connexion's security hook: the token info of an allowed request."""
         routing = request.scope.get("extensions", {}).get("connexion_routing", {})
         found = self.authenticate(request.headers.get("authorization"), routing.get("operation_id"))
-        return {"sub": found.name, _PRINCIPAL: found}
+        return {"sub": found.name, _CALLER: found}
 
 
 def security_map(keys: AuthKeys) -> dict[str, type]:
@@ -201,26 +172,14 @@ def security_map(keys: AuthKeys) -> dict[str, type]:
     return {"bearer": LlorchBearer}
 
 
-def principal() -> Principal:
-    """The current request's caller. A request that skipped authentication (a public
-    operation) sees nobody's resources."""
-    token_info = context.get("token_info") or {}
-    found = token_info.get(_PRINCIPAL)
-    if isinstance(found, Principal):
-        return found
-    return Principal(name="", scopes=frozenset())
-
-
 def caller() -> Caller:
-    """The current request's caller as the scheduler sees it: owner, visibility, the key's
-    budgets and the request's headers (a pool may name its fairness flows by a header)."""
-    who = principal()
-    return Caller(
-        owner=who.owner,
-        visible_to=who.visible_owner,
-        budgets=who.budgets,
-        headers=connexion_request.headers,
-    )
+    """The current request's caller, with the request's headers (a pool may name its fairness
+    flows by a header). A request that skipped authentication (a public operation) sees
+    nobody's resources."""
+    token_info = context.get("token_info") or {}
+    found = token_info.get(_CALLER)
+    who = found if isinstance(found, Caller) else NOBODY
+    return replace(who, headers=connexion_request.headers)
 
 
 def check_bind(settings: Settings) -> None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from llorch.api.auth import AuthKeys, Principal, operation_scopes
+from llorch.api.auth import AuthKeys, operation_scopes
 from llorch.api.sse import SlowClientGuard, WriteWatch
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
-from llorch.errors import TaskNotFound
 from llorch.metrics import Metrics
-from llorch.persistence import Database
+from llorch.persistence import Database, when_free
 from llorch.scheduler import Scheduler
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.service import EngineFactory
@@ -23,9 +24,7 @@ from llorch.sessions import SessionService
 log = logging.getLogger("llorch")
 
 
-def format_cost(value: float) -> str:
-    text = f"{value:.9f}".rstrip("0").rstrip(".")
-    return text or "0"
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,12 +72,11 @@ class Runtime:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
 
-    def check_task_visible(self, caller: Principal, task_id: str) -> None:
-        """TaskNotFound unless the task exists and ``caller`` may see it (another key's task
-        is not found, rather than forbidden: its existence is not told)."""
-        row = None if self._db is None else self._db.get_task(task_id)
-        if row is None or not caller.can_see(row.owner):
-            raise TaskNotFound(f"task {task_id} not found")
+    async def when_free(self, write: Callable[[], T]) -> T:
+        """``write()``, tried again while the database's write lock is held elsewhere."""
+        if self._db is None:
+            raise RuntimeError("the runtime is not started")
+        return await when_free(self._db, write)
 
     def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""
@@ -132,11 +130,3 @@ class Runtime:
         self._scheduler = None
         self._artifacts = None
         self._db = None
-
-    def budget_headers(self, session_id: str) -> dict[str, str]:
-        left = self.scheduler.remaining(session_id)
-        return {
-            "X-Budget-Tokens-Remaining": str(left.tokens),
-            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
-            "X-Budget-Cost-Remaining": format_cost(left.cost),
-        }

@@ -34,7 +34,7 @@ from llorch.errors import (
     StorageError,
 )
 from llorch.metrics import Metrics
-from llorch.persistence import ArtifactInsert, Database
+from llorch.persistence import ArtifactInsert, Storage
 
 KINDS = ("prompt", "trace", "transcript", "document", "other")
 
@@ -60,20 +60,6 @@ class Artifact:
     # Read-only, and left out of the hash: a mapping has none.
     metadata: Mapping[str, str] = field(hash=False)
 
-    def to_json(self) -> dict[str, Any]:
-        """The control contract's ``Artifact`` object."""
-        return {
-            "id": self.id,
-            "digest": self.digest,
-            "kind": self.kind,
-            "size_bytes": self.size_bytes,
-            "created_ms": self.created_ms,
-            "tags": list(self.tags),
-            "parent": self.parent,
-            "task_id": self.task_id,
-            "metadata": dict(self.metadata),
-        }
-
 
 @dataclass(frozen=True)
 class Prepared:
@@ -92,7 +78,7 @@ class Prepared:
 class ArtifactStore:
     def __init__(
         self,
-        db: Database,
+        db: Storage,
         root: Path,
         *,
         max_bytes: int,
@@ -203,7 +189,7 @@ class ArtifactStore:
 
     def row(self, prepared: Prepared) -> ArtifactInsert:
         """The row that records a written body, for a caller that stores it in a transaction
-        of its own (:meth:`Database.finish_task` stores a task's trace with the task's end)."""
+        of its own (:meth:`Storage.finish_task` stores a task's trace with the task's end)."""
         return ArtifactInsert(
             artifact_id=f"sha256:{prepared.digest}",
             digest=prepared.digest,

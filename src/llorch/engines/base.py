@@ -8,6 +8,7 @@ closes its connection to the engine when the iterator is closed or cancelled. En
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -42,6 +43,27 @@ class CompletionRequest:
     def features(self) -> frozenset[str]:
         """The engine features this request needs."""
         return frozenset({RESPONSE_FORMAT}) if self.response_format is not None else frozenset()
+
+
+def prompt_bytes(request: CompletionRequest) -> int:
+    """The prompt's UTF-8 bytes, with 8 for the markers a chat template puts around a message."""
+    if request.prompt is not None:
+        return len(request.prompt.encode())
+    return sum(len(m.content.encode()) + 8 for m in request.messages or ())
+
+
+def estimate_tokens_in(request: CompletionRequest) -> int:
+    """The typical prompt size (4 bytes a token): for context limits, and the count of a prompt
+    whose engine did not report one (a task that ended before its engine counted it, or an
+    engine that sends no usage)."""
+    return max(1, math.ceil(prompt_bytes(request) / 4))
+
+
+def bound_tokens_in(request: CompletionRequest) -> int:
+    """The most prompt tokens an engine can count, for reservations: a byte-level tokenizer
+    (BPE over UTF-8 bytes, SentencePiece with byte fallback) makes at most a token a byte, and
+    8 more cover the begin/end markers."""
+    return prompt_bytes(request) + 8
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import orjson
 
 from llorch.config import EngineKind, PoolSettings
-from llorch.engines.base import RESPONSE_FORMAT, Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import (
+    RESPONSE_FORMAT,
+    Chunk,
+    CompletionRequest,
+    Finish,
+    Token,
+    estimate_tokens_in,
+)
 from llorch.errors import (
     DecodeTimeout,
     EngineError,
@@ -56,7 +62,6 @@ _AFTER_DONE_S = 0.5  # how long the end of a response may follow its [DONE]
 _HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
 _JSON = {"Content-Type": "application/json"}
 
-
 # What each kind of engine serves beyond text (ORCH-ENG-0008): llama.cpp's server and vLLM take
 # OpenAI's response_format on chat completions; TGI's has not always had OpenAI's shape.
 _FEATURES: dict[str, frozenset[str]] = {
@@ -75,6 +80,38 @@ class _Progress:
     finish_reason: str | None = None
 
 
+_T = TypeVar("_T")
+
+
+class _SseReader:
+    """The ``data`` payloads of an SSE byte stream, split once per network read, whatever it
+    holds. ``:`` starts a comment (a keep-alive); ``event:`` and ``id:`` lines are ignored."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+
+    def feed(self, read: bytes) -> list[bytes]:
+        """The payloads completed by ``read``."""
+        lines = (self._pending + read).split(b"\n")
+        self._pending = lines.pop()
+        payloads: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line == b"data":
+                    data.append(b"")
+                continue
+            if data:
+                payloads.append(data[0] if len(data) == 1 else b"\n".join(data))
+                data.clear()
+        return payloads
+
+
 class OpenAIHttpEngine:
     """One replica: an OpenAI-compatible server at ``base_url`` (without ``/v1``)."""
 
@@ -89,8 +126,6 @@ class OpenAIHttpEngine:
         discover_slots: bool = True,
         api_key: str | None = None,
         connect_timeout_s: float = 2.0,
-        first_token_timeout_s: float = 30.0,
-        idle_timeout_s: float = 30.0,
         total_timeout_s: float = 600.0,
         extra_body: Mapping[str, Any] | None = None,
     ) -> None:
@@ -108,8 +143,6 @@ class OpenAIHttpEngine:
         self._discover_slots = discover_slots
         self._reported_slots: int | None = None
         self._connect_s = connect_timeout_s
-        self._first_token_s = first_token_timeout_s
-        self._idle_s = idle_timeout_s
         self._total_s = total_timeout_s
         self._extra_body = dict(extra_body or {})
         self._headers = dict(_HEADERS)
@@ -134,8 +167,6 @@ class OpenAIHttpEngine:
             discover_slots=pool.discover_slots,
             api_key=pool.api_key,
             connect_timeout_s=pool.timeouts.connect_ms / 1000,
-            first_token_timeout_s=pool.timeouts.first_token_ms / 1000,
-            idle_timeout_s=pool.decode_timeout_ms / 1000,
             total_timeout_s=pool.timeouts.total_ms / 1000,
             extra_body=pool.extra_body,
         )
@@ -159,10 +190,9 @@ class OpenAIHttpEngine:
                 # No limit here: the dispatcher gives a replica no more streams than its slots.
                 # Released connections stay alive (aiohttp keeps them 15 s).
                 connector=aiohttp.TCPConnector(limit=0),
-                # The socket read limit backs up the idle limit enforced per chunk below.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._connect_s, sock_read=self._idle_s
-                ),
+                # The transport's limits: connect here, the total per call in stream(). The
+                # first-token and idle limits are the scheduler's, for every engine alike.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s),
                 auto_decompress=False,
             )
         return session
@@ -175,76 +205,31 @@ class OpenAIHttpEngine:
         if request.correlation_id:
             headers["X-Correlation-Id"] = request.correlation_id
         progress = _Progress()
-        loop = asyncio.get_running_loop()
-        started_at = loop.time()
-        total_at = started_at + self._total_s
-        # The first-token, idle and total limits, on one watchdog (no timer operation per chunk).
-        # The first-token limit also covers the wait for the response's head.
+        total_at = asyncio.get_running_loop().time() + self._total_s
+        # The total time limit of one call, the wait for the response's head included.
         dog = Watchdog()
-        first_at = started_at + self._first_token_s
-        if first_at < total_at:
-            dog.move(first_at, "the time-to-first-token limit")
-        else:
-            dog.move(total_at, "the total time limit")
+        dog.move(total_at, "the total time limit")
         response: aiohttp.ClientResponse | None = None
         try:
-            try:
-                response = await dog.wait(
-                    self._client().post(
-                        self._urls[chat], data=orjson.dumps(self._body(request)), headers=headers
-                    )
-                )
-            except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ClientError):
-                    raise  # the connect limit: translated below
-                raise self._overdue(dog, progress) from exc
+            body = orjson.dumps(self._body(request))
+            post = self._client().post(self._urls[chat], data=body, headers=headers)
+            response = await self._within(dog, post, progress)
             await self._check(response)
-            # Bytes, split into lines here: one pass per network read, whatever it holds.
             content = response.content
-            pending = b""
-            data: list[bytes] = []
+            events = _SseReader()
             while True:
-                try:
-                    read = await dog.wait(content.readany())
-                except TimeoutError as exc:
-                    if isinstance(exc, aiohttp.ClientError):
-                        raise  # the socket read limit: translated below
-                    raise self._overdue(dog, progress) from exc
+                read = await self._within(dog, content.readany(), progress)
                 if not read:
                     raise EngineProtocolError(
                         f"{self._where} ended the stream without [DONE]", engine=self.engine
                     )
-                lines = (pending + read).split(b"\n")
-                pending = lines.pop()
                 texts: list[str] = []
-                payloads = 0
                 done = False
-                for line in lines:
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line:
-                        # ":" starts a comment (a keep-alive); event: and id: are ignored.
-                        if line.startswith(b"data:"):
-                            data.append(line[6:] if line[5:6] == b" " else line[5:])
-                        elif line == b"data":
-                            data.append(b"")
-                        continue
-                    if not data:
-                        continue
-                    payload = data[0] if len(data) == 1 else b"\n".join(data)
-                    data = []
-                    payloads += 1
+                for payload in events.feed(read):
                     if payload == b"[DONE]":
                         done = True
                         break
                     texts += self._parse(payload, chat, progress)
-                if payloads and (progress.tokens or texts):
-                    # The idle limit runs from the last chunk, once a token has come.
-                    idle_at = loop.time() + self._idle_s
-                    if idle_at < total_at:
-                        dog.move(idle_at, "the idle limit between chunks")
-                    else:
-                        dog.move(total_at, "the total time limit")
                 for text in texts:
                     progress.tokens += 1
                     yield Token(text)
@@ -269,6 +254,15 @@ class OpenAIHttpEngine:
                 # Not read to its end (a failure, a cancel, the generator closed): its
                 # connection is closed, and the engine sees the disconnect and stops.
                 response.close()
+
+    async def _within(self, dog: Watchdog, step: Awaitable[_T], progress: _Progress) -> _T:
+        """``step``, unless the call's total time runs out first."""
+        try:
+            return await dog.wait(step)
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):
+                raise  # a transport error (the connect limit): translated by stream()
+            raise self._overdue(dog, progress) from exc
 
     def _overdue(self, dog: Watchdog, progress: _Progress) -> EngineError:
         """The watchdog's deadline passed: a decode timeout once tokens have come."""
@@ -377,9 +371,9 @@ class OpenAIHttpEngine:
             tokens_in, tokens_out = progress.usage
             reported = True
         else:
-            # The engine sent no usage: count what it streamed, estimate the prompt.
-            text = request.prompt or "".join(m.content for m in request.messages or ())
-            tokens_in, tokens_out = max(1, math.ceil(len(text) / 4)), progress.tokens
+            # The engine sent no usage: count what it streamed, estimate the prompt as
+            # admission does.
+            tokens_in, tokens_out = estimate_tokens_in(request), progress.tokens
             reported = False
         reason = _FINISH_REASONS.get(progress.finish_reason or "", "stop")
         if progress.finish_reason is None and tokens_out >= request.max_tokens:

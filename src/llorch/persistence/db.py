@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llorch.errors import StorageCorrupt, StorageError
+from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 
 _MIGRATIONS = resources.files("llorch.persistence") / "migrations"
 
@@ -74,6 +73,8 @@ class TaskRow:
     trace_artifact_id: str | None = None
     terminal_event_id: int | None = None
     owner: str | None = None
+    # When tokens_out of a running task was last checkpointed (Database.record_progress).
+    progress_ms: int | None = None
 
 
 _TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
@@ -88,6 +89,9 @@ _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
 )
+
+# SQLITE_BUSY and SQLITE_LOCKED: the primary result codes (the low byte of extended ones).
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = ?, last_replica_id = ? WHERE session_id = ?"
 
@@ -164,8 +168,9 @@ class Database:
         # Whether the most recent write raised StorageError (locked past the busy timeout, a
         # full disk, a corrupt page); the next write that succeeds clears it.
         self.write_failing = False
-        # When a write last failed (wall clock, ms since the epoch), or None if none has.
-        self.last_write_failure_ms: int | None = None
+        # How long a write may wait for another connection's write lock, in all; the wait is
+        # when_free's, between tries, never SQLite's, which would block the event loop.
+        self.busy_budget_s = 5.0
 
     @classmethod
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
@@ -191,9 +196,11 @@ class Database:
             raise
         db = cls(conn)
         try:
-            db._migrate()
+            db._migrate()  # before serving: waiting out another writer here blocks nobody
             db._claim_profile(profile)
             db._verify_schema()
+            conn.execute("PRAGMA busy_timeout = 0")
+            db.busy_budget_s = busy_timeout_ms / 1000
         except sqlite3.Error as exc:
             conn.close()
             raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -268,15 +275,6 @@ class Database:
             )
         return cur.rowcount > 0
 
-    def update_session(self, session_id: str, **values: Any) -> None:
-        sets = ", ".join(f"{k} = ?" for k in values)
-        with self._write():
-            self._conn.execute(
-                f"UPDATE sessions SET {sets} WHERE session_id = ?", (*values.values(), session_id)
-            )
-
-    # -- tasks ------------------------------------------------------------------------------
-
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
         values = [getattr(task, c) for c in _ADMIT_COLUMNS]
@@ -342,6 +340,14 @@ class Database:
                     (*session_values.values(), session_id),
                 )
 
+    def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
+        """Checkpoint the tokens running tasks have produced so far, in one transaction."""
+        with self._write(), self._transaction():
+            self._conn.executemany(
+                "UPDATE tasks SET tokens_out = ?, progress_ms = ? WHERE task_id = ?",
+                [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
+            )
+
     def list_tasks(
         self,
         *,
@@ -403,6 +409,8 @@ class Database:
         try:
             yield
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY:
+                raise StorageBusy(f"storage busy: {exc}") from exc
             raise StorageError(f"storage failure: {exc}") from exc
 
     @contextmanager
@@ -413,7 +421,6 @@ class Database:
                 yield
         except StorageError:
             self.write_failing = True
-            self.last_write_failure_ms = int(time.time() * 1000)
             raise
         self.write_failing = False
 

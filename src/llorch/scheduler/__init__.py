@@ -1,5 +1,6 @@
 """Admission queues, dispatch, the task state machine and per-task event streams."""
 
-from llorch.scheduler.service import Admission, Caller, Scheduler
+from llorch.scheduler.caller import Caller
+from llorch.scheduler.service import Admission, Scheduler
 
 __all__ = ["Admission", "Caller", "Scheduler"]

@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llorch.clock import Clock
-from llorch.config import Budget, Settings
-from llorch.engines.base import ChatMessage, CompletionRequest
+from llorch.config import Settings
+from llorch.engines.base import CompletionRequest, bound_tokens_in, estimate_tokens_in
 from llorch.errors import (
     DeadlineUnmet,
     InvalidParams,
@@ -31,11 +31,13 @@ from llorch.errors import (
     QueueFullDropLru,
     TaskExists,
 )
-from llorch.persistence import Database, TaskRow
+from llorch.persistence import SessionRow, Storage, TaskRow
+from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.queue import Priority
 from llorch.scheduler.registry import Registry
-from llorch.scheduler.task import FAILED, QUEUED, TaskRecord
+from llorch.scheduler.settle import Settlement
+from llorch.scheduler.task import FAILED, QUEUED, TaskRecord, completion_request
 from llorch.sessions import Reservation, SessionService
 from llorch.sessions.service import Remaining, new_id
 
@@ -56,47 +58,62 @@ class Admission:
     remaining: Remaining
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who submits: the owner of the task (and of a session it opens), whose sessions and
-    tasks it may use (``visible_to`` None: everyone's), and the budgets a session it opens
-    cannot exceed."""
+@dataclass
+class _Draft:
+    """A task being admitted, as the steps of :meth:`Admitter.admit` fill it in."""
 
-    owner: str | None = None
-    visible_to: str | None = None
-    budgets: Budget | None = None
-    # The request's headers, for a pool whose flows are named by a header.
-    headers: Mapping[str, str] = field(default_factory=dict)
+    body: Mapping[str, Any]
+    request: CompletionRequest
+    pool: PoolRuntime
+    session: SessionRow
+    new_session: bool
+    want: Reservation
+    victim: TaskRecord | None = None
+    flow: str = ""
+    position: int = 0
+    wait_s: float = 0.0
+
+    @property
+    def priority(self) -> Priority:
+        priority: Priority = self.body.get("priority", "interactive")
+        return priority
 
 
-ANYONE = Caller()
+def _check_limits(pool: PoolRuntime, request: CompletionRequest) -> None:
+    """The model's limits: max_tokens, and the prompt with it within the context."""
+    if request.max_tokens > pool.settings.max_tokens_out:
+        raise InvalidParams(
+            f"max_tokens {request.max_tokens} is above the limit of model {request.model} "
+            f"({pool.settings.max_tokens_out})",
+            pool_id=pool.id,
+        )
+    tokens_in = estimate_tokens_in(request)
+    if tokens_in + request.max_tokens > pool.settings.max_context:
+        raise InvalidParams(
+            f"prompt (~{tokens_in} tokens) plus max_tokens exceeds the context of model "
+            f"{request.model} ({pool.settings.max_context})",
+            pool_id=pool.id,
+        )
 
-Finisher = Callable[..., None]
+
+def _check_deadline(draft: _Draft) -> None:
+    """DeadlineUnmet when the predicted wait and run end after the task's deadline."""
+    deadline_ms = draft.body.get("deadline_ms")
+    if deadline_ms is None:
+        return
+    run_s = draft.pool.meter.expected_run_s(draft.request.max_tokens)
+    if (draft.wait_s + run_s) * 1000 > deadline_ms:
+        raise DeadlineUnmet(
+            f"predicted end in {math.ceil((draft.wait_s + run_s) * 1000)} ms "
+            f"({math.ceil(draft.wait_s * 1000)} ms queued, {math.ceil(run_s * 1000)} ms running) "
+            f"is after the deadline of {deadline_ms} ms",
+            pool_id=draft.pool.id,
+        )
 
 
 def request_digest(body: Mapping[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _prompt_bytes(request: CompletionRequest) -> int:
-    """The prompt's UTF-8 bytes, with 8 for the markers a chat template puts around a message."""
-    if request.prompt is not None:
-        return len(request.prompt.encode())
-    return sum(len(m.content.encode()) + 8 for m in request.messages or ())
-
-
-def estimate_tokens_in(request: CompletionRequest) -> int:
-    """The typical prompt size (4 bytes a token): for context limits, and for the charge of a
-    task that ends before its engine counts its prompt."""
-    return max(1, math.ceil(_prompt_bytes(request) / 4))
-
-
-def bound_tokens_in(request: CompletionRequest) -> int:
-    """The most prompt tokens an engine can count, for reservations: a byte-level tokenizer
-    (BPE over UTF-8 bytes, SentencePiece with byte fallback) makes at most a token a byte, and
-    8 more cover the begin/end markers."""
-    return _prompt_bytes(request) + 8
 
 
 def _require_utf8(body: Mapping[str, Any]) -> None:
@@ -110,118 +127,128 @@ class Admitter:
     def __init__(
         self,
         registry: Registry,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         settings: Settings,
         clock: Clock,
-        finish: Finisher,
+        settlement: Settlement,
     ) -> None:
         self._registry = registry
         self._db = db
         self._sessions = sessions
         self._settings = settings
         self._clock = clock
-        self._finish = finish
+        self._settlement = settlement
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
+        """Admit a task: each step may refuse it; nothing is written before the last check."""
         _require_utf8(body)
         digest = request_digest(body)
         task_id = body.get("task_id")
-        if task_id is not None:
-            replay = self._replay(task_id, digest, caller)
-            if replay is not None:
-                return replay
-        else:
-            task_id = new_id("t")
-        request = _completion_request(task_id, body, correlation_id)
-        priority: Priority = body.get("priority", "interactive")
+        if task_id is not None and (replay := self._replay(task_id, digest, caller)) is not None:
+            return replay
+        request = completion_request(task_id or new_id("t"), body, correlation_id)
         pool = self._route(request, body.get("placement") or {})
-        tokens_in = estimate_tokens_in(request)
-        if request.max_tokens > pool.settings.max_tokens_out:
-            raise InvalidParams(
-                f"max_tokens {request.max_tokens} is above the limit of model {request.model} "
-                f"({pool.settings.max_tokens_out})",
-                pool_id=pool.id,
-            )
-        if tokens_in + request.max_tokens > pool.settings.max_context:
-            raise InvalidParams(
-                f"prompt (~{tokens_in} tokens) plus max_tokens exceeds the context of model "
-                f"{request.model} ({pool.settings.max_context})",
-                pool_id=pool.id,
-            )
+        _check_limits(pool, request)
+        draft = self._session_and_budget(pool, body, request, caller)
+        self._place_in_queue(draft, caller)
+        _check_deadline(draft)
+        record = self._persist(draft, digest, caller)
+        self._enqueue(draft, record)
+        wait_ms = math.ceil(draft.wait_s * 1000)
+        return Admission(
+            task_id=record.task_id,
+            session_id=record.session_id,
+            pool_id=pool.id,
+            state=QUEUED,
+            queue_position=draft.position,
+            predicted_start_ms=record.row.created_ms + wait_ms,
+            backoff_ms=wait_ms,
+            remaining=self._sessions.remaining(draft.session),
+        )
 
+    # -- the steps, in order ----------------------------------------------------------------
+
+    def _session_and_budget(
+        self,
+        pool: PoolRuntime,
+        body: Mapping[str, Any],
+        request: CompletionRequest,
+        caller: Caller,
+    ) -> _Draft:
+        """The task's session (a new one, or the caller's live one) after one more turn, and
+        the worst case it reserves; BudgetExhausted when that does not fit."""
         session_id: str | None = body.get("session_id")
-        new_session = session_id is None
         session = (
             self._sessions.new_row(owner=caller.owner, cap=caller.budgets)
             if session_id is None
             else self._sessions.live_row(session_id, visible_to=caller.visible_to)
         )
-        run_s = pool.meter.expected_run_s(request.max_tokens)
         want = self._worst_case(pool, request)
         try:
             session = self._sessions.check_use(session, want)
         except LlorchError as exc:
             exc.retry_after_ms = pool.retry_after()[1]
             raise
+        return _Draft(body, request, pool, session, session_id is None, want)
 
+    def _place_in_queue(self, draft: _Draft, caller: Caller) -> None:
+        """Its place in the queue: the victim a full drop-lru queue gives up for it (QueueFull
+        when there is none), its flow, its position in dispatch order and its predicted wait."""
+        pool, priority = draft.pool, draft.priority
         try:
-            victim = pool.queue.victim_for(priority)
+            draft.victim = pool.queue.victim_for(priority)
         except QueueFull as exc:
-            backoff_ms = pool.retry_after()[1]
             raise type(exc)(
                 f"queue of pool {pool.id} is full ({pool.settings.queue.capacity} tasks)",
-                retry_after_ms=backoff_ms,
+                retry_after_ms=pool.retry_after()[1],
                 policy_label=exc.policy_label,
                 pool_id=pool.id,
             ) from None
-        # Position in dispatch order once queued (a dropped victim ahead of it frees a place).
-        flow = pool.flow_for(caller.owner, session.session_id, caller.headers)
-        position = pool.queue.position_if_pushed(flow, priority, victim)
-        wait_s = pool.wait_s(position)
-        if "deadline_ms" in body and (wait_s + run_s) * 1000 > body["deadline_ms"]:
-            raise DeadlineUnmet(
-                f"predicted end in {math.ceil((wait_s + run_s) * 1000)} ms "
-                f"({math.ceil(wait_s * 1000)} ms queued, {math.ceil(run_s * 1000)} ms running) "
-                f"is after the deadline of {body['deadline_ms']} ms",
-                pool_id=pool.id,
-            )
+        draft.flow = pool.flow_for(caller.owner, draft.session.session_id, caller.headers)
+        # A dropped victim ahead of it frees a place.
+        draft.position = pool.queue.position_if_pushed(draft.flow, priority, draft.victim)
+        draft.wait_s = pool.wait_s(draft.position)
 
-        now = self._clock.now_ms()
+    def _persist(self, draft: _Draft, digest: str, caller: Caller) -> TaskRecord:
+        """Write the task and its session's turn in one transaction; its live record."""
+        body, request, session = draft.body, draft.request, draft.session
         row = TaskRow(
-            task_id=task_id,
+            task_id=request.task_id,
             session_id=session.session_id,
-            pool_id=pool.id,
+            pool_id=draft.pool.id,
             model=request.model,
-            priority=priority,
+            priority=draft.priority,
             state=QUEUED,
             request_json=json.dumps(body, sort_keys=True, ensure_ascii=True),
             request_digest=digest,
-            correlation_id=correlation_id,
-            created_ms=now,
+            correlation_id=request.correlation_id,
+            created_ms=self._clock.now_ms(),
             owner=caller.owner,
         )
-        self._db.admit_task(row, session, new_session=new_session)
-
-        loop = asyncio.get_running_loop()
-        record = TaskRecord(
-            row=row,
-            request=request,
-            priority=priority,
-            reservation=want,
-            tokens_in_estimate=tokens_in,
-            affinity_replica_id=session.last_replica_id,
-            deadline_at=loop.time() + body["deadline_ms"] / 1000 if "deadline_ms" in body else None,
-            flow=flow,
-            queue_position_at_start=position,
+        self._db.admit_task(row, session, new_session=draft.new_session)
+        return self._record(
+            row,
+            request,
+            draft.pool,
+            want=draft.want,
+            affinity=session.last_replica_id,
+            deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
+            flow=draft.flow,
+            position=draft.position,
         )
-        self._sessions.reserve(session.session_id, task_id, want)
+
+    def _enqueue(self, draft: _Draft, record: TaskRecord) -> None:
+        """Hold its reservation, end the victim it displaced, queue it and wake its pool."""
+        pool, victim = draft.pool, draft.victim
+        self._sessions.reserve(record.session_id, record.task_id, draft.want)
         self._registry.add(record)
         if victim is not None:
             pool.queue.remove(victim, victim.priority)
-            self._finish(
+            self._settlement.end_now(
                 victim,
                 FAILED,
                 error=QueueFullDropLru(
@@ -230,31 +257,59 @@ class Admitter:
                     pool_id=pool.id,
                 ),
             )
-        pool.queue.push(record, priority)
+        pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
-        pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=priority)
+        pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=record.priority)
         log.info(
             "task queued",
             extra={
                 "event": "task",
-                "task_id": task_id,
+                "task_id": record.task_id,
                 "state": QUEUED,
                 "pool_id": pool.id,
-                "session_id": session.session_id,
-                "queue_position": position,
-                "correlation_id": correlation_id,
+                "session_id": record.session_id,
+                "queue_position": draft.position,
+                "correlation_id": record.row.correlation_id,
             },
         )
         pool.wakeup.set()
-        return Admission(
-            task_id=task_id,
-            session_id=session.session_id,
-            pool_id=pool.id,
-            state=QUEUED,
-            queue_position=position,
-            predicted_start_ms=now + math.ceil(wait_s * 1000),
-            backoff_ms=math.ceil(wait_s * 1000),
-            remaining=self._sessions.remaining(session),
+
+    def _record(
+        self,
+        row: TaskRow,
+        request: CompletionRequest,
+        pool: PoolRuntime,
+        *,
+        want: Reservation,
+        affinity: str | None,
+        deadline_ms: int | None,
+        max_wait_ms: int | None,
+        flow: str,
+        position: int,
+    ) -> TaskRecord:
+        """The live record of an admitted or restored task; its deadline and its wait limit
+        count from its creation (a restored task has spent part of them already)."""
+        loop_now, waited_ms = (
+            asyncio.get_running_loop().time(),
+            self._clock.now_ms() - row.created_ms,
+        )
+        deadline_at = None
+        if deadline_ms is not None:
+            deadline_at = loop_now + (deadline_ms - waited_ms) / 1000
+        limits = [m for m in (pool.settings.queue.max_wait_ms, max_wait_ms) if m is not None]
+        wait_until = loop_now + (min(limits) - waited_ms) / 1000 if limits else None
+        return TaskRecord(
+            row=row,
+            request=request,
+            priority=row.priority,  # type: ignore[arg-type]
+            reservation=want,
+            tokens_in_estimate=estimate_tokens_in(request),
+            affinity_replica_id=affinity,
+            deadline_at=deadline_at,
+            wait_until=wait_until,
+            flow=flow,
+            queue_position_at_start=position,
         )
 
     def _worst_case(self, pool: PoolRuntime, request: CompletionRequest) -> Reservation:
@@ -266,10 +321,7 @@ class Admitter:
         return Reservation(
             tokens=tokens_in + request.max_tokens,
             time_ms=math.ceil(pool.meter.expected_run_s(request.max_tokens) * 1000),
-            cost=round(
-                (tokens_in * price.input_per_1k + request.max_tokens * price.output_per_1k) / 1000,
-                9,
-            ),
+            cost=price.cost(tokens_in, request.max_tokens),
         )
 
     def restore(self, row: TaskRow) -> bool:
@@ -282,28 +334,24 @@ class Admitter:
         if pool is None:
             return False
         body = json.loads(row.request_json)
-        request = _completion_request(row.task_id, body, row.correlation_id)
+        request = completion_request(row.task_id, body, row.correlation_id)
         session = self._sessions.live_row_or_none(row.session_id)
-        tokens_in = estimate_tokens_in(request)
         want = self._worst_case(pool, request)
-        deadline_at = None
-        if "deadline_ms" in body:
-            left_ms = body["deadline_ms"] - (self._clock.now_ms() - row.created_ms)
-            deadline_at = asyncio.get_running_loop().time() + left_ms / 1000
-        record = TaskRecord(
-            row=row,
-            request=request,
-            priority=row.priority,  # type: ignore[arg-type]
-            reservation=want,
-            tokens_in_estimate=tokens_in,
-            affinity_replica_id=session.last_replica_id if session else None,
-            deadline_at=deadline_at,
+        record = self._record(
+            row,
+            request,
+            pool,
+            want=want,
+            affinity=session.last_replica_id if session else None,
+            deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
             flow=pool.flow_for(row.owner, row.session_id, {}),
-            queue_position_at_start=len(pool.queue),
+            position=len(pool.queue),
         )
         self._sessions.reserve(row.session_id, row.task_id, want)
         self._registry.add(record)
         pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
         pool.wakeup.set()
         return True
@@ -314,9 +362,7 @@ class Admitter:
         row = self._db.get_task(task_id)
         if row is None:
             return None
-        if row.request_digest != digest or (
-            caller.visible_to is not None and row.owner != caller.visible_to
-        ):
+        if row.request_digest != digest or not caller.can_see(row.owner):
             raise TaskExists(f"task {task_id} exists with another body")
         record = self._registry.live.get(task_id)
         pool = self._registry.pools[row.pool_id]
@@ -394,27 +440,3 @@ def _able(serving: list[PoolRuntime], request: CompletionRequest) -> list[PoolRu
             pool_id=serving[0].id,
         )
     return able
-
-
-def _completion_request(
-    task_id: str, body: Mapping[str, Any], correlation_id: str
-) -> CompletionRequest:
-    messages = body.get("messages")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format["type"] == "text":
-        response_format = None  # what every engine does anyway
-    return CompletionRequest(
-        task_id=task_id,
-        model=body["model"],
-        prompt=body.get("prompt"),
-        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages)
-        if messages is not None
-        else None,
-        max_tokens=body["max_tokens"],
-        seed=body.get("seed"),
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        stop=tuple(body.get("stop", ())),
-        response_format=response_format,
-        correlation_id=correlation_id,
-    )

@@ -1,4 +1,4 @@
-"""Pool operations: drain, resume, reload, and what a pool looks like from outside.
+"""Pool operations: drain, resume, reload, and a snapshot of a pool for the edge.
 
 Drain stops admission at once (admission answers POOL_UNAVAILABLE for a draining pool) and lets
 queued and running tasks finish until the deadline; whatever is left then is canceled and
@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from llorch.config import PoolSettings
 from llorch.engines.base import Engine
@@ -28,6 +27,7 @@ from llorch.errors import (
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.snapshots import PoolSnapshot, pool_snapshot
 from llorch.scheduler.task import QUEUED
 
 log = logging.getLogger("llorch.pools")
@@ -165,11 +165,11 @@ class PoolOperations:
 
     # -- views ------------------------------------------------------------------------------
 
-    def health(self, pool_id: str) -> dict[str, Any]:
-        return pool_health(self.pool(pool_id))
+    def health(self, pool_id: str) -> PoolSnapshot:
+        return pool_snapshot(self.pool(pool_id))
 
-    def pools(self) -> list[dict[str, Any]]:
-        return [pool_health(p) for p in self._registry.pools.values()]
+    def pools(self) -> list[PoolSnapshot]:
+        return [pool_snapshot(p) for p in self._registry.pools.values()]
 
 
 async def _bring_up(replicas: list[Replica]) -> list[str]:
@@ -185,53 +185,3 @@ async def _bring_up(replicas: list[Replica]) -> list[str]:
             return []
         await asyncio.sleep(_LOAD_PROBE_INTERVAL_S)
     return [r.id for r in replicas if not r.ready]
-
-
-def pool_health(pool: PoolRuntime) -> dict[str, Any]:
-    return {
-        "pool_id": pool.id,
-        "live": True,
-        "ready": pool.ready,
-        "draining": pool.draining,
-        "reloading": pool.reloading,
-        "engine": pool.replicas[0].engine.engine if pool.replicas else pool.settings.engine,
-        "model": pool.model,
-        "last_reload_error": pool.last_reload_error,
-        "replicas": [
-            {
-                "id": r.id,
-                "state": r.state,
-                "slots_total": r.engine.slots,
-                "slots_busy": r.busy,
-                "last_error": r.last_error,
-            }
-            for r in pool.replicas
-        ],
-        "queue_depth": len(pool.queue),
-    }
-
-
-def _ctx_max(pool: PoolRuntime) -> int:
-    """The configured limit, lowered to what the engines report per slot."""
-    reported = [r.engine.context_size for r in pool.replicas]
-    return min([pool.settings.max_context, *(c for c in reported if c)])
-
-
-def pool_capabilities(pool: PoolRuntime) -> dict[str, Any]:
-    engine = pool.replicas[0].engine if pool.replicas else None
-    return {
-        "pool_id": pool.id,
-        "engine": engine.engine if engine else pool.settings.engine,
-        "engine_version": engine.version if engine else "",
-        "models": [pool.model],
-        "ctx_max": _ctx_max(pool),
-        "max_tokens_out": pool.settings.max_tokens_out,
-        "workloads": ["completion", "chat"],
-        "features": sorted(pool.features),
-        "slots_total": sum(r.engine.slots for r in pool.replicas),
-        "slots_free": sum(r.free for r in pool.replicas),
-        "queue_capacity": pool.settings.queue.capacity,
-        "queue_policy": pool.settings.queue.policy,
-        "ready": pool.ready,
-        "draining": pool.draining,
-    }

@@ -1,13 +1,14 @@
-"""How a task ends: its final values and terminal event, decided at once, and its trace.
+"""How a task ends, decided at once: its final values and terminal frame, and its trace.
 
-The dispatcher decides an ending (:func:`conclude`), has the trace document written
-(:func:`trace_document`), then settles it: usage committed, final row written, terminal event
-published, in that order, exactly once.
+Pure functions: :class:`llorch.scheduler.settle.Settlement` decides an ending with
+:func:`conclude`, has :func:`trace_document` written, then commits and publishes it.
+:func:`terminal_frame` is the one builder of a terminal frame, for live streams and replays.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +19,12 @@ from llorch.clock import Clock
 from llorch.config import PricingSettings
 from llorch.engines.base import Engine
 from llorch.errors import LlorchError
-from llorch.scheduler.task import TRANSITIONS, IllegalTransition, TaskRecord
+from llorch.scheduler.task import TaskRecord
 
 
 @dataclass
 class Ending:
-    """How a task ends, decided at once; written and published by ``Dispatcher._settle``."""
+    """How a task ends, decided at once; written and published by :class:`Settlement`."""
 
     record: TaskRecord
     state: str
@@ -50,18 +51,16 @@ def conclude(
     tokens_out: int = 0,
 ) -> Ending:
     """The task's final values and terminal event, decided now; nothing is written yet."""
-    if state not in TRANSITIONS[record.state]:
-        raise IllegalTransition(f"task {record.task_id}: {record.state} -> {state}")
+    record.check_move(state)
     record.ending = True
     now = clock.now_ms()
     tokens_in = record.tokens_in_estimate if tokens_in is None else tokens_in
     if record.started_ms is None:
         tokens_in = 0  # never reached an engine: nothing was read or generated
-    price = pricing.price_for(record.request.model)
-    cost = round((tokens_in * price.input_per_1k + tokens_out * price.output_per_1k) / 1000, 9)
+    cost = pricing.price_for(record.request.model).cost(tokens_in, tokens_out)
     run_ms = 0 if record.started_ms is None else max(0, now - record.started_ms)
     decode_ms = 0 if record.ttft_ms is None else max(0, run_ms - record.ttft_ms)
-    task_values: dict[str, Any] = {
+    values: dict[str, Any] = {
         "state": state,
         "ended_ms": now,
         "ttft_ms": record.ttft_ms,
@@ -73,45 +72,54 @@ def conclude(
         "terminal_event_id": record.events.next_seq,
     }
     if error is not None:
-        task_values |= {
-            "error_code": error.code,
-            "error_message": error.message,
-            "error_retriable": error.retriable,
-        }
-    if error is None:
-        terminal: tuple[str, dict[str, Any]] = (
-            "end",
-            {
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-                "ttft_ms": record.ttft_ms,
-                "decode_time_ms": decode_ms,
-                "cost": cost,
-                "finish_reason": finish_reason or "stop",
-            },
-        )
-    else:
-        data: dict[str, Any] = {
-            "code": error.code,
-            "message": error.message,
-            "retriable": error.retriable,
-        }
-        if error.retry_after_ms is not None and error.retriable:
-            data["retry_after_ms"] = error.retry_after_ms
-        terminal = ("error", data)
+        values |= error_columns(error)
+    retry_after_ms = error.retry_after_ms if error is not None else None
     return Ending(
         record,
         state,
         error,
         finish_reason,
-        task_values,
-        terminal,
+        values,
+        terminal_frame(values, retry_after_ms=retry_after_ms),
         tokens_in,
         tokens_out,
         cost,
         run_ms,
         decode_ms,
     )
+
+
+def error_columns(error: LlorchError) -> dict[str, Any]:
+    """The task row's columns of the error that ended it."""
+    return {
+        "error_code": error.code,
+        "error_message": error.message,
+        "error_retriable": error.retriable,
+    }
+
+
+def terminal_frame(
+    values: Mapping[str, Any], *, retry_after_ms: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """A task's terminal SSE frame from its final columns (an ending's values, or its stored
+    row): the one builder for live streams and for replay."""
+    if values.get("error_code") is not None:
+        data: dict[str, Any] = {
+            "code": values["error_code"],
+            "message": values.get("error_message") or "",
+            "retriable": bool(values.get("error_retriable")),
+        }
+        if retry_after_ms is not None and data["retriable"]:
+            data["retry_after_ms"] = retry_after_ms
+        return "error", data
+    return "end", {
+        "tokens_in": values["tokens_in"],
+        "tokens_out": values["tokens_out"],
+        "ttft_ms": values["ttft_ms"],
+        "decode_time_ms": values.get("decode_time_ms") or 0,
+        "cost": values["cost"],
+        "finish_reason": values.get("finish_reason") or "stop",
+    }
 
 
 def trace_document(ending: Ending, engine: Engine | None) -> str:

@@ -1,5 +1,9 @@
-"""One task's engine call: the relay of its chunks, retries before the first token, and the
-circuit-breaker bookkeeping of the replicas it used.
+"""One task's run, end to end: its start, its engine call, and its end.
+
+The dispatcher spawns :meth:`EngineCall.run` for a task it placed on a replica slot; from there
+the call owns the task. It records the start and publishes the ``started`` frame, relays the
+engine's tokens as ``token`` frames (with a ``metrics`` frame every few), releases the slot
+and hands the outcome to :class:`~llorch.scheduler.settle.Settlement`.
 
 Before the first token has been relayed, a retriable engine error is retried with exponential
 backoff (tenacity), on another ready replica with a free slot when there is one, else on the
@@ -7,51 +11,211 @@ same replica while it still serves. Once a token has been relayed nothing is ret
 ends the task (the adapter has made it a ``WORKER_RESET`` or a ``DECODE_TIMEOUT``). Every failed
 attempt counts against its replica's circuit breaker, except an engine's refusal (4xx) of the
 request itself; a finished completion resets the count.
+
+The first-token and idle limits, and the task's deadline, are enforced here, once, for every
+engine; adapters keep only their transport's limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from llorch.clock import Clock
 from llorch.engines.base import Finish, Token
-from llorch.errors import DeadlineUnmet, DecodeTimeout, EngineError, EngineRejected, EngineTimeout
-from llorch.persistence import Database
+from llorch.errors import (
+    DeadlineUnmet,
+    DecodeTimeout,
+    EngineError,
+    EngineRejected,
+    EngineTimeout,
+    LlorchError,
+)
+from llorch.persistence import Storage, when_free
 from llorch.scheduler.pools import PoolRuntime, Replica
-from llorch.scheduler.task import TaskRecord
+from llorch.scheduler.settle import Settlement
+from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
+from llorch.sessions import SessionService
 from llorch.timers import Watchdog
 
 log = logging.getLogger("llorch.dispatcher")
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every run needs beside its pool, replica and task."""
+
+    db: Storage
+    sessions: SessionService
+    settlement: Settlement
+    clock: Clock
+    metrics_every_tokens: int
+
+
 class EngineCall:
-    """Runs ``record``'s completion, starting on ``replica`` (whose slot it already holds).
+    """Runs ``record`` on ``pool``, starting on ``replica`` (whose slot it already holds).
 
     ``replica`` is the replica holding the task's slot at every moment, the one to release when
-    the call ends. ``on_token`` relays one token (the caller publishes it).
+    the call ends.
     """
 
     def __init__(
-        self,
-        pool: PoolRuntime,
-        record: TaskRecord,
-        replica: Replica,
-        db: Database,
-        on_token: Callable[[EngineCall, str], None],
+        self, pool: PoolRuntime, record: TaskRecord, replica: Replica, ctx: RunContext
     ) -> None:
         self.pool = pool
         self.record = record
         self.replica = replica
         self.started = asyncio.get_running_loop().time()
         self.first_token_at: float | None = None
-        self.tokens_out = 0
-        self._db = db
-        self._on_token = on_token
+        self._ctx = ctx
+        self._db = ctx.db
 
-    async def run(self) -> Finish:
+    async def run(self) -> None:
+        """The task, from its start to its end; a cancel ends it ``canceled``."""
+        record, settlement = self.record, self._ctx.settlement
+        try:
+            state, how = await self._attempt()
+        except asyncio.CancelledError:
+            self._release()
+            if not record.ending:  # else it was cancelled while its end was written: it ended
+                settlement.end_now(
+                    record, CANCELED, finish_reason="canceled", tokens_out=record.tokens_out
+                )
+            if not record.cancel_requested:
+                raise
+            return
+        except Exception as exc:  # a bug: the task still ends, loudly
+            log.exception("task %s failed unexpectedly", record.task_id)
+            state, how = FAILED, {"error": LlorchError(f"internal error: {exc}")}
+        self._release()
+        try:
+            await settlement.end(record, state, **how)
+        except asyncio.CancelledError:
+            if not record.cancel_requested:
+                raise
+
+    async def _attempt(self) -> tuple[str, dict[str, Any]]:
+        """Start the task and call its engine: the state it ends in, and how."""
+        record = self.record
+        if record.cancel_requested:  # canceled between dispatch and this first step
+            return CANCELED, {"finish_reason": "canceled"}
+        await self._start()
+        if self.record.cancel_requested:  # canceled while its start was written
+            return CANCELED, {"finish_reason": "canceled"}
+        try:
+            finish = await self._call()
+        except (EngineError, DeadlineUnmet) as exc:
+            self.replica.last_error = exc.message
+            return FAILED, {"error": exc, "tokens_out": record.tokens_out}
+        record.tokens_cached = finish.tokens_cached
+        return SUCCEEDED, {
+            "finish_reason": finish.finish_reason,
+            "tokens_in": finish.tokens_in,
+            "tokens_out": finish.tokens_out,
+        }
+
+    def _release(self) -> None:
+        """Free the slot and record the run in the pool's meter, before the end is written:
+        a queued task may take the slot meanwhile."""
+        pool, record = self.pool, self.record
+        self.replica.busy -= 1
+        pool.record_replicas()
+        ended = asyncio.get_running_loop().time()
+        first = self.first_token_at
+        pool.meter.record(
+            service_s=ended - self.started,
+            ttft_s=None if first is None else first - self.started,
+            tokens=record.tokens_out,
+            decode_s=0.0 if first is None else ended - first,
+        )
+        pool.wakeup.set()
+
+    async def _start(self) -> None:
+        pool, replica, record = self.pool, self.replica, self.record
+        now = self._ctx.clock.now_ms()
+        record.check_move(RUNNING)
+        place = functools.partial(
+            self._db.place_task,
+            record.task_id,
+            record.session_id,
+            pool_id=pool.id,
+            replica_id=replica.id,
+            state=RUNNING,
+            started_ms=now,
+        )
+        await when_free(self._db, place)
+        record.move_to(RUNNING)
+        record.replica_id = replica.id
+        record.started_ms = now
+        log.info(
+            "task running",
+            extra={
+                "event": "task",
+                "task_id": record.task_id,
+                "state": RUNNING,
+                "pool_id": pool.id,
+                "replica_id": replica.id,
+                "correlation_id": record.row.correlation_id,
+            },
+        )
+        record.events.publish(
+            "started",
+            {
+                "task_id": record.task_id,
+                "queue_position": record.queue_position_at_start,
+                "pool_id": pool.id,
+                "replica_id": replica.id,
+                "engine": replica.engine.engine,
+                "kv_warmth": replica.id == record.affinity_replica_id,
+                "placement": record.placement,
+                "correlation_id": record.row.correlation_id,
+            },
+        )
+
+    def _publish_token(self, text: str) -> None:
+        """Publish the next token (the first one also sets the task's TTFT), and every
+        ``metrics_every_tokens`` tokens a metrics frame."""
+        pool, record = self.pool, self.record
+        assert self.first_token_at is not None
+        if record.tokens_out == 0:
+            ttft_s = self.first_token_at - self.started
+            record.ttft_ms = round(ttft_s * 1000)
+            pool.metrics.observe(
+                "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=self.replica.engine.engine
+            )
+        record.events.publish("token", {"t": text, "i": record.tokens_out})
+        record.tokens_out += 1
+        if record.tokens_out % self._ctx.metrics_every_tokens == 0:
+            self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        pool, record = self.pool, self.record
+        assert self.first_token_at is not None
+        elapsed = asyncio.get_running_loop().time() - self.first_token_at
+        left = self._ctx.sessions.remaining_for(record.session_id)
+        tokens_out = record.tokens_out
+        record.events.publish(
+            "metrics",
+            {
+                "queue_depth": len(pool.queue),
+                "tokens_out": tokens_out,
+                "tokens_per_s": round(tokens_out / elapsed, 3) if elapsed > 0 else 0.0,
+                "budgets": {
+                    "tokens_remaining": left.tokens,
+                    "time_ms_remaining": left.time_ms,
+                    "cost_remaining": left.cost,
+                },
+            },
+        )
+
+    # -- the engine call --------------------------------------------------------------------
+
+    async def _call(self) -> Finish:
         retry = self.pool.settings.retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.attempts),
@@ -64,7 +228,7 @@ class EngineCall:
         async for attempt in retrying:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
-                    self._replace()
+                    await self._replace()
                 try:
                     finish = await self._relay()
                 except EngineError as exc:
@@ -79,7 +243,7 @@ class EngineCall:
         return (
             isinstance(exc, EngineError)
             and exc.retriable
-            and self.tokens_out == 0
+            and self.record.tokens_out == 0
             and not self.record.cancel_requested
             and (self.replica.serving or self._other() is not None)
         )
@@ -87,19 +251,28 @@ class EngineCall:
     def _other(self) -> Replica | None:
         return self.pool.pick_replica(None, avoid=self.replica)
 
-    def _replace(self) -> None:
+    async def _replace(self) -> None:
         """Before a retry: move the task's slot to another serving replica when there is one."""
         other = self._other()
         if other is None:
             return  # _can_retry saw the current replica still serving
+        record = self.record
+        place = functools.partial(
+            self._db.place_task,
+            record.task_id,
+            record.session_id,
+            pool_id=self.pool.id,
+            replica_id=other.id,
+        )
+        other.busy += 1  # held while the write waits: no other task takes the slot meanwhile
+        try:
+            await when_free(self._db, place)
+        except BaseException:
+            other.busy -= 1
+            raise
         previous, self.replica = self.replica, other
         previous.busy -= 1
-        other.busy += 1
-        record = self.record
         record.replica_id = other.id
-        self._db.place_task(
-            record.task_id, record.session_id, pool_id=self.pool.id, replica_id=other.id
-        )
         self.pool.record_replicas()
         self.pool.wakeup.set()  # the slot it left may take a queued task
         log.info(
@@ -160,14 +333,13 @@ class EngineCall:
                 now = loop.time()
                 if self.first_token_at is None:
                     self.first_token_at = now
-                self._on_token(self, chunk.text)
-                self.tokens_out += 1
+                self._publish_token(chunk.text)
                 dog.move(now + idle_s if deadline is None else min(now + idle_s, deadline))
         except TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
                 raise DeadlineUnmet("the task's deadline passed while it ran") from exc
             engine = self.replica.engine.engine
-            if self.tokens_out:
+            if self.record.tokens_out:
                 raise DecodeTimeout(
                     f"no output from {self.replica.id} for {settings.decode_timeout_ms} ms",
                     engine=engine,

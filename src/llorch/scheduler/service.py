@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,16 +13,27 @@ from llorch.config import PoolSettings, Settings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound, WorkerReset
+from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, StorageBusy, TaskNotFound
 from llorch.metrics import Metrics
-from llorch.persistence import Database, TaskRow
-from llorch.scheduler.admission import ANYONE, Admission, Admitter, Caller
-from llorch.scheduler.control import PoolOperations, pool_capabilities
+from llorch.persistence import Storage, TaskRow, when_free
+from llorch.scheduler.admission import Admission, Admitter
+from llorch.scheduler.caller import ANYONE, Caller
+from llorch.scheduler.control import PoolOperations
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
-from llorch.scheduler.task import CANCELED, FAILED, QUEUED, RUNNING, TERMINAL_STATES
+from llorch.scheduler.replay import replay_from_trace
+from llorch.scheduler.settle import Settlement, replay_from_row
+from llorch.scheduler.snapshots import (
+    PoolSnapshot,
+    TaskPage,
+    TaskSnapshot,
+    TaskStream,
+    pool_snapshot,
+    task_snapshot,
+)
+from llorch.scheduler.task import CANCELED, QUEUED, RUNNING
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
 
@@ -35,7 +46,7 @@ class Scheduler:
     def __init__(
         self,
         settings: Settings,
-        db: Database,
+        db: Storage,
         sessions: SessionService,
         clock: Clock,
         engines: EngineFactory = build_engines,
@@ -45,21 +56,24 @@ class Scheduler:
         self._settings = settings
         self._db = db
         self._clock = clock
+        self._artifacts = artifacts
         self.sessions = sessions
         self.metrics = metrics or Metrics(metrics_contract())
         self.registry = Registry(
             [PoolRuntime(p, engines(p, 0), self.metrics, clock) for p in settings.pools],
             settings.server.streams_retained,
+            settings.server.streams_retained_bytes,
         )
-        self._dispatcher = Dispatcher(self.registry, db, sessions, settings, clock, artifacts)
-        self._admitter = Admitter(
-            self.registry, db, sessions, settings, clock, self._dispatcher.finish
+        self._settlement = Settlement(self.registry, db, sessions, settings, clock, artifacts)
+        self._dispatcher = Dispatcher(
+            self.registry, db, sessions, settings, clock, self._settlement
         )
+        self._admitter = Admitter(self.registry, db, sessions, settings, clock, self._settlement)
         self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
         self.closing = False
 
     async def start(self) -> None:
-        self._reconcile()
+        await self._reconcile()
         await self._dispatcher.start()
 
     async def quiesce(self) -> None:
@@ -70,46 +84,54 @@ class Scheduler:
     async def stop(self) -> None:
         self.closing = True
         await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
+        await self._settlement.stop()
         for pool in self.registry.pools.values():
             for replica in pool.replicas:
                 await replica.engine.close()
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """After a restart: queued tasks are queued again; tasks that were running end with a
         retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
         for row in self._db.tasks_in_states([RUNNING, QUEUED]):
-            if row.state == QUEUED and self._admitter.restore(row):
-                continue
-            error = WorkerReset("the server restarted while the task was in flight")
-            # Its events died with the process; the terminal frame gets an id above any a client
-            # can have seen (started, one token and at most one metrics frame per token), so a
-            # Last-Event-ID resume still reaches it.
-            max_tokens = int(json.loads(row.request_json).get("max_tokens", 0))
-            self._db.update_task(
-                row.task_id,
-                state=FAILED,
-                ended_ms=self._clock.now_ms(),
-                error_code=error.code,
-                error_message=error.message,
-                error_retriable=True,
-                terminal_event_id=2 * max_tokens + 2,
-            )
+            try:
+                if row.state == QUEUED and self._admitter.restore(row):
+                    continue
+                await when_free(self._db, functools.partial(self._settlement.reconcile, row))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                await when_free(self._db, functools.partial(self._settlement.quarantine, row, exc))
 
     # -- operations -------------------------------------------------------------------------
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
+        """Admit a task now; StorageBusy (uncounted) when the write lock is held elsewhere."""
         if self.closing:
             self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
             raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
         try:
             return self._admitter.admit(body, correlation_id, caller)
+        except StorageBusy:
+            raise  # not refused yet: admit_when_free tries again
         except LlorchError as exc:
-            self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
-            if isinstance(exc, BudgetExhausted) and exc.policy_label:
-                self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
+            self._count_rejection(exc)
             raise
+
+    async def admit_when_free(
+        self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
+    ) -> Admission:
+        """:meth:`admit`, tried again while the database's write lock is held elsewhere (an
+        admission writes nothing before its one transaction), the event loop free meanwhile."""
+        try:
+            return await when_free(self._db, lambda: self.admit(body, correlation_id, caller))
+        except StorageBusy as exc:
+            self._count_rejection(exc)
+            raise
+
+    def _count_rejection(self, exc: LlorchError) -> None:
+        self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
+        if isinstance(exc, BudgetExhausted) and exc.policy_label:
+            self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
 
     def cancel(self, task_id: str) -> None:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""
@@ -118,17 +140,19 @@ class Scheduler:
             if self._db.get_task(task_id) is None:
                 raise TaskNotFound(f"task {task_id} not found")
             return
-        if record.cancel_requested or record.ending:
+        phase = record.phase
+        if record.cancel_requested or phase == "ending":
             return
         record.cancel_requested = True
-        if record.state == QUEUED and record.runner is None:
+        if phase == "queued":
             pool = self.registry.pools[record.pool_id]
             pool.queue.remove(record, record.priority)
             pool.record_queue()
-            self._dispatcher.finish(record, CANCELED, finish_reason="canceled")
-        elif record.state == RUNNING and record.runner is not None:
+            self._settlement.end_now(record, CANCELED, finish_reason="canceled")
+        elif phase == "running" and record.runner is not None:
             # The flag is set before this returns, so no token frame follows the cancel.
             record.runner.cancel()
+        # "dispatched": its run sees the flag before it starts the task, and ends it canceled.
 
     def stream(self, task_id: str) -> EventStream:
         found = self.registry.stream(task_id)
@@ -137,13 +161,30 @@ class Scheduler:
         row = self._db.get_task(task_id)
         if row is None:
             raise TaskNotFound(f"task {task_id} not found")
-        return _replay_from_row(row)
+        return self._replay(row)
 
-    def task(self, task_id: str) -> dict[str, Any]:
+    def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
+        """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
+        see it."""
+        row = self.row(task_id, caller)
+        live = self.registry.stream(task_id)
+        return TaskStream(row=row, events=live if live is not None else self._replay(row))
+
+    def _replay(self, row: TaskRow) -> EventStream:
+        """The stream of a task no longer in memory: the transcript in its trace, else only
+        its terminal frame, from its row."""
+        return replay_from_trace(self._artifacts, row) or replay_from_row(row)
+
+    def row(self, task_id: str, caller: Caller) -> TaskRow:
+        """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's
+        task is not found, rather than forbidden: its existence is not told)."""
         row = self._db.get_task(task_id)
-        if row is None:
+        if row is None or not caller.can_see(row.owner):
             raise TaskNotFound(f"task {task_id} not found")
-        return self._view(row)
+        return row
+
+    def task(self, task_id: str, caller: Caller) -> TaskSnapshot:
+        return task_snapshot(self.registry, self.row(task_id, caller))
 
     def tasks(
         self,
@@ -152,20 +193,24 @@ class Scheduler:
         state: str | None,
         limit: int,
         cursor: str | None,
-        visible_to: str | None = None,
-    ) -> dict[str, Any]:
+        caller: Caller,
+    ) -> TaskPage:
         # The cursor is the sequence number of the last task of the previous page.
         # Any 19-digit string is a valid cursor: clamp it to what SQLite can compare.
         before = min(int(cursor), 2**63 - 1) if cursor is not None else None
         rows = self._db.list_tasks(
-            session_id=session_id, state=state, limit=limit + 1, before_seq=before, owner=visible_to
+            session_id=session_id,
+            state=state,
+            limit=limit + 1,
+            before_seq=before,
+            owner=caller.visible_to,
         )
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
-        return {"items": [self._view(r) for r in page], "next_cursor": next_cursor}
+        return TaskPage(tuple(task_snapshot(self.registry, r) for r in page), next_cursor)
 
-    def capabilities(self) -> list[dict[str, Any]]:
-        return [pool_capabilities(p) for p in self.registry.pools.values()]
+    def capabilities(self) -> list[PoolSnapshot]:
+        return [pool_snapshot(p) for p in self.registry.pools.values()]
 
     @property
     def ready(self) -> bool:
@@ -173,78 +218,6 @@ class Scheduler:
 
     def remaining(self, session_id: str) -> Remaining:
         return self.sessions.remaining_for(session_id)
-
-    def _view(self, row: TaskRow) -> dict[str, Any]:
-        record = self.registry.live.get(row.task_id)
-        state = record.state if record is not None else row.state
-        position = None
-        if record is not None and state == QUEUED:
-            pool = self.registry.pools[row.pool_id]
-            position = pool.queue.position(record, record.priority)
-        error = None
-        if row.error_code is not None and state in TERMINAL_STATES:
-            error = {
-                "code": row.error_code,
-                "message": row.error_message or "",
-                "retriable": bool(row.error_retriable),
-            }
-        view: dict[str, Any] = {
-            "task_id": row.task_id,
-            "session_id": row.session_id,
-            "model": row.model,
-            "priority": row.priority,
-            "state": state,
-            "queue_position": position,
-            "pool_id": row.pool_id,
-            "replica_id": row.replica_id,
-            "finish_reason": row.finish_reason,
-            "usage": {"tokens_in": row.tokens_in, "tokens_out": row.tokens_out, "cost": row.cost},
-            "timings": {
-                "created_ms": row.created_ms,
-                "started_ms": row.started_ms,
-                "ended_ms": row.ended_ms,
-                "ttft_ms": row.ttft_ms,
-                "decode_time_ms": row.decode_time_ms,
-            },
-            "trace_artifact_id": row.trace_artifact_id,
-        }
-        if error is not None:
-            view["error"] = error
-        return view
-
-
-def _replay_from_row(row: TaskRow) -> EventStream:
-    """A stream for a task whose events are no longer in memory: only its terminal event, under
-    its original id (earlier ids are gone: a client sees the gap)."""
-    stream = EventStream(first_seq=row.terminal_event_id or 0)
-    if row.state not in TERMINAL_STATES:
-        # Unreachable while the process lives (live tasks keep their stream); kept total.
-        stream.publish(
-            "error",
-            {"code": "WORKER_RESET", "message": "task events were lost", "retriable": True},
-        )
-    elif row.error_code is not None:
-        stream.publish(
-            "error",
-            {
-                "code": row.error_code,
-                "message": row.error_message or "",
-                "retriable": bool(row.error_retriable),
-            },
-        )
-    else:
-        stream.publish(
-            "end",
-            {
-                "tokens_in": row.tokens_in,
-                "tokens_out": row.tokens_out,
-                "ttft_ms": row.ttft_ms,
-                "decode_time_ms": row.decode_time_ms or 0,
-                "cost": row.cost,
-                "finish_reason": row.finish_reason or "stop",
-            },
-        )
-    return stream
 
 
 __all__ = ["Admission", "Caller", "Scheduler"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from llorch.engines.base import CompletionRequest
+from llorch.engines.base import ChatMessage, CompletionRequest
 from llorch.persistence import TaskRow
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.queue import Priority
@@ -20,6 +21,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
     "canceled",
 )
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+Phase = Literal["queued", "dispatched", "running", "ending"]
 
 # Every allowed transition; anything else is a bug.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -46,6 +49,8 @@ class TaskRecord:
     tokens_in_estimate: int
     affinity_replica_id: str | None
     deadline_at: float | None  # loop time by which the task must end
+    # Loop time by which it must have left the queue (ORCH-DATA-0097).
+    wait_until: float | None = None
     # Whom the queue's round-robin counts it for (scheduler.pools.PoolRuntime.flow_for).
     flow: str = ""
     events: EventStream = field(default_factory=EventStream)
@@ -55,6 +60,8 @@ class TaskRecord:
     placement: str | None = None
     started_ms: int | None = None
     ttft_ms: int | None = None
+    # Tokens relayed so far (scheduler.engine_call), checkpointed by the dispatcher.
+    tokens_out: int = 0
     # Prompt tokens the engine served from its cache, when it reports them.
     tokens_cached: int | None = None
     queue_position_at_start: int = 0
@@ -62,7 +69,6 @@ class TaskRecord:
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
     runner: asyncio.Task[None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_id(self) -> str:
@@ -76,7 +82,55 @@ class TaskRecord:
     def pool_id(self) -> str:
         return self.row.pool_id
 
-    def move_to(self, state: str) -> None:
+    @property
+    def phase(self) -> Phase:
+        """Where a live task is, from its state and flags:
+
+        ======= ====== ====== ============= =====================================================
+        state   runner ending phase         meaning
+        ======= ====== ====== ============= =====================================================
+        queued  None   False  ``queued``    in its pool's queue
+        queued  set    False  ``dispatched`` on a replica slot; its run has not started it yet
+        running set    False  ``running``   its engine call under way
+        any     any    True   ``ending``    its end decided and being written (Settlement)
+        ======= ====== ====== ============= =====================================================
+        """
+        if self.ending:
+            return "ending"
+        if self.state == QUEUED:
+            return "queued" if self.runner is None else "dispatched"
+        return "running"
+
+    def check_move(self, state: str) -> None:
+        """The one transition check: IllegalTransition unless ``state`` may follow."""
         if state not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"task {self.task_id}: {self.state} -> {state}")
+
+    def move_to(self, state: str) -> None:
+        self.check_move(state)
         self.state = state
+
+
+def completion_request(
+    task_id: str, body: Mapping[str, Any], correlation_id: str
+) -> CompletionRequest:
+    """The engine request of a task's (validated) body."""
+    messages = body.get("messages")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format["type"] == "text":
+        response_format = None  # what every engine does anyway
+    return CompletionRequest(
+        task_id=task_id,
+        model=body["model"],
+        prompt=body.get("prompt"),
+        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages)
+        if messages is not None
+        else None,
+        max_tokens=body["max_tokens"],
+        seed=body.get("seed"),
+        temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
+        stop=tuple(body.get("stop", ())),
+        response_format=response_format,
+        correlation_id=correlation_id,
+    )

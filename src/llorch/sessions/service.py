@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from llorch.clock import Clock
 from llorch.config import Budget, Settings
 from llorch.errors import BudgetExhausted, SessionNotFound
-from llorch.persistence import Database, SessionRow
+from llorch.persistence import SessionRow, Storage
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def new_id(prefix: str) -> str:
 
 
 class SessionService:
-    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+    def __init__(self, db: Storage, settings: Settings, clock: Clock) -> None:
         self._db = db
         self._settings = settings
         self._clock = clock

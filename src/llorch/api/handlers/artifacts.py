@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from llorch.api.auth import principal
+from llorch.api import views
+from llorch.api.auth import caller
 from llorch.api.runtime import Runtime
 
 Reply = tuple[Any, int, dict[str, str]]
@@ -15,28 +17,30 @@ class ArtifactHandlers:
         self._rt = runtime
 
     async def create_artifact(self, body: dict[str, Any]) -> Reply:
-        caller = principal()
-        artifact, created = self._rt.artifacts.put(
+        who = caller()
+        put = functools.partial(
+            self._rt.artifacts.put,
             kind=body["kind"],
             content=body["content"],
             tags=body.get("tags", ()),
             parent=body.get("parent"),
             metadata=body.get("metadata"),
-            owner=caller.owner,
-            visible_to=caller.visible_owner,
+            owner=who.owner,
+            visible_to=who.visible_to,
         )
+        artifact, created = await self._rt.when_free(put)
         return (
-            artifact.to_json(),
+            views.artifact_body(artifact),
             201 if created else 200,
             {"Location": f"/v1/artifacts/{artifact.id}"},
         )
 
     async def get_artifact(self, artifact_id: str) -> Reply:
-        caller = principal()
+        who = caller()
         artifact, content = self._rt.artifacts.get(
-            artifact_id, visible_to=caller.visible_owner, owner=caller.owner
+            artifact_id, visible_to=who.visible_to, owner=who.owner
         )
-        return artifact.to_json() | {"content": content}, 200, {}
+        return views.artifact_body(artifact) | {"content": content}, 200, {}
 
     async def list_artifacts(
         self,
@@ -46,14 +50,15 @@ class ArtifactHandlers:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Reply:
-        caller = principal()
+        who = caller()
         items, next_cursor = self._rt.artifacts.list(
             kind=kind,
             tag=tag,
             task_id=task_id,
             limit=limit,
             cursor=cursor,
-            visible_to=caller.visible_owner,
-            owner=caller.owner,
+            visible_to=who.visible_to,
+            owner=who.owner,
         )
-        return {"items": [a.to_json() for a in items], "next_cursor": next_cursor}, 200, {}
+        body = {"items": [views.artifact_body(a) for a in items], "next_cursor": next_cursor}
+        return body, 200, {}

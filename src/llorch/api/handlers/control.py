@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from llorch.api import views
 from llorch.api.problems import envelope_response
 from llorch.api.runtime import Runtime
 from llorch.contracts import openapi
@@ -19,58 +20,34 @@ class ControlHandlers:
         self._rt = runtime
 
     async def get_capabilities(self) -> Reply:
-        s = self._rt.settings
-        pricing = s.pricing
-        body = {
-            "api_version": openapi("data")["info"]["version"],
-            "pools": self._rt.scheduler.capabilities(),
-            "budgets": {
-                "default_tokens": s.budgets.default.tokens,
-                "default_time_ms": s.budgets.default.time_ms,
-                "default_cost": s.budgets.default.cost,
-                "max_tokens": s.budgets.max.tokens,
-                "max_time_ms": s.budgets.max.time_ms,
-                "max_cost": s.budgets.max.cost,
-                "session_ttl_ms": s.sessions.ttl_ms,
-                "max_turns": s.sessions.max_turns,
-            },
-            "pricing": {
-                "currency": pricing.currency,
-                "default": vars(pricing.default),
-                "models": {name: vars(price) for name, price in pricing.models.items()},
-            },
-            # Off only in the development mode of a loopback bind without keys.
-            "auth": {
-                "schemes": ["bearer"] if self._rt.auth.enabled else [],
-                "required": self._rt.auth.enabled,
-            },
-            "features": {
-                "sse_resume": True,
-                "drop_lru": any(p.queue.policy == "drop-lru" for p in s.pools),
-                "sessions": True,
-                "artifacts": True,
-                "trace_artifacts": True,
-            },
-        }
+        body = views.capabilities_body(
+            self._rt.settings,
+            self._rt.scheduler.capabilities(),
+            api_version=openapi("data")["info"]["version"],
+            auth_enabled=self._rt.auth.enabled,
+        )
         return body, 200, {}
 
     async def list_pools(self) -> Reply:
-        return {"items": self._rt.scheduler.pools.pools()}, 200, {}
+        return {"items": [views.pool_health(p) for p in self._rt.scheduler.pools.pools()]}, 200, {}
 
     async def get_pool_health(self, pool_id: str) -> Reply:
-        return self._rt.scheduler.pools.health(pool_id), 200, {}
+        return self._health(pool_id, 200)
 
     async def drain_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
         self._rt.scheduler.pools.drain(pool_id, body["deadline_ms"])
-        return self._rt.scheduler.pools.health(pool_id), 202, {}
+        return self._health(pool_id, 202)
 
     async def resume_pool(self, pool_id: str) -> Reply:
         self._rt.scheduler.pools.resume(pool_id)
-        return self._rt.scheduler.pools.health(pool_id), 202, {}
+        return self._health(pool_id, 202)
 
     async def reload_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
         self._rt.scheduler.pools.reload(pool_id, body["model"])
-        return self._rt.scheduler.pools.health(pool_id), 202, {}
+        return self._health(pool_id, 202)
+
+    def _health(self, pool_id: str, status: int) -> Reply:
+        return views.pool_health(self._rt.scheduler.pools.health(pool_id)), status, {}
 
     async def livez(self) -> Reply:
         return {"status": "ok"}, 200, {}

@@ -15,12 +15,13 @@ from typing import Any
 from connexion import request
 from starlette.responses import Response
 
+from llorch.api import views
 from llorch.api.auth import caller
 from llorch.api.facade import mapping
 from llorch.api.facade.errors import error_body
 from llorch.api.facade.responses import ChunkStream, Shape, WholeCompletion
 from llorch.api.middleware import correlation_id
-from llorch.api.runtime import Runtime, format_cost
+from llorch.api.runtime import Runtime
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -40,8 +41,7 @@ class OpenAIHandlers:
         """Every served model and the largest max_tokens_out of a pool serving it."""
         served: dict[str, int] = {}
         for pool in self._rt.scheduler.capabilities():
-            for model in pool["models"]:
-                served[model] = max(served.get(model, 0), int(pool["max_tokens_out"]))
+            served[pool.model] = max(served.get(pool.model, 0), pool.max_tokens_out)
         return served
 
     async def list_models(self) -> Reply:
@@ -74,16 +74,10 @@ class OpenAIHandlers:
         except mapping.Refusal as refusal:
             return _refused(400, refusal.message, code="unsupported_parameter", param=refusal.param)
         scheduler = self._rt.scheduler
-        admission = scheduler.admit(mapped.task, correlation_id.get(), caller())
+        admission = await scheduler.admit_when_free(mapped.task, correlation_id.get(), caller())
         task_id = admission.task_id
         _record(task_id, mapped)
-        left = admission.remaining
-        headers = {
-            "X-Task-Id": task_id,
-            "X-Budget-Tokens-Remaining": str(left.tokens),
-            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
-            "X-Budget-Cost-Remaining": format_cost(left.cost),
-        }
+        headers = {"X-Task-Id": task_id} | views.budget_headers(admission.remaining)
         shape = Shape(
             chat=chat,
             task_id=task_id,

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from llorch.api.auth import principal
+from llorch.api import views
+from llorch.api.auth import caller
 from llorch.api.runtime import Runtime
-from llorch.sessions import Session
 
 Reply = tuple[Any, int, dict[str, str]]
-
-
-def session_body(session: Session) -> dict[str, Any]:
-    row = session.row
-    return {
-        "session_id": row.session_id,
-        "created_ms": row.created_ms,
-        "ttl_ms": row.ttl_ms,
-        "ttl_ms_remaining": session.ttl_ms_remaining,
-        "turns": row.turns,
-        "max_turns": row.max_turns,
-        "kv_warmth": row.last_replica_id is not None,
-        "last_pool_id": row.last_pool_id,
-        "last_replica_id": row.last_replica_id,
-        "budgets": {
-            "tokens_remaining": session.remaining.tokens,
-            "time_ms_remaining": session.remaining.time_ms,
-            "cost_remaining": session.remaining.cost,
-        },
-    }
 
 
 class SessionHandlers:
@@ -38,23 +19,28 @@ class SessionHandlers:
     async def create_session(self, body: dict[str, Any] | None = None) -> Reply:
         body = body or {}
         budgets = body.get("budgets", {})
-        caller = principal()
-        session = self._rt.scheduler.sessions.create(
+        who = caller()
+        create = functools.partial(
+            self._rt.scheduler.sessions.create,
             ttl_ms=body.get("ttl_ms"),
             max_turns=body.get("max_turns"),
             tokens=budgets.get("tokens"),
             time_ms=budgets.get("time_ms"),
             cost=budgets.get("cost"),
-            owner=caller.owner,
-            cap=caller.budgets,
+            owner=who.owner,
+            cap=who.budgets,
         )
+        session = await self._rt.when_free(create)
         location = {"Location": f"/v1/sessions/{session.row.session_id}"}
-        return session_body(session), 201, location
+        return views.session_body(session), 201, location
 
     async def get_session(self, session_id: str) -> Reply:
-        sessions = self._rt.scheduler.sessions
-        return session_body(sessions.get(session_id, visible_to=principal().visible_owner)), 200, {}
+        session = self._rt.scheduler.sessions.get(session_id, visible_to=caller().visible_to)
+        return views.session_body(session), 200, {}
 
     async def delete_session(self, session_id: str) -> Reply:
-        self._rt.scheduler.sessions.delete(session_id, visible_to=principal().visible_owner)
+        visible_to = caller().visible_to
+        await self._rt.when_free(
+            lambda: self._rt.scheduler.sessions.delete(session_id, visible_to=visible_to)
+        )
         return None, 204, {}

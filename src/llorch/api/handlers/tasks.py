@@ -6,10 +6,10 @@ from typing import Any
 
 from connexion import request
 
-from llorch.api import sse
-from llorch.api.auth import caller, principal
+from llorch.api import sse, views
+from llorch.api.auth import caller
 from llorch.api.middleware import correlation_id
-from llorch.api.runtime import Runtime, format_cost
+from llorch.api.runtime import Runtime
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -19,25 +19,10 @@ class TaskHandlers:
         self._rt = runtime
 
     async def create_task(self, body: dict[str, Any]) -> Reply:
-        admission = self._rt.scheduler.admit(body, correlation_id.get(), caller())
-        left = admission.remaining
-        headers = {
-            "Location": f"/v1/tasks/{admission.task_id}",
-            "X-Budget-Tokens-Remaining": str(left.tokens),
-            "X-Budget-Time-Remaining-Ms": str(left.time_ms),
-            "X-Budget-Cost-Remaining": format_cost(left.cost),
-        }
-        reply = {
-            "task_id": admission.task_id,
-            "session_id": admission.session_id,
-            "state": admission.state,
-            "pool_id": admission.pool_id,
-            "queue_position": admission.queue_position,
-            "predicted_start_ms": admission.predicted_start_ms,
-            "backoff_ms": admission.backoff_ms,
-            "streams": {"sse": f"/v1/tasks/{admission.task_id}/stream"},
-        }
-        return reply, 202, headers
+        admission = await self._rt.scheduler.admit_when_free(body, correlation_id.get(), caller())
+        headers = {"Location": f"/v1/tasks/{admission.task_id}"}
+        headers |= views.budget_headers(admission.remaining)
+        return views.admission_body(admission), 202, headers
 
     async def list_tasks(
         self,
@@ -47,35 +32,29 @@ class TaskHandlers:
         cursor: str | None = None,
     ) -> Reply:
         page = self._rt.scheduler.tasks(
-            session_id=session_id,
-            state=state,
-            limit=limit,
-            cursor=cursor,
-            visible_to=principal().visible_owner,
+            session_id=session_id, state=state, limit=limit, cursor=cursor, caller=caller()
         )
-        return page, 200, {}
+        return views.task_page(page), 200, {}
 
     async def get_task(self, task_id: str) -> Reply:
-        self._rt.check_task_visible(principal(), task_id)
-        return self._rt.scheduler.task(task_id), 200, {}
+        return views.task_view(self._rt.scheduler.task(task_id, caller())), 200, {}
 
     async def cancel_task(self, task_id: str) -> Reply:
-        self._rt.check_task_visible(principal(), task_id)
+        self._rt.scheduler.row(task_id, caller())  # TaskNotFound for another key's task
         self._rt.scheduler.cancel(task_id)
         return None, 204, {}
 
     async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
-        self._rt.check_task_visible(principal(), task_id)
         scheduler = self._rt.scheduler
-        view = scheduler.task(task_id)
-        stream = scheduler.stream(task_id)
+        opened = scheduler.open_stream(task_id, caller())
+        stream = opened.events
         last = request.headers.get("last-event-id")
         after = int(last) if last is not None else None
         if after is not None and stream.closed:
             # A resume at or past an ended task's terminal frame gets that frame again: an empty
             # 200 would make a browser EventSource reconnect for ever. Live tasks are not touched.
             after = min(after, stream.events[-1].seq - 1)
-        headers = self._rt.budget_headers(view["session_id"])
+        headers = views.budget_headers(scheduler.remaining(opened.row.session_id))
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         server = self._rt.settings.server
         return sse.EventStreamResponse(

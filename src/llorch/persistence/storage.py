@@ -1,0 +1,127 @@
+"""What the scheduler, sessions and artifacts need from storage: one typed interface.
+
+:class:`llorch.persistence.db.Database` (SQLite) implements it; a second backend (PostgreSQL, for
+several instances) is another implementation of the same protocol, not a change to its callers.
+Every write is one transaction; a write storage refuses raises :class:`llorch.errors.StorageError`
+and leaves :attr:`Storage.write_failing` true until a write succeeds.
+
+A write never waits for a lock held elsewhere inside the call (the event loop would wait with
+it: every request and stream, ``/livez`` included): it raises :class:`llorch.errors.StorageBusy`
+at once, and :func:`when_free` tries it again between other work (ORCH-STATE-0009).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from llorch.errors import StorageBusy
+from llorch.persistence.db import ArtifactInsert, SessionRow, TaskRow
+
+T = TypeVar("T")
+
+
+class Storage(Protocol):
+    # Whether the most recent write was refused (readiness reports it).
+    write_failing: bool
+    # How long a write may wait, in all, for a write lock held elsewhere (see when_free).
+    busy_budget_s: float
+
+    def probe_write(self) -> bool:
+        """While writes fail, one write that changes nothing; whether storage takes writes."""
+        ...
+
+    def close(self) -> None: ...
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def insert_session(self, row: SessionRow) -> None: ...
+
+    def get_session(self, session_id: str) -> SessionRow | None: ...
+
+    def delete_session(self, session_id: str) -> bool: ...
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
+        """The accepted task and its session's turn (a new session inserted), together."""
+        ...
+
+    def get_task(self, task_id: str) -> TaskRow | None: ...
+
+    def place_task(
+        self, task_id: str, session_id: str, *, pool_id: str, replica_id: str, **task_values: Any
+    ) -> None:
+        """The task's replica (and other changed columns) and its session's placement."""
+        ...
+
+    def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
+        """Running tasks' tokens_out so far, checkpointed at ``now_ms``."""
+        ...
+
+    def finish_task(
+        self,
+        task_id: str,
+        task_values: dict[str, Any],
+        session_id: str,
+        session_values: dict[str, Any],
+        trace: ArtifactInsert | None = None,
+    ) -> None:
+        """The task's final row, its session's charge and its trace's row, together."""
+        ...
+
+    def update_task(self, task_id: str, **values: Any) -> None: ...
+
+    def list_tasks(
+        self,
+        *,
+        session_id: str | None,
+        state: str | None,
+        limit: int,
+        before_seq: int | None,
+        owner: str | None = None,
+    ) -> list[TaskRow]: ...
+
+    def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]: ...
+
+    # -- artifacts --------------------------------------------------------------------------
+
+    def insert_artifact(self, artifact: ArtifactInsert) -> bool:
+        """True when this is its owner's first store of the content."""
+        ...
+
+    def get_artifact(
+        self, artifact_id: str, viewer: str | None = None
+    ) -> dict[str, Any] | None: ...
+
+    def artifact_owned_by(self, artifact_id: str, owner: str) -> bool: ...
+
+    def list_artifacts(
+        self,
+        *,
+        kind: str | None,
+        tag: str | None,
+        task_id: str | None,
+        limit: int,
+        before_seq: int | None,
+        owner: str | None = None,
+        viewer: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+
+async def when_free(storage: Storage, write: Callable[[], T]) -> T:
+    """``write()``; while it finds the write lock held elsewhere, tried again with backoff (2 ms
+    doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile. Only
+    a write without side effects before its transaction commits may be passed."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(StorageBusy),
+        wait=wait_exponential(multiplier=0.002, max=0.1),
+        stop=stop_after_delay(storage.busy_budget_s),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return write()
+    raise AssertionError("unreachable: the retry loop returns or raises")
