@@ -154,7 +154,26 @@ def _soak_bad_requests(task_id: str) -> list[BadRequest]:
             True,
         ),
         ("unknown route", "GET", "/v2/nothing", None, {}, True),
+        # The attacks of issue 15 (docs/reliability.md): each answered 4xx, never 5xx.
+        ("deep json", "POST", "/v1/tasks", b"[" * 100_000 + b"]" * 100_000, {}, True),
+        ("huge integer", "POST", "/v1/tasks", _raw_task(b'"max_tokens": ' + b"9" * 5000), {}, True),
+        ("nan temperature", "POST", "/v1/tasks", _raw_task(b'"temperature": NaN'), {}, True),
+        ("nan budget", "POST", "/v1/sessions", b'{"budgets": {"tokens": NaN}}', {}, True),
+        ("huge header", "GET", "/v1/tasks", None, {"X-Big": "x" * 70_000}, True),
+        (
+            "huge last-event-id",
+            "GET",
+            f"/v1/tasks/{task_id}/stream",
+            None,
+            {"Last-Event-ID": "9" * 20_000},
+            True,
+        ),
     ]
+
+
+def _raw_task(field: bytes) -> bytes:
+    """A task body with one more member written as raw JSON text (json.dumps cannot write it)."""
+    return b'{"model": "mock-small", "prompt": "p", ' + field + b"}"
 
 
 def _soak_worker(client: SoakClient, tally: SoakTally, deadline: float, seed: int) -> None:

@@ -40,9 +40,11 @@ class ServerSettings:
     max_connections: int = 0
     heartbeat_s: float = 15.0
     shutdown_grace_s: float = 10.0
-    # Finished tasks whose full event buffer stays in memory for late attach; older ones replay
-    # only their terminal event, rebuilt from the database.
+    # Finished tasks whose full event buffer stays in memory for late attach, at most this many
+    # and at most this many bytes of them (estimated); older ones are replayed from their trace
+    # artifact, or only their terminal event, rebuilt from the database.
     streams_retained: int = 1000
+    streams_retained_bytes: int = 32 * 1024 * 1024
     metrics_every_tokens: int = 16
     # How often the tokens of running tasks are checkpointed, so a restart charges a task it
     # cut short for what it produced (0: never).
@@ -193,6 +195,8 @@ class QueueSettings:
     # While interactive tasks wait, batch still gets at least this share of the dispatches.
     batch_min_share: float = 0.0
     fairness: FairnessSettings = FairnessSettings()
+    # The longest a task may wait in the queue (None: no limit; a task may ask for less).
+    max_wait_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,13 @@
     ├── BudgetExhausted              BUDGET_EXHAUSTED
     ├── Unavailable
     │   ├── PoolUnready              POOL_UNREADY
+    │   ├── QueueTimeout             QUEUE_TIMEOUT: waited in the queue past its limit
     │   ├── PoolUnavailable          POOL_UNAVAILABLE
     │   └── ShuttingDown             SHUTTING_DOWN
     ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
     ├── ArtifactCorrupt              ARTIFACT_CORRUPT
     ├── StorageError                 INTERNAL
+    │   ├── StorageBusy              INTERNAL: the write lock is held elsewhere (retried first)
     │   └── StorageCorrupt           INTERNAL, not retriable: an empty or corrupt database file
     └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
         ├── EngineUnavailable        ENGINE_ERROR: refused, unreachable, connect timeout
@@ -141,6 +143,10 @@ class PoolUnready(Unavailable):
     code = "POOL_UNREADY"
 
 
+class QueueTimeout(Unavailable):
+    code = "QUEUE_TIMEOUT"
+
+
 class PoolUnavailable(Unavailable):
     code = "POOL_UNAVAILABLE"
 
@@ -154,6 +160,11 @@ class StorageError(LlorchError):
 
     code = "INTERNAL"
     retriable = True
+
+
+class StorageBusy(StorageError):
+    """Another connection holds the database's write lock: the write did not wait for it (the
+    event loop must not), and may be tried again (:func:`llorch.persistence.when_free`)."""
 
 
 class StorageCorrupt(StorageError):

@@ -14,6 +14,7 @@ from llorch.clock import FakeClock
 from tests.conftest import SettingsFactory
 from tests.support import (
     BUSY,
+    MODEL,
     assert_envelope,
     fill_slots,
     in_process,
@@ -445,3 +446,32 @@ async def test_placement_prefers_and_avoids_pools(settings_for: SettingsFactory)
         assert everywhere.status_code == 202
         response = await api.submit(placement={"pin_pool_id": "nope"})
         assert_envelope(response, 400, "INVALID_PARAMS")
+
+
+JSON_OBJECT = {"type": "json_object"}
+MESSAGES = [{"role": "user", "content": "a city as JSON"}]
+
+
+@pytest.mark.req("ORCH-ENG-0009")
+async def test_a_response_format_no_pool_serves_is_refused_and_top_p_is_not(
+    settings_for: SettingsFactory,
+) -> None:
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
+    async with in_process(settings_for({"pools": [pool()]})) as api:
+        post = api.client.post
+        text = await post(
+            "/v1/tasks", json=chat | {"response_format": {"type": "text"}, "top_p": 0.5}
+        )
+        shaped = await post("/v1/tasks", json=chat | {"response_format": JSON_OBJECT})
+        prompt = await api.submit(response_format=JSON_OBJECT)
+        queued = (await api.client.get("/v1/tasks")).json()["items"]
+
+    # The mock engine ignores top_p (ORCH-ENG-0009) and every engine writes text by default.
+    assert text.status_code == 202, text.text
+    body = assert_envelope(shaped, 400, "INVALID_PARAMS")
+    assert body["message"].startswith("'response_format' is not served by the engine")
+    assert "mock" in body["message"]
+    body = assert_envelope(prompt, 400, "INVALID_PARAMS")
+    assert body["message"].startswith("'response_format' is not served for a prompt")
+    # Nothing was admitted for the refused ones.
+    assert [t["task_id"] for t in queued] == [text.json()["task_id"]]

@@ -3,7 +3,9 @@ live uvicorn (disconnects need a real socket)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,12 +15,25 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.support import BUSY, MODEL, live_server, make_settings, pool, wait_until
+from tests.conftest import SettingsFactory
+from tests.engines.scripted import Reply, ScriptedEngine, chunk
+from tests.integration.wire import Wire, config, serve
+from tests.support import (
+    BUSY,
+    MODEL,
+    in_process,
+    live_server,
+    make_settings,
+    pool,
+    wait_until,
+    write_lock_held,
+)
 
 SLOW = "mock-slow"  # 20 tokens/s, never an early stop: a call runs long enough to hang up on
 FULL = "mock-full"  # one busy slot, queue capacity 1, policy reject
 BROKEN = "mock-broken"  # every engine call fails before its first token
 DRAINED = "mock-drained"
+WAITS = "mock-waits"  # one slot, and a queue wait limit of 200 ms
 # Per operation (each pool measures its own speed): instant to admission, then silent after two
 # tokens.
 HUNG = {"chat": "mock-hung-chat", "completion": "mock-hung-completion"}
@@ -41,6 +56,9 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pool(id="full", model=FULL, slots_per_replica=1, mock=BUSY, queue={"capacity": 1}),
             pool(id="broken", model=BROKEN, mock={"failure": {"mode": "before_first_token"}}),
             pool(id="drained", model=DRAINED),
+            pool(
+                id="waits", model=WAITS, slots_per_replica=1, mock=BUSY, queue={"max_wait_ms": 200}
+            ),
             *(
                 pool(
                     id=f"hung-{op}",
@@ -114,7 +132,7 @@ OPS = ["chat", "completion"]
 def test_models_are_listed_and_retrieved(url: str) -> None:
     client = sdk(url)
     listed = [m.id for m in client.models.list()]
-    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED, *HUNG.values()])
+    assert listed == sorted([MODEL, SLOW, FULL, BROKEN, DRAINED, WAITS, *HUNG.values()])
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-9")
@@ -188,14 +206,16 @@ def test_service_tier_and_the_priority_header_map_onto_the_priority(
     assert task["priority"] == "interactive"
 
 
-@pytest.mark.req("ORCH-OAI-0013", "ORCH-OAI-0030")
+@pytest.mark.req("ORCH-OAI-0013", "ORCH-OAI-0014", "ORCH-OAI-0015", "ORCH-OAI-0030")
 @pytest.mark.parametrize(
     ("op", "extra", "param"),
     [
         ("chat", {"n": 2}, "n"),
-        ("chat", {"top_p": 0.5}, "top_p"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        # Refused by admission: no pool serving the model has an engine that serves it.
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"response_format": {"type": "grammar"}}, "response_format"),
         ("completion", {"n": 2}, "n"),
         ("completion", {"logprobs": 1}, "logprobs"),
         ("chat", {"extra_body": {"bogus": 1}}, "bogus"),
@@ -207,8 +227,41 @@ def test_what_the_facade_does_not_serve_is_a_400_naming_it(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         call(sdk(url), op, **extra)
-    assert error_of(refused.value)["param"] == param
+    error = error_of(refused.value)
+    assert error["param"] == param
     assert refused.value.response.headers["x-should-retry"] == "false"
+    if param.startswith("tool"):  # refused on every engine, and the message says why
+        assert "tool call" in error["message"]
+
+
+@pytest.mark.req("ORCH-OAI-0012")
+@pytest.mark.parametrize("op", OPS)
+def test_sampling_fields_map_onto_the_task(url: str, api: httpx.Client, op: str) -> None:
+    # The mock engine ignores top_p; what the task carries is what an HTTP engine is sent
+    # (test_the_facade_passes_top_p_and_response_format_to_an_engine_that_serves_them).
+    client = sdk(url)
+    sampling: dict[str, Any] = {"temperature": 0.5, "top_p": 0.25, "seed": 3, "stop": "zz"}
+    if op == "chat":
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=2, **sampling
+        )
+    else:
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt="Once", max_tokens=2, **sampling
+        )
+    request = _trace(api, raw.headers["x-task-id"])["request"]
+    assert (request["temperature"], request["top_p"], request["seed"]) == (0.5, 0.25, 3)
+    assert request["stop"] == ["zz"]
+
+
+def _trace(api: httpx.Client, task_id: str) -> dict[str, Any]:
+    def stored() -> str | None:
+        trace_id: str | None = api.get(f"/v1/tasks/{task_id}").json()["trace_artifact_id"]
+        return trace_id
+
+    artifact = api.get(f"/v1/artifacts/{wait_until(stored, 'the trace stored')}").json()
+    trace: dict[str, Any] = json.loads(artifact["content"])
+    return trace
 
 
 @pytest.mark.req("ORCH-OAI-0030")
@@ -439,3 +492,128 @@ def test_a_deadline_that_cannot_be_met_is_the_task_apis_400(
     if task_id is not None:
         task = api.get(f"/v1/tasks/{task_id}").json()
         assert (task["state"], task["error"]["code"]) == ("failed", "DEADLINE_UNMET")
+
+
+CITY = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "schema": {"type": "object", "properties": {"name": {"type": "string"}}},
+        "strict": True,
+    },
+}
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-OAI-0012", "ORCH-OAI-0014", "ORCH-ENG-0008", "ORCH-ENG-0009")
+async def test_the_facade_passes_top_p_and_response_format_to_an_engine_that_serves_them(
+    settings_for: SettingsFactory,
+) -> None:
+    # One model on two pools: a mock one (it cannot shape its text) and a scripted vLLM one.
+    deltas = ['{"name"', ': "Paris"}']
+    parts = [
+        *(
+            chunk({"choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]})
+            for d in deltas
+        ),
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        chunk({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}),
+        "data: [DONE]\n\n",
+    ]
+    http_pool = {
+        "id": "vllm",
+        "engine": "vllm",
+        "model": MODEL,
+        "endpoints": [],
+        "health_interval_ms": 50,
+        "timeouts": {"connect_ms": 300},
+    }
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "top_p": 0.5}
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake:
+        http_pool["endpoints"] = [fake.url]
+        async with serve(settings_for(config(pool(id="mock"), http_pool))) as wire:
+            await wait_ready(wire, "vllm")
+            shaped = await wire.client.post(
+                "/v1/chat/completions", json=body | {"response_format": CITY}
+            )
+            plain = await wire.client.post("/v1/chat/completions", json=body)
+            pinned = await wire.client.post(
+                "/v1/tasks",
+                json=body | {"response_format": CITY, "placement": {"pin_pool_id": "mock"}},
+            )
+            task = (await wire.client.get(f"/v1/tasks/{shaped.headers['x-task-id']}")).json()
+            capabilities = (await wire.client.get("/v1/capabilities")).json()
+
+    assert shaped.status_code == 200, shaped.text
+    assert shaped.json()["choices"][0]["message"]["content"] == '{"name": "Paris"}'
+    assert task["pool_id"] == "vllm"  # placed where the engine serves it, never on the mock
+    features = {p["pool_id"]: p["features"] for p in capabilities["pools"]}
+    assert features == {"mock": [], "vllm": ["response_format"]}
+    sent = [p.body for p in fake.posts()]
+    assert sent[0]["response_format"] == CITY and sent[0]["top_p"] == 0.5
+    # Without one, the task may go to either pool; what reached the engine carried no format.
+    assert plain.status_code == 200, plain.text
+    assert all("response_format" not in b for b in sent[1:])
+    assert pinned.status_code == 400, pinned.text
+    assert pinned.json()["message"].startswith("'response_format' is not served")
+
+
+async def wait_ready(wire: Wire, pool_id: str) -> None:
+    # The scripted engine runs on this loop, which the server's start-up blocks.
+    async with asyncio.timeout(20):
+        while True:
+            if (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:
+                return
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.req("ORCH-DATA-0019", "ORCH-OAI-0030")
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing(
+    settings_for: SettingsFactory, path: str
+) -> None:
+    settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
+    body = {"model": MODEL, "max_tokens": 2} | (
+        {"messages": HELLO} if "chat" in path else {"prompt": "Once"}
+    )
+    headers = {"X-Task-Id": "t-during-lock"}
+    async with in_process(settings) as api:
+        # Another process holds the database's write lock past the busy timeout.
+        with write_lock_held(settings.database_path):
+            failed = await api.client.post(path, json=body, headers=headers)
+        missing = await api.client.get("/v1/tasks/t-during-lock")
+        again = await api.client.post(path, json=body, headers=headers)
+
+    assert failed.status_code == 500, failed.text
+    assert failed.json() == {
+        "error": {
+            "message": "internal error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal",
+        }
+    }
+    assert failed.headers["x-should-retry"] == "true"
+    assert missing.status_code == 404
+    assert again.status_code == 200, again.text
+
+
+@pytest.mark.req("ORCH-DATA-0097", "ORCH-OAI-0030")
+@pytest.mark.parametrize("op", ["chat", "completion"])
+def test_a_call_that_waits_past_the_pools_wait_limit_is_503_queue_timeout(
+    url: str, api: httpx.Client, op: str
+) -> None:
+    filler = api.post("/v1/tasks", json={"model": WAITS, "prompt": "p", "max_tokens": 1}).json()
+    wait_until(lambda: api.get(f"/v1/tasks/{filler['task_id']}").json()["state"] == "running")
+    seen = Seen()
+    try:
+        with pytest.raises(openai.InternalServerError) as waited:
+            call(sdk(url, seen=seen), op, model=WAITS, max_tokens=4)
+    finally:
+        api.post(f"/v1/tasks/{filler['task_id']}/cancel")
+    assert seen.statuses == [503]
+    assert error_of(waited.value)["code"] == "queue_timeout"
+    headers = waited.value.response.headers
+    assert headers["x-should-retry"] == "true" and int(headers["retry-after"]) >= 1
+    task = api.get(f"/v1/tasks/{headers['x-task-id']}").json()
+    assert (task["state"], task["error"]["code"]) == ("failed", "QUEUE_TIMEOUT")

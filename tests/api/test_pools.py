@@ -165,6 +165,7 @@ async def test_capabilities_are_computed_from_the_live_pools(
         [caps] = before["pools"]
         assert (caps["slots_total"], caps["slots_free"]) == (2, 2)
         assert caps["queue_policy"] == "drop-lru" and caps["ready"] is True
+        assert caps["features"] == []  # the mock engine cannot shape its text
         assert before["pricing"]["models"]["mock-small"] == {
             "input_per_1k": 1.0,
             "output_per_1k": 2.0,

@@ -88,3 +88,33 @@ async def test_a_task_row_that_cannot_be_restored_is_ended_and_start_up_goes_on(
         assert ended["state"] == "failed" and ended["error"]["code"] == "WORKER_RESET"
         assert [e.event for e in await api.events(broken)] == ["error"]
         assert (await api.wait_state(kept, "succeeded"))["usage"]["tokens_out"] == 3
+
+
+@pytest.mark.req("ORCH-STATE-0009")
+async def test_a_write_waiting_for_the_lock_stalls_no_other_request_or_stream(
+    settings_for: SettingsFactory,
+) -> None:
+    settings = settings_for(
+        {
+            "server": {"storage_busy_timeout_ms": 10_000},
+            "pools": [pool(mock={"ttft_ms": 0, "tokens_per_s": 100, "eos": False})],
+        }
+    )
+    async with in_process(settings) as api:
+        streaming = (await api.submit(max_tokens=400)).json()["task_id"]
+        await api.wait_state(streaming, "running")
+        events = api.runtime.scheduler.registry.stream(streaming)
+        assert events is not None
+        # Another process holds the write lock: a submission waits for it...
+        with write_lock_held(settings.database_path):
+            waiting = asyncio.ensure_future(api.submit(max_tokens=1))
+            seen = events.next_seq
+            await asyncio.sleep(0.3)
+            # ...while liveness, reads and the running task's stream go on.
+            assert (await api.client.get("/livez")).status_code == 200
+            assert (await api.client.get(f"/v1/tasks/{streaming}")).status_code == 200
+            assert events.next_seq > seen
+            assert not waiting.done()
+        accepted = await waiting  # the lock released: the same submission is admitted
+        assert accepted.status_code == 202, accepted.text
+        await api.client.post(f"/v1/tasks/{streaming}/cancel")

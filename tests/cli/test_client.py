@@ -41,7 +41,12 @@ def test_every_operation_returns_typed_results(server: str) -> None:
     with Client.from_url(server) as client:
         session = client.create_session(tokens=1000)
         accepted = client.create_task(
-            model=MODEL, prompt="hello there", max_tokens=5, session_id=session.session_id, seed=3
+            model=MODEL,
+            prompt="hello there",
+            max_tokens=5,
+            session_id=session.session_id,
+            seed=3,
+            top_p=0.9,
         )
         assert accepted.session_id == session.session_id
         assert accepted.budgets is not None and accepted.budgets.tokens <= 1000

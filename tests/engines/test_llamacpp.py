@@ -427,3 +427,25 @@ async def test_two_sessions_with_one_long_system_prompt_reuse_one_replicas_cache
     assert second["tokens_cached"] >= 0.9 * second["tokens_in"], (first, second)
     assert warm_metrics["llamacpp:prompt_tokens_cached_total"] == second["tokens_cached"]
     assert cold_metrics.get("llamacpp:prompt_tokens_total", 0) == 0
+
+
+@pytest.mark.req("ORCH-ENG-0008", "ORCH-OAI-0014")
+async def test_a_response_format_reaches_llama_cpp_through_the_openai_door(
+    tiny_model: Path, settings_for: SettingsFactory
+) -> None:
+    # llama.cpp turns json_object into a grammar: even the random model's text starts an object.
+    shape = {"response_format": {"type": "json_object"}}
+    body = {"messages": MESSAGES, "max_tokens": 8}
+    with LlamaServer(tiny_model) as llama:
+        expected = await direct(llama.url, "/v1/chat/completions", body | shape)
+        unshaped = await direct(llama.url, "/v1/chat/completions", body)
+        async with serve(settings_for(config(llama_pool(llama.url)))) as wire:
+            answer = await wire.client.post(
+                "/v1/chat/completions", json={"model": "tiny", "temperature": 0, **body, **shape}
+            )
+
+    assert answer.status_code == 200, answer.text
+    content = answer.json()["choices"][0]["message"]["content"]
+    assert content == expected["choices"][0]["message"]["content"]
+    assert content.lstrip().startswith("{")
+    assert not unshaped["choices"][0]["message"]["content"].lstrip().startswith("{")

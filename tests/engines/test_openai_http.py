@@ -61,7 +61,7 @@ async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Toke
 async def test_a_completion_streams_with_the_engine_usage_and_the_request_fields() -> None:
     script = [Reply((*completion_chunks(["a", "b", "c"], usage=(7, 3)), DONE))]
     async with ScriptedEngine(script) as fake, adapter(fake.url, api_key="s3cret") as engine:
-        chunks = await collect(engine, request(seed=5, temperature=0.0, stop=("x",)))
+        chunks = await collect(engine, request(seed=5, temperature=0.0, top_p=0.9, stop=("x",)))
 
     assert chunks == [Token("a"), Token("b"), Token("c"), Finish("length", 7, 3)]
     (post,) = fake.posts()
@@ -71,7 +71,9 @@ async def test_a_completion_streams_with_the_engine_usage_and_the_request_fields
     assert post.body["stream"] is True
     assert post.body["stream_options"] == {"include_usage": True}
     assert (post.body["max_tokens"], post.body["seed"], post.body["temperature"]) == (3, 5, 0.0)
+    assert post.body["top_p"] == 0.9
     assert post.body["stop"] == ["x"]
+    assert "response_format" not in post.body
     assert post.headers["x-correlation-id"] == "corr-1"
     assert post.headers["authorization"] == "Bearer s3cret"
 
@@ -94,6 +96,37 @@ async def test_chat_deltas_with_usage_in_a_last_chunk_without_choices() -> None:
     (post,) = fake.posts()
     assert post.path == "/v1/chat/completions"
     assert post.body["messages"] == [{"role": "user", "content": "hello"}]
+    assert "top_p" not in post.body
+
+
+SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True},
+}
+
+
+@pytest.mark.req("ORCH-ENG-0008", "ORCH-ENG-0009")
+@pytest.mark.parametrize(("kind", "serves"), [("vllm", True), ("llamacpp", True), ("tgi", False)])
+async def test_a_response_format_is_sent_unchanged_and_engines_say_whether_they_serve_it(
+    kind: str, serves: bool
+) -> None:
+    parts = [
+        chunk({"choices": [{"index": 0, "delta": {"content": "{}"}, "finish_reason": "stop"}]}),
+        DONE,
+    ]
+    messages = (ChatMessage("user", "a city as JSON"),)
+    async with (
+        ScriptedEngine([Reply(tuple(parts))]) as fake,
+        adapter(fake.url, kind=kind) as engine,
+    ):
+        assert ("response_format" in engine.features) == serves
+        chunks = await collect(
+            engine, request(prompt=None, messages=messages, response_format=SCHEMA)
+        )
+
+    assert chunks[0] == Token("{}")
+    (post,) = fake.posts()
+    assert post.body["response_format"] == SCHEMA
 
 
 @pytest.mark.req("ORCH-ENG-0002", "ORCH-ENG-0003")

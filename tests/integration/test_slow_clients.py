@@ -66,14 +66,22 @@ async def serve_small_buffers(settings: Settings) -> AsyncIterator[Wire]:
 def stalled_reader(base_url: str, task_id: str) -> socket.socket:
     """A raw connection that asks for the stream and then reads nothing: a tiny receive window,
     so the server's writes block as soon as the kernel buffers are full."""
+    return stalled(base_url, f"GET /v1/tasks/{task_id}/stream", {"Accept": "text/event-stream"})
+
+
+def stalled(
+    base_url: str, request_line: str, headers: dict[str, str], body: bytes = b""
+) -> socket.socket:
+    """A raw connection that sends one request and then reads nothing (see stalled_reader)."""
     url = urlsplit(base_url)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     sock.connect((url.hostname or "127.0.0.1", url.port or 80))
-    sock.sendall(
-        f"GET /v1/tasks/{task_id}/stream HTTP/1.1\r\nHost: {url.netloc}\r\n"
-        "Accept: text/event-stream\r\n\r\n".encode()
-    )
+    lines = [f"{request_line} HTTP/1.1", f"Host: {url.netloc}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
     return sock
 
 
@@ -129,6 +137,54 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_task_completes(
     assert transcript[-1]["event"] == "end"
     assert kinds(replay).count("token") == TOKENS
     assert kinds(replay)[-1] == "end"
+
+
+@pytest.mark.req("ORCH-OAI-0023", "ORCH-REL-0001")
+@pytest.mark.parametrize(
+    ("max_lag", "write_timeout_s"), [(MAX_LAG, 60), (10_000_000, 0.5)], ids=["lag", "write-timeout"]
+)
+async def test_an_openai_client_that_stops_reading_is_dropped_and_its_task_completes(
+    settings_for: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    max_lag: int,
+    write_timeout_s: float,
+) -> None:
+    fast = pool(
+        max_tokens_out=TOKENS,
+        max_context=TOKENS + 1000,
+        mock={"ttft_ms": 1, "tokens_per_s": 3000, "eos": False},
+    )
+    server = {"stream_max_lag_events": max_lag, "stream_write_timeout_s": write_timeout_s}
+    settings = settings_for(config(fast, **server))
+    chat = {"model": fast["model"], "messages": [{"role": "user", "content": "Hello"}]}
+    body = json.dumps(chat | {"max_tokens": TOKENS, "stream": True}).encode()
+    head = {"Content-Type": "application/json", "X-Task-Id": "t-oai-stalled"}
+    with caplog.at_level(logging.WARNING, logger="llorch.streams"):
+        async with serve_small_buffers(settings) as wire:
+            sock = stalled(str(wire.client.base_url), "POST /v1/chat/completions", head, body)
+            try:
+                # Dropped for falling behind is not hanging up: the task is not canceled.
+                task = await wire.wait_state(
+                    "t-oai-stalled", "succeeded", "failed", "canceled", timeout_s=30
+                )
+                received = await asyncio.to_thread(read_to_eof, sock)
+            finally:
+                sock.close()
+            metrics = (await wire.client.get("/metrics")).text
+
+    assert task["state"] == "succeeded"
+    assert task["usage"]["tokens_out"] == TOKENS
+    head_bytes, _, chunks = received.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" not in chunks and b'"finish_reason":"length"' not in chunks
+    assert chunks.count(b"data: {") < TOKENS
+    assert any(
+        r.getMessage().startswith("slow SSE client disconnected")
+        and getattr(r, "task_id", None) == "t-oai-stalled"
+        and getattr(r, "framing", None) == "openai"
+        for r in caplog.records
+    )
+    assert "llorch_sse_clients_dropped_total 1.0" in metrics
 
 
 SLOW = {"ttft_ms": 1, "tokens_per_s": 20}

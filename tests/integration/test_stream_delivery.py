@@ -91,8 +91,9 @@ async def test_resuming_a_task_whose_events_left_memory_still_reaches_its_termin
     settings_for: SettingsFactory,
 ) -> None:
     # streams_retained 0: an ended task's events are not kept in memory; its stream is rebuilt
-    # from the database. Whatever is replayed, the terminal frame keeps its sequence number
-    # (6: started, 5 tokens, end), so a client resuming after an earlier id still gets it.
+    # from its trace (or the database). Whatever is replayed, the terminal frame keeps its
+    # sequence number (6: started, 5 tokens, end), so a client resuming after an earlier id
+    # still gets it.
     async with serve(settings_for(config(pool(), streams_retained=0))) as wire:
         task_id = await wire.submit(max_tokens=5)
         task = await wire.wait_state(task_id, "succeeded")
@@ -156,3 +157,41 @@ async def test_an_idle_stream_gets_comment_heartbeats(settings_for: SettingsFact
     # room for the delivery latency of `started` itself).
     heartbeats = [f for f in frames if f.comment is not None]
     assert heartbeats[0].at - frames[0].at >= heartbeat_s / 2
+
+
+@pytest.mark.req("ORCH-DATA-0096", "ORCH-DATA-0051", "ORCH-DATA-0059")
+async def test_a_stream_evicted_from_memory_is_replayed_whole_from_the_tasks_trace(
+    settings_for: SettingsFactory,
+) -> None:
+    # A byte budget that holds no stream: every ended task is replayed from its trace artifact.
+    slow = pool(mock={"ttft_ms": 1, "tokens_per_s": 40})
+    settings = settings_for(config(slow, streams_retained_bytes=0, metrics_every_tokens=2))
+    async with serve(settings) as wire:
+        task_id = await wire.submit(max_tokens=6)
+        live = await wire.read_all(task_id)  # attached while it runs: the stream in memory
+        await wire.wait_state(task_id, "succeeded")
+        replayed = await wire.read_all(task_id)
+        resumed = await wire.read_all(task_id, {"Last-Event-ID": "2"})
+
+    assert kinds(live)[0] == "started" and "metrics" in kinds(live)
+    assert_sequenced(replayed)
+    # Every frame again, under its own id and with its own data, not only the terminal one.
+    assert comparable(replayed) == comparable(live)
+    assert comparable(resumed) == comparable(live)[3:]
+
+
+@pytest.mark.req("ORCH-DATA-0096", "ORCH-DATA-0051")
+async def test_without_a_readable_trace_only_the_terminal_frame_is_replayed(
+    settings_for: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(config(pool(), streams_retained=0))
+    async with serve(settings) as wire:
+        task_id = await wire.submit(max_tokens=5)
+        task = await wire.wait_state(task_id, "succeeded")
+        digest = task["trace_artifact_id"].removeprefix("sha256:")
+        (settings.artifacts_dir / digest[:2] / digest).write_text("not the trace")
+        frames = await wire.read_all(task_id)
+
+    assert [(f.id, f.event) for f in events(frames)] == [(6, "end")]
+    assert events(frames)[0].payload["tokens_out"] == 5
+    assert any("cannot replay its stream from trace" in r.getMessage() for r in caplog.records)

@@ -178,6 +178,13 @@ async def _task_failed(s: ProviderStates, p: Params) -> dict[str, Any]:
     return {}
 
 
+async def _task_waited(s: ProviderStates, p: Params) -> dict[str, Any]:
+    """Pool waits' one slot busy: the task waits in its queue past the pool's wait limit."""
+    await s.fill("waits", "mock-waits", 1)
+    await s.finished_task(str(p.get("task_id", "t-waited")), "mock-waits")
+    return {}
+
+
 async def _session_exists(s: ProviderStates, p: Params) -> dict[str, Any]:
     tokens = p.get("tokens")
     session = s.rt.scheduler.sessions.create(
@@ -320,6 +327,7 @@ STATES: dict[str, Setup] = {
     "the server is running": _nothing,
     "task t-finished has finished": _task_finished,
     "task t-failed failed mid-stream on pool broken": _task_failed,
+    "task t-waited waited past the wait limit of pool waits": _task_waited,
     "session S exists": _session_exists,
     "session S has no tokens left": _session_exists,
     "artifact A exists": _artifact_exists,

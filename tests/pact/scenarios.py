@@ -22,6 +22,7 @@ _SCOPE_KEY = {"getMetrics": DATA_ONLY_KEY, "getCapabilities": NO_SCOPE_KEY}
 RUNNING = "the server is running"
 FINISHED = "task t-finished has finished"
 FAILED = "task t-failed failed mid-stream on pool broken"
+WAITED = "task t-waited waited past the wait limit of pool waits"
 SESSION = "session S exists"
 NO_TOKENS = "session S has no tokens left"
 ARTIFACT = "artifact A exists"
@@ -56,6 +57,15 @@ FAILED_SSE = (
     _STARTED
     + f"({_EVENT})*"
     + r'id: [0-9]+\nevent: error\ndata: \{[^\n]*"code":"WORKER_RESET"[^\n]*\}\n\n\z'
+)
+# A task that never left its queue: its one frame is the terminal error.
+WAITED_SSE = (
+    r"\A(: heartbeat\n\n)*id: 0\nevent: error\n"
+    r'data: \{[^\n]*"code":"QUEUE_TIMEOUT"[^\n]*"retriable":true[^\n]*\}\n\n\z'
+)
+WAITED_EXAMPLE = (
+    'id: 0\nevent: error\ndata: {"code":"QUEUE_TIMEOUT","message":"waited 201 ms in the queue '
+    'of pool waits, past its wait limit","retriable":true,"retry_after_ms":1000}\n\n'
 )
 FINISHED_EXAMPLE = (
     "id: 0\nevent: started\n"
@@ -142,6 +152,7 @@ class Scenario:
     path_from_state: str | None = None  # e.g. "/v1/sessions/${session_id}"
     body_from_state: dict[str, str] = field(default_factory=dict)
     stream: bool = False
+    started: bool = True  # a stream: the task reached an engine (a started frame)
 
     @property
     def description(self) -> str:
@@ -297,6 +308,17 @@ def _specific() -> list[Scenario]:
             content_type="text/event-stream",
             stream=True,
         ),
+        Scenario(
+            stream_op("t-waited"),
+            200,
+            WAITED,
+            body=WAITED_EXAMPLE,
+            body_regex=WAITED_SSE,
+            headers=BUDGET_HEADERS,
+            content_type="text/event-stream",
+            stream=True,
+            started=False,
+        ),
         Scenario(stream_op("t-nope"), 404, RUNNING, "TASK_NOT_FOUND"),
         Scenario(SAMPLES["cancelTask"], 204, FINISHED),
         Scenario(ops.cancel_task("t-nope"), 404, RUNNING, "TASK_NOT_FOUND"),
@@ -417,6 +439,7 @@ _FACADE_TESTS = {
     413: "test_too_large_and_non_json_bodies_are_openai_errors",
     415: "test_too_large_and_non_json_bodies_are_openai_errors",
     429: "test_a_spent_budget_is_429_and_not_retried, test_a_full_queue_is_429_with_retry_advice",
+    500: "test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing",
     502: "test_a_drained_pool_is_503_and_an_engine_failure_502",
     503: "test_a_drained_pool_is_503_and_an_engine_failure_502",
 }

@@ -92,6 +92,10 @@ def _wrap_async(send: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Parse the documents now, not inside the session's first response: that parse (a few
+    # hundred ms of pure-Python YAML, holding the GIL a live server's thread needs) delayed the
+    # first test's next request past the end of a short task.
+    _operations()
     httpx.Client.send = _wrap_sync(httpx.Client.send)  # type: ignore[method-assign]
     httpx.AsyncClient.send = _wrap_async(httpx.AsyncClient.send)  # type: ignore[method-assign]
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import pytest
 
@@ -141,3 +142,26 @@ async def test_a_subscriber_waiting_for_a_future_id_is_woken_when_it_arrives() -
     seen = await reader
 
     assert [(e.seq, e.kind) for e in seen] == [(1, "token"), (2, "error")]
+
+
+@pytest.mark.req("ORCH-DATA-0059")
+async def test_a_streams_byte_estimate_follows_the_memory_its_events_hold() -> None:
+    # The registry's byte budget is only as good as this estimate: check it against what the
+    # allocator really holds for a long task (tokens with a metrics event every 16).
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        stream = EventStream()
+        stream.publish("started", {"task_id": "t-1", "pool_id": "default", "kv_warmth": False})
+        for i in range(4000):
+            stream.publish("token", {"t": f" w{i % 97}", "i": i})
+            if i % 16 == 15:
+                budgets = {"tokens_remaining": 10**6 - i, "time_ms_remaining": 9 * 10**5 + i}
+                metrics = {"tokens_out": i, "tokens_per_s": i / 7, "budgets": budgets}
+                stream.publish("metrics", metrics)
+        stream.publish("end", {"tokens_out": 4000, "finish_reason": "length"})
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert held / 2 <= stream.approx_bytes <= held * 2, (held, stream.approx_bytes)

@@ -79,7 +79,7 @@ def test_a_task_ends_once(terminal: str) -> None:
 
 @pytest.mark.req("ORCH-DATA-0053")
 def test_the_registry_keeps_the_streams_of_recently_ended_tasks() -> None:
-    registry = Registry([], streams_retained=2)
+    registry = Registry([], streams_retained=2, streams_retained_bytes=2**30)
     records = [task_record(f"t-{i}") for i in range(3)]
     for record in records:
         registry.add(record)
@@ -97,10 +97,48 @@ def test_the_registry_keeps_the_streams_of_recently_ended_tasks() -> None:
 
 
 def test_a_registry_retaining_no_streams_forgets_ended_tasks() -> None:
-    registry = Registry([], streams_retained=0)
+    registry = Registry([], streams_retained=0, streams_retained_bytes=2**30)
     record = task_record("t-1")
     registry.add(record)
 
     registry.retire(record)
 
     assert registry.stream("t-1") is None
+
+
+@pytest.mark.req("ORCH-DATA-0059")
+def test_the_registry_keeps_ended_streams_within_its_byte_budget_oldest_first() -> None:
+    records = [task_record(f"t-{i}") for i in range(4)]
+    for record in records:
+        for i in range(10):
+            record.events.publish("token", {"t": "w", "i": i})
+    size = records[0].events.approx_bytes
+    registry = Registry([], streams_retained=100, streams_retained_bytes=2 * size)
+
+    for record in records:
+        registry.add(record)
+        registry.retire(record)
+
+    assert [registry.stream(r.task_id) is not None for r in records] == [False, False, True, True]
+    assert registry.retained == 2
+    assert registry.retained_bytes == 2 * size
+
+
+@pytest.mark.req("ORCH-DATA-0059")
+def test_a_stream_larger_than_the_whole_byte_budget_is_not_kept() -> None:
+    small, large = task_record("t-small"), task_record("t-large")
+    small.events.publish("token", {"t": "w", "i": 0})
+    for i in range(100):
+        large.events.publish("token", {"t": "w", "i": i})
+    registry = Registry(
+        [], streams_retained=100, streams_retained_bytes=small.events.approx_bytes * 10
+    )
+
+    for record in (small, large):
+        registry.add(record)
+        registry.retire(record)
+
+    # The large stream would have pushed the small one out and still not fit: it alone goes.
+    assert registry.stream("t-large") is None
+    assert registry.stream("t-small") is small.events
+    assert registry.retained_bytes == small.events.approx_bytes

@@ -99,10 +99,12 @@ def create_app(
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         metrics=runtime.metrics,
         max_body_bytes=settings.server.max_body_bytes,
-        # An artifact's JSON body may escape its content to several times its size; the store
-        # itself refuses content above artifacts.max_bytes.
-        limits={
-            "/v1/artifacts": max(settings.server.max_body_bytes, 6 * settings.artifacts.max_bytes)
+        # An artifact's JSON body may escape its content to six times its size (\u0001), plus
+        # the rest of the request; but a body that cannot decode to content within
+        # artifacts.max_bytes (and the rest) is refused as it streams in, never parsed.
+        limits={"/v1/artifacts": 6 * settings.artifacts.max_bytes + settings.server.max_body_bytes},
+        decoded_limits={
+            "/v1/artifacts": settings.artifacts.max_bytes + settings.server.max_body_bytes
         },
     )
     # Inserted after EdgeMiddleware at the same position: it sits between it and the exception

@@ -53,7 +53,10 @@ class EdgeMiddleware:
     - every answered request is counted by operationId (``none`` when no operation matched)
       and status, and logged;
     - a body above ``max_body_bytes`` (or its path's own limit) is refused with a 413, by its
-      Content-Length before it is read, or while it streams in.
+      Content-Length before it is read, or while it streams in; a path in ``decoded_limits``
+      (``/v1/artifacts``) is also refused as soon as the fewest bytes its JSON can decode to
+      (:func:`fewest_decoded_bytes`) pass that limit: a body of plain text after that many
+      bytes, long before the raw limit its escaped content may need.
 
     One layer rather than three: a layer costs every request a call and every message it
     sends (each SSE frame) a wrapper.
@@ -65,11 +68,13 @@ class EdgeMiddleware:
         metrics: Metrics,
         max_body_bytes: int,
         limits: dict[str, int] | None = None,
+        decoded_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.limits = limits or {}  # exact path -> its own limit
+        self.decoded_limits = decoded_limits or {}  # exact path -> limit on the decoded body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,13 +82,7 @@ class EdgeMiddleware:
             return
         started = time.monotonic()
         cid = _chosen_id(scope)
-        limit = self.limits.get(scope["path"], self.max_body_bytes)
-        too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            receive = _raising_receive(too_large)
-        else:
-            receive = _counting_receive(receive, limit, too_large)
+        receive = self._limited(scope, receive)
         status = 500
         # Connexion routes a shallow copy of the scope: this dict is shared with it, and
         # OperationMiddleware, inside the routing, writes the operation into it.
@@ -119,6 +118,19 @@ class EdgeMiddleware:
             )
             correlation_id.reset(token)
 
+    def _limited(self, scope: Scope, receive: Receive) -> Receive:
+        """``receive`` that raises the 413 once the body passes its path's limits."""
+        limit = self.limits.get(scope["path"], self.max_body_bytes)
+        too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _raising_receive(too_large)
+        decoded = self.decoded_limits.get(scope["path"])
+        if decoded is None:
+            return _counting_receive(receive, limit, too_large)
+        decoded_too_large = PayloadTooLarge(f"request body larger than {decoded} bytes decoded")
+        return _counting_receive(receive, limit, too_large, decoded, decoded_too_large)
+
 
 def _raising_receive(error: Exception) -> Receive:
     async def receive() -> Message:
@@ -127,19 +139,47 @@ def _raising_receive(error: Exception) -> Receive:
     return receive
 
 
-def _counting_receive(inner: Receive, limit: int, error: Exception) -> Receive:
-    seen = 0
+def _counting_receive(
+    inner: Receive,
+    limit: int,
+    error: Exception,
+    decoded_limit: int | None = None,
+    decoded_error: Exception | None = None,
+) -> Receive:
+    seen = decoded = 0
+    last = b""  # the previous part's last byte: a "\\u" may straddle two parts
 
     async def receive() -> Message:
-        nonlocal seen
+        nonlocal seen, decoded, last
         message = await inner()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
+            body = message.get("body", b"")
+            seen += len(body)
             if seen > limit:
                 raise error
+            if decoded_limit is not None and body:
+                decoded += fewest_decoded_bytes(body, last)
+                last = body[-1:]
+                # No escape is longer than six bytes for each byte it stands for.
+                if max(decoded, seen // 6) > decoded_limit:
+                    raise decoded_error or error
         return message
 
     return receive
+
+
+def fewest_decoded_bytes(part: bytes, before: bytes = b"") -> int:
+    """What a part of a JSON text adds to the fewest bytes the whole can stand for once its
+    string escapes are decoded, counted without parsing (three scans of the bytes).
+
+    Every byte counts one, but a backslash may start an escape (``\\n``: two bytes for one) and
+    ``\\u`` one of six bytes for one (``\\u0001``); an escaped backslash is counted as if it
+    saved more, so the sum over the parts errs low, never high, however the text is split.
+    ``before`` is the previous part's last byte (a ``\\u`` may straddle two parts, and then
+    this part's share is negative).
+    """
+    unicode_escapes = (before[-1:] + part).count(b"\\u")
+    return len(part) - part.count(b"\\") - 4 * unicode_escapes
 
 
 class ChunkedBodyMiddleware:

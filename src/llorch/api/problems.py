@@ -49,6 +49,7 @@ STATUS: dict[str, int] = {
     "WORKER_RESET": 502,
     "DECODE_TIMEOUT": 504,
     "POOL_UNREADY": 503,
+    "QUEUE_TIMEOUT": 503,
     "POOL_UNAVAILABLE": 503,
     "SHUTTING_DOWN": 503,
     "NOT_READY": 503,

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from llorch.api.auth import AuthKeys, operation_scopes
-from llorch.api.sse import WriteWatch
+from llorch.api.sse import SlowClientGuard, WriteWatch
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
 from llorch.metrics import Metrics
-from llorch.persistence import Storage, open_storage
+from llorch.persistence import Storage, open_storage, when_free
 from llorch.scheduler import Scheduler
+from llorch.scheduler.events import EventStream
 from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch")
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +45,21 @@ class Runtime:
         scopes = operation_scopes((openapi("data"), openapi("control")))
         self.auth = AuthKeys(self.settings.auth.keys, self.clock, scopes)
 
+    def slow_client_guard(
+        self, stream: EventStream, task_id: str, framing: str = "sse"
+    ) -> SlowClientGuard:
+        """The slow-client rules of ``server`` for one response streaming ``task_id``."""
+        server = self.settings.server
+        return SlowClientGuard(
+            stream,
+            task_id=task_id,
+            max_lag_events=server.stream_max_lag_events,
+            write_timeout_s=server.stream_write_timeout_s,
+            metrics=self.metrics,
+            watch=self.sse_watch,
+            framing=framing,
+        )
+
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
@@ -50,6 +71,12 @@ class Runtime:
         if self._artifacts is None:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
+
+    async def when_free(self, write: Callable[[], T]) -> T:
+        """``write()``, tried again while the database's write lock is held elsewhere."""
+        if self._db is None:
+            raise RuntimeError("the runtime is not started")
+        return await when_free(self._db, write)
 
     def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""

@@ -4,15 +4,17 @@ The task's events live once, in its :class:`EventStream`; a subscriber only hold
 What one client can make the server hold is therefore the transport's buffer, which uvicorn
 bounds by pausing writes. A client that stops reading leaves its write blocked: when the task
 publishes more than ``max_lag_events`` events meanwhile, or the write stays blocked for
-``write_timeout_s``, the client is disconnected (logged and counted) and the task runs on. One
-:class:`WriteWatch` task checks every open response's write; a write costs its pump two
-attribute stores.
+``write_timeout_s``, the client is disconnected (logged and counted) and the task runs on. The
+rules live in one :class:`SlowClientGuard` per open response, so the OpenAI facade's chunk stream
+keeps them too; one :class:`WriteWatch` task checks every open response's write, and a write
+costs its pump a clock read and two attribute stores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 
 import orjson
@@ -56,8 +58,88 @@ class SlowClient(Exception):
     """The client fell too far behind its stream."""
 
 
+class SlowClientGuard:
+    """The slow-client rules for one open response of one task's stream, whatever its framing
+    (the task API's SSE, the OpenAI facade's chunks).
+
+    The response writes every body message through :meth:`send`; :meth:`start` registers the
+    pump that writes with the :class:`WriteWatch`, which calls :meth:`check` and cancels the
+    pump when the client falls behind. The response then sees :attr:`slow` set, calls
+    :meth:`report` and returns without its last body message, so the server closes the
+    connection; the task is not touched.
+    """
+
+    def __init__(
+        self,
+        stream: EventStream,
+        *,
+        task_id: str,
+        max_lag_events: int,
+        write_timeout_s: float,
+        metrics: Metrics,
+        watch: WriteWatch,
+        framing: str = "sse",
+    ) -> None:
+        self._stream = stream
+        self._task_id = task_id
+        self._max_lag = max_lag_events
+        self._write_timeout_s = write_timeout_s
+        self._metrics = metrics
+        self._watch = watch
+        self._framing = framing
+        self._writing_since: float | None = None
+        self._stuck_at = 0
+        self._pump: asyncio.Future[None] | None = None
+        # The WriteWatch's clock: the running loop's, taken in start().
+        self._now: Callable[[], float] = time.monotonic
+        self.slow: SlowClient | None = None
+
+    def start(self, pump: asyncio.Future[None]) -> None:
+        self._pump = pump
+        self._now = asyncio.get_running_loop().time
+        self._watch.add(self)
+
+    def stop(self) -> None:
+        self._watch.discard(self)
+
+    async def send(self, send: Send, body: bytes) -> None:
+        # What the check reads: when the write began, and how far the stream was then.
+        self._stuck_at = self._stream.next_seq
+        self._writing_since = self._now()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        self._writing_since = None
+
+    def check(self, now: float) -> None:
+        """Applied by the :class:`WriteWatch`: end a write blocked past the rules."""
+        since = self._writing_since
+        if since is None or self.slow is not None or self._pump is None:
+            return
+        if self._stream.next_seq > self._stuck_at + self._max_lag:
+            self.slow = SlowClient(
+                f"task {self._task_id} published {self._max_lag} events while the "
+                "client accepted none"
+            )
+        elif now - since >= self._write_timeout_s:
+            self.slow = SlowClient(f"the client accepted nothing for {self._write_timeout_s:g} s")
+        else:
+            return
+        self._pump.cancel()
+
+    def report(self) -> None:
+        self._metrics.inc("llorch_sse_clients_dropped_total")
+        log.warning(
+            "slow SSE client disconnected: %s",
+            self.slow,
+            extra={
+                "event": "sse_client_dropped",
+                "task_id": self._task_id,
+                "framing": self._framing,
+            },
+        )
+
+
 class EventStreamResponse(StreamingResponse):
-    """``text/event-stream`` of one task, written under the slow-client rules above.
+    """``text/event-stream`` of one task, written under the slow-client rules (``guard``).
 
     ``on_disconnect`` runs when the client goes away first (``server.cancel_on_disconnect``).
     """
@@ -69,39 +151,29 @@ class EventStreamResponse(StreamingResponse):
         task_id: str,
         after: int | None,
         heartbeat_s: float,
-        max_lag_events: int,
-        write_timeout_s: float,
         metrics: Metrics,
-        watch: WriteWatch,
+        guard: SlowClientGuard,
         headers: Mapping[str, str],
         on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         body = frames(stream, after=after, heartbeat_s=heartbeat_s, metrics=metrics)
         super().__init__(body, media_type="text/event-stream", headers=headers)
         self._frames = body
-        self._stream = stream
         self._task_id = task_id
-        self._max_lag = max_lag_events
-        self._write_timeout_s = write_timeout_s
-        self._metrics = metrics
         self._on_disconnect = on_disconnect
-        self._watch = watch
-        self._writing_since: float | None = None
-        self._stuck_at = 0
-        self._pump_task: asyncio.Future[None] | None = None
-        self._slow: SlowClient | None = None
+        self._guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        pump = self._pump_task = asyncio.ensure_future(self._pump(send))
+        pump = asyncio.ensure_future(self._pump(send))
         listen = asyncio.ensure_future(_until_disconnect(receive))
-        self._watch.add(self)
+        self._guard.start(pump)
         try:
             await asyncio.wait({pump, listen}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._watch.discard(self)
+            self._guard.stop()
             for task in (pump, listen):
                 task.cancel()
             await asyncio.gather(pump, listen, return_exceptions=True)
@@ -109,13 +181,8 @@ class EventStreamResponse(StreamingResponse):
         error = pump.exception() if pump.done() and not pump.cancelled() else None
         if error is not None:
             raise error
-        if self._slow is not None:
-            self._metrics.inc("llorch_sse_clients_dropped_total")
-            log.warning(
-                "slow SSE client disconnected: %s",
-                self._slow,
-                extra={"event": "sse_client_dropped", "task_id": self._task_id},
-            )
+        if self._guard.slow is not None:
+            self._guard.report()
             # Returning without the last body message makes the server close the connection.
             return
         if listen.done() and not listen.cancelled() and self._on_disconnect is not None:
@@ -126,30 +193,9 @@ class EventStreamResponse(StreamingResponse):
             self._on_disconnect()
 
     async def _pump(self, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         async for chunk in self._frames:
-            # What the guard reads: when the write began, and how far the stream was then.
-            self._stuck_at = self._stream.next_seq
-            self._writing_since = loop.time()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            self._writing_since = None
+            await self._guard.send(send, chunk)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def check(self, now: float) -> None:
-        """The slow-client rules, applied by the :class:`WriteWatch`: end a blocked write."""
-        since = self._writing_since
-        if since is None or self._slow is not None or self._pump_task is None:
-            return
-        if self._stream.next_seq > self._stuck_at + self._max_lag:
-            self._slow = SlowClient(
-                f"task {self._task_id} published {self._max_lag} events while the "
-                "client accepted none"
-            )
-        elif now - since >= self._write_timeout_s:
-            self._slow = SlowClient(f"the client accepted nothing for {self._write_timeout_s:g} s")
-        else:
-            return
-        self._pump_task.cancel()
 
 
 class WriteWatch:
@@ -161,17 +207,17 @@ class WriteWatch:
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self._interval_s = interval_s
-        self._open: set[EventStreamResponse] = set()
+        self._open: set[SlowClientGuard] = set()
         self._someone = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, response: EventStreamResponse) -> None:
+    def add(self, response: SlowClientGuard) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sse-watch")
         self._open.add(response)
         self._someone.set()
 
-    def discard(self, response: EventStreamResponse) -> None:
+    def discard(self, response: SlowClientGuard) -> None:
         self._open.discard(response)
 
     async def close(self) -> None:

@@ -120,6 +120,7 @@ def pool_capabilities(pool: PoolSnapshot) -> dict[str, Any]:
         "ctx_max": pool.ctx_max,
         "max_tokens_out": pool.max_tokens_out,
         "workloads": ["completion", "chat"],
+        "features": list(pool.features),
         "slots_total": pool.slots_total,
         "slots_free": pool.slots_free,
         "queue_capacity": pool.queue_capacity,

@@ -65,7 +65,9 @@ def create_task(
     seed: int | None = None,
     deadline_ms: int | None = None,
     temperature: float | None = None,
+    top_p: float | None = None,
     stop: list[str] | None = None,
+    response_format: dict[str, Any] | None = None,
     placement: dict[str, Any] | None = None,
 ) -> Operation[TaskAccepted]:
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens}
@@ -78,7 +80,9 @@ def create_task(
         "seed": seed,
         "deadline_ms": deadline_ms,
         "temperature": temperature,
+        "top_p": top_p,
         "stop": stop,
+        "response_format": response_format,
         "placement": placement,
     }
     body |= {k: v for k, v in optional.items() if v is not None}

@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+# Request features beyond text generation that an engine may serve (``Engine.features``); a task
+# that needs one is placed only on a pool whose engine serves it.
+RESPONSE_FORMAT = "response_format"
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,16 @@ class CompletionRequest:
     max_tokens: int
     seed: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's response_format (json_object / json_schema), never {"type": "text"}.
+    response_format: dict[str, Any] | None = None
     correlation_id: str = ""
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The engine features this request needs."""
+        return frozenset({RESPONSE_FORMAT}) if self.response_format is not None else frozenset()
 
 
 def prompt_bytes(request: CompletionRequest) -> int:
@@ -82,6 +94,8 @@ class Engine(Protocol):
     # What the engine reports about itself; a health probe may update both.
     version: str
     context_size: int | None  # tokens per slot, None when the engine does not say
+    # Request features it serves beyond text generation (e.g. RESPONSE_FORMAT).
+    features: frozenset[str]
 
     @property
     def slots(self) -> int:

@@ -35,7 +35,14 @@ import aiohttp
 import orjson
 
 from llorch.config import EngineKind, PoolSettings
-from llorch.engines.base import Chunk, CompletionRequest, Finish, Token, estimate_tokens_in
+from llorch.engines.base import (
+    RESPONSE_FORMAT,
+    Chunk,
+    CompletionRequest,
+    Finish,
+    Token,
+    estimate_tokens_in,
+)
 from llorch.errors import (
     DecodeTimeout,
     EngineError,
@@ -54,6 +61,15 @@ _AFTER_DONE_S = 0.5  # how long the end of a response may follow its [DONE]
 # No compressed streams: an SSE body is decoded chunk by chunk as it comes.
 _HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
 _JSON = {"Content-Type": "application/json"}
+
+# What each kind of engine serves beyond text (ORCH-ENG-0008): llama.cpp's server and vLLM take
+# OpenAI's response_format on chat completions; TGI's has not always had OpenAI's shape.
+_FEATURES: dict[str, frozenset[str]] = {
+    "llamacpp": frozenset({RESPONSE_FORMAT}),
+    "vllm": frozenset({RESPONSE_FORMAT}),
+    "openai": frozenset({RESPONSE_FORMAT}),
+    "tgi": frozenset(),
+}
 
 
 @dataclass
@@ -115,6 +131,7 @@ class OpenAIHttpEngine:
     ) -> None:
         self.replica_id = replica_id
         self.engine: str = kind
+        self.features = _FEATURES.get(kind, frozenset())
         self.version = "unknown"
         self.context_size: int | None = None
         self.base_url = base_url
@@ -270,12 +287,14 @@ class OpenAIHttpEngine:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
             body["prompt"] = request.prompt
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.stop:
-            body["stop"] = list(request.stop)
+        optional = {
+            "seed": request.seed,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stop": list(request.stop) or None,
+            "response_format": request.response_format,
+        }
+        body |= {name: value for name, value in optional.items() if value is not None}
         return body
 
     async def _check(self, response: aiohttp.ClientResponse) -> None:

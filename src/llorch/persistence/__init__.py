@@ -3,6 +3,14 @@ SQLite implementation (:class:`Database`: numbered migrations, profile guard), i
 implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps."""
 
 from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
-from llorch.persistence.storage import Storage, open_storage
+from llorch.persistence.storage import Storage, open_storage, when_free
 
-__all__ = ["ArtifactInsert", "Database", "SessionRow", "Storage", "TaskRow", "open_storage"]
+__all__ = [
+    "ArtifactInsert",
+    "Database",
+    "SessionRow",
+    "Storage",
+    "TaskRow",
+    "open_storage",
+    "when_free",
+]

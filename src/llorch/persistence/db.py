@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llorch.errors import StorageCorrupt, StorageError
+from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 
 _MIGRATIONS = resources.files("llorch.persistence") / "migrations"
 
@@ -89,6 +89,9 @@ _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
 )
+
+# SQLITE_BUSY and SQLITE_LOCKED: the primary result codes (the low byte of extended ones).
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = ?, last_replica_id = ? WHERE session_id = ?"
 
@@ -165,7 +168,9 @@ class Database:
         # Whether the most recent write raised StorageError (locked past the busy timeout, a
         # full disk, a corrupt page); the next write that succeeds clears it.
         self.write_failing = False
-        # When a write last failed (wall clock, ms since the epoch), or None if none has.
+        # How long a write may wait for another connection's write lock, in all; the wait is
+        # when_free's, between tries, never SQLite's, which would block the event loop.
+        self.busy_budget_s = 5.0
 
     @classmethod
     def open(cls, path: Path, *, profile: str, busy_timeout_ms: int = 5000) -> Database:
@@ -191,9 +196,11 @@ class Database:
             raise
         db = cls(conn)
         try:
-            db._migrate()
+            db._migrate()  # before serving: waiting out another writer here blocks nobody
             db._claim_profile(profile)
             db._verify_schema()
+            conn.execute("PRAGMA busy_timeout = 0")
+            db.busy_budget_s = busy_timeout_ms / 1000
         except sqlite3.Error as exc:
             conn.close()
             raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -402,6 +409,8 @@ class Database:
         try:
             yield
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY:
+                raise StorageBusy(f"storage busy: {exc}") from exc
             raise StorageError(f"storage failure: {exc}") from exc
 
     @contextmanager

@@ -57,6 +57,9 @@ class PostgresStorage:
         self._pool = pool
         # As for SQLite: whether the most recent write raised StorageError.
         self.write_failing = False
+        # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
+        # nothing to retry, as this store never raises StorageBusy.
+        self.busy_budget_s = 0.0
 
     @classmethod
     def open(cls, url: str, *, profile: str, busy_timeout_ms: int = 5000) -> PostgresStorage:

@@ -5,20 +5,31 @@
 :func:`open_storage` opens the one the settings name.
 Every write is one transaction; a write storage refuses raises :class:`llorch.errors.StorageError`
 and leaves :attr:`Storage.write_failing` true until a write succeeds.
+
+A write never waits for a lock held elsewhere inside the call (the event loop would wait with
+it: every request and stream, ``/livez`` included): it raises :class:`llorch.errors.StorageBusy`
+at once, and :func:`when_free` tries it again between other work (ORCH-STATE-0009).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from llorch.config import Settings
+from llorch.errors import StorageBusy
 from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
+
+T = TypeVar("T")
 
 
 class Storage(Protocol):
     # Whether the most recent write was refused (readiness reports it).
     write_failing: bool
+    # How long a write may wait, in all, for a write lock held elsewhere (see when_free).
+    busy_budget_s: float
 
     def probe_write(self) -> bool:
         """While writes fail, one write that changes nothing; whether storage takes writes."""
@@ -124,3 +135,19 @@ def open_storage(settings: Settings) -> Storage:
         profile=server.profile,
         busy_timeout_ms=server.storage_busy_timeout_ms,
     )
+
+
+async def when_free(storage: Storage, write: Callable[[], T]) -> T:
+    """``write()``; while it finds the write lock held elsewhere, tried again with backoff (2 ms
+    doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile. Only
+    a write without side effects before its transaction commits may be passed."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(StorageBusy),
+        wait=wait_exponential(multiplier=0.002, max=0.1),
+        stop=stop_after_delay(storage.busy_budget_s),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return write()
+    raise AssertionError("unreachable: the retry loop returns or raises")

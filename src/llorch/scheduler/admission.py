@@ -150,7 +150,7 @@ class Admitter:
         if task_id is not None and (replay := self._replay(task_id, digest, caller)) is not None:
             return replay
         request = completion_request(task_id or new_id("t"), body, correlation_id)
-        pool = self._route(request.model, body.get("placement") or {})
+        pool = self._route(request, body.get("placement") or {})
         _check_limits(pool, request)
         draft = self._session_and_budget(pool, body, request, caller)
         self._place_in_queue(draft, caller)
@@ -236,6 +236,7 @@ class Admitter:
             want=draft.want,
             affinity=session.last_replica_id,
             deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
             flow=draft.flow,
             position=draft.position,
         )
@@ -257,6 +258,7 @@ class Admitter:
                 ),
             )
         pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
         pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=record.priority)
         log.info(
@@ -282,15 +284,21 @@ class Admitter:
         want: Reservation,
         affinity: str | None,
         deadline_ms: int | None,
+        max_wait_ms: int | None,
         flow: str,
         position: int,
     ) -> TaskRecord:
-        """The live record of an admitted or restored task; its deadline counts from its
-        creation (a restored task has spent part of it already)."""
+        """The live record of an admitted or restored task; its deadline and its wait limit
+        count from its creation (a restored task has spent part of them already)."""
+        loop_now, waited_ms = (
+            asyncio.get_running_loop().time(),
+            self._clock.now_ms() - row.created_ms,
+        )
         deadline_at = None
         if deadline_ms is not None:
-            left_ms = deadline_ms - (self._clock.now_ms() - row.created_ms)
-            deadline_at = asyncio.get_running_loop().time() + left_ms / 1000
+            deadline_at = loop_now + (deadline_ms - waited_ms) / 1000
+        limits = [m for m in (pool.settings.queue.max_wait_ms, max_wait_ms) if m is not None]
+        wait_until = loop_now + (min(limits) - waited_ms) / 1000 if limits else None
         return TaskRecord(
             row=row,
             request=request,
@@ -299,6 +307,7 @@ class Admitter:
             tokens_in_estimate=estimate_tokens_in(request),
             affinity_replica_id=affinity,
             deadline_at=deadline_at,
+            wait_until=wait_until,
             flow=flow,
             queue_position_at_start=position,
         )
@@ -335,12 +344,14 @@ class Admitter:
             want=want,
             affinity=session.last_replica_id if session else None,
             deadline_ms=body.get("deadline_ms"),
+            max_wait_ms=body.get("max_wait_ms"),
             flow=pool.flow_for(row.owner, row.session_id, {}),
             position=len(pool.queue),
         )
         self._sessions.reserve(row.session_id, row.task_id, want)
         self._registry.add(record)
         pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
         pool.record_queue()
         pool.wakeup.set()
         return True
@@ -373,7 +384,8 @@ class Admitter:
             remaining=self._sessions.remaining_for(row.session_id),
         )
 
-    def _route(self, model: str, placement: Mapping[str, Any]) -> PoolRuntime:
+    def _route(self, request: CompletionRequest, placement: Mapping[str, Any]) -> PoolRuntime:
+        model = request.model
         serving = [p for p in self._registry.pools.values() if p.model == model]
         if not serving:
             known = sorted({p.model for p in self._registry.pools.values()})
@@ -384,6 +396,7 @@ class Admitter:
             if pinned is None or pinned.model != model:
                 raise InvalidParams(f"pool {pin!r} does not serve model {model!r}")
             serving = [pinned]
+        serving = _able(serving, request)
         prefer = list(placement.get("prefer_pools", []))
         avoid = set(placement.get("avoid_pools", []))
 
@@ -407,3 +420,23 @@ class Admitter:
                 pool_id=open_pools[0].id,
             )
         return min(ready, key=rank)
+
+
+def _able(serving: list[PoolRuntime], request: CompletionRequest) -> list[PoolRuntime]:
+    """The pools whose engine serves what the request needs (ORCH-ENG-0009), or a 400 naming
+    the first field none of them serves."""
+    needs = request.features
+    if not needs:
+        return serving
+    if request.messages is None:
+        raise InvalidParams(f"'{min(needs)}' is not served for a prompt, only for messages")
+    able = [p for p in serving if needs <= p.features]
+    if not able:
+        engines = sorted({p.settings.engine for p in serving})
+        missing = min(needs - frozenset.intersection(*(p.features for p in serving)))
+        raise InvalidParams(
+            f"'{missing}' is not served by the engine of any pool serving model "
+            f"{request.model!r} ({', '.join(engines)})",
+            pool_id=serving[0].id,
+        )
+    return able

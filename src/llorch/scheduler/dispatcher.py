@@ -9,13 +9,14 @@ A health probe checks every replica (readiness, and the half-open trial of an op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
 
 from llorch.clock import Clock
 from llorch.config import Settings
-from llorch.errors import DeadlineUnmet, EngineError, StorageError
+from llorch.errors import DeadlineUnmet, EngineError, QueueTimeout, StorageError
 from llorch.persistence import Storage
 from llorch.scheduler.engine_call import EngineCall, RunContext
 from llorch.scheduler.pools import PoolRuntime, Replica
@@ -91,11 +92,30 @@ class Dispatcher:
     # -- loops ------------------------------------------------------------------------------
 
     async def _pool_loop(self, pool: PoolRuntime) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await pool.wakeup.wait()
+            # Woken by admission, a freed slot, a ready replica, or the soonest wait limit.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pool.next_wait_limit_s(loop.time())):
+                    await pool.wakeup.wait()
             pool.wakeup.clear()
+            self._end_overdue(pool, loop.time())
             if self.dispatching:
                 self._dispatch(pool)
+
+    def _end_overdue(self, pool: PoolRuntime, now: float) -> None:
+        """End the tasks that waited in the queue past their wait limit (ORCH-DATA-0097)."""
+        for record in pool.overdue(now):
+            waited_ms = self._clock.now_ms() - record.row.created_ms
+            self._settlement.end_now(
+                record,
+                FAILED,
+                error=QueueTimeout(
+                    f"waited {waited_ms} ms in the queue of pool {pool.id}, past its wait limit",
+                    retry_after_ms=pool.retry_after()[1],
+                    pool_id=pool.id,
+                ),
+            )
 
     def _dispatch(self, pool: PoolRuntime) -> None:
         loop = asyncio.get_running_loop()

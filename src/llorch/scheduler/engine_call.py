@@ -19,6 +19,7 @@ engine; adapters keep only their transport's limits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from llorch.errors import (
     EngineTimeout,
     LlorchError,
 )
-from llorch.persistence import Storage
+from llorch.persistence import Storage, when_free
 from llorch.scheduler.pools import PoolRuntime, Replica
 from llorch.scheduler.settle import Settlement
 from llorch.scheduler.task import CANCELED, FAILED, RUNNING, SUCCEEDED, TaskRecord
@@ -103,7 +104,9 @@ class EngineCall:
         record = self.record
         if record.cancel_requested:  # canceled between dispatch and this first step
             return CANCELED, {"finish_reason": "canceled"}
-        self._start()
+        await self._start()
+        if self.record.cancel_requested:  # canceled while its start was written
+            return CANCELED, {"finish_reason": "canceled"}
         try:
             finish = await self._call()
         except (EngineError, DeadlineUnmet) as exc:
@@ -132,13 +135,12 @@ class EngineCall:
         )
         pool.wakeup.set()
 
-    def _start(self) -> None:
+    async def _start(self) -> None:
         pool, replica, record = self.pool, self.replica, self.record
         now = self._ctx.clock.now_ms()
-        record.move_to(RUNNING)
-        record.replica_id = replica.id
-        record.started_ms = now
-        self._db.place_task(
+        record.check_move(RUNNING)
+        place = functools.partial(
+            self._db.place_task,
             record.task_id,
             record.session_id,
             pool_id=pool.id,
@@ -146,6 +148,10 @@ class EngineCall:
             state=RUNNING,
             started_ms=now,
         )
+        await when_free(self._db, place)
+        record.move_to(RUNNING)
+        record.replica_id = replica.id
+        record.started_ms = now
         log.info(
             "task running",
             extra={
@@ -222,7 +228,7 @@ class EngineCall:
         async for attempt in retrying:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
-                    self._replace()
+                    await self._replace()
                 try:
                     finish = await self._relay()
                 except EngineError as exc:
@@ -245,19 +251,28 @@ class EngineCall:
     def _other(self) -> Replica | None:
         return self.pool.pick_replica(None, avoid=self.replica)
 
-    def _replace(self) -> None:
+    async def _replace(self) -> None:
         """Before a retry: move the task's slot to another serving replica when there is one."""
         other = self._other()
         if other is None:
             return  # _can_retry saw the current replica still serving
+        record = self.record
+        place = functools.partial(
+            self._db.place_task,
+            record.task_id,
+            record.session_id,
+            pool_id=self.pool.id,
+            replica_id=other.id,
+        )
+        other.busy += 1  # held while the write waits: no other task takes the slot meanwhile
+        try:
+            await when_free(self._db, place)
+        except BaseException:
+            other.busy -= 1
+            raise
         previous, self.replica = self.replica, other
         previous.busy -= 1
-        other.busy += 1
-        record = self.record
         record.replica_id = other.id
-        self._db.place_task(
-            record.task_id, record.session_id, pool_id=self.pool.id, replica_id=other.id
-        )
         self.pool.record_replicas()
         self.pool.wakeup.set()  # the slot it left may take a queued task
         log.info(

@@ -5,20 +5,45 @@ Events have contiguous sequence ids from 0. The buffer is bounded by constructio
 tokens and one terminal event. A subscriber may attach at any time and starts from the beginning
 or after a given id; it sees exactly the events published, in order, and nothing after the
 terminal ``end`` or ``error``.
+
+Each stream keeps :attr:`EventStream.approx_bytes`, an estimate of the memory its events hold,
+added up as they are published (a few hundred nanoseconds an event, nothing serialised), so
+that the registry can bound the streams it retains in bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from llorch.timers import Watchdog
 
 TERMINAL = frozenset({"end", "error"})
+
+# Measured with tracemalloc on CPython 3.11 (a token event: ~366 bytes, a metrics event ~610):
+# an Event, its slot in the list and allocator overhead; a dict and each of its keys; a value.
+_EVENT_BYTES = 120
+_DICT_BYTES = 64
+_KEY_BYTES = 40
+_VALUE_BYTES = 32
+_STR_BYTES = 40
+
+
+def approx_bytes(data: dict[str, Any]) -> int:
+    """An estimate of the memory ``data`` holds (within ~2x, on the high side for literals)."""
+    size = _DICT_BYTES + _KEY_BYTES * len(data)
+    for value in data.values():
+        if isinstance(value, str):
+            size += _STR_BYTES + len(value)
+        elif isinstance(value, dict):
+            size += approx_bytes(value)
+        elif isinstance(value, list):
+            size += _DICT_BYTES + _VALUE_BYTES * len(value)
+        else:
+            size += _VALUE_BYTES
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +62,18 @@ class EventStream:
         # A stream rebuilt after its earlier events left memory starts at their original ids.
         self._first_seq = first_seq
         self._events: list[Event] = []
+        self.approx_bytes = 0  # see approx_bytes()
         self._changed = asyncio.Event()
-        # wait_for_seq's waiters, earliest id first: (seq, tie-break, future).
-        self._watches: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._watch_ids = itertools.count()
+
+    @classmethod
+    def replayed(cls, frames: Iterable[tuple[int, str, dict[str, Any]]]) -> EventStream:
+        """A closed stream of frames already checked to be contiguous and terminated (a trace's
+        transcript), built at once: publishing them one by one costs ~3 µs a frame."""
+        events = [Event(seq, kind, data) for seq, kind, data in frames]
+        stream = cls(first_seq=events[0].seq)
+        stream._events = events
+        stream.approx_bytes = sum(_EVENT_BYTES + approx_bytes(e.data) for e in events)
+        return stream
 
     @property
     def closed(self) -> bool:
@@ -59,34 +92,11 @@ class EventStream:
             raise StreamClosed(f"{kind} event after the terminal event")
         event = Event(self._first_seq + len(self._events), kind, data)
         self._events.append(event)
+        self.approx_bytes += _EVENT_BYTES + approx_bytes(data)
         # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
         self._changed.set()
         self._changed = asyncio.Event()
-        if self._watches and (event.seq >= self._watches[0][0] or kind in TERMINAL):
-            self._wake_watches()
         return event
-
-    async def wait_for_seq(self, seq: int) -> None:
-        """Return once the event with id ``seq`` is published, or the stream is closed.
-
-        It is woken once, by that event, not by every event before it.
-        """
-        if self.next_seq > seq or self.closed:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._watches, (seq, next(self._watch_ids), waiter))
-        try:
-            await waiter
-        finally:
-            if not waiter.done():
-                waiter.cancel()  # a cancelled wait leaves a dead entry, dropped when due
-
-    def _wake_watches(self) -> None:
-        closed = self.closed
-        while self._watches and (closed or self._watches[0][0] < self.next_seq):
-            _, _, waiter = heapq.heappop(self._watches)
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def subscribe(
         self, *, after: int | None = None, heartbeat_s: float | None = None

@@ -5,6 +5,8 @@ closed; placement never picks any other."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -129,6 +131,9 @@ class PoolRuntime:
         self.loadable_models = settings.loadable_models
         self.wakeup = asyncio.Event()
         self._ended = asyncio.Event()
+        # Queued tasks' wait limits, soonest first: (loop time, tie-break, task).
+        self._wait_limits: list[tuple[float, int, TaskRecord]] = []
+        self._wait_ids = itertools.count()
         self.prefixes = PrefixMap(
             block_chars=settings.placement.prefix_block_chars,
             max_bytes=settings.placement.prefix_map_bytes,
@@ -167,6 +172,13 @@ class PoolRuntime:
     @property
     def ready(self) -> bool:
         return any(r.serving for r in self.replicas)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What every replica's engine serves beyond text (a pool has one engine type)."""
+        if not self.replicas:
+            return frozenset()
+        return frozenset.intersection(*(r.engine.features for r in self.replicas))
 
     def unready_reason(self) -> str:
         """Why no replica serves, replica by replica (for ``/readyz``)."""
@@ -216,6 +228,30 @@ class PoolRuntime:
             ("reloading", self.reloading),
         ):
             self.metrics.set("llorch_pool_state", int(flag), pool_id=self.id, state=state)
+
+    def watch_wait(self, record: TaskRecord) -> None:
+        """Note a queued task's wait limit, if it has one (the pool loop wakes for it)."""
+        if record.wait_until is not None:
+            heapq.heappush(self._wait_limits, (record.wait_until, next(self._wait_ids), record))
+
+    def next_wait_limit_s(self, now: float) -> float | None:
+        """Seconds until the soonest wait limit of a task still queued (None: no limit)."""
+        limits = self._wait_limits
+        while limits and limits[0][2].phase != "queued":
+            heapq.heappop(limits)  # dispatched or ended meanwhile
+        return max(0.0, limits[0][0] - now) if limits else None
+
+    def overdue(self, now: float) -> list[TaskRecord]:
+        """The queued tasks whose wait limit has passed, taken from the queue."""
+        due: list[TaskRecord] = []
+        limits = self._wait_limits
+        while limits and limits[0][0] <= now:
+            _, _, record = heapq.heappop(limits)
+            if record.phase == "queued" and self.queue.remove(record, record.priority):
+                due.append(record)
+        if due:
+            self.record_queue()
+        return due
 
     def task_ended(self) -> None:
         """Wake everyone waiting for a task of this pool to end (drain, reload)."""

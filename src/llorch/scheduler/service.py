@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,9 +13,9 @@ from llorch.config import PoolSettings, Settings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, TaskNotFound
+from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, StorageBusy, TaskNotFound
 from llorch.metrics import Metrics
-from llorch.persistence import Storage, TaskRow
+from llorch.persistence import Storage, TaskRow, when_free
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
 from llorch.scheduler.control import PoolOperations
@@ -22,6 +23,7 @@ from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.replay import replay_from_trace
 from llorch.scheduler.settle import Settlement, replay_from_row
 from llorch.scheduler.snapshots import (
     PoolSnapshot,
@@ -54,11 +56,13 @@ class Scheduler:
         self._settings = settings
         self._db = db
         self._clock = clock
+        self._artifacts = artifacts
         self.sessions = sessions
         self.metrics = metrics or Metrics(metrics_contract())
         self.registry = Registry(
             [PoolRuntime(p, engines(p, 0), self.metrics, clock) for p in settings.pools],
             settings.server.streams_retained,
+            settings.server.streams_retained_bytes,
         )
         self._settlement = Settlement(self.registry, db, sessions, settings, clock, artifacts)
         self._dispatcher = Dispatcher(
@@ -69,7 +73,7 @@ class Scheduler:
         self.closing = False
 
     async def start(self) -> None:
-        self._reconcile()
+        await self._reconcile()
         await self._dispatcher.start()
 
     async def quiesce(self) -> None:
@@ -85,32 +89,49 @@ class Scheduler:
             for replica in pool.replicas:
                 await replica.engine.close()
 
-    def _reconcile(self) -> None:
+    async def _reconcile(self) -> None:
         """After a restart: queued tasks are queued again; tasks that were running end with a
         retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
         for row in self._db.tasks_in_states([RUNNING, QUEUED]):
             try:
                 if row.state == QUEUED and self._admitter.restore(row):
                     continue
-                self._settlement.reconcile(row)
+                await when_free(self._db, functools.partial(self._settlement.reconcile, row))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                self._settlement.quarantine(row, exc)
+                await when_free(self._db, functools.partial(self._settlement.quarantine, row, exc))
 
     # -- operations -------------------------------------------------------------------------
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
+        """Admit a task now; StorageBusy (uncounted) when the write lock is held elsewhere."""
         if self.closing:
             self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
             raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
         try:
             return self._admitter.admit(body, correlation_id, caller)
+        except StorageBusy:
+            raise  # not refused yet: admit_when_free tries again
         except LlorchError as exc:
-            self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
-            if isinstance(exc, BudgetExhausted) and exc.policy_label:
-                self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
+            self._count_rejection(exc)
             raise
+
+    async def admit_when_free(
+        self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
+    ) -> Admission:
+        """:meth:`admit`, tried again while the database's write lock is held elsewhere (an
+        admission writes nothing before its one transaction), the event loop free meanwhile."""
+        try:
+            return await when_free(self._db, lambda: self.admit(body, correlation_id, caller))
+        except StorageBusy as exc:
+            self._count_rejection(exc)
+            raise
+
+    def _count_rejection(self, exc: LlorchError) -> None:
+        self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
+        if isinstance(exc, BudgetExhausted) and exc.policy_label:
+            self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
 
     def cancel(self, task_id: str) -> None:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""
@@ -140,14 +161,19 @@ class Scheduler:
         row = self._db.get_task(task_id)
         if row is None:
             raise TaskNotFound(f"task {task_id} not found")
-        return replay_from_row(row)
+        return self._replay(row)
 
     def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
         """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
         see it."""
         row = self.row(task_id, caller)
         live = self.registry.stream(task_id)
-        return TaskStream(row=row, events=live if live is not None else replay_from_row(row))
+        return TaskStream(row=row, events=live if live is not None else self._replay(row))
+
+    def _replay(self, row: TaskRow) -> EventStream:
+        """The stream of a task no longer in memory: the transcript in its trace, else only
+        its terminal frame, from its row."""
+        return replay_from_trace(self._artifacts, row) or replay_from_row(row)
 
     def row(self, task_id: str, caller: Caller) -> TaskRow:
         """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's

@@ -67,6 +67,7 @@ class PoolSnapshot:
     queue_depth: int
     queue_capacity: int
     queue_policy: str
+    features: tuple[str, ...] = ()  # what its engine serves beyond text (ORCH-ENG-0008)
 
     @property
     def slots_total(self) -> int:
@@ -109,6 +110,7 @@ def pool_snapshot(pool: PoolRuntime) -> PoolSnapshot:
         queue_depth=len(pool.queue),
         queue_capacity=pool.settings.queue.capacity,
         queue_policy=pool.settings.queue.policy,
+        features=tuple(sorted(pool.features)),
     )
 
 

@@ -49,6 +49,8 @@ class TaskRecord:
     tokens_in_estimate: int
     affinity_replica_id: str | None
     deadline_at: float | None  # loop time by which the task must end
+    # Loop time by which it must have left the queue (ORCH-DATA-0097).
+    wait_until: float | None = None
     # Whom the queue's round-robin counts it for (scheduler.pools.PoolRuntime.flow_for).
     flow: str = ""
     events: EventStream = field(default_factory=EventStream)
@@ -114,6 +116,9 @@ def completion_request(
 ) -> CompletionRequest:
     """The engine request of a task's (validated) body."""
     messages = body.get("messages")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format["type"] == "text":
+        response_format = None  # what every engine does anyway
     return CompletionRequest(
         task_id=task_id,
         model=body["model"],
@@ -124,6 +129,8 @@ def completion_request(
         max_tokens=body["max_tokens"],
         seed=body.get("seed"),
         temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
         stop=tuple(body.get("stop", ())),
+        response_format=response_format,
         correlation_id=correlation_id,
     )

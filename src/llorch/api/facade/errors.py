@@ -29,6 +29,7 @@ _PARAM_PATTERNS = (
     re.compile(r"\('([^']+)' was unexpected\)"),
     re.compile(r"^'([^']+)' is a required property"),
     re.compile(r"^'([^']+)' does not satisfy"),
+    re.compile(r"^'([^']+)' is not served"),
     re.compile(r" - '([^']+)'$"),
 )
 

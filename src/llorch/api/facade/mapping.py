@@ -14,10 +14,8 @@ from typing import Any
 # Fields refused unless absent, null or this value (which is OpenAI's default behaviour).
 _CHAT_NEUTRAL: dict[str, object] = {
     "n": 1,
-    "top_p": 1,
     "tools": [],
     "tool_choice": "none",
-    "response_format": {"type": "text"},
     "logprobs": False,
     "top_logprobs": 0,
     "logit_bias": {},
@@ -27,7 +25,6 @@ _CHAT_NEUTRAL: dict[str, object] = {
 _COMPLETION_NEUTRAL: dict[str, object] = {
     "n": 1,
     "best_of": 1,
-    "top_p": 1,
     "echo": False,
     "suffix": "",
     "logit_bias": {},
@@ -36,6 +33,12 @@ _COMPLETION_NEUTRAL: dict[str, object] = {
 }
 # `logprobs` of a completion is a count: any value asks for something llorch does not return.
 _COMPLETION_NEVER = ("logprobs",)
+# Why a field is refused, where it is not only "not at its default" (ORCH-OAI-0015).
+_WHY = {
+    name: f"{name} is not supported by this server: a task's stream carries text only, so a "
+    "tool call the engine made could not reach the client"
+    for name in ("tools", "tool_choice")
+}
 
 # OpenAI's service tiers → llorch's priorities.
 _TIERS = {
@@ -99,6 +102,9 @@ def chat_task(body: Mapping[str, Any], knobs: Knobs, max_tokens_out: int) -> Map
         "messages": messages,
         "max_tokens": max_tokens or max_tokens_out,
     }
+    # Passed on: admission places it on a pool whose engine serves it, or refuses it naming it.
+    if body.get("response_format") is not None:
+        task["response_format"] = body["response_format"]
     return _finish(task, body, knobs, tier=body.get("service_tier"))
 
 
@@ -112,7 +118,7 @@ def completion_task(body: Mapping[str, Any], knobs: Knobs) -> Mapped:
 def _finish(
     task: dict[str, Any], body: Mapping[str, Any], knobs: Knobs, *, tier: str | None
 ) -> Mapped:
-    for name in ("temperature", "seed"):
+    for name in ("temperature", "top_p", "seed"):
         if body.get(name) is not None:
             task[name] = body[name]
     stop = body.get("stop")
@@ -144,4 +150,5 @@ def _refuse_unserved(
         if value is None:
             continue
         if name in never or (name in neutral and value != neutral[name]):
-            raise Refusal(name, f"{name} is not supported by this server other than at its default")
+            why = f"{name} is not supported by this server other than at its default"
+            raise Refusal(name, _WHY.get(name, why))

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from llorch.api.facade.errors import error_body
 from llorch.api.problems import STATUS
+from llorch.api.sse import SlowClientGuard
 from llorch.scheduler.events import EventStream
 
 log = logging.getLogger("llorch.streams")
@@ -139,23 +140,36 @@ async def _until_disconnect(receive: Receive) -> None:
 
 @dataclass
 class _Watched:
-    """Runs ``work`` while watching the client; a client gone first runs ``cancel``."""
+    """Runs ``work`` while watching the client; a client gone first runs ``cancel``.
+
+    With a ``guard``, ``work`` writes under the slow-client rules: a client dropped for falling
+    behind did not hang up, so its task runs on (ORCH-OAI-0023, as ORCH-REL-0001).
+    """
 
     task_id: str
     cancel: Callable[[], None]
+    guard: SlowClientGuard | None = None
     done: bool = field(default=False)
 
     async def run(self, receive: Receive, work: Awaitable[None]) -> None:
         job = asyncio.ensure_future(work)
         listen = asyncio.ensure_future(_until_disconnect(receive))
+        if self.guard is not None:
+            self.guard.start(job)
         try:
             await asyncio.wait({job, listen}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self.guard is not None:
+                self.guard.stop()
             for task in (job, listen):
                 task.cancel()
             await asyncio.gather(job, listen, return_exceptions=True)
         if job.done() and not job.cancelled() and job.exception() is not None:
             raise job.exception()  # type: ignore[misc]
+        if self.guard is not None and self.guard.slow is not None:
+            self.guard.report()
+            # Returning without the last body message makes the server close the connection.
+            return
         if not self.done:
             log.info(
                 "OpenAI client disconnected: canceling its task",
@@ -175,18 +189,20 @@ class ChunkStream(Response):
         heartbeat_s: float,
         headers: Mapping[str, str],
         cancel: Callable[[], None],
+        guard: SlowClientGuard,
     ) -> None:
         super().__init__(media_type="text/event-stream", headers=dict(headers))
         # A stream has no length (Response, given no content, would declare 0).
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._chunks = sse_chunks(stream, shape, heartbeat_s)
-        self._watch = _Watched(shape.task_id, cancel)
+        self._guard = guard
+        self._watch = _Watched(shape.task_id, cancel, guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for data in self._chunks:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await self._guard.send(send, data)
             self._watch.done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from llorch.api import views
@@ -17,7 +18,8 @@ class ArtifactHandlers:
 
     async def create_artifact(self, body: dict[str, Any]) -> Reply:
         who = caller()
-        artifact, created = self._rt.artifacts.put(
+        put = functools.partial(
+            self._rt.artifacts.put,
             kind=body["kind"],
             content=body["content"],
             tags=body.get("tags", ()),
@@ -26,6 +28,7 @@ class ArtifactHandlers:
             owner=who.owner,
             visible_to=who.visible_to,
         )
+        artifact, created = await self._rt.when_free(put)
         return (
             views.artifact_body(artifact),
             201 if created else 200,

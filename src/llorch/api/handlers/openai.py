@@ -74,7 +74,7 @@ class OpenAIHandlers:
         except mapping.Refusal as refusal:
             return _refused(400, refusal.message, code="unsupported_parameter", param=refusal.param)
         scheduler = self._rt.scheduler
-        admission = scheduler.admit(mapped.task, correlation_id.get(), caller())
+        admission = await scheduler.admit_when_free(mapped.task, correlation_id.get(), caller())
         task_id = admission.task_id
         _record(task_id, mapped)
         headers = {"X-Task-Id": task_id} | views.budget_headers(admission.remaining)
@@ -92,9 +92,13 @@ class OpenAIHandlers:
 
         if mapped.stream:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            heartbeat_s = self._rt.settings.server.heartbeat_s
             return ChunkStream(
-                stream, shape, heartbeat_s=heartbeat_s, headers=headers, cancel=cancel
+                stream,
+                shape,
+                heartbeat_s=self._rt.settings.server.heartbeat_s,
+                headers=headers,
+                cancel=cancel,
+                guard=self._rt.slow_client_guard(stream, task_id, framing="openai"),
             )
         return WholeCompletion(stream, shape, headers=headers, cancel=cancel)
 

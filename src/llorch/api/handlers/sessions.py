@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from llorch.api import views
@@ -19,7 +20,8 @@ class SessionHandlers:
         body = body or {}
         budgets = body.get("budgets", {})
         who = caller()
-        session = self._rt.scheduler.sessions.create(
+        create = functools.partial(
+            self._rt.scheduler.sessions.create,
             ttl_ms=body.get("ttl_ms"),
             max_turns=body.get("max_turns"),
             tokens=budgets.get("tokens"),
@@ -28,6 +30,7 @@ class SessionHandlers:
             owner=who.owner,
             cap=who.budgets,
         )
+        session = await self._rt.when_free(create)
         location = {"Location": f"/v1/sessions/{session.row.session_id}"}
         return views.session_body(session), 201, location
 
@@ -36,5 +39,8 @@ class SessionHandlers:
         return views.session_body(session), 200, {}
 
     async def delete_session(self, session_id: str) -> Reply:
-        self._rt.scheduler.sessions.delete(session_id, visible_to=caller().visible_to)
+        visible_to = caller().visible_to
+        await self._rt.when_free(
+            lambda: self._rt.scheduler.sessions.delete(session_id, visible_to=visible_to)
+        )
         return None, 204, {}

@@ -19,7 +19,7 @@ class TaskHandlers:
         self._rt = runtime
 
     async def create_task(self, body: dict[str, Any]) -> Reply:
-        admission = self._rt.scheduler.admit(body, correlation_id.get(), caller())
+        admission = await self._rt.scheduler.admit_when_free(body, correlation_id.get(), caller())
         headers = {"Location": f"/v1/tasks/{admission.task_id}"}
         headers |= views.budget_headers(admission.remaining)
         return views.admission_body(admission), 202, headers
@@ -62,10 +62,8 @@ class TaskHandlers:
             task_id=task_id,
             after=after,
             heartbeat_s=server.heartbeat_s,
-            max_lag_events=server.stream_max_lag_events,
-            write_timeout_s=server.stream_write_timeout_s,
             metrics=self._rt.metrics,
-            watch=self._rt.sse_watch,
+            guard=self._rt.slow_client_guard(stream, task_id),
             headers=headers,
             on_disconnect=(lambda: scheduler.cancel(task_id))
             if server.cancel_on_disconnect
