@@ -39,7 +39,10 @@ class Watchdog:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._at = math.inf
-        self._handle: asyncio.TimerHandle | None = None
+        # uvloop's call_at returns a plain Handle (no when()) for a time already past, so the
+        # time the handle is armed for is kept here.
+        self._handle: asyncio.Handle | None = None
+        self._armed_at = math.inf
         # A watchdog belongs to the task that made it (asyncio.current_task is Python code in
         # 3.11, and this is per token); _waiting says that task is inside wait().
         self._task = asyncio.current_task()
@@ -53,10 +56,11 @@ class Watchdog:
         self._at = at
         self.reason = reason
         handle = self._handle
-        if handle is None or at < handle.when():
+        if handle is None or at < self._armed_at:
             if handle is not None:
                 handle.cancel()
             self._handle = self._loop.call_at(at, self._fire)
+            self._armed_at = at
 
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable``; raise ``TimeoutError`` if the deadline passes first (or had)."""
@@ -89,6 +93,7 @@ class Watchdog:
         now = self._loop.time()
         if self._at > now:
             self._handle = self._loop.call_at(self._at, self._fire)
+            self._armed_at = self._at
         elif self._waiting and self._task is not None and self._cancelled_at is None:
             self._cancelled_at = self._task.cancelling()
             self._task.cancel()

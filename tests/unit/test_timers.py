@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import uvloop
 
 from llorch.timers import Watchdog
 
@@ -80,3 +81,19 @@ async def test_nested_watchdogs_each_own_their_expiry() -> None:
         await outer.wait(nested())
     outer.close()
     inner.close()
+
+
+def test_a_deadline_already_past_moves_again_on_uvloop() -> None:
+    # uvloop's call_at gives a plain Handle, without when(), for a time already past: the server
+    # runs on uvloop, and a task whose deadline passed before its engine call met it.
+    async def past_then_moved() -> None:
+        loop = asyncio.get_running_loop()
+        dog = Watchdog()
+        dog.move(loop.time() - 1, "the deadline")
+        dog.move(loop.time() - 0.5, "the deadline")
+        with pytest.raises(TimeoutError, match="the deadline"):
+            await dog.wait(asyncio.sleep(10))
+        dog.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(past_then_moved())
