@@ -2,7 +2,8 @@
 SQLite implementation (:class:`Database`: numbered migrations, profile guard), its PostgreSQL
 implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps."""
 
-from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
+from llorch.persistence.db import Database
+from llorch.persistence.rows import ArtifactInsert, SessionRow, TaskRow
 from llorch.persistence.storage import Storage, open_storage, when_free
 
 __all__ = [

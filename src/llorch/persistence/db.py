@@ -7,18 +7,29 @@ The outcome of every write is kept (:attr:`Database.write_failing`): readiness r
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from llorch.errors import StorageBusy, StorageCorrupt, StorageError
+from llorch.persistence import rows
+from llorch.persistence.rows import (
+    ADMIT_COLUMNS,
+    SESSION_COLUMNS,
+    TASK_COLUMNS,
+    ArtifactInsert,
+    SessionRow,
+    TaskRow,
+)
 
 _MIGRATIONS = resources.files("llorch.persistence") / "migrations"
+
+
+_OWN_VIEWS = rows.own_views("?")
+_SHOWN = {viewer: rows.shown(viewer, "?") for viewer in (False, True)}
 
 
 class ProfileMismatch(RuntimeError):
@@ -29,65 +40,13 @@ class SchemaMismatch(RuntimeError):
     """The live schema differs from the one the migrations produce."""
 
 
-@dataclass(frozen=True)
-class SessionRow:
-    session_id: str
-    created_ms: int
-    last_used_ms: int
-    ttl_ms: int
-    turns: int
-    max_turns: int
-    tokens_remaining: int
-    time_ms_remaining: int
-    cost_remaining: float
-    last_pool_id: str | None = None
-    last_replica_id: str | None = None
-    owner: str | None = None
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    task_id: str
-    session_id: str
-    pool_id: str
-    model: str
-    priority: str
-    state: str
-    request_json: str
-    request_digest: str
-    correlation_id: str
-    created_ms: int
-    seq: int = 0
-    started_ms: int | None = None
-    ended_ms: int | None = None
-    ttft_ms: int | None = None
-    decode_time_ms: int | None = None
-    replica_id: str | None = None
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost: float = 0.0
-    finish_reason: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    error_retriable: bool | None = None
-    trace_artifact_id: str | None = None
-    terminal_event_id: int | None = None
-    owner: str | None = None
-    # When tokens_out of a running task was last checkpointed (Database.record_progress).
-    progress_ms: int | None = None
-
-
-_TASK_COLUMNS = [f.name for f in dataclasses.fields(TaskRow)]
-_SESSION_COLUMNS = [f.name for f in dataclasses.fields(SessionRow)]
 _INSERT_SESSION = (
-    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _SESSION_COLUMNS)})"
+    f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in SESSION_COLUMNS)})"
 )
-# Every column but the sequence number, which SQLite assigns.
-_ADMIT_COLUMNS = [c for c in _TASK_COLUMNS if c != "seq"]
 _INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _ADMIT_COLUMNS)})"
+    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in ADMIT_COLUMNS)})"
 )
 
 # SQLITE_BUSY and SQLITE_LOCKED: the primary result codes (the low byte of extended ones).
@@ -144,22 +103,6 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
             f"database {path} is corrupt: {detail}{more}; refusing to start on it "
             "(restore it from a backup)"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class ArtifactInsert:
-    """An artifact's row, as :meth:`Database.insert_artifact` stores it."""
-
-    artifact_id: str
-    digest: str
-    kind: str
-    size_bytes: int
-    created_ms: int
-    tags: str  # JSON
-    parent: str | None
-    task_id: str | None
-    metadata: str  # JSON
-    owner: str | None = None
 
 
 class Database:
@@ -257,10 +200,10 @@ class Database:
     def insert_session(self, row: SessionRow) -> None:
         # Not dataclasses.astuple: it deep-copies every value, and a row holds only scalars.
         with self._write():
-            self._conn.execute(_INSERT_SESSION, [getattr(row, c) for c in _SESSION_COLUMNS])
+            self._conn.execute(_INSERT_SESSION, [getattr(row, c) for c in SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
-        cols = ", ".join(_SESSION_COLUMNS)
+        cols = ", ".join(SESSION_COLUMNS)
         with self._errors():
             found = self._conn.execute(
                 f"SELECT {cols} FROM sessions WHERE session_id = ? AND deleted = 0", (session_id,)
@@ -277,7 +220,7 @@ class Database:
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
-        values = [getattr(task, c) for c in _ADMIT_COLUMNS]
+        values = [getattr(task, c) for c in ADMIT_COLUMNS]
         with self._write(), self._transaction():
             if new_session:
                 self.insert_session(session)
@@ -292,9 +235,9 @@ class Database:
     def get_task(self, task_id: str) -> TaskRow | None:
         with self._errors():
             found = self._conn.execute(
-                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = ?", (task_id,)
+                f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
-        return _task(found) if found else None
+        return rows.task_row(found) if found else None
 
     def update_task(self, task_id: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
@@ -358,7 +301,7 @@ class Database:
         owner: str | None = None,
     ) -> list[TaskRow]:
         """Newest first; ``owner`` given: only that owner's tasks."""
-        where, params = _where(
+        where, params = rows.where(
             ("session_id = ?", session_id),
             ("state = ?", state),
             ("seq < ?", before_seq),
@@ -366,20 +309,20 @@ class Database:
         )
         with self._errors():
             found = self._conn.execute(
-                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {where} ORDER BY seq DESC LIMIT ?",
+                f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks {where} ORDER BY seq DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
-        return [_task(r) for r in found]
+        return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
         marks = ", ".join("?" for _ in states)
         with self._errors():
             found = self._conn.execute(
-                f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE state IN ({marks}) "
+                f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks WHERE state IN ({marks}) "
                 "ORDER BY seq",
                 tuple(states),
             ).fetchall()
-        return [_task(r) for r in found]
+        return [rows.task_row(r) for r in found]
 
     def probe_write(self) -> bool:
         """While writes fail, try one that changes nothing (the write lock taken and a commit
@@ -469,7 +412,7 @@ class Database:
         first store did (None: the content is not stored)."""
         with self._errors():
             cur = self._conn.execute(
-                f"SELECT * FROM ({_shown(viewer is not None)}) WHERE artifact_id = ?",
+                f"SELECT * FROM ({_SHOWN[viewer is not None]}) WHERE artifact_id = ?",
                 (viewer, artifact_id),
             )
             found = cur.fetchone()
@@ -490,13 +433,13 @@ class Database:
         only the artifacts that owner stored, each as it stored it, ordered by when it did.
         Otherwise every artifact, as `viewer` stored it when it did, else as its first store did;
         the filters apply to what is shown."""
-        where, params = _where(
+        where, params = rows.where(
             ("kind = ?", kind),
             ("EXISTS (SELECT 1 FROM json_each(shown.tags) WHERE json_each.value = ?)", tag),
             ("task_id = ?", task_id),
             ("seq < ?", before_seq),
         )
-        source = _OWN_VIEWS if owner is not None else _shown(viewer is not None)
+        source = _OWN_VIEWS if owner is not None else _SHOWN[viewer is not None]
         with self._errors():
             cur = self._conn.execute(
                 f"SELECT * FROM ({source}) AS shown {where} ORDER BY seq DESC LIMIT ?",
@@ -505,47 +448,6 @@ class Database:
             found = cur.fetchall()
         columns = [d[0] for d in cur.description]
         return [dict(zip(columns, row, strict=True)) for row in found]
-
-
-# An owner's views, each with its content's columns; one parameter: the owner.
-_OWN_VIEWS = (
-    "SELECT v.seq, a.artifact_id, a.digest, v.kind, a.size_bytes, v.created_ms, v.tags, "
-    "v.parent, v.task_id, v.metadata FROM artifact_views v "
-    "JOIN artifacts a ON a.artifact_id = v.artifact_id WHERE v.owner = ?"
-)
-
-
-def _shown(with_viewer: bool) -> str:
-    """Every artifact, in its viewer's own view where there is one and else as its first store
-    wrote it; one parameter: the viewer (NULL matches no view)."""
-    if not with_viewer:
-        return (
-            "SELECT seq, artifact_id, digest, kind, size_bytes, created_ms, tags, parent, "
-            "task_id, metadata FROM artifacts WHERE ? IS NULL"
-        )
-    picked = ", ".join(
-        f"CASE WHEN v.seq IS NULL THEN a.{c} ELSE v.{c} END AS {c}"
-        for c in ("kind", "created_ms", "tags", "parent", "task_id", "metadata")
-    )
-    return (
-        f"SELECT a.seq, a.artifact_id, a.digest, a.size_bytes, {picked} FROM artifacts a "
-        "LEFT JOIN artifact_views v ON v.artifact_id = a.artifact_id AND v.owner = ?"
-    )
-
-
-def _where(*filters: tuple[str, object]) -> tuple[str, list[object]]:
-    """A WHERE clause of the filters whose value is given, and their parameters."""
-    given = [(clause, value) for clause, value in filters if value is not None]
-    if not given:
-        return "", []
-    return "WHERE " + " AND ".join(c for c, _ in given), [v for _, v in given]
-
-
-def _task(found: Sequence[Any]) -> TaskRow:
-    values = dict(zip(_TASK_COLUMNS, found, strict=True))
-    if values["error_retriable"] is not None:
-        values["error_retriable"] = bool(values["error_retriable"])
-    return TaskRow(**values)
 
 
 def _schema_of(conn: sqlite3.Connection) -> dict[str, str]:

@@ -22,16 +22,14 @@ from psycopg_pool import ConnectionPool
 
 from llorch.config import without_password
 from llorch.errors import StorageError
-from llorch.persistence import pg_schema
-from llorch.persistence.db import (
-    _ADMIT_COLUMNS,
-    _SESSION_COLUMNS,
-    _TASK_COLUMNS,
+from llorch.persistence import pg_schema, rows
+from llorch.persistence.rows import (
+    ADMIT_COLUMNS,
+    SESSION_COLUMNS,
+    TASK_COLUMNS,
     ArtifactInsert,
     SessionRow,
     TaskRow,
-    _task,
-    _where,
 )
 
 # Storage calls come one at a time from the event loop's thread; a few spare connections cover
@@ -40,16 +38,20 @@ POOL_MAX_SIZE = 4
 # libpq's connect_timeout (seconds) unless the URL sets its own.
 CONNECT_TIMEOUT_S = 5
 
-_TASKS = ", ".join(_TASK_COLUMNS)
+_TASKS = ", ".join(TASK_COLUMNS)
 _INSERT_SESSION = (
-    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "
-    f"VALUES ({', '.join('%s' for _ in _SESSION_COLUMNS)})"
+    f"INSERT INTO sessions ({', '.join(SESSION_COLUMNS)}) "
+    f"VALUES ({', '.join('%s' for _ in SESSION_COLUMNS)})"
 )
 _INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(_ADMIT_COLUMNS)}) "
-    f"VALUES ({', '.join('%s' for _ in _ADMIT_COLUMNS)}) RETURNING seq"
+    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}) "
+    f"VALUES ({', '.join('%s' for _ in ADMIT_COLUMNS)}) RETURNING seq"
 )
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = %s, last_replica_id = %s WHERE session_id = %s"
+
+
+_OWN_VIEWS = rows.own_views("%s")
+_SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, True)}
 
 
 class PostgresStorage:
@@ -107,10 +109,10 @@ class PostgresStorage:
 
     def insert_session(self, row: SessionRow) -> None:
         with self._write(), self._connection() as conn:
-            conn.execute(_INSERT_SESSION, [getattr(row, c) for c in _SESSION_COLUMNS])
+            conn.execute(_INSERT_SESSION, [getattr(row, c) for c in SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
-        cols = ", ".join(_SESSION_COLUMNS)
+        cols = ", ".join(SESSION_COLUMNS)
         with self._connection() as conn:
             found = conn.execute(
                 f"SELECT {cols} FROM sessions WHERE session_id = %s AND deleted = 0",
@@ -130,10 +132,10 @@ class PostgresStorage:
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
-        values = [getattr(task, c) for c in _ADMIT_COLUMNS]
+        values = [getattr(task, c) for c in ADMIT_COLUMNS]
         with self._write(), self._connection() as conn, conn.transaction():
             if new_session:
-                conn.execute(_INSERT_SESSION, [getattr(session, c) for c in _SESSION_COLUMNS])
+                conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
             else:
                 conn.execute(
                     "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
@@ -147,7 +149,7 @@ class PostgresStorage:
             found = conn.execute(
                 f"SELECT {_TASKS} FROM tasks WHERE task_id = %s", (task_id,)
             ).fetchone()
-        return _task(found) if found else None
+        return rows.task_row(found) if found else None
 
     def update_task(self, task_id: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = %s" for k in values)
@@ -209,7 +211,7 @@ class PostgresStorage:
         owner: str | None = None,
     ) -> list[TaskRow]:
         """Newest first; ``owner`` given: only that owner's tasks."""
-        where, params = _where(
+        where, params = rows.where(
             ("session_id = %s", session_id),
             ("state = %s", state),
             ("seq < %s", before_seq),
@@ -220,14 +222,14 @@ class PostgresStorage:
                 f"SELECT {_TASKS} FROM tasks {where} ORDER BY seq DESC LIMIT %s",
                 (*params, limit),
             ).fetchall()
-        return [_task(r) for r in found]
+        return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
         with self._connection() as conn:
             found = conn.execute(
                 f"SELECT {_TASKS} FROM tasks WHERE state = ANY(%s) ORDER BY seq", (list(states),)
             ).fetchall()
-        return [_task(r) for r in found]
+        return [rows.task_row(r) for r in found]
 
     def probe_write(self) -> bool:
         """While writes fail, one write that changes nothing (a row lock on sessions taken and
@@ -259,7 +261,7 @@ class PostgresStorage:
         first store did (None: the content is not stored)."""
         with self._connection() as conn:
             cur = conn.execute(
-                f"SELECT * FROM ({_shown(viewer is not None)}) AS shown WHERE artifact_id = %s",
+                f"SELECT * FROM ({_SHOWN[viewer is not None]}) AS shown WHERE artifact_id = %s",
                 (viewer, artifact_id),
             )
             found = cur.fetchone()
@@ -278,7 +280,7 @@ class PostgresStorage:
         viewer: str | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first, with the filters and views of the SQLite store's list_artifacts."""
-        where, params = _where(
+        where, params = rows.where(
             ("kind = %s", kind),
             (
                 "EXISTS (SELECT 1 FROM json_array_elements_text(shown.tags::json) AS t(value) "
@@ -288,7 +290,7 @@ class PostgresStorage:
             ("task_id = %s", task_id),
             ("seq < %s", before_seq),
         )
-        source = _OWN_VIEWS if owner is not None else _shown(viewer is not None)
+        source = _OWN_VIEWS if owner is not None else _SHOWN[viewer is not None]
         with self._connection() as conn:
             cur = conn.execute(
                 f"SELECT * FROM ({source}) AS shown {where} ORDER BY seq DESC LIMIT %s",
@@ -338,29 +340,3 @@ def _insert_artifact(conn: psycopg.Connection[tuple[Any, ...]], a: ArtifactInser
         (a.artifact_id, a.owner, a.kind, a.created_ms, a.tags, a.parent, a.task_id, a.metadata),
     )
     return view.rowcount > 0
-
-
-# An owner's views, each with its content's columns; one parameter: the owner.
-_OWN_VIEWS = (
-    "SELECT v.seq, a.artifact_id, a.digest, v.kind, a.size_bytes, v.created_ms, v.tags, "
-    "v.parent, v.task_id, v.metadata FROM artifact_views v "
-    "JOIN artifacts a ON a.artifact_id = v.artifact_id WHERE v.owner = %s"
-)
-
-
-def _shown(with_viewer: bool) -> str:
-    """Every artifact, in its viewer's own view where there is one and else as its first store
-    wrote it; one parameter: the viewer (NULL matches no view)."""
-    if not with_viewer:
-        return (
-            "SELECT seq, artifact_id, digest, kind, size_bytes, created_ms, tags, parent, "
-            "task_id, metadata FROM artifacts WHERE %s::text IS NULL"
-        )
-    picked = ", ".join(
-        f"CASE WHEN v.seq IS NULL THEN a.{c} ELSE v.{c} END AS {c}"
-        for c in ("kind", "created_ms", "tags", "parent", "task_id", "metadata")
-    )
-    return (
-        f"SELECT a.seq, a.artifact_id, a.digest, a.size_bytes, {picked} FROM artifacts a "
-        "LEFT JOIN artifact_views v ON v.artifact_id = a.artifact_id AND v.owner = %s"
-    )

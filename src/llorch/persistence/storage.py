@@ -20,7 +20,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from llorch.config import Settings
 from llorch.errors import StorageBusy
-from llorch.persistence.db import ArtifactInsert, Database, SessionRow, TaskRow
+from llorch.persistence.db import Database
+from llorch.persistence.rows import ArtifactInsert, SessionRow, TaskRow
 
 T = TypeVar("T")
 
