@@ -142,6 +142,11 @@ async def when_free(storage: Storage, write: Callable[[], T]) -> T:
     """``write()``; while it finds the write lock held elsewhere, tried again with backoff (2 ms
     doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile. Only
     a write without side effects before its transaction commits may be passed."""
+    try:
+        return write()  # the common case, without the retry machinery's cost
+    except StorageBusy:
+        if storage.busy_budget_s <= 0:
+            raise
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(StorageBusy),
         wait=wait_exponential(multiplier=0.002, max=0.1),
