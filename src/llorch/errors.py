@@ -206,6 +206,11 @@ class EngineStatusError(EngineError):
         super().__init__(message, **kwargs)
         self.status = status
 
+    @property
+    def overloaded(self) -> bool:
+        """The engine said it is busy (429) or not serving yet (503): not a fault of its own."""
+        return self.status in (429, 503)
+
 
 class EngineRejected(EngineStatusError):
     """The engine refused the request itself (4xx other than 429): retrying cannot help."""

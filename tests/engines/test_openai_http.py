@@ -534,3 +534,40 @@ async def test_the_engines_cached_prompt_tokens_are_kept_when_it_reports_them() 
         finishes = [(await collect(engine, request()))[-1] for _ in script]
 
     assert [f.tokens_cached for f in finishes if isinstance(f, Finish)] == [7, None, None]
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0013")
+@pytest.mark.parametrize("status", [429, 503])
+async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
+    settings_for: SettingsFactory, status: int
+) -> None:
+    busy = Reply(
+        ('{"error": "too many requests"}',), status=status, content_type="application/json"
+    )
+    async with ScriptedEngine([busy]) as fake:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [fake.url],
+            "health_interval_ms": 50,
+            "timeouts": {"connect_ms": 300},
+            "retry": {"attempts": 1},
+            "breaker": {"failure_threshold": 1},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            for _ in range(2):  # the second one reaches the engine too: no circuit opened
+                accepted = await wire.client.post(
+                    "/v1/tasks", json={"model": "small", "prompt": "hello", "max_tokens": 4}
+                )
+                assert accepted.status_code == 202, accepted.text
+                frames = await wire.read_all(accepted.json()["task_id"])
+                error = events(frames)[-1]
+                assert error.event == "error" and error.payload["code"] == "ENGINE_ERROR"
+                assert error.payload["retriable"] is True
+            health = (await wire.client.get("/v1/pools/vllm/health")).json()
+
+    assert [r["state"] for r in health["replicas"]] == ["ready"]
+    assert len(fake.posts()) == 2

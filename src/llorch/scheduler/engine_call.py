@@ -33,6 +33,7 @@ from llorch.errors import (
     DecodeTimeout,
     EngineError,
     EngineRejected,
+    EngineStatusError,
     EngineTimeout,
     LlorchError,
 )
@@ -291,6 +292,8 @@ class EngineCall:
         replica.last_error = exc.message
         if isinstance(exc, EngineRejected):
             return  # the request was refused, the replica is fine
+        if isinstance(exc, EngineStatusError) and exc.overloaded:
+            return  # busy, not broken: its circuit stays closed (ORCH-ENG-0013)
         was = replica.breaker.state
         replica.breaker.record_failure()
         if replica.breaker.state != was:
