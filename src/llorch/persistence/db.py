@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ from llorch.persistence.rows import (
     SessionRow,
     TaskRow,
 )
-
-_MIGRATIONS = resources.files("llorch.persistence") / "migrations"
-
 
 _OWN_VIEWS = rows.own_views("?")
 _SHOWN = {viewer: rows.shown(viewer, "?") for viewer in (False, True)}
@@ -56,12 +52,8 @@ _PLACE_SESSION = "UPDATE sessions SET last_pool_id = ?, last_replica_id = ? WHER
 
 
 def migrations() -> list[tuple[int, str]]:
-    """The numbered migration scripts, in order."""
-    found = []
-    for entry in _MIGRATIONS.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    """The numbered SQLite migration scripts, in order."""
+    return rows.numbered_scripts("migrations")
 
 
 def check_database(path: Path) -> None:

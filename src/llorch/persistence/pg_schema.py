@@ -10,14 +10,13 @@ transaction that is rolled back, so nothing of it is ever visible.
 from __future__ import annotations
 
 import secrets
-from importlib import resources
 from typing import Any
 
 import psycopg
 
+from llorch.persistence import rows
 from llorch.persistence.db import ProfileMismatch, SchemaMismatch
 
-_MIGRATIONS = resources.files("llorch.persistence") / "migrations_pg"
 # pg_advisory_xact_lock key of the migrations ("llorch" in ASCII, then 1).
 MIGRATION_LOCK = 0x6C6C6F7263680001
 
@@ -31,11 +30,7 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 def migrations() -> list[tuple[int, str]]:
     """The numbered PostgreSQL migration scripts, in order."""
-    found = []
-    for entry in _MIGRATIONS.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    return rows.numbered_scripts("migrations_pg")
 
 
 def schema_version(conn: Connection) -> int:

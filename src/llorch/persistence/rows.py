@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 
@@ -121,3 +122,12 @@ def task_row(found: Sequence[Any]) -> TaskRow:
     if values["error_retriable"] is not None:
         values["error_retriable"] = bool(values["error_retriable"])
     return TaskRow(**values)
+
+
+def numbered_scripts(folder: str) -> list[tuple[int, str]]:
+    """The numbered migration scripts of ``llorch.persistence/<folder>``, in order."""
+    found = []
+    for entry in (resources.files("llorch.persistence") / folder).iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)

@@ -94,10 +94,15 @@ class Dispatcher:
     async def _pool_loop(self, pool: PoolRuntime) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            # Woken by admission, a freed slot, a ready replica, or the soonest wait limit.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pool.next_wait_limit_s(loop.time())):
-                    await pool.wakeup.wait()
+            # Woken by admission, a freed slot, a ready replica, or the soonest wait limit (a
+            # timer only while a queued task has one).
+            wait_s = pool.next_wait_limit_s(loop.time())
+            if wait_s is None:
+                await pool.wakeup.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await pool.wakeup.wait()
             pool.wakeup.clear()
             self._end_overdue(pool, loop.time())
             if self.dispatching:
