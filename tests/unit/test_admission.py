@@ -186,6 +186,8 @@ async def test_drop_lru_drops_the_oldest_lower_priority_task(rig_for: RigFactory
         True,
     )
     stream = rig.scheduler.stream(batch.task_id)
+    assert stream.events == []  # its terminal frame waits for the commit to be durable
+    await rig.scheduler.durable()
     assert [(e.kind, e.data["code"]) for e in stream.events] == [("error", "QUEUE_FULL_DROP_LRU")]
     assert stream.closed
     assert [r.task_id for r in rig.pool().queue] == [first.task_id, newcomer.task_id]

@@ -8,13 +8,14 @@ The outcome of every write is kept (:attr:`Database.write_failing`): readiness r
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 from llorch.persistence import rows
+from llorch.persistence.group_sync import GroupSync
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
@@ -98,8 +99,10 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class Database:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, sync: GroupSync | None = None) -> None:
         self._conn = conn
+        # Makes commits durable: SQLite's own commits only reach the OS (synchronous=NORMAL).
+        self._sync = sync
         # Whether the most recent write raised StorageError (locked past the busy timeout, a
         # full disk, a corrupt page); the next write that succeeds clears it.
         self.write_failing = False
@@ -121,6 +124,8 @@ class Database:
         try:
             _quick_check(conn, path)  # before anything writes to the file
             conn.execute("PRAGMA journal_mode=WAL")
+            # A commit is made durable by GroupSync's fsync of the log, shared by every commit
+            # before it, off the event loop: FULL would fsync on the loop at every commit.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
@@ -129,11 +134,13 @@ class Database:
         except BaseException:
             conn.close()
             raise
-        db = cls(conn)
+        sync = GroupSync(path)
+        db = cls(conn, sync)
         try:
             db._migrate()  # before serving: waiting out another writer here blocks nobody
             db._claim_profile(profile)
             db._verify_schema()
+            sync.sync_now()  # the migrations durable before anything is served
             conn.execute("PRAGMA busy_timeout = 0")
             db.busy_budget_s = busy_timeout_ms / 1000
         except sqlite3.Error as exc:
@@ -146,6 +153,24 @@ class Database:
 
     def close(self) -> None:
         self._conn.close()
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether a commit made here is not durable yet (see :meth:`durable`)."""
+        return self._sync is not None and self._sync.pending
+
+    async def durable(self) -> None:
+        """Return once every commit made before the call is durable: one fsync of the
+        write-ahead log, off the event loop, shared by every caller waiting for it."""
+        if self._sync is not None:
+            await self._sync.durable()
+
+    def when_durable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every commit made so far is durable (at once if it is)."""
+        if self._sync is None:
+            callback()
+        else:
+            self._sync.when_durable(callback)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -358,6 +383,8 @@ class Database:
             self.write_failing = True
             raise
         self.write_failing = False
+        if self._sync is not None:
+            self._sync.note_commit()
 
     # -- artifacts --------------------------------------------------------------------------
     # An artifact row travels as a dict keyed by column name; `tags` (a JSON array of strings)

@@ -12,7 +12,7 @@ long a statement waits for a lock (``lock_timeout``) and for a free connection o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -97,6 +97,16 @@ class PostgresStorage:
             pool.close()
             raise StorageError(f"cannot open database {without_password(url)}: {exc}") from exc
         return cls(pool)
+
+    # A commit returns once PostgreSQL has flushed it (synchronous_commit = on): nothing to
+    # wait for after it.
+    needs_sync = False
+
+    async def durable(self) -> None:
+        return None
+
+    def when_durable(self, callback: Callable[[], None]) -> None:
+        callback()
 
     def close(self) -> None:
         self._pool.close()

@@ -38,6 +38,22 @@ class Storage(Protocol):
 
     def close(self) -> None: ...
 
+    @property
+    def needs_sync(self) -> bool:
+        """Whether a commit made here is not durable yet."""
+        ...
+
+    async def durable(self) -> None:
+        """Return once every commit made before the call is durable (ORCH-STATE-0020). A 2xx
+        or a task's terminal frame that answers for a commit waits for this first."""
+        ...
+
+    def when_durable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop once every commit made so far is durable, before any
+        caller of :meth:`durable` covered by the same fsync resumes (at once when nothing waits
+        for an fsync)."""
+        ...
+
     def schema_version(self) -> int:
         """The number of the last migration applied."""
         ...
@@ -140,13 +156,17 @@ def open_storage(settings: Settings) -> Storage:
 
 async def when_free(storage: Storage, write: Callable[[], T]) -> T:
     """``write()``; while it finds the write lock held elsewhere, tried again with backoff (2 ms
-    doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile. Only
-    a write without side effects before its transaction commits may be passed."""
+    doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile; it
+    returns once the write is durable. Only a write without side effects before its transaction
+    commits may be passed."""
     try:
-        return write()  # the common case, without the retry machinery's cost
+        done = write()  # the common case, without the retry machinery's cost
     except StorageBusy:
         if storage.busy_budget_s <= 0:
             raise
+    else:
+        await storage.durable()
+        return done
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(StorageBusy),
         wait=wait_exponential(multiplier=0.002, max=0.1),
@@ -155,5 +175,6 @@ async def when_free(storage: Storage, write: Callable[[], T]) -> T:
     )
     async for attempt in retrying:
         with attempt:
-            return write()
-    raise AssertionError("unreachable: the retry loop returns or raises")
+            done = write()
+    await storage.durable()  # the loop ends with a commit: it re-raises its last failure
+    return done

@@ -154,6 +154,10 @@ class Scheduler:
             record.runner.cancel()
         # "dispatched": its run sees the flag before it starts the task, and ends it canceled.
 
+    async def durable(self) -> None:
+        """Return once every commit so far is durable, and every end it holds published."""
+        await self._db.durable()
+
     def stream(self, task_id: str) -> EventStream:
         found = self.registry.stream(task_id)
         if found is not None:

@@ -8,7 +8,8 @@ exactly once, in this order:
 2. its trace artifact's body is written (off the event loop when the caller can wait);
 3. one transaction releases its reservation and commits its usage, its final row and the row
    of its trace;
-4. only once that commit is durable: the terminal frame is published, the live task
+4. only once that commit is durable (one fsync shared with the commits around it, see
+   :mod:`llorch.persistence.group_sync`): the terminal frame is published, the live task
    forgotten, and the end's metrics and log line recorded.
 
 When storage refuses step 3 (a full disk, a corrupt page, the write lock held past the busy
@@ -43,6 +44,8 @@ log = logging.getLogger("llorch.dispatcher")
 
 # Backoff of a task end that storage refused: from 50 ms up to 5 s between attempts.
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.05, 5.0
+# How long stopping waits for committed ends to become durable before giving their frames up.
+_STOP_SYNC_S = 5.0
 
 
 class Settlement:
@@ -61,6 +64,7 @@ class Settlement:
         self._settings = settings
         self._clock = clock
         self._artifacts = artifacts
+        # Ends waiting for storage to take their commit.
         self._retries: set[asyncio.Task[None]] = set()
 
     # -- the doors --------------------------------------------------------------------------
@@ -181,11 +185,17 @@ class Settlement:
         )
 
     async def stop(self) -> None:
-        """Give up the ends still waiting for storage: their rows stay open, and the next
-        start reconciles them."""
+        """Give up the ends still waiting for storage to take them: their rows stay open, and
+        the next start reconciles them. Ends already committed get their frame once durable
+        (an fsync: a few milliseconds), unless syncing fails for ``_STOP_SYNC_S``."""
         for retry in list(self._retries):
             retry.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
+        try:
+            async with asyncio.timeout(_STOP_SYNC_S):
+                await self._db.durable()
+        except (TimeoutError, StorageError) as exc:
+            log.error("stopping with ends not durable yet (the next start reconciles): %s", exc)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -210,9 +220,10 @@ class Settlement:
         )
 
     def _close(self, ending: Ending, trace: ArtifactInsert | None) -> None:
-        """Commit the end, then publish it; when storage refuses, retry until it commits."""
+        """Commit the end, then publish it once the commit is durable; when storage refuses
+        the commit, retry it until it commits."""
         if self._commit(ending, trace):
-            self._publish(ending)
+            self._db.when_durable(lambda: self._publish(ending))
             return
         retry = asyncio.get_running_loop().create_task(
             self._commit_until_durable(ending, trace), name=f"end:{ending.record.task_id}"
@@ -257,7 +268,7 @@ class Settlement:
             ending.record.task_id,
             extra={"event": "task_end_recorded", "task_id": ending.record.task_id},
         )
-        self._publish(ending)
+        self._db.when_durable(lambda: self._publish(ending))
 
     def _publish(self, ending: Ending) -> None:
         """The end is durable: the terminal frame, the live task forgotten, metrics and log."""

@@ -35,6 +35,7 @@ class SessionHandlers:
         return views.session_body(session), 201, location
 
     async def get_session(self, session_id: str) -> Reply:
+        await self._rt.scheduler.durable()  # no charge shown before it is durable
         session = self._rt.scheduler.sessions.get(session_id, visible_to=caller().visible_to)
         return views.session_body(session), 200, {}
 

@@ -31,17 +31,21 @@ class TaskHandlers:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Reply:
+        await self._rt.scheduler.durable()  # no end shown before it is durable and published
         page = self._rt.scheduler.tasks(
             session_id=session_id, state=state, limit=limit, cursor=cursor, caller=caller()
         )
         return views.task_page(page), 200, {}
 
     async def get_task(self, task_id: str) -> Reply:
+        await self._rt.scheduler.durable()  # no end shown before it is durable and published
         return views.task_view(self._rt.scheduler.task(task_id, caller())), 200, {}
 
     async def cancel_task(self, task_id: str) -> Reply:
         self._rt.scheduler.row(task_id, caller())  # TaskNotFound for another key's task
         self._rt.scheduler.cancel(task_id)
+        # A queued task's end is committed at once: answer when it is durable and published.
+        await self._rt.scheduler.durable()
         return None, 204, {}
 
     async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
