@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llorch.errors import StorageError
 from llorch.persistence import Database
 from llorch.persistence.group_sync import GroupSync
 from llorch.scheduler.events import Event, EventStream
@@ -136,5 +137,35 @@ async def test_callers_waiting_together_share_one_fsync(tmp_path: Path) -> None:
         assert sync.fsyncs - before == 1
         await db.durable()  # nothing committed since: no fsync at all
         assert sync.fsyncs - before == 1
+    finally:
+        db.close()
+
+
+@pytest.mark.req("ORCH-STATE-0020")
+async def test_an_end_waits_while_the_log_cannot_be_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database.open(tmp_path / "llorch.db", profile="test")
+    real, failures = os.fsync, [OSError(5, "Input/output error")] * 2
+
+    def failing(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    published: list[str] = []
+    done = asyncio.Event()
+    try:
+        db.delete_session("a")
+        db.when_durable(lambda: (published.append("end"), done.set()))
+        assert published == []
+        with pytest.raises(StorageError, match="cannot sync the write-ahead log"):
+            await db.durable()
+        # Tried again with backoff by itself, and called once, when the fsync succeeds.
+        await asyncio.wait_for(done.wait(), 10)
+        assert published == ["end"] and not failures
+        await db.durable()
+        assert published == ["end"]
     finally:
         db.close()
