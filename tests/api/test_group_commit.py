@@ -156,9 +156,14 @@ async def test_an_end_waits_while_the_log_cannot_be_synced(
     monkeypatch.setattr(os, "fsync", failing)
     published: list[str] = []
     done = asyncio.Event()
+
+    def publish() -> None:
+        published.append("end")
+        done.set()
+
     try:
         db.delete_session("a")
-        db.when_durable(lambda: (published.append("end"), done.set()))
+        db.when_durable(publish)
         assert published == []
         with pytest.raises(StorageError, match="cannot sync the write-ahead log"):
             await db.durable()
