@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import sys
 import time
 import uuid
@@ -317,6 +318,10 @@ async def hold(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
+    # Every stream is a socket: the soft limit of open files (often 1,024) up to the hard one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=[*MODES, "hold"])
     parser.add_argument("--url", required=True)

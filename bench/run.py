@@ -407,8 +407,10 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
 
 def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
-    # Slow enough that every stream is still open when memory is read.
-    pool = mock_pool(replicas=8, slots=streams // 8 + 1, ttft_ms=0, tokens_per_s=4)
+    # Slow enough that every stream is still open when memory is read; each stream on a slot of
+    # its own (at most 1,024 slots per replica).
+    replicas = max(8, -(-streams // 1024))
+    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=4)
     with llorch(tmp, [pool]) as (url, pid):
         result = load(
             "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
@@ -710,7 +712,7 @@ def render_report() -> str:
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="short runs; results not recorded")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(

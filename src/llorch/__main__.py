@@ -16,7 +16,7 @@ from types import FrameType
 import uvicorn
 
 from llorch.api import create_app, logs
-from llorch.api.http import HttpLimits, protocol_class
+from llorch.api.http import HttpLimits, protocol_class, raise_descriptor_limit
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:  # an empty or corrupt file
         print(f"llorch: {exc}", file=sys.stderr)
         return 2
+    raise_descriptor_limit()  # before the connection cap is derived from it
     try:
         app = create_app(settings)
     except ValueError as exc:  # e.g. a non-loopback bind without API keys

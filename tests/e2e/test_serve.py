@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import sys
@@ -41,6 +42,22 @@ def test_serve_without_configuration_submits_and_streams(tmp_path: Path) -> None
         assert "Application shutdown complete" in log.read_text(encoding="utf-8")
     # The dev profile's own database file, under the data dir.
     assert (tmp_path / "data" / "llorch-dev.sqlite3").is_file()
+
+
+@pytest.mark.req("ORCH-SEC-0063")
+def test_serve_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the child inherits it
+    try:
+        with serve_process(data_dir=tmp_path / "data") as (_url, proc, _log):
+            limits = Path(f"/proc/{proc.pid}/limits").read_text(encoding="utf-8")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    child_soft, child_hard = line.split()[3:5]
+    assert child_soft == child_hard != "256"
 
 
 @pytest.mark.req("ORCH-DATA-0093")

@@ -65,6 +65,22 @@ class HttpLimits:
         )
 
 
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (each open stream is
+    a socket; distributions default the soft limit to 1,024); the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still stops at the kernel's nr_open (1,048,576 by default).
+    want = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+    if soft == want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:  # refused (a container's policy): keep the soft one
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, exc)
+        return soft
+    return want
+
+
 def descriptor_cap() -> int:
     """The default connection cap: the descriptor limit less a reserve."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
