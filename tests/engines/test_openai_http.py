@@ -344,7 +344,7 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
 async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
     parts = completion_chunks(["a", "b"])[:2]
     async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
-        seen: list[Token | Finish] = []
+        seen: list[Token | ToolCallDelta | Finish] = []
         with pytest.raises(WorkerReset) as caught:
             async for c in e.stream(request()):
                 seen.append(c)
