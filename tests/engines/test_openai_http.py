@@ -14,7 +14,14 @@ from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chun
 from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
-from llorch.engines.base import ChatMessage, CompletionRequest, Finish, Token, ToolCallDelta
+from llorch.engines.base import (
+    ChatMessage,
+    CompletionRequest,
+    Finish,
+    Token,
+    ToolCallDelta,
+    bound_tokens_in,
+)
 from llorch.engines.openai_http import OpenAIHttpEngine
 from llorch.errors import (
     DecodeTimeout,
@@ -228,6 +235,24 @@ async def test_a_malformed_tool_call_piece_is_a_protocol_error(calls: Any) -> No
     async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
         with pytest.raises(EngineProtocolError, match="malformed chunk"):
             await collect(engine, request(prompt=None, messages=messages, tools=(WEATHER,)))
+
+
+@pytest.mark.req("ORCH-ENG-0014")
+async def test_a_tool_schema_with_an_integer_beyond_64_bits_is_sent_as_it_is() -> None:
+    huge = {"type": "function", "function": {"name": "f", "parameters": {"maximum": 2**70}}}
+    parts = [_content_chunk("ok", "stop"), DONE]
+    messages = (ChatMessage("user", "x"),)
+    asked = request(prompt=None, messages=messages, tools=(huge,))
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        chunks = await collect(engine, asked)
+
+    assert chunks[0] == Token("ok")
+    assert fake.posts()[0].body["tools"] == [huge]
+    assert bound_tokens_in(asked) > len(str(2**70))  # the tool counts toward the prompt
+
+
+def _content_chunk(text: str, finish: str | None = None) -> str:
+    return chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
 
 
 @pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0004")

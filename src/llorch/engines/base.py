@@ -9,12 +9,11 @@ connection to the engine when the iterator is closed or cancelled. Engines raise
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
-
-import orjson
 
 # Request features beyond text generation that an engine may serve (``Engine.features``); a task
 # that needs one is placed only on a pool whose engine serves it.
@@ -85,7 +84,12 @@ def prompt_bytes(request: CompletionRequest) -> int:
     size = sum(len(m.content.encode()) + 8 for m in messages)
     # Tool definitions and calls are rendered into the prompt too (their JSON bounds them).
     calls = [c for m in messages for c in m.tool_calls]
-    return size + sum(len(orjson.dumps(item)) for item in (*request.tools, *calls))
+    return size + sum(_json_bytes(item) for item in (*request.tools, *calls))
+
+
+def _json_bytes(item: dict[str, Any]) -> int:
+    # The standard library's encoder: a client's JSON may hold integers beyond 64 bits.
+    return len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def estimate_tokens_in(request: CompletionRequest) -> int:

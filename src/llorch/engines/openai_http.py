@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -222,7 +223,7 @@ class OpenAIHttpEngine:
         dog.move(total_at, "the total time limit")
         response: aiohttp.ClientResponse | None = None
         try:
-            body = orjson.dumps(self._body(request))
+            body = _dumps(self._body(request))
             post = self._client().post(self._urls[chat], data=body, headers=headers)
             response = await self._within(dog, post, progress)
             await self._check(response)
@@ -516,6 +517,13 @@ class OpenAIHttpEngine:
             return orjson.loads(body)
         except ValueError:
             return None
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # an integer beyond 64 bits (in a tool's or a format's JSON schema)
+        return json.dumps(body, ensure_ascii=False).encode()
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:
