@@ -224,13 +224,11 @@ async def test_tool_calls_are_sent_and_their_streamed_pieces_relayed_in_order(
         {"index": "0", "function": {"arguments": "{}"}},
         {"index": 0, "function": "get_weather"},
         "get_weather",
+        {"index": 0, "id": "c", "function": {"arguments": "{}"}},  # a call that names nothing
     ],
 )
 async def test_a_malformed_tool_call_piece_is_a_protocol_error(calls: Any) -> None:
-    parts = [
-        chunk({"choices": [{"index": 0, "delta": {"tool_calls": [calls]}}]}),
-        DONE,
-    ]
+    parts = [chunk({"choices": [{"index": 0, "delta": {"tool_calls": [calls]}}]}), DONE]
     messages = (ChatMessage("user", "weather?"),)
     async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
         with pytest.raises(EngineProtocolError, match="malformed chunk"):

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -90,6 +90,8 @@ class _Progress:
     usage: tuple[int, int] | None = None
     cached: int | None = None
     finish_reason: str | None = None
+    # The tool calls begun (their first piece named the function), by index.
+    calls: set[int] = field(default_factory=set)
 
 
 _T = TypeVar("_T")
@@ -389,7 +391,7 @@ class OpenAIHttpEngine:
                 outputs.append(Token(text))
             if chat and delta.get("tool_calls") is not None:
                 pieces = _tool_call_pieces(delta["tool_calls"])
-                if pieces is None:
+                if pieces is None or not _begun(pieces, progress.calls):
                     raise self._malformed(payload)
                 outputs += pieces
             if choice.get("finish_reason"):
@@ -553,6 +555,17 @@ def _tool_call_pieces(calls: Any) -> list[ToolCallDelta] | None:
         call_id, name, arguments = texts
         pieces.append(ToolCallDelta(index, arguments or "", call_id or None, name or None))
     return pieces
+
+
+def _begun(pieces: list[ToolCallDelta], calls: set[int]) -> bool:
+    """Note the calls ``pieces`` begin; False when one continues a call never begun (a call's
+    first piece must name its function)."""
+    for piece in pieces:
+        if piece.index not in calls:
+            if piece.name is None:
+                return False
+            calls.add(piece.index)
+    return True
 
 
 def _is_index(value: Any) -> bool:
