@@ -226,8 +226,10 @@ TOOL_RESULT: list[ChatCompletionMessageParam] = [
     "ORCH-OAI-0014",
     "ORCH-OAI-0015",
     "ORCH-OAI-0016",
+    "ORCH-OAI-0017",
     "ORCH-OAI-0030",
     "ORCH-DATA-0034",
+    "ORCH-DATA-0035",
     "ORCH-ENG-0009",
 )
 @pytest.mark.parametrize(
@@ -243,6 +245,8 @@ TOOL_RESULT: list[ChatCompletionMessageParam] = [
         ("chat", {"response_format": {"type": "grammar"}}, "response_format"),
         ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
         ("chat", {"logit_bias": {"42": -100}}, "logit_bias"),
+        ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs
         ("completion", {"frequency_penalty": -1}, "frequency_penalty"),
         ("completion", {"logit_bias": {"42": 5}}, "logit_bias"),
         # Malformed tool use, whatever the engine.
@@ -277,6 +281,7 @@ def test_neutral_penalties_and_tool_fields_change_nothing_and_are_not_refused(
     neutral: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
     if op == "chat":
         neutral |= {"tools": [], "tool_choice": "none", "parallel_tool_calls": True}
+        neutral |= {"logprobs": False, "top_logprobs": 0}
     client = sdk(url)
     if op == "chat":
         raw: Any = client.chat.completions.with_raw_response.create(

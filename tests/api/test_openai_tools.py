@@ -257,3 +257,55 @@ async def test_the_task_api_routes_tools_and_penalties_to_engines_that_serve_the
     features = {p["pool_id"]: p["features"] for p in capabilities["pools"]}
     assert features["mock"] == []
     assert set(features["vllm"]) >= {"tools", "presence_penalty", "frequency_penalty"}
+
+
+def _scored(token: str, logprob: float) -> dict[str, Any]:
+    alternative = {"token": token.upper(), "logprob": logprob - 1, "bytes": None}
+    return {"token": token, "logprob": logprob, "bytes": None, "top_logprobs": [alternative]}
+
+
+SCORED = [_scored("Par", -0.25), _scored("is", -0.5)]
+SCORED_TEXT = Reply(
+    (
+        *(
+            chunk(
+                {
+                    "choices": [
+                        {"index": 0, "delta": {"content": e["token"]}, "logprobs": {"content": [e]}}
+                    ]
+                }
+            )
+            for e in SCORED
+        ),
+        _delta({}, "stop"),
+        "data: [DONE]\n\n",
+    )
+)
+
+
+@pytest.mark.req("ORCH-OAI-0017", "ORCH-DATA-0035")
+async def test_logprobs_reach_the_sdk_per_chunk_and_whole(settings_for: SettingsFactory) -> None:
+    async with ScriptedEngine([SCORED_TEXT]) as fake:
+        http_pool = HTTP_POOL | {"endpoints": [fake.url]}
+        async with serve(settings_for(config(http_pool))) as wire:
+            await wait_ready(wire, "vllm")
+            sdk = _sdk(wire)
+            whole = await sdk.chat.completions.create(
+                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1
+            )
+            stream = await sdk.chat.completions.create(
+                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1, stream=True
+            )
+            chunks = [c async for c in stream]
+            await sdk.close()
+
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [e.model_dump() for e in logprobs.content] == SCORED
+    assert whole.choices[0].message.content == "Paris"
+    scored = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+    assert [c.delta.content for c in scored] == ["Par", "is"]
+    assert [[e.model_dump() for e in c.logprobs.content or []] for c in scored if c.logprobs] == [
+        [e] for e in SCORED
+    ]
+    assert fake.posts()[0].body["top_logprobs"] == 1

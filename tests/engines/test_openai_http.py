@@ -235,6 +235,58 @@ async def test_a_malformed_tool_call_piece_is_a_protocol_error(calls: Any) -> No
             await collect(engine, request(prompt=None, messages=messages, tools=(WEATHER,)))
 
 
+def _logprob(token: str, logprob: float) -> dict[str, Any]:
+    # llama.cpp's entry: OpenAI's, with the token id beside it.
+    return {"id": 7, "token": token, "bytes": list(token.encode()), "logprob": logprob}
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-DATA-0035")
+async def test_logprobs_are_asked_for_and_relayed_with_each_chunks_text() -> None:
+    first = _logprob("Hi", -0.5) | {"top_logprobs": [_logprob("Hi", -0.5), _logprob("Yo", -1.5)]}
+    parts = [
+        chunk(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [first]}}
+                ]
+            }
+        ),
+        chunk({"choices": [{"index": 0, "delta": {"content": "!"}, "logprobs": None}]}),
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        DONE,
+    ]
+    asked = request(
+        prompt=None, messages=(ChatMessage("user", "x"),), logprobs=True, top_logprobs=2
+    )
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        assert "logprobs" in engine.features
+        chunks = await collect(engine, asked)
+
+    assert asked.features == {"logprobs"}
+    assert chunks[:2] == [Token("Hi", (first,)), Token("!")]
+    (post,) = fake.posts()
+    assert (post.body["logprobs"], post.body["top_logprobs"]) == (True, 2)
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0003")
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        {"content": [{"token": "Hi"}]},
+        {"content": [{"token": 1, "logprob": -1}]},
+        {"content": "Hi"},
+        [],
+    ],
+)
+async def test_malformed_logprobs_are_a_protocol_error(logprobs: Any) -> None:
+    delta = {"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}
+    parts = [chunk({"choices": [delta]}), DONE]
+    asked = request(prompt=None, messages=(ChatMessage("user", "x"),), logprobs=True)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineProtocolError, match="malformed chunk"):
+            await collect(engine, asked)
+
+
 @pytest.mark.req("ORCH-ENG-0014")
 async def test_a_tool_schema_with_an_integer_beyond_64_bits_is_sent_as_it_is() -> None:
     huge = {"type": "function", "function": {"name": "f", "parameters": {"maximum": 2**70}}}

@@ -22,8 +22,9 @@ TOOLS = "tools"
 PRESENCE_PENALTY = "presence_penalty"
 FREQUENCY_PENALTY = "frequency_penalty"
 LOGIT_BIAS = "logit_bias"
+LOGPROBS = "logprobs"
 # Those that only a chat (messages) can ask for.
-CHAT_FEATURES = frozenset({RESPONSE_FORMAT, TOOLS})
+CHAT_FEATURES = frozenset({RESPONSE_FORMAT, TOOLS, LOGPROBS})
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class CompletionRequest:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # OpenAI's chat logprobs: each token's log-probability, and its top_logprobs alternatives.
+    logprobs: bool = False
+    top_logprobs: int | None = None
     correlation_id: str = ""
 
     @property
@@ -72,6 +76,7 @@ class CompletionRequest:
             PRESENCE_PENALTY: bool(self.presence_penalty),
             FREQUENCY_PENALTY: bool(self.frequency_penalty),
             LOGIT_BIAS: bool(self.logit_bias),
+            LOGPROBS: self.logprobs,
         }
         return frozenset(name for name, needed in needs.items() if needed)
 
@@ -109,6 +114,9 @@ def bound_tokens_in(request: CompletionRequest) -> int:
 @dataclass(frozen=True)
 class Token:
     text: str
+    # With logprobs asked for: OpenAI's ``logprobs.content`` entries of the chunk's tokens
+    # (``token``, ``logprob``, ``bytes``, ``top_logprobs``), as the engine sent them.
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from llorch.config import EngineKind, PoolSettings
 from llorch.engines.base import (
     FREQUENCY_PENALTY,
     LOGIT_BIAS,
+    LOGPROBS,
     PRESENCE_PENALTY,
     RESPONSE_FORMAT,
     TOOLS,
@@ -74,7 +75,7 @@ _JSON = {"Content-Type": "application/json"}
 # and vLLM take OpenAI's response_format and tools on chat completions, and its penalties and
 # logit_bias on both; TGI's have not always had OpenAI's shape, and no TGI server was checked.
 _OPENAI_FEATURES = frozenset(
-    {RESPONSE_FORMAT, TOOLS, PRESENCE_PENALTY, FREQUENCY_PENALTY, LOGIT_BIAS}
+    {RESPONSE_FORMAT, TOOLS, PRESENCE_PENALTY, FREQUENCY_PENALTY, LOGIT_BIAS, LOGPROBS}
 )
 _FEATURES: dict[str, frozenset[str]] = {
     "llamacpp": _OPENAI_FEATURES,
@@ -315,6 +316,8 @@ class OpenAIHttpEngine:
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
             "logit_bias": request.logit_bias,
+            "logprobs": True if request.logprobs else None,
+            "top_logprobs": request.top_logprobs if request.logprobs else None,
         }
         body |= {name: value for name, value in optional.items() if value is not None}
         return body
@@ -388,7 +391,10 @@ class OpenAIHttpEngine:
             if text is not None and not isinstance(text, str):
                 raise self._malformed(payload)
             if text:
-                outputs.append(Token(text))
+                logprobs = _logprobs(choice.get("logprobs")) if chat else ()
+                if logprobs is None:
+                    raise self._malformed(payload)
+                outputs.append(Token(text, logprobs))
             if chat and delta.get("tool_calls") is not None:
                 pieces = _tool_call_pieces(delta["tool_calls"])
                 if pieces is None or not _begun(pieces, progress.calls):
@@ -555,6 +561,26 @@ def _tool_call_pieces(calls: Any) -> list[ToolCallDelta] | None:
         call_id, name, arguments = texts
         pieces.append(ToolCallDelta(index, arguments or "", call_id or None, name or None))
     return pieces
+
+
+def _logprobs(logprobs: Any) -> tuple[dict[str, Any], ...] | None:
+    """A chat chunk's ``logprobs.content`` entries (none when it has none), None when they do not
+    have OpenAI's shape (a ``token`` and a numeric ``logprob`` each)."""
+    if logprobs is None:
+        return ()
+    content = logprobs.get("content") if isinstance(logprobs, dict) else 0
+    if content is None:
+        return ()
+    if not isinstance(content, list) or not all(_is_logprob(e) for e in content):
+        return None
+    return tuple(content)
+
+
+def _is_logprob(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        return False
+    logprob = entry.get("logprob")
+    return isinstance(logprob, int | float) and not isinstance(logprob, bool)
 
 
 def _begun(pieces: list[ToolCallDelta], calls: set[int]) -> bool:

@@ -192,7 +192,10 @@ class EngineCall:
                 "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=self.replica.engine.engine
             )
         if isinstance(chunk, Token):
-            record.events.publish("token", {"t": chunk.text, "i": record.tokens_out})
+            data: dict[str, Any] = {"t": chunk.text, "i": record.tokens_out}
+            if chunk.logprobs:
+                data["lp"] = list(chunk.logprobs)
+            record.events.publish("token", data)
         else:
             record.events.publish("tool_call", _tool_call_frame(chunk, record.tokens_out))
         record.tokens_out += 1

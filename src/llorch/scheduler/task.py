@@ -124,6 +124,8 @@ def completion_request(
     tool_choice = body.get("tool_choice")
     if tool_choice not in (None, "none") and not tools:
         raise InvalidParams(f"'tool_choice' needs 'tools': {tool_choice!r} names no tool to call")
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise InvalidParams("'top_logprobs' needs 'logprobs': true")
     return CompletionRequest(
         task_id=task_id,
         model=body["model"],
@@ -141,6 +143,8 @@ def completion_request(
         presence_penalty=body.get("presence_penalty"),
         frequency_penalty=body.get("frequency_penalty"),
         logit_bias=body.get("logit_bias"),
+        logprobs=bool(body.get("logprobs")),
+        top_logprobs=body.get("top_logprobs"),
         correlation_id=correlation_id,
     )
 

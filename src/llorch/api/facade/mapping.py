@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Fields refused unless absent, null or this value (which is OpenAI's default behaviour).
-_CHAT_NEUTRAL: dict[str, object] = {"n": 1, "logprobs": False, "top_logprobs": 0}
+_CHAT_NEUTRAL: dict[str, object] = {"n": 1}
 _COMPLETION_NEUTRAL: dict[str, object] = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
 # `logprobs` of a completion is a count: any value asks for something llorch does not return.
 _COMPLETION_NEVER = ("logprobs",)
@@ -89,6 +89,10 @@ def chat_task(body: Mapping[str, Any], knobs: Knobs, max_tokens_out: int) -> Map
     tool_choice = body.get("tool_choice")
     if tool_choice is not None and ("tools" in task or tool_choice != "none"):
         task["tool_choice"] = tool_choice
+    if body.get("logprobs"):
+        task["logprobs"] = True
+    if body.get("top_logprobs") is not None and (body.get("logprobs") or body["top_logprobs"]):
+        task["top_logprobs"] = body["top_logprobs"]  # without logprobs: refused by admission
     return _finish(task, body, knobs, tier=body.get("service_tier"))
 
 

@@ -60,9 +60,15 @@ def usage(end: Mapping[str, Any]) -> dict[str, int]:
 
 
 def completion(
-    shape: Shape, text: str, end: Mapping[str, Any], tool_calls: list[dict[str, Any]] | None = None
+    shape: Shape,
+    text: str,
+    end: Mapping[str, Any],
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": end["finish_reason"], "logprobs": None}
+    if logprobs:
+        choice["logprobs"] = {"content": logprobs}
     if shape.chat:
         # OpenAI's content is null when the model only called tools.
         content = None if tool_calls and not text else text
@@ -75,9 +81,14 @@ def completion(
     return body | {"choices": [choice], "usage": usage(end)}
 
 
-def chunk(shape: Shape, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-    """One streamed chunk; ``text`` None on the chat role chunk and on the last one."""
+def chunk(
+    shape: Shape, text: str | None, finish_reason: str | None, logprobs: Any = None
+) -> dict[str, Any]:
+    """One streamed chunk; ``text`` None on the chat role chunk and on the last one; a token's
+    ``logprobs`` entries when it has them."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    if logprobs:
+        choice["logprobs"] = {"content": logprobs}
     if shape.chat:
         if finish_reason is not None:
             choice["delta"] = {}
@@ -165,7 +176,7 @@ async def sse_chunks(stream: EventStream, shape: Shape, heartbeat_s: float) -> A
         elif event.kind == "started" and shape.chat:
             yield _frame(chunk(shape, None, None))
         elif event.kind == "token":
-            yield _frame(chunk(shape, str(event.data["t"]), None))
+            yield _frame(chunk(shape, str(event.data["t"]), None, event.data.get("lp")))
         elif event.kind == "tool_call" and shape.chat:
             yield _frame(tool_call_chunk(shape, event.data))
         elif event.kind == "end":
@@ -278,6 +289,7 @@ class WholeCompletion(Response):
 
     async def _answer(self, send: Send) -> None:
         text: list[str] = []
+        logprobs: list[Any] = []
         calls = ToolCalls()
         terminal = None
         async for event in self._stream.subscribe():
@@ -285,6 +297,7 @@ class WholeCompletion(Response):
                 continue
             if event.kind == "token":
                 text.append(str(event.data["t"]))
+                logprobs += event.data.get("lp", ())
             elif event.kind == "tool_call":
                 calls.add(event.data)
             elif event.kind in ("end", "error"):
@@ -292,7 +305,8 @@ class WholeCompletion(Response):
         self._watch.done = True
         if terminal is not None and terminal.kind == "end":
             whole = calls.whole(self._shape.task_id)
-            status, body = 200, completion(self._shape, "".join(text), terminal.data, whole)
+            answer = completion(self._shape, "".join(text), terminal.data, whole, logprobs)
+            status, body = 200, answer
             headers = self._extra
         else:
             lost = {"code": "WORKER_RESET", "message": "task events were lost", "retriable": True}
