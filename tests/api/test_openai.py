@@ -113,7 +113,8 @@ def call(client: openai.OpenAI, op: str, **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 4)
     model = kwargs.pop("model", MODEL)
     if op == "chat":
-        return client.chat.completions.create(model=model, messages=HELLO, **kwargs)
+        messages = kwargs.pop("messages", HELLO)
+        return client.chat.completions.create(model=model, messages=messages, **kwargs)
     return client.completions.create(model=model, prompt="Once", **kwargs)
 
 
@@ -206,16 +207,56 @@ def test_service_tier_and_the_priority_header_map_onto_the_priority(
     assert task["priority"] == "interactive"
 
 
-@pytest.mark.req("ORCH-OAI-0013", "ORCH-OAI-0014", "ORCH-OAI-0015", "ORCH-OAI-0030")
+TOOL = {"type": "function", "function": {"name": "get_weather"}}
+TOOL_RESULT: list[ChatCompletionMessageParam] = [
+    *HELLO,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
+
+
+@pytest.mark.req(
+    "ORCH-OAI-0013",
+    "ORCH-OAI-0014",
+    "ORCH-OAI-0015",
+    "ORCH-OAI-0016",
+    "ORCH-OAI-0017",
+    "ORCH-OAI-0030",
+    "ORCH-DATA-0034",
+    "ORCH-DATA-0035",
+    "ORCH-ENG-0009",
+)
 @pytest.mark.parametrize(
     ("op", "extra", "param"),
     [
         ("chat", {"n": 2}, "n"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),  # no tools to choose from
         # Refused by admission: no pool serving the model has an engine that serves it.
+        ("chat", {"tools": [TOOL]}, "tools"),
+        ("chat", {"tools": [TOOL], "tool_choice": "none"}, "tools"),
+        ("chat", {"messages": TOOL_RESULT}, "tools"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
         ("chat", {"response_format": {"type": "grammar"}}, "response_format"),
+        ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("chat", {"logit_bias": {"42": -100}}, "logit_bias"),
+        ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ("completion", {"frequency_penalty": -1}, "frequency_penalty"),
+        ("completion", {"logit_bias": {"42": 5}}, "logit_bias"),
+        # Malformed tool use, whatever the engine.
+        ("chat", {"messages": [{"role": "tool", "content": "sunny"}]}, "tool_call_id"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
+            "tool_call_id",
+        ),
+        ("chat", {"messages": [{"role": "user", "content": None}]}, "messages"),
         ("completion", {"n": 2}, "n"),
         ("completion", {"logprobs": 1}, "logprobs"),
         ("chat", {"extra_body": {"bogus": 1}}, "bogus"),
@@ -228,10 +269,30 @@ def test_what_the_facade_does_not_serve_is_a_400_naming_it(
     with pytest.raises(openai.BadRequestError) as refused:
         call(sdk(url), op, **extra)
     error = error_of(refused.value)
-    assert error["param"] == param
+    assert error["param"] == param, error
     assert refused.value.response.headers["x-should-retry"] == "false"
-    if param.startswith("tool"):  # refused on every engine, and the message says why
-        assert "tool call" in error["message"]
+
+
+@pytest.mark.req("ORCH-OAI-0016", "ORCH-OAI-0013")
+@pytest.mark.parametrize("op", OPS)
+def test_neutral_penalties_and_tool_fields_change_nothing_and_are_not_refused(
+    url: str, api: httpx.Client, op: str
+) -> None:
+    neutral: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    if op == "chat":
+        neutral |= {"tools": [], "tool_choice": "none", "parallel_tool_calls": True}
+        neutral |= {"logprobs": False, "top_logprobs": 0}
+    client = sdk(url)
+    if op == "chat":
+        raw: Any = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=2, **neutral
+        )
+    else:
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt="Once", max_tokens=2, **neutral
+        )
+    request = _trace(api, raw.headers["x-task-id"])["request"]
+    assert not set(neutral) & set(request)  # none of them reached the task
 
 
 @pytest.mark.req("ORCH-OAI-0012")
@@ -548,7 +609,7 @@ async def test_the_facade_passes_top_p_and_response_format_to_an_engine_that_ser
     assert shaped.json()["choices"][0]["message"]["content"] == '{"name": "Paris"}'
     assert task["pool_id"] == "vllm"  # placed where the engine serves it, never on the mock
     features = {p["pool_id"]: p["features"] for p in capabilities["pools"]}
-    assert features == {"mock": [], "vllm": ["response_format"]}
+    assert features["mock"] == [] and "response_format" in features["vllm"]
     sent = [p.body for p in fake.posts()]
     assert sent[0]["response_format"] == CITY and sent[0]["top_p"] == 0.5
     # Without one, the task may go to either pool; what reached the engine carried no format.

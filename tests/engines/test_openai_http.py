@@ -14,7 +14,14 @@ from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chun
 from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
-from llorch.engines.base import ChatMessage, CompletionRequest, Finish, Token
+from llorch.engines.base import (
+    ChatMessage,
+    CompletionRequest,
+    Finish,
+    Token,
+    ToolCallDelta,
+    bound_tokens_in,
+)
 from llorch.engines.openai_http import OpenAIHttpEngine
 from llorch.errors import (
     DecodeTimeout,
@@ -53,7 +60,9 @@ async def adapter(url: str, **kwargs: object) -> AsyncIterator[OpenAIHttpEngine]
         await engine.close()
 
 
-async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Token | Finish]:
+async def collect(
+    engine: OpenAIHttpEngine, req: CompletionRequest
+) -> list[Token | ToolCallDelta | Finish]:
     return [c async for c in engine.stream(req)]
 
 
@@ -127,6 +136,199 @@ async def test_a_response_format_is_sent_unchanged_and_engines_say_whether_they_
     assert chunks[0] == Token("{}")
     (post,) = fake.posts()
     assert post.body["response_format"] == SCHEMA
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def tool_delta(call: dict[str, Any], finish: str | None = None) -> str:
+    delta = {"tool_calls": [call]}
+    return chunk({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0009")
+@pytest.mark.parametrize(("kind", "serves"), [("vllm", True), ("llamacpp", True), ("tgi", False)])
+async def test_tool_calls_are_sent_and_their_streamed_pieces_relayed_in_order(
+    kind: str, serves: bool
+) -> None:
+    # vLLM's shape: a call's first piece has its id and name, the next ones more arguments.
+    parts = [
+        chunk({"choices": [{"index": 0, "delta": {"content": "Let me see."}}]}),
+        tool_delta(
+            {"index": 0, "id": "call-1", "type": "function", "function": {"name": "get_weather"}}
+        ),
+        tool_delta({"index": 0, "function": {"arguments": '{"city": '}}),
+        tool_delta({"index": 0, "function": {"arguments": '"Paris"}'}}),
+        # llama.cpp's: a whole call at once, without index.
+        tool_delta({"id": "call-2", "function": {"name": "get_time", "arguments": "{}"}}),
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        chunk({"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 12}}),
+        DONE,
+    ]
+    call = {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = (
+        ChatMessage("user", "weather?"),
+        ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", "sunny", tool_call_id="c0"),
+    )
+    asked = request(
+        prompt=None,
+        messages=messages,
+        tools=(WEATHER,),
+        tool_choice="auto",
+        parallel_tool_calls=False,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"42": -100.0},
+    )
+    async with (
+        ScriptedEngine([Reply(tuple(parts))]) as fake,
+        adapter(fake.url, kind=kind) as engine,
+    ):
+        features = {"tools", "presence_penalty", "frequency_penalty", "logit_bias"}
+        assert features & engine.features == (features if serves else set())
+        chunks = await collect(engine, asked)
+
+    assert asked.features == features
+    assert chunks == [
+        Token("Let me see."),
+        ToolCallDelta(0, "", "call-1", "get_weather"),
+        ToolCallDelta(0, '{"city": '),
+        ToolCallDelta(0, '"Paris"}'),
+        ToolCallDelta(0, "{}", "call-2", "get_time"),
+        Finish("tool_calls", 30, 12),
+    ]
+    (post,) = fake.posts()
+    assert post.body["messages"] == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c0"},
+    ]
+    assert (post.body["tools"], post.body["tool_choice"]) == ([WEATHER], "auto")
+    assert post.body["parallel_tool_calls"] is False
+    assert (post.body["presence_penalty"], post.body["frequency_penalty"]) == (0.5, -0.5)
+    assert post.body["logit_bias"] == {"42": -100.0}
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0003")
+@pytest.mark.parametrize(
+    "calls",
+    [
+        {"index": 0, "function": {"arguments": 7}},
+        {"index": "0", "function": {"arguments": "{}"}},
+        {"index": 0, "function": "get_weather"},
+        "get_weather",
+        {"index": 0, "id": "c", "function": {"arguments": "{}"}},  # a call that names nothing
+    ],
+)
+async def test_a_malformed_tool_call_piece_is_a_protocol_error(calls: Any) -> None:
+    parts = [chunk({"choices": [{"index": 0, "delta": {"tool_calls": [calls]}}]}), DONE]
+    messages = (ChatMessage("user", "weather?"),)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineProtocolError, match="malformed chunk"):
+            await collect(engine, request(prompt=None, messages=messages, tools=(WEATHER,)))
+
+
+def _logprob(token: str, logprob: float) -> dict[str, Any]:
+    # llama.cpp's entry: OpenAI's, with the token id beside it.
+    return {"id": 7, "token": token, "bytes": list(token.encode()), "logprob": logprob}
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-DATA-0035")
+async def test_logprobs_are_asked_for_and_relayed_with_each_chunks_text() -> None:
+    first = _logprob("Hi", -0.5) | {"top_logprobs": [_logprob("Hi", -0.5), _logprob("Yo", -1.5)]}
+    parts = [
+        chunk(
+            {
+                "choices": [
+                    {"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [first]}}
+                ]
+            }
+        ),
+        chunk({"choices": [{"index": 0, "delta": {"content": "!"}, "logprobs": None}]}),
+        chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        DONE,
+    ]
+    asked = request(
+        prompt=None, messages=(ChatMessage("user", "x"),), logprobs=True, top_logprobs=2
+    )
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        assert "logprobs" in engine.features
+        chunks = await collect(engine, asked)
+
+    assert asked.features == {"logprobs"}
+    assert chunks[:2] == [Token("Hi", (first,)), Token("!")]
+    (post,) = fake.posts()
+    assert (post.body["logprobs"], post.body["top_logprobs"]) == (True, 2)
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0003")
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        {"content": [{"token": "Hi"}]},
+        {"content": [{"token": 1, "logprob": -1}]},
+        {"content": "Hi"},
+        [],
+    ],
+)
+async def test_malformed_logprobs_are_a_protocol_error(logprobs: Any) -> None:
+    delta = {"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}
+    parts = [chunk({"choices": [delta]}), DONE]
+    asked = request(prompt=None, messages=(ChatMessage("user", "x"),), logprobs=True)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        with pytest.raises(EngineProtocolError, match="malformed chunk"):
+            await collect(engine, asked)
+
+
+@pytest.mark.req("ORCH-ENG-0014")
+async def test_a_tool_schema_with_an_integer_beyond_64_bits_is_sent_as_it_is() -> None:
+    huge = {"type": "function", "function": {"name": "f", "parameters": {"maximum": 2**70}}}
+    parts = [_content_chunk("ok", "stop"), DONE]
+    messages = (ChatMessage("user", "x"),)
+    asked = request(prompt=None, messages=messages, tools=(huge,))
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        chunks = await collect(engine, asked)
+
+    assert chunks[0] == Token("ok")
+    assert fake.posts()[0].body["tools"] == [huge]
+    assert bound_tokens_in(asked) > len(str(2**70))  # the tool counts toward the prompt
+
+
+def _content_chunk(text: str, finish: str | None = None) -> str:
+    return chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
+
+
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0004")
+async def test_a_failure_after_a_tool_call_piece_is_a_worker_reset() -> None:
+    parts = [tool_delta({"index": 0, "id": "c", "function": {"name": "get_weather"}})]
+    messages = (ChatMessage("user", "weather?"),)
+    async with (
+        ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake,
+        adapter(fake.url) as engine,
+    ):
+        with pytest.raises(WorkerReset, match="after 1 tokens"):
+            await collect(engine, request(prompt=None, messages=messages, tools=(WEATHER,)))
+
+
+@pytest.mark.req("ORCH-ENG-0014")
+async def test_a_task_without_tools_sends_no_tool_fields_and_neutral_penalties_need_nothing() -> (
+    None
+):
+    parts = [*completion_chunks(["a"], finish="stop"), DONE]
+    quiet = request(tool_choice="none", parallel_tool_calls=True, presence_penalty=0.0)
+    async with ScriptedEngine([Reply(tuple(parts))]) as fake, adapter(fake.url) as engine:
+        await collect(engine, quiet)
+
+    assert quiet.features == frozenset()
+    (post,) = fake.posts()
+    assert not {"tools", "tool_choice", "parallel_tool_calls", "logit_bias"} & set(post.body)
 
 
 @pytest.mark.req("ORCH-ENG-0002", "ORCH-ENG-0003")
@@ -217,7 +419,7 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
 async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
     parts = completion_chunks(["a", "b"])[:2]
     async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
-        seen: list[Token | Finish] = []
+        seen: list[Token | ToolCallDelta | Finish] = []
         with pytest.raises(WorkerReset) as caught:
             async for c in e.stream(request()):
                 seen.append(c)

@@ -82,3 +82,55 @@ async def test_the_openai_sdk_gets_a_real_models_answer_through_llorch(
     # The call was a task: it shows in the task API, with the engine's usage.
     assert task["state"] == "succeeded"
     assert task["usage"]["tokens_out"] == direct["usage"]["completion_tokens"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.req("ORCH-OAI-0017", "ORCH-ENG-0014", "ORCH-DATA-0035")
+async def test_a_real_models_logprobs_reach_the_sdk_through_llorch(
+    smollm2: Path, settings_for: SettingsFactory
+) -> None:
+    with LlamaServer(smollm2, n_parallel=1, n_ctx=512, threads=2) as llama:
+        pool = {
+            "id": "smollm2",
+            "engine": "llamacpp",
+            "model": MODEL,
+            "endpoints": [llama.url],
+            "health_interval_ms": 50,
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            sdk = openai.AsyncOpenAI(
+                base_url=f"{wire.client.base_url}/v1", api_key="unused", max_retries=0
+            )
+            whole = await sdk.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=6,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=2,
+            )
+            streamed = await sdk.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=6,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=2,
+                stream=True,
+            )
+            chunks = [chunk async for chunk in streamed]
+            await sdk.close()
+
+    text = whole.choices[0].message.content or ""
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    # One entry per generated token, whose texts make the answer, each with its alternatives.
+    assert "".join(e.token for e in logprobs.content) == text
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in logprobs.content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in logprobs.content)
+    # Streamed, the same tokens, each chunk with its own.
+    pieces = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+    entries = [p.logprobs.content if p.logprobs else None for p in pieces]
+    assert all(entries)
+    streamed_tokens = [e.token for content in entries for e in content or []]
+    assert streamed_tokens == [e.token for e in logprobs.content]

@@ -1,13 +1,15 @@
 """The one calling convention every engine adapter speaks.
 
-An engine replica streams a completion as an async iterator of :class:`Token` chunks followed by
-exactly one :class:`Finish`. Cancel is asyncio cancellation of the consuming task: an adapter
-closes its connection to the engine when the iterator is closed or cancelled. Engines raise only
+An engine replica streams a completion as an async iterator of :class:`Token` chunks (and
+:class:`ToolCallDelta` pieces of the tool calls it makes) followed by exactly one
+:class:`Finish`. Cancel is asyncio cancellation of the consuming task: an adapter closes its
+connection to the engine when the iterator is closed or cancelled. Engines raise only
 :class:`llorch.errors.EngineError` subclasses.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -16,12 +18,27 @@ from typing import Any, Literal, Protocol
 # Request features beyond text generation that an engine may serve (``Engine.features``); a task
 # that needs one is placed only on a pool whose engine serves it.
 RESPONSE_FORMAT = "response_format"
+TOOLS = "tools"
+PRESENCE_PENALTY = "presence_penalty"
+FREQUENCY_PENALTY = "frequency_penalty"
+LOGIT_BIAS = "logit_bias"
+LOGPROBS = "logprobs"
+# Those that only a chat (messages) can ask for.
+CHAT_FEATURES = frozenset({RESPONSE_FORMAT, TOOLS, LOGPROBS})
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    # OpenAI's tool_calls of an assistant message, as the contract's ToolCall objects.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    # The call a tool message answers.
+    tool_call_id: str | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -37,19 +54,47 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     # OpenAI's response_format (json_object / json_schema), never {"type": "text"}.
     response_format: dict[str, Any] | None = None
+    # OpenAI's tools (function definitions), tool_choice and parallel_tool_calls, sent as they are.
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # None (or {}) when the task did not ask: a neutral value needs nothing of the engine.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # OpenAI's chat logprobs: each token's log-probability, and its top_logprobs alternatives.
+    logprobs: bool = False
+    top_logprobs: int | None = None
     correlation_id: str = ""
 
     @property
     def features(self) -> frozenset[str]:
         """The engine features this request needs."""
-        return frozenset({RESPONSE_FORMAT}) if self.response_format is not None else frozenset()
+        needs = {
+            RESPONSE_FORMAT: self.response_format is not None,
+            TOOLS: bool(self.tools) or any(m.uses_tools for m in self.messages or ()),
+            PRESENCE_PENALTY: bool(self.presence_penalty),
+            FREQUENCY_PENALTY: bool(self.frequency_penalty),
+            LOGIT_BIAS: bool(self.logit_bias),
+            LOGPROBS: self.logprobs,
+        }
+        return frozenset(name for name, needed in needs.items() if needed)
 
 
 def prompt_bytes(request: CompletionRequest) -> int:
     """The prompt's UTF-8 bytes, with 8 for the markers a chat template puts around a message."""
     if request.prompt is not None:
         return len(request.prompt.encode())
-    return sum(len(m.content.encode()) + 8 for m in request.messages or ())
+    messages = request.messages or ()
+    size = sum(len(m.content.encode()) + 8 for m in messages)
+    # Tool definitions and calls are rendered into the prompt too (their JSON bounds them).
+    calls = [c for m in messages for c in m.tool_calls]
+    return size + sum(_json_bytes(item) for item in (*request.tools, *calls))
+
+
+def _json_bytes(item: dict[str, Any]) -> int:
+    # The standard library's encoder: a client's JSON may hold integers beyond 64 bits.
+    return len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def estimate_tokens_in(request: CompletionRequest) -> int:
@@ -69,11 +114,29 @@ def bound_tokens_in(request: CompletionRequest) -> int:
 @dataclass(frozen=True)
 class Token:
     text: str
+    # With logprobs asked for: OpenAI's ``logprobs.content`` entries of the chunk's tokens
+    # (``token``, ``logprob``, ``bytes``, ``top_logprobs``), as the engine sent them.
+    logprobs: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """One piece of a tool call the engine streams (OpenAI's ``delta.tool_calls[]``): ``index``
+    says which call; its first piece carries the call's ``id`` and function ``name``, every
+    piece a part of its ``arguments``."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
 class Finish:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     tokens_in: int
     tokens_out: int
     # False when the engine sent no usage and llorch counted what it streamed.
@@ -83,7 +146,7 @@ class Finish:
     tokens_cached: int | None = None
 
 
-Chunk = Token | Finish
+Chunk = Token | ToolCallDelta | Finish
 
 
 class Engine(Protocol):
@@ -109,7 +172,7 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
-        """Stream one completion: ``Token``\\ s, then one ``Finish``."""
+        """Stream one completion: ``Token``\\ s (and ``ToolCallDelta``\\ s), then one ``Finish``."""
         ...
 
     async def close(self) -> None: ...

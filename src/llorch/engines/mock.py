@@ -102,8 +102,9 @@ class MockEngine:
     engine = "mock"
     version = "mock-1"
     context_size: int | None = None
-    # Text is a function of (seed, prompt): it cannot be shaped (response_format), and
-    # sampling knobs other than the seed (temperature, top_p) change nothing.
+    # Text is a function of (seed, prompt): it cannot be shaped (response_format), call tools,
+    # or be steered by penalties or a logit bias (all refused, ORCH-ENG-0009), and sampling
+    # knobs other than the seed (temperature, top_p) change nothing.
     features: frozenset[str] = frozenset()
 
     def __init__(

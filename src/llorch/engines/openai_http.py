@@ -27,20 +27,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncGenerator, Awaitable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 
 from llorch.config import EngineKind, PoolSettings
 from llorch.engines.base import (
+    FREQUENCY_PENALTY,
+    LOGIT_BIAS,
+    LOGPROBS,
+    PRESENCE_PENALTY,
     RESPONSE_FORMAT,
+    TOOLS,
+    ChatMessage,
     Chunk,
     CompletionRequest,
     Finish,
+    FinishReason,
     Token,
+    ToolCallDelta,
     estimate_tokens_in,
 )
 from llorch.errors import (
@@ -55,19 +64,23 @@ from llorch.errors import (
 )
 from llorch.timers import Watchdog
 
-_FINISH_REASONS: dict[str, Literal["stop", "length"]] = {"length": "length"}
+_FINISH_REASONS: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls"}
 _ERROR_BODY_CHARS = 300
 _AFTER_DONE_S = 0.5  # how long the end of a response may follow its [DONE]
 # No compressed streams: an SSE body is decoded chunk by chunk as it comes.
 _HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
 _JSON = {"Content-Type": "application/json"}
 
-# What each kind of engine serves beyond text (ORCH-ENG-0008): llama.cpp's server and vLLM take
-# OpenAI's response_format on chat completions; TGI's has not always had OpenAI's shape.
+# What each kind of engine serves beyond text (ORCH-ENG-0008, ORCH-ENG-0014): llama.cpp's server
+# and vLLM take OpenAI's response_format and tools on chat completions, and its penalties and
+# logit_bias on both; TGI's have not always had OpenAI's shape, and no TGI server was checked.
+_OPENAI_FEATURES = frozenset(
+    {RESPONSE_FORMAT, TOOLS, PRESENCE_PENALTY, FREQUENCY_PENALTY, LOGIT_BIAS, LOGPROBS}
+)
 _FEATURES: dict[str, frozenset[str]] = {
-    "llamacpp": frozenset({RESPONSE_FORMAT}),
-    "vllm": frozenset({RESPONSE_FORMAT}),
-    "openai": frozenset({RESPONSE_FORMAT}),
+    "llamacpp": _OPENAI_FEATURES,
+    "vllm": _OPENAI_FEATURES,
+    "openai": _OPENAI_FEATURES,
     "tgi": frozenset(),
 }
 
@@ -78,6 +91,8 @@ class _Progress:
     usage: tuple[int, int] | None = None
     cached: int | None = None
     finish_reason: str | None = None
+    # The tool calls begun (their first piece named the function), by index.
+    calls: set[int] = field(default_factory=set)
 
 
 _T = TypeVar("_T")
@@ -211,7 +226,7 @@ class OpenAIHttpEngine:
         dog.move(total_at, "the total time limit")
         response: aiohttp.ClientResponse | None = None
         try:
-            body = orjson.dumps(self._body(request))
+            body = _dumps(self._body(request))
             post = self._client().post(self._urls[chat], data=body, headers=headers)
             response = await self._within(dog, post, progress)
             await self._check(response)
@@ -223,16 +238,17 @@ class OpenAIHttpEngine:
                     raise EngineProtocolError(
                         f"{self._where} ended the stream without [DONE]", engine=self.engine
                     )
-                texts: list[str] = []
+                outputs: list[Token | ToolCallDelta] = []
                 done = False
                 for payload in events.feed(read):
                     if payload == b"[DONE]":
                         done = True
                         break
-                    texts += self._parse(payload, chat, progress)
-                for text in texts:
+                    outputs += self._parse(payload, chat, progress)
+                for output in outputs:
+                    # A tool call's piece counts as a token: once one is relayed, no retry.
                     progress.tokens += 1
-                    yield Token(text)
+                    yield output
                 if done:
                     break
             if await self._read_to_end(content, dog):
@@ -284,15 +300,24 @@ class OpenAIHttpEngine:
             "stream_options": {"include_usage": True},
         }
         if request.messages is not None:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [_message(m) for m in request.messages]
         else:
             body["prompt"] = request.prompt
+        tools = list(request.tools) or None
         optional = {
             "seed": request.seed,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": list(request.stop) or None,
             "response_format": request.response_format,
+            "tools": tools,
+            "tool_choice": request.tool_choice if tools else None,
+            "parallel_tool_calls": request.parallel_tool_calls if tools else None,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "logit_bias": request.logit_bias,
+            "logprobs": True if request.logprobs else None,
+            "top_logprobs": request.top_logprobs if request.logprobs else None,
         }
         body |= {name: value for name, value in optional.items() if value is not None}
         return body
@@ -330,8 +355,11 @@ class OpenAIHttpEngine:
             return True
         return False
 
-    def _parse(self, payload: bytes, chat: bool, progress: _Progress) -> list[str]:
-        """The texts of one chunk; usage and finish reason are noted in ``progress``."""
+    def _parse(
+        self, payload: bytes, chat: bool, progress: _Progress
+    ) -> list[Token | ToolCallDelta]:
+        """The texts and tool-call pieces of one chunk; usage and finish reason are noted in
+        ``progress``."""
         try:
             chunk = orjson.loads(payload)
         except ValueError as exc:
@@ -352,19 +380,29 @@ class OpenAIHttpEngine:
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             raise self._malformed(payload)
-        texts = []
+        outputs: list[Token | ToolCallDelta] = []
         for choice in choices:
             if not isinstance(choice, dict):
                 raise self._malformed(payload)
             delta = choice.get("delta") or {}
-            text = delta.get("content") if chat and isinstance(delta, dict) else choice.get("text")
+            if chat and not isinstance(delta, dict):
+                raise self._malformed(payload)
+            text = delta.get("content") if chat else choice.get("text")
             if text is not None and not isinstance(text, str):
                 raise self._malformed(payload)
             if text:
-                texts.append(text)
+                logprobs = _logprobs(choice.get("logprobs")) if chat else ()
+                if logprobs is None:
+                    raise self._malformed(payload)
+                outputs.append(Token(text, logprobs))
+            if chat and delta.get("tool_calls") is not None:
+                pieces = _tool_call_pieces(delta["tool_calls"])
+                if pieces is None or not _begun(pieces, progress.calls):
+                    raise self._malformed(payload)
+                outputs += pieces
             if choice.get("finish_reason"):
                 progress.finish_reason = str(choice["finish_reason"])
-        return texts
+        return outputs
 
     def _finish(self, request: CompletionRequest, progress: _Progress) -> Finish:
         if progress.usage is not None:
@@ -487,6 +525,77 @@ class OpenAIHttpEngine:
             return orjson.loads(body)
         except ValueError:
             return None
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # an integer beyond 64 bits (in a tool's or a format's JSON schema)
+        return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    """A chat message as OpenAI's API takes it, tool calls and tool results included."""
+    sent: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        sent["tool_calls"] = list(message.tool_calls)
+    if message.tool_call_id is not None:
+        sent["tool_call_id"] = message.tool_call_id
+    return sent
+
+
+def _tool_call_pieces(calls: Any) -> list[ToolCallDelta] | None:
+    """The pieces of ``delta.tool_calls``, None when it does not have OpenAI's shape. A piece
+    without ``index`` (some engines send whole calls) is placed by its position."""
+    if not isinstance(calls, list):
+        return None
+    pieces = []
+    for position, call in enumerate(calls):
+        function = (call.get("function") or {}) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            return None
+        index = call.get("index", position)
+        texts = (call.get("id"), function.get("name"), function.get("arguments"))
+        if not _is_index(index) or any(t is not None and not isinstance(t, str) for t in texts):
+            return None
+        call_id, name, arguments = texts
+        pieces.append(ToolCallDelta(index, arguments or "", call_id or None, name or None))
+    return pieces
+
+
+def _logprobs(logprobs: Any) -> tuple[dict[str, Any], ...] | None:
+    """A chat chunk's ``logprobs.content`` entries (none when it has none), None when they do not
+    have OpenAI's shape (a ``token`` and a numeric ``logprob`` each)."""
+    if logprobs is None:
+        return ()
+    content = logprobs.get("content") if isinstance(logprobs, dict) else 0
+    if content is None:
+        return ()
+    if not isinstance(content, list) or not all(_is_logprob(e) for e in content):
+        return None
+    return tuple(content)
+
+
+def _is_logprob(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        return False
+    logprob = entry.get("logprob")
+    return isinstance(logprob, int | float) and not isinstance(logprob, bool)
+
+
+def _begun(pieces: list[ToolCallDelta], calls: set[int]) -> bool:
+    """Note the calls ``pieces`` begin; False when one continues a call never begun (a call's
+    first piece must name its function)."""
+    for piece in pieces:
+        if piece.index not in calls:
+            if piece.name is None:
+                return False
+            calls.add(piece.index)
+    return True
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _positive(value: Any) -> int | None:

@@ -20,7 +20,12 @@ from typing import Any
 
 from llorch.clock import Clock
 from llorch.config import Settings
-from llorch.engines.base import CompletionRequest, bound_tokens_in, estimate_tokens_in
+from llorch.engines.base import (
+    CHAT_FEATURES,
+    CompletionRequest,
+    bound_tokens_in,
+    estimate_tokens_in,
+)
 from llorch.errors import (
     DeadlineUnmet,
     InvalidParams,
@@ -428,8 +433,9 @@ def _able(serving: list[PoolRuntime], request: CompletionRequest) -> list[PoolRu
     needs = request.features
     if not needs:
         return serving
-    if request.messages is None:
-        raise InvalidParams(f"'{min(needs)}' is not served for a prompt, only for messages")
+    if request.messages is None and needs & CHAT_FEATURES:
+        chat_only = min(needs & CHAT_FEATURES)
+        raise InvalidParams(f"'{chat_only}' is not served for a prompt, only for messages")
     able = [p for p in serving if needs <= p.features]
     if not able:
         engines = sorted({p.settings.engine for p in serving})

@@ -2,8 +2,9 @@
 
 The dispatcher spawns :meth:`EngineCall.run` for a task it placed on a replica slot; from there
 the call owns the task. It records the start and publishes the ``started`` frame, relays the
-engine's tokens as ``token`` frames (with a ``metrics`` frame every few), releases the slot
-and hands the outcome to :class:`~llorch.scheduler.settle.Settlement`.
+engine's tokens as ``token`` frames (and the pieces of its tool calls as ``tool_call`` frames),
+with a ``metrics`` frame every few, releases the slot and hands the outcome to
+:class:`~llorch.scheduler.settle.Settlement`.
 
 Before the first token has been relayed, a retriable engine error is retried with exponential
 backoff (tenacity), on another ready replica with a free slot when there is one, else on the
@@ -27,7 +28,7 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from llorch.clock import Clock
-from llorch.engines.base import Finish, Token
+from llorch.engines.base import Finish, Token, ToolCallDelta
 from llorch.errors import (
     DeadlineUnmet,
     DecodeTimeout,
@@ -178,9 +179,10 @@ class EngineCall:
             },
         )
 
-    def _publish_token(self, text: str) -> None:
-        """Publish the next token (the first one also sets the task's TTFT), and every
-        ``metrics_every_tokens`` tokens a metrics frame."""
+    def _publish_token(self, chunk: Token | ToolCallDelta) -> None:
+        """Publish the next token, or piece of a tool call (ORCH-DATA-0034), which counts as
+        one (the first one also sets the task's TTFT), and every ``metrics_every_tokens``
+        tokens a metrics frame."""
         pool, record = self.pool, self.record
         assert self.first_token_at is not None
         if record.tokens_out == 0:
@@ -189,7 +191,13 @@ class EngineCall:
             pool.metrics.observe(
                 "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=self.replica.engine.engine
             )
-        record.events.publish("token", {"t": text, "i": record.tokens_out})
+        if isinstance(chunk, Token):
+            data: dict[str, Any] = {"t": chunk.text, "i": record.tokens_out}
+            if chunk.logprobs:
+                data["lp"] = list(chunk.logprobs)
+            record.events.publish("token", data)
+        else:
+            record.events.publish("tool_call", _tool_call_frame(chunk, record.tokens_out))
         record.tokens_out += 1
         if record.tokens_out % self._ctx.metrics_every_tokens == 0:
             self._publish_metrics()
@@ -331,12 +339,12 @@ class EngineCall:
                         "engine stream ended without finishing",
                         engine=self.replica.engine.engine,
                     )
-                if not isinstance(chunk, Token):
+                if isinstance(chunk, Finish):
                     return chunk
                 now = loop.time()
                 if self.first_token_at is None:
                     self.first_token_at = now
-                self._publish_token(chunk.text)
+                self._publish_token(chunk)
                 dog.move(now + idle_s if deadline is None else min(now + idle_s, deadline))
         except TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
@@ -355,3 +363,14 @@ class EngineCall:
         finally:
             dog.close()
             await chunks.aclose()
+
+
+def _tool_call_frame(piece: ToolCallDelta, i: int) -> dict[str, Any]:
+    """A ``tool_call`` frame's data (the contract's ToolCallEvent)."""
+    data: dict[str, Any] = {"i": i, "index": piece.index}
+    if piece.id is not None:
+        data["id"] = piece.id
+    if piece.name is not None:
+        data["name"] = piece.name
+    data["arguments"] = piece.arguments
+    return data

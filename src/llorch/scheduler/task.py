@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llorch.engines.base import ChatMessage, CompletionRequest
+from llorch.errors import InvalidParams
 from llorch.persistence import TaskRow
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.queue import Priority
@@ -119,18 +120,43 @@ def completion_request(
     response_format = body.get("response_format")
     if response_format is not None and response_format["type"] == "text":
         response_format = None  # what every engine does anyway
+    tools = tuple(body.get("tools") or ())
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "none") and not tools:
+        raise InvalidParams(f"'tool_choice' needs 'tools': {tool_choice!r} names no tool to call")
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise InvalidParams("'top_logprobs' needs 'logprobs': true")
     return CompletionRequest(
         task_id=task_id,
         model=body["model"],
         prompt=body.get("prompt"),
-        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages)
-        if messages is not None
-        else None,
+        messages=tuple(_message(m) for m in messages) if messages is not None else None,
         max_tokens=body["max_tokens"],
         seed=body.get("seed"),
         temperature=body.get("temperature"),
         top_p=body.get("top_p"),
         stop=tuple(body.get("stop", ())),
         response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=body.get("parallel_tool_calls"),
+        presence_penalty=body.get("presence_penalty"),
+        frequency_penalty=body.get("frequency_penalty"),
+        logit_bias=body.get("logit_bias"),
+        logprobs=bool(body.get("logprobs")),
+        top_logprobs=body.get("top_logprobs"),
         correlation_id=correlation_id,
     )
+
+
+def _message(message: Mapping[str, Any]) -> ChatMessage:
+    """A (validated) message; a tool result needs the call it answers, and only the
+    assistant makes calls (ORCH-DATA-0034)."""
+    role, call_id, calls = message["role"], message.get("tool_call_id"), message.get("tool_calls")
+    if role == "tool" and call_id is None:
+        raise InvalidParams("'tool_call_id' is a required property of a tool message")
+    if role != "tool" and call_id is not None:
+        raise InvalidParams(f"'tool_call_id' is only for tool messages, not {role!r} ones")
+    if role != "assistant" and calls is not None:
+        raise InvalidParams(f"'tool_calls' is only for assistant messages, not {role!r} ones")
+    return ChatMessage(role, message["content"], tuple(calls or ()), call_id)

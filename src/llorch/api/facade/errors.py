@@ -30,6 +30,7 @@ _PARAM_PATTERNS = (
     re.compile(r"^'([^']+)' is a required property"),
     re.compile(r"^'([^']+)' does not satisfy"),
     re.compile(r"^'([^']+)' is not served"),
+    re.compile(r"^'([^']+)' (?:needs|is only for) "),
     re.compile(r" - '([^']+)'$"),
 )
 

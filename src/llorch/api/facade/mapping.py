@@ -12,33 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 # Fields refused unless absent, null or this value (which is OpenAI's default behaviour).
-_CHAT_NEUTRAL: dict[str, object] = {
-    "n": 1,
-    "tools": [],
-    "tool_choice": "none",
-    "logprobs": False,
-    "top_logprobs": 0,
-    "logit_bias": {},
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-}
-_COMPLETION_NEUTRAL: dict[str, object] = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "suffix": "",
-    "logit_bias": {},
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-}
+_CHAT_NEUTRAL: dict[str, object] = {"n": 1}
+_COMPLETION_NEUTRAL: dict[str, object] = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
 # `logprobs` of a completion is a count: any value asks for something llorch does not return.
 _COMPLETION_NEVER = ("logprobs",)
-# Why a field is refused, where it is not only "not at its default" (ORCH-OAI-0015).
-_WHY = {
-    name: f"{name} is not supported by this server: a task's stream carries text only, so a "
-    "tool call the engine made could not reach the client"
-    for name in ("tools", "tool_choice")
-}
+# Passed on to the task unless at their neutral value (0, {}): admission places the task on a
+# pool whose engine serves them, or refuses it naming the field (ORCH-OAI-0016).
+_STEERING = ("presence_penalty", "frequency_penalty", "logit_bias")
 
 # OpenAI's service tiers → llorch's priorities.
 _TIERS = {
@@ -92,20 +72,42 @@ def knobs_from(headers: Mapping[str, str]) -> Knobs:
 
 def chat_task(body: Mapping[str, Any], knobs: Knobs, max_tokens_out: int) -> Mapped:
     _refuse_unserved(body, _CHAT_NEUTRAL, ())
-    messages = [
-        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-        for m in body["messages"]
-    ]
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     task = {
         "model": body["model"],
-        "messages": messages,
+        "messages": [_message(m) for m in body["messages"]],
         "max_tokens": max_tokens or max_tokens_out,
     }
-    # Passed on: admission places it on a pool whose engine serves it, or refuses it naming it.
+    # Passed on: admission places the task on a pool whose engine serves them, or refuses it
+    # naming the field (a tool_choice without tools too).
     if body.get("response_format") is not None:
         task["response_format"] = body["response_format"]
+    if body.get("tools"):
+        task["tools"] = body["tools"]
+        if body.get("parallel_tool_calls") is not None:  # else it changes nothing
+            task["parallel_tool_calls"] = body["parallel_tool_calls"]
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and ("tools" in task or tool_choice != "none"):
+        task["tool_choice"] = tool_choice
+    if body.get("logprobs"):
+        task["logprobs"] = True
+    if body.get("top_logprobs") is not None and (body.get("logprobs") or body["top_logprobs"]):
+        task["top_logprobs"] = body["top_logprobs"]  # without logprobs: refused by admission
     return _finish(task, body, knobs, tier=body.get("service_tier"))
+
+
+def _message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat message of the task: ``developer`` is ``system``; ``content`` may be null only
+    beside an assistant's ``tool_calls`` (the task's is then empty)."""
+    content = message.get("content")
+    if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+        raise Refusal("messages", "a message's content may be null only beside its tool_calls")
+    role = "system" if message["role"] == "developer" else message["role"]
+    mapped: dict[str, Any] = {"role": role, "content": content or ""}
+    for name in ("tool_calls", "tool_call_id"):
+        if message.get(name) is not None:
+            mapped[name] = message[name]
+    return mapped
 
 
 def completion_task(body: Mapping[str, Any], knobs: Knobs) -> Mapped:
@@ -121,6 +123,7 @@ def _finish(
     for name in ("temperature", "top_p", "seed"):
         if body.get(name) is not None:
             task[name] = body[name]
+    task |= {name: body[name] for name in _STEERING if body.get(name)}
     stop = body.get("stop")
     if stop is not None:
         task["stop"] = [stop] if isinstance(stop, str) else list(stop)
@@ -151,4 +154,4 @@ def _refuse_unserved(
             continue
         if name in never or (name in neutral and value != neutral[name]):
             why = f"{name} is not supported by this server other than at its default"
-            raise Refusal(name, _WHY.get(name, why))
+            raise Refusal(name, why)

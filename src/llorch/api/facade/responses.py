@@ -59,19 +59,36 @@ def usage(end: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
-def completion(shape: Shape, text: str, end: Mapping[str, Any]) -> dict[str, Any]:
+def completion(
+    shape: Shape,
+    text: str,
+    end: Mapping[str, Any],
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[Any] | None = None,
+) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": end["finish_reason"], "logprobs": None}
+    if logprobs:
+        choice["logprobs"] = {"content": logprobs}
     if shape.chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        # OpenAI's content is null when the model only called tools.
+        content = None if tool_calls and not text else text
+        choice["message"] = {"role": "assistant", "content": content}
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
     else:
         choice["text"] = text
     body = shape.head("chat.completion" if shape.chat else "text_completion")
     return body | {"choices": [choice], "usage": usage(end)}
 
 
-def chunk(shape: Shape, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-    """One streamed chunk; ``text`` None on the chat role chunk and on the last one."""
+def chunk(
+    shape: Shape, text: str | None, finish_reason: str | None, logprobs: Any = None
+) -> dict[str, Any]:
+    """One streamed chunk; ``text`` None on the chat role chunk and on the last one; a token's
+    ``logprobs`` entries when it has them."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    if logprobs:
+        choice["logprobs"] = {"content": logprobs}
     if shape.chat:
         if finish_reason is not None:
             choice["delta"] = {}
@@ -85,6 +102,48 @@ def chunk(shape: Shape, text: str | None, finish_reason: str | None) -> dict[str
     if shape.include_usage:
         body["usage"] = None
     return body
+
+
+def tool_call_chunk(shape: Shape, piece: Mapping[str, Any]) -> dict[str, Any]:
+    """A streamed piece of a tool call (a ``tool_call`` frame): ``delta.tool_calls``, with the
+    call's id, type and name on its first piece (ORCH-OAI-0024)."""
+    call: dict[str, Any] = {"index": piece["index"]}
+    function: dict[str, Any] = {}
+    if "id" in piece:
+        call |= {"id": piece["id"], "type": "function"}
+    if "name" in piece:
+        function["name"] = piece["name"]
+    call["function"] = function | {"arguments": piece["arguments"]}
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None}
+    body = shape.head("chat.completion.chunk") | {"choices": [choice]}
+    if shape.include_usage:
+        body["usage"] = None
+    return body
+
+
+class ToolCalls:
+    """The whole tool calls of an answer, joined from its ``tool_call`` frames."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, piece: Mapping[str, Any]) -> None:
+        index = int(piece["index"])
+        call = self._calls.setdefault(
+            index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if "id" in piece:
+            call["id"] = str(piece["id"])
+        if "name" in piece:
+            call["function"]["name"] = str(piece["name"])
+        call["function"]["arguments"] += str(piece["arguments"])
+
+    def whole(self, task_id: str) -> list[dict[str, Any]]:
+        """The calls in index order; one whose engine sent no id gets one from the task's."""
+        calls = [self._calls[i] for i in sorted(self._calls)]
+        for index, call in zip(sorted(self._calls), calls, strict=True):
+            call["id"] = call["id"] or f"call-{task_id}-{index}"
+        return calls
 
 
 def failure(error: Mapping[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -117,7 +176,9 @@ async def sse_chunks(stream: EventStream, shape: Shape, heartbeat_s: float) -> A
         elif event.kind == "started" and shape.chat:
             yield _frame(chunk(shape, None, None))
         elif event.kind == "token":
-            yield _frame(chunk(shape, str(event.data["t"]), None))
+            yield _frame(chunk(shape, str(event.data["t"]), None, event.data.get("lp")))
+        elif event.kind == "tool_call" and shape.chat:
+            yield _frame(tool_call_chunk(shape, event.data))
         elif event.kind == "end":
             yield _frame(chunk(shape, None, str(event.data["finish_reason"])))
             if shape.include_usage:
@@ -228,17 +289,24 @@ class WholeCompletion(Response):
 
     async def _answer(self, send: Send) -> None:
         text: list[str] = []
+        logprobs: list[Any] = []
+        calls = ToolCalls()
         terminal = None
         async for event in self._stream.subscribe():
             if event is None:
                 continue
             if event.kind == "token":
                 text.append(str(event.data["t"]))
+                logprobs += event.data.get("lp", ())
+            elif event.kind == "tool_call":
+                calls.add(event.data)
             elif event.kind in ("end", "error"):
                 terminal = event
         self._watch.done = True
         if terminal is not None and terminal.kind == "end":
-            status, body = 200, completion(self._shape, "".join(text), terminal.data)
+            whole = calls.whole(self._shape.task_id)
+            answer = completion(self._shape, "".join(text), terminal.data, whole, logprobs)
+            status, body = 200, answer
             headers = self._extra
         else:
             lost = {"code": "WORKER_RESET", "message": "task events were lost", "retriable": True}
