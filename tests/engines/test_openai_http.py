@@ -14,7 +14,7 @@ from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chun
 from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
-from llorch.engines.base import ChatMessage, CompletionRequest, Finish, Token
+from llorch.engines.base import Accepted, ChatMessage, Chunk, CompletionRequest, Finish, Token
 from llorch.engines.openai_http import OpenAIHttpEngine
 from llorch.errors import (
     DecodeTimeout,
@@ -53,8 +53,11 @@ async def adapter(url: str, **kwargs: object) -> AsyncIterator[OpenAIHttpEngine]
         await engine.close()
 
 
-async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Token | Finish]:
-    return [c async for c in engine.stream(req)]
+async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Chunk]:
+    """The chunks of a stream after the ``Accepted`` that opens every stream the engine took."""
+    chunks = [c async for c in engine.stream(req)]
+    assert chunks[:1] == [Accepted()], chunks
+    return chunks[1:]
 
 
 @pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002", "ORCH-ENG-0007")
@@ -217,12 +220,12 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
 async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
     parts = completion_chunks(["a", "b"])[:2]
     async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
-        seen: list[Token | Finish] = []
+        seen: list[Chunk] = []
         with pytest.raises(WorkerReset) as caught:
             async for c in e.stream(request()):
                 seen.append(c)
 
-    assert seen == [Token("a"), Token("b")]
+    assert seen == [Accepted(), Token("a"), Token("b")]
     assert caught.value.retriable is True
     assert caught.value.__cause__ is not None
 
@@ -242,6 +245,16 @@ async def wait_ready(wire: Any, pool_id: str) -> None:
     async with asyncio.timeout(20):
         # The scripted engine runs on this loop, which the server's start-up blocks.
         while not (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def wait_replicas_ready(wire: Any, pool_id: str, count: int) -> None:
+    """Until ``count`` replicas of the pool passed a health probe."""
+    async with asyncio.timeout(20):
+        while True:
+            health = (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()
+            if sum(r["state"] == "ready" for r in health["replicas"]) >= count:
+                return
             await asyncio.sleep(0.02)
 
 
@@ -300,6 +313,7 @@ async def test_closing_the_stream_closes_the_connection_to_the_engine() -> None:
     parts = tuple(completion_chunks(["a", "b"])[:2])
     async with ScriptedEngine([Reply(parts, end="hang")]) as fake, adapter(fake.url) as engine:
         stream = engine.stream(request())
+        assert await anext(stream) == Accepted()
         assert await anext(stream) == Token("a")
         await stream.aclose()
         async with asyncio.timeout(5):
@@ -537,7 +551,7 @@ async def test_the_engines_cached_prompt_tokens_are_kept_when_it_reports_them() 
 
 
 @pytest.mark.wire
-@pytest.mark.req("ORCH-ENG-0013")
+@pytest.mark.req("ORCH-ENG-0013", "ORCH-ENG-0014")
 @pytest.mark.parametrize("status", [429, 503])
 async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
     settings_for: SettingsFactory, status: int
@@ -553,7 +567,7 @@ async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
             "endpoints": [fake.url],
             "health_interval_ms": 50,
             "timeouts": {"connect_ms": 300},
-            "retry": {"attempts": 1},
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 10},
             "breaker": {"failure_threshold": 1},
         }
         async with serve(settings_for(config(pool))) as wire:
@@ -564,10 +578,57 @@ async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
                 )
                 assert accepted.status_code == 202, accepted.text
                 frames = await wire.read_all(accepted.json()["task_id"])
+                # Never accepted by an engine: no started frame, only its end.
+                assert kinds(frames) == ["error"], kinds(frames)
                 error = events(frames)[-1]
-                assert error.event == "error" and error.payload["code"] == "ENGINE_ERROR"
+                assert error.payload["code"] == "ENGINE_ERROR"
                 assert error.payload["retriable"] is True
+                task = await wire.task(accepted.json()["task_id"])
+                assert (task["state"], task["timings"]["started_ms"]) == ("failed", None)
             health = (await wire.client.get("/v1/pools/vllm/health")).json()
 
     assert [r["state"] for r in health["replicas"]] == ["ready"]
-    assert len(fake.posts()) == 2
+    # Each task: its first try, then once more after it went back to the queue (requeues: 1).
+    assert len(fake.posts()) == 4
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0024", "ORCH-DATA-0056")
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_task_its_engine_refuses_as_busy_runs_on_the_other_replica(
+    settings_for: SettingsFactory, status: int
+) -> None:
+    busy = Reply(('{"error": "queue full"}',), status=status, content_type="application/json")
+    good = Reply((*completion_chunks(["a", "b"], usage=(2, 2)), DONE))
+    async with ScriptedEngine([busy]) as refusing, ScriptedEngine([good]) as serving:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [refusing.url, serving.url],
+            "health_interval_ms": 50,
+            # In-run retries are off: only the way back through the queue can save the task.
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 60_000},
+            "placement": {"tie_break": "replica_order"},  # the first try goes to the busy one
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            await wait_replicas_ready(wire, "vllm", 2)
+            accepted = await wire.client.post(
+                "/v1/tasks", json={"model": "small", "prompt": "hello", "max_tokens": 2}
+            )
+            assert accepted.status_code == 202, accepted.text
+            task_id = accepted.json()["task_id"]
+            frames = await wire.read_all(task_id)
+            task = await wire.task(task_id)
+            health = (await wire.client.get("/v1/pools/vllm/health")).json()
+
+    assert len(refusing.posts()) == 1 and len(serving.posts()) == 1
+    assert kinds(frames) == ["started", "token", "token", "end"], kinds(frames)
+    started = events(frames)[0].payload
+    assert (started["replica_id"], started["placement"]) == ("vllm-1", "least_loaded")
+    assert started["queue_position"] == 0
+    assert (task["state"], task["replica_id"]) == ("succeeded", "vllm-1")
+    assert task["usage"]["tokens_out"] == 2
+    # The busy replica kept its circuit and readiness; it only rests for its backoff.
+    assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]

@@ -1,7 +1,9 @@
 """The one calling convention every engine adapter speaks.
 
-An engine replica streams a completion as an async iterator of :class:`Token` chunks followed by
-exactly one :class:`Finish`. Cancel is asyncio cancellation of the consuming task: an adapter
+An engine replica streams a completion as an async iterator: one :class:`Accepted` once the engine
+has taken the request (an HTTP engine: its 200 answer's head), then :class:`Token` chunks, then
+exactly one :class:`Finish`. An engine that refuses the request raises before ``Accepted``.
+Cancel is asyncio cancellation of the consuming task: an adapter
 closes its connection to the engine when the iterator is closed or cancelled. Engines raise only
 :class:`llorch.errors.EngineError` subclasses.
 """
@@ -67,6 +69,11 @@ def bound_tokens_in(request: CompletionRequest) -> int:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The engine took the request: what follows is its completion (ORCH-ENG-0014)."""
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
 
@@ -83,7 +90,7 @@ class Finish:
     tokens_cached: int | None = None
 
 
-Chunk = Token | Finish
+Chunk = Accepted | Token | Finish
 
 
 class Engine(Protocol):
@@ -109,7 +116,7 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
-        """Stream one completion: ``Token``\\ s, then one ``Finish``."""
+        """Stream one completion: ``Accepted``, ``Token``\\ s, then one ``Finish``."""
         ...
 
     async def close(self) -> None: ...

@@ -16,7 +16,7 @@ import random
 from collections.abc import AsyncGenerator
 
 from llorch.config import FailureSettings, MockSettings
-from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import Accepted, Chunk, CompletionRequest, Finish, Token
 from llorch.errors import EngineError, WorkerReset
 
 _WORDS = (
@@ -145,6 +145,7 @@ class MockEngine:
         tokens_in = max(1, count_tokens(text))
         if self._failure.mode == "down":
             raise EngineError(f"replica {self.replica_id} is down", engine=self.engine)
+        yield Accepted()
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self._settings.ttft_ms / 1000)

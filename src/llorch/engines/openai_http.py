@@ -37,6 +37,7 @@ import orjson
 from llorch.config import EngineKind, PoolSettings
 from llorch.engines.base import (
     RESPONSE_FORMAT,
+    Accepted,
     Chunk,
     CompletionRequest,
     Finish,
@@ -215,6 +216,7 @@ class OpenAIHttpEngine:
             post = self._client().post(self._urls[chat], data=body, headers=headers)
             response = await self._within(dog, post, progress)
             await self._check(response)
+            yield Accepted()
             content = response.content
             events = _SseReader()
             while True:

@@ -65,6 +65,8 @@ class TaskRecord:
     # Prompt tokens the engine served from its cache, when it reports them.
     tokens_cached: int | None = None
     queue_position_at_start: int = 0
+    # Times its engine refused it as busy and it went back to the queue (ORCH-ENG-0014).
+    requeues: int = 0
     cancel_requested: bool = False
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
