@@ -14,7 +14,15 @@ from tests.engines.scripted import Reply, ScriptedEngine, chunk, completion_chun
 from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
-from llorch.engines.base import Accepted, ChatMessage, Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import (
+    Accepted,
+    ChatMessage,
+    Chunk,
+    CompletionRequest,
+    EngineLoad,
+    Finish,
+    Token,
+)
 from llorch.engines.openai_http import OpenAIHttpEngine
 from llorch.errors import (
     DecodeTimeout,
@@ -632,3 +640,119 @@ async def test_a_task_its_engine_refuses_as_busy_runs_on_the_other_replica(
     assert task["usage"]["tokens_out"] == 2
     # The busy replica kept its circuit and readiness; it only rests for its backoff.
     assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
+
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="org/Small"} 2.0
+vllm:num_requests_running{engine="1",model_name="org/Small"} 1.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+vllm:num_requests_waiting{engine="0",model_name="org/Small"} 1.0
+vllm:num_requests_waiting{engine="1",model_name="org/Small"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="org/Small"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="org/Small"} 0.5
+vllm:num_preemptions_total{engine="0",model_name="org/Small"} 7.0
+"""
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+@pytest.mark.parametrize(
+    ("kind", "pages", "load"),
+    [
+        ("vllm", {"/metrics": (200, VLLM_METRICS)}, EngineLoad(3, None, 2, 0.5)),
+        (
+            "vllm",
+            {"/metrics": (200, 'vllm:gpu_cache_usage_perc{model_name="m"} 0.75 1700000000\n')},
+            EngineLoad(kv_cache_usage=0.75),
+        ),
+        (
+            "llamacpp",
+            {
+                "/slots": (
+                    200,
+                    '[{"id": 0, "is_processing": true}, {"id": 1, "is_processing": false},'
+                    ' {"id": 2, "is_processing": true}]',
+                )
+            },
+            EngineLoad(busy_slots=2, total_slots=3),
+        ),
+        ("vllm", {"/metrics": (404, "not found")}, None),
+        ("vllm", {"/metrics": (200, "process_cpu_seconds_total 3.5\n")}, None),
+        ("llamacpp", {"/slots": (501, '{"error": "slots endpoint disabled"}')}, None),
+        ("llamacpp", {"/slots": (200, '[{"id": 0}]')}, None),
+        ("tgi", {}, None),
+    ],
+    ids=[
+        "vllm",
+        "vllm-old-name",
+        "llamacpp",
+        "no-metrics",
+        "other-metrics",
+        "no-slots",
+        "odd-slots",
+        "tgi",
+    ],
+)
+async def test_the_health_probe_reads_the_engines_own_load_where_it_reports_one(
+    kind: str, pages: dict[str, tuple[int, str]], load: EngineLoad | None
+) -> None:
+    async with ScriptedEngine([Reply()]) as fake, adapter(fake.url, kind=kind) as engine:
+        fake.pages.update(pages)
+        # A missing or odd load endpoint never fails the probe.
+        assert await engine.health() is True
+
+    assert engine.load == load
+    assert {s.method for s in fake.seen} == {"GET"}
+
+
+def vllm_metrics(*, running: int, waiting: int) -> str:
+    return (
+        f'vllm:num_requests_running{{model_name="small"}} {running}.0\n'
+        f'vllm:num_requests_waiting{{model_name="small"}} {waiting}.0\n'
+    )
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0025", "ORCH-ENG-0021")
+async def test_placement_goes_by_the_engines_own_load_and_by_its_own_count_without_it(
+    settings_for: SettingsFactory,
+) -> None:
+    done = Reply((*completion_chunks(["a"], usage=(2, 1)), DONE))
+    async with ScriptedEngine([done]) as first, ScriptedEngine([done]) as second:
+        # The first replica is busy with other clients' work: its own metrics say so.
+        first.pages["/metrics"] = (200, vllm_metrics(running=2, waiting=3))
+        second.pages["/metrics"] = (200, vllm_metrics(running=0, waiting=0))
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [first.url, second.url],
+            "slots_per_replica": 2,
+            "health_interval_ms": 20,
+            # Without the engines' account a tie: the first replica would get every task.
+            "placement": {"tie_break": "replica_order"},
+        }
+        placed = []
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_replicas_ready(wire, "vllm", 2)
+            await first.read_again("/metrics")
+            for prompt in ("one", "two"):
+                task_id = await wire.submit(model="small", prompt=prompt, max_tokens=1)
+                frames = await wire.read_all(task_id)
+                started = events(frames)[0].payload
+                placed.append((started["replica_id"], started["placement"]))
+            # The endpoint goes away: llorch's own count (both idle) decides again.
+            first.pages["/metrics"] = (404, "gone")
+            await first.read_again("/metrics")
+            task_id = await wire.submit(model="small", prompt="three", max_tokens=1)
+            frames = await wire.read_all(task_id)
+            started = events(frames)[0].payload
+            placed.append((started["replica_id"], started["placement"]))
+
+    assert placed == [
+        ("vllm-1", "least_loaded"),
+        ("vllm-1", "least_loaded"),
+        ("vllm-0", "least_loaded"),
+    ]
+    assert len(first.posts()) == 1 and len(second.posts()) == 2

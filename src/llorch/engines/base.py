@@ -93,6 +93,30 @@ class Finish:
 Chunk = Accepted | Token | Finish
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine says about its own load, as its health probe last read it (ORCH-ENG-0025):
+    llama.cpp ``/slots``, vLLM ``/metrics``. A field the engine does not report is None."""
+
+    busy_slots: int | None = None  # llama.cpp slots processing; vLLM requests running
+    total_slots: int | None = None
+    waiting: int | None = None  # requests queued inside the engine (vLLM)
+    kv_cache_usage: float | None = None  # 0..1 (vLLM)
+
+    def fraction(self, slots: int) -> float | None:
+        """The engine's load as a share of ``slots`` (its own count of them when it reports
+        one); above 1 when requests queue inside it; None when it reports nothing."""
+        total = self.total_slots or slots
+        parts = []
+        if self.busy_slots is not None:
+            parts.append(self.busy_slots / max(1, total))
+        if self.kv_cache_usage is not None:
+            parts.append(self.kv_cache_usage)
+        if not parts and self.waiting is None:
+            return None
+        return max(parts, default=0.0) + (self.waiting or 0) / max(1, total)
+
+
 class Engine(Protocol):
     """One replica of an inference engine."""
 
@@ -103,6 +127,8 @@ class Engine(Protocol):
     context_size: int | None  # tokens per slot, None when the engine does not say
     # Request features it serves beyond text generation (e.g. RESPONSE_FORMAT).
     features: frozenset[str]
+    # Its own load, read by its health probe; None when it reports none (ORCH-ENG-0025).
+    load: EngineLoad | None
 
     @property
     def slots(self) -> int:

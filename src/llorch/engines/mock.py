@@ -16,7 +16,7 @@ import random
 from collections.abc import AsyncGenerator
 
 from llorch.config import FailureSettings, MockSettings
-from llorch.engines.base import Accepted, Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import Accepted, Chunk, CompletionRequest, EngineLoad, Finish, Token
 from llorch.errors import EngineError, WorkerReset
 
 _WORDS = (
@@ -105,6 +105,7 @@ class MockEngine:
     # Text is a function of (seed, prompt): it cannot be shaped (response_format), and
     # sampling knobs other than the seed (temperature, top_p) change nothing.
     features: frozenset[str] = frozenset()
+    load: EngineLoad | None = None  # llorch's own slot count is the whole truth
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from llorch.clock import Clock, SystemClock
 from llorch.config import PoolSettings
-from llorch.engines.base import Engine
+from llorch.engines.base import Engine, EngineLoad
 from llorch.engines.breaker import STATE_VALUE, CircuitBreaker
 from llorch.metrics import Metrics
 from llorch.scheduler.placement import Candidate, PrefixMap, Reason, choose, prompt_text
@@ -47,6 +47,8 @@ class Replica:
     # Monotonic time until which it takes no new task: its engine said it is busy (a 429 or
     # 503, ORCH-ENG-0014). It still serves: its pool stays ready and its circuit closed.
     resting_until: float = 0.0
+    # The engine's own load as its last health probe read it (ORCH-ENG-0025), None without.
+    engine_load: EngineLoad | None = None
     clock: Clock = field(default_factory=SystemClock)
 
     @property
@@ -67,6 +69,16 @@ class Replica:
         if not self.serving or self.resting:
             return 0
         return max(0, self.engine.slots - self.busy)
+
+    @property
+    def load(self) -> float:
+        """Placement's load: llorch's busy share of the slots, or the engine's own account when
+        that says more (other clients, requests queued inside it)."""
+        own = self.busy / max(1, self.engine.slots)
+        reported = (
+            None if self.engine_load is None else self.engine_load.fraction(self.engine.slots)
+        )
+        return own if reported is None else max(own, reported)
 
     @property
     def state(self) -> str:
@@ -318,7 +330,7 @@ class PoolRuntime:
     ) -> Placement | None:
         free = [r for r in self.replicas if r.free > 0 and r is not avoid]
         decision = choose(
-            [Candidate(r.id, r.busy / r.engine.slots) for r in free],
+            [Candidate(r.id, r.load) for r in free],
             session_replica_id=affinity_replica_id,
             hashes=hashes,
             prefixes=self.prefixes,
