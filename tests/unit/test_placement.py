@@ -185,3 +185,22 @@ def test_an_engine_full_by_its_own_account_loses_its_warm_cache_preference() -> 
         replica.busy = 0
     assert dispatch(pool, task("and one more")) == (warm, "prefix")
     assert [r.load for r in pool.replicas if r.id != warm] == [0.0]
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+def test_an_engines_reading_counts_llorchs_own_slots_as_they_are_now() -> None:
+    pool = runtime(replicas=2)
+    replica = pool.replicas[0]
+    # Read while both slots ran llorch's tasks; both have ended since.
+    replica.engine_load = EngineLoad(busy_slots=2, total_slots=2)
+    replica.busy_at_reading, replica.busy = 2, 0
+    assert replica.load == 0.0
+    # Read while one slot ran llorch's task and the other another client's.
+    replica.busy_at_reading, replica.busy = 1, 1
+    assert replica.load == 1.0
+    replica.busy = 0
+    assert replica.load == 0.5
+    # Requests waiting inside the engine always count.
+    replica.engine_load = EngineLoad(busy_slots=2, total_slots=2, waiting=1)
+    replica.busy_at_reading = 2
+    assert replica.load == 0.5

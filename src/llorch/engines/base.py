@@ -103,18 +103,24 @@ class EngineLoad:
     waiting: int | None = None  # requests queued inside the engine (vLLM)
     kv_cache_usage: float | None = None  # 0..1 (vLLM)
 
-    def fraction(self, slots: int) -> float | None:
+    def fraction(self, slots: int, *, busy_now: int = 0, busy_then: int = 0) -> float | None:
         """The engine's load as a share of ``slots`` (its own count of them when it reports
-        one); above 1 when requests queue inside it; None when it reports nothing."""
-        total = self.total_slots or slots
+        one), above 1 when requests queue inside it; None when it reports nothing.
+
+        The reading is as old as the last probe: of its busy slots, the ``busy_then`` that were
+        llorch's own are counted as llorch's count is now (``busy_now``), so a slot llorch freed
+        since is free, and only the others' work (other clients) is added to it.
+        """
+        total = max(1, self.total_slots or slots)
         parts = []
         if self.busy_slots is not None:
-            parts.append(self.busy_slots / max(1, total))
+            others = max(0, self.busy_slots - busy_then)
+            parts.append((busy_now + others) / total)
         if self.kv_cache_usage is not None:
             parts.append(self.kv_cache_usage)
         if not parts and self.waiting is None:
             return None
-        return max(parts, default=0.0) + (self.waiting or 0) / max(1, total)
+        return max(parts, default=0.0) + (self.waiting or 0) / total
 
 
 class Engine(Protocol):

@@ -47,8 +47,10 @@ class Replica:
     # Monotonic time until which it takes no new task: its engine said it is busy (a 429 or
     # 503, ORCH-ENG-0014). It still serves: its pool stays ready and its circuit closed.
     resting_until: float = 0.0
-    # The engine's own load as its last health probe read it (ORCH-ENG-0025), None without.
+    # The engine's own load as its last health probe read it (ORCH-ENG-0025), None without,
+    # and llorch's busy slots on it when it was read.
     engine_load: EngineLoad | None = None
+    busy_at_reading: int = 0
     clock: Clock = field(default_factory=SystemClock)
 
     @property
@@ -75,8 +77,11 @@ class Replica:
         """Placement's load: llorch's busy share of the slots, or the engine's own account when
         that says more (other clients, requests queued inside it)."""
         own = self.busy / max(1, self.engine.slots)
-        reported = (
-            None if self.engine_load is None else self.engine_load.fraction(self.engine.slots)
+        reading = self.engine_load
+        if reading is None:
+            return own
+        reported = reading.fraction(
+            self.engine.slots, busy_now=self.busy, busy_then=self.busy_at_reading
         )
         return own if reported is None else max(own, reported)
 
