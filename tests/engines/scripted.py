@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from tests.support import free_port
 
-End = Literal["close", "reset", "hang"]
+# "mute": no answer at all (not even its head) until the client gives up.
+End = Literal["close", "reset", "hang", "mute"]
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,16 @@ class ScriptedEngine:
             return True
         posts = sum(1 for s in self.seen if s.method == "POST")
         reply = self.script[min(posts, len(self.script)) - 1]
-        writer.write(
-            f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
-            "connection: close\r\n\r\n".encode()
-        )
+        if reply.end != "mute":
+            writer.write(
+                f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
+                "connection: close\r\n\r\n".encode()
+            )
         for part in reply.parts:
             writer.write(part.encode())
             await writer.drain()
             await asyncio.sleep(0.001)
-        if reply.end == "hang":
+        if reply.end in ("hang", "mute"):
             # Until the client closes its side (reading then returns EOF) or the test ends.
             hang = asyncio.Event()
             self._hangs.append(hang)

@@ -756,3 +756,74 @@ async def test_placement_goes_by_the_engines_own_load_and_by_its_own_count_witho
         ("vllm-0", "least_loaded"),
     ]
     assert len(first.posts()) == 1 and len(second.posts()) == 2
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-DATA-0029", "ORCH-DATA-0060")
+async def test_a_task_sent_back_waits_in_the_queue_with_its_position_and_can_be_canceled(
+    settings_for: SettingsFactory,
+) -> None:
+    busy = Reply(('{"error": "queue full"}',), status=429, content_type="application/json")
+    async with ScriptedEngine([busy]) as refusing:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [refusing.url],
+            "health_interval_ms": 50,
+            # The replica rests a minute after its refusal: the task waits in the queue.
+            "retry": {"attempts": 1, "requeues": 2, "backoff_ms": 60_000},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            task_id = await wire.submit(model="small", prompt="hello", max_tokens=2)
+            async with asyncio.timeout(20):
+                while not refusing.posts():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            async with asyncio.timeout(20):
+                # Back in the queue once its run has let it go.
+                while (waiting := await wire.task(task_id)).get("queue_position") != 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            health = (await wire.client.get("/v1/pools/vllm/health")).json()
+            assert (await wire.cancel(task_id)).status_code == 204
+            frames = await wire.read_all(task_id)
+
+    assert (waiting["state"], waiting["queue_position"]) == ("queued", 0)
+    assert [r["state"] for r in health["replicas"]] == ["ready"]  # resting, still serving
+    assert kinds(frames) == ["end"]
+    assert events(frames)[0].payload["finish_reason"] == "canceled"
+    assert len(refusing.posts()) == 1
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0014", "ORCH-ENG-0005", "ORCH-DATA-0060")
+async def test_a_cancel_while_the_engine_has_not_answered_ends_the_task_at_once(
+    settings_for: SettingsFactory,
+) -> None:
+    async with ScriptedEngine([Reply(end="mute")]) as mute:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [mute.url],
+            "health_interval_ms": 50,
+            "timeouts": {"first_token_ms": 600_000},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            task_id = await wire.submit(model="small", prompt="hello", max_tokens=2)
+            async with asyncio.timeout(20):
+                while not mute.posts():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            waiting = await wire.task(task_id)
+            assert (await wire.cancel(task_id)).status_code == 204
+            frames = await wire.read_all(task_id)
+            async with asyncio.timeout(5):
+                await mute.disconnected.wait()  # the request to the engine was closed
+            task = await wire.task(task_id)
+
+    # Not accepted yet: queued, no started frame; the cancel ends it without waiting for a limit.
+    assert waiting["state"] == "queued"
+    assert kinds(frames) == ["end"]
+    assert events(frames)[0].payload["finish_reason"] == "canceled"
+    assert (task["state"], task["timings"]["started_ms"]) == ("canceled", None)

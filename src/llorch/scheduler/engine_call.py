@@ -99,6 +99,7 @@ class EngineCall:
     async def run(self) -> None:
         """The task, from its start to its end; a cancel ends it ``canceled``."""
         record, settlement = self.record, self._ctx.settlement
+        record.calling = True
         try:
             outcome = await self._attempt()
             if outcome is None:  # back in the queue: not ended, nothing to settle
@@ -175,6 +176,7 @@ class EngineCall:
         pool.rest(replica, error.retry_after_ms)
         record.requeues += 1
         record.runner = None
+        record.calling = False
         record.replica_id = None
         pool.requeue(record)
         pool.record_replicas()

@@ -71,6 +71,9 @@ class TaskRecord:
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
     runner: asyncio.Task[None] | None = None
+    # Its run has begun (scheduler.engine_call): cancelling the runner now ends the task, also
+    # while it waits for an engine to accept it (phase ``dispatched``).
+    calling: bool = False
 
     @property
     def task_id(self) -> str:
