@@ -455,7 +455,8 @@ async def test_a_response_format_reaches_llama_cpp_through_the_openai_door(
 
 @pytest.mark.req("ORCH-ENG-0025")
 async def test_the_health_probe_reads_llama_cpps_own_slots(slow_model: Path) -> None:
-    with LlamaServer(slow_model, n_parallel=2) as llama:
+    # Slots of 4,096 tokens: the other client's stream runs for tens of seconds.
+    with LlamaServer(slow_model, n_parallel=2, n_ctx=8192) as llama:
         engine = OpenAIHttpEngine("llama-0", llama.url, kind="llamacpp", model="tiny", slots=2)
         try:
             assert await engine.health() is True
@@ -466,11 +467,16 @@ async def test_the_health_probe_reads_llama_cpps_own_slots(slow_model: Path) -> 
                 httpx.AsyncClient(base_url=llama.url, timeout=30) as client,
                 client.stream("POST", "/v1/completions", json=body) as response,
             ):
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        break  # it streams: its slot is processing until the stream closes
+                lines = response.aiter_lines()
+                while not (await anext(lines)).startswith("data:"):
+                    pass  # until it streams (closing the iterator would close the stream)
+                before = await engine_get(llama.url, "/slots")
                 assert await engine.health() is True
                 busy = engine.load
+                after = await engine_get(llama.url, "/slots")
+                # The engine's own view around the probe: one slot processing throughout.
+                assert [s["is_processing"] for s in before] == [s["is_processing"] for s in after]
+                assert sum(s["is_processing"] for s in after) == 1
             await wait_slots_idle(llama.url)
             assert await engine.health() is True
             after = engine.load
