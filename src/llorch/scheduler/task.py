@@ -95,7 +95,7 @@ class TaskRecord:
         state   runner ending phase         meaning
         ======= ====== ====== ============= =====================================================
         queued  None   False  ``queued``    in its pool's queue
-        queued  set    False  ``dispatched`` on a replica slot; its run has not started it yet
+        queued  set    False  ``dispatched`` on a replica slot; no engine has accepted it yet
         running set    False  ``running``   its engine call under way
         any     any    True   ``ending``    its end decided and being written (Settlement)
         ======= ====== ====== ============= =====================================================
