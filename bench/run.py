@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from bench.shared_prefix import profile_shared_prefix
 from tools.debian import ensure_wrk
 from tools.server import free_port, llorch_argv, running
 
@@ -662,6 +663,33 @@ def _report_admission_and_streams(latest: dict[str, Any]) -> list[str]:
     ]
 
 
+def _report_shared_prefix(latest: dict[str, Any]) -> list[str]:
+    lines = ["### Shared prompt prefixes on real llama.cpp replicas", ""]
+    profile = latest["profiles"].get("shared_prefix")
+    if profile is None:
+        return [*lines, "Not measured in this run (the profile came after it).", ""]
+    w = profile["workload"]
+    lines += [
+        f"{w['tasks']} sessions, one task each, {w['concurrency']} at a time, each with one of "
+        f"{w['system_prompts']} system prompts ({w['system_prompt_chars']:,} characters) and its "
+        f"own question, {w['max_tokens']} tokens out; {w['replicas']}; fresh servers per row. "
+        "Prompt tokens are the engines' own counters.",
+        "",
+        "| placement | TTFT mean ms | TTFT p50 ms | TTFT p99 ms | reasons "
+        "| prompt tokens evaluated | from cache | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in profile["rows"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(row["placements"].items()))
+        lines.append(
+            f"| {row['config']} | {_fmt(row['ttft_ms_mean'])} | {_fmt(row['ttft_ms_p50'])} "
+            f"| {_fmt(row['ttft_ms_p99'])} "
+            f"| {reasons} | {row['prompt_tokens_evaluated']:,} | {row['prompt_tokens_cached']:,} "
+            f"| {row['errors']} |"
+        )
+    return [*lines, ""]
+
+
 def _report_history(results: list[Path]) -> list[str]:
     lines = [
         "## History",
@@ -702,7 +730,8 @@ def render_report() -> str:
     lines += [f"## Latest run: `{results[-1].name}`", ""]
     lines += _report_targets(latest) + _report_latency(latest) + _report_saturation(latest)
     lines += _report_facade(latest)
-    lines += _report_admission_and_streams(latest) + _report_history(results)
+    lines += _report_admission_and_streams(latest) + _report_shared_prefix(latest)
+    lines += _report_history(results)
     notes = BENCH / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -728,7 +757,7 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-PROFILES = ("latency", "saturation", "admission", "streams")
+PROFILES = ("latency", "saturation", "admission", "streams", "shared_prefix")
 
 
 def _run_profiles(
@@ -759,6 +788,8 @@ def _run_profiles(
             ),
             "admission": lambda: profile_admission(tmp, duration),
             "streams": lambda: profile_streams(tmp, streams),
+            # Real llama.cpp replicas: cache-aware placement against least loaded only.
+            "shared_prefix": lambda: profile_shared_prefix(tmp, llorch),
         }
         profiles: dict[str, Any] = {}
         for name in only:

@@ -222,11 +222,13 @@ class TimeoutSettings:
 
 @dataclass(frozen=True)
 class RetrySettings:
-    """Retries before the first token only: ``attempts`` counts the first try."""
+    """Retries before the first token only: ``attempts`` counts the first try. ``requeues``:
+    how many times an engine's own 429/503 may send a task back to the queue (ORCH-ENG-0015)."""
 
     attempts: int = 2
     backoff_ms: int = 100
     max_backoff_ms: int = 2_000
+    requeues: int = 3
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Each POST is answered by the next :class:`Reply` of the script (the last one repeats): a status,
 a content type and body parts written one by one, then an end — a clean close, an abrupt reset
-of the connection, or a hang until the client gives up. ``GET /health`` answers 200. Every
-request is recorded (method, path, headers, JSON body).
+of the connection, or a hang until the client gives up. A ``GET`` of a path in ``pages`` answers
+that page (a status and a body, changeable between probes); any other ``GET`` answers 200 with a
+small JSON body. Every request is recorded (method, path, headers, JSON body).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Literal
 
 from tests.support import free_port
 
-End = Literal["close", "reset", "hang"]
+# "mute": no answer at all (not even its head) until the client gives up.
+End = Literal["close", "reset", "hang", "mute"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ScriptedEngine:
     script: list[Reply]
     port: int = field(default_factory=free_port)
     seen: list[Seen] = field(default_factory=list)
+    # GET path → (status, body): what the engine says about itself (/slots, /metrics).
+    pages: dict[str, tuple[int, str]] = field(default_factory=dict)
     # Set when a client closed a connection the engine was still streaming on.
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
@@ -98,9 +102,11 @@ class ScriptedEngine:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         self.seen.append(Seen(method, path, headers, json.loads(raw) if raw else None))
         if method == "GET":
-            body = b'{"status":"ok"}'
+            status, text = self.pages.get(path, (200, '{"status":"ok"}'))
+            body = text.encode()
+            kind = "application/json" if text.startswith(("{", "[")) else "text/plain"
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                f"HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\n".encode()
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -108,15 +114,16 @@ class ScriptedEngine:
             return True
         posts = sum(1 for s in self.seen if s.method == "POST")
         reply = self.script[min(posts, len(self.script)) - 1]
-        writer.write(
-            f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
-            "connection: close\r\n\r\n".encode()
-        )
+        if reply.end != "mute":
+            writer.write(
+                f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
+                "connection: close\r\n\r\n".encode()
+            )
         for part in reply.parts:
             writer.write(part.encode())
             await writer.drain()
             await asyncio.sleep(0.001)
-        if reply.end == "hang":
+        if reply.end in ("hang", "mute"):
             # Until the client closes its side (reading then returns EOF) or the test ends.
             hang = asyncio.Event()
             self._hangs.append(hang)
@@ -133,3 +140,15 @@ class ScriptedEngine:
 
     def posts(self) -> list[Seen]:
         return [s for s in self.seen if s.method == "POST"]
+
+    def gets(self, path: str) -> int:
+        """How many times ``path`` was read."""
+        return sum(1 for s in self.seen if s.method == "GET" and s.path == path)
+
+    async def read_again(self, path: str, times: int = 2) -> None:
+        """Until ``path`` has been read ``times`` more times: with a probe loop that reads it
+        once a round, the round before the last one has ended, and its reading taken effect."""
+        goal = self.gets(path) + times
+        async with asyncio.timeout(20):
+            while self.gets(path) < goal:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)

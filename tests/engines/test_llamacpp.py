@@ -32,6 +32,8 @@ from tests.integration.wire import (
 from tests.support import free_port
 
 from llorch.contracts import load_config
+from llorch.engines.base import EngineLoad
+from llorch.engines.openai_http import OpenAIHttpEngine
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.wire]
 
@@ -449,3 +451,39 @@ async def test_a_response_format_reaches_llama_cpp_through_the_openai_door(
     assert content == expected["choices"][0]["message"]["content"]
     assert content.lstrip().startswith("{")
     assert not unshaped["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+async def test_the_health_probe_reads_llama_cpps_own_slots(slow_model: Path) -> None:
+    # Slots of 4,096 tokens: the other client's stream runs for tens of seconds.
+    with LlamaServer(slow_model, n_parallel=2, n_ctx=8192) as llama:
+        engine = OpenAIHttpEngine("llama-0", llama.url, kind="llamacpp", model="tiny", slots=2)
+        try:
+            assert await engine.health() is True
+            idle = engine.load
+            # Another client of the same server (not llorch) holds one slot.
+            body = {"prompt": PROMPT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+            async with (
+                httpx.AsyncClient(base_url=llama.url, timeout=30) as client,
+                client.stream("POST", "/v1/completions", json=body) as response,
+            ):
+                lines = response.aiter_lines()
+                while not (await anext(lines)).startswith("data:"):
+                    pass  # until it streams (closing the iterator would close the stream)
+                before = await engine_get(llama.url, "/slots")
+                assert await engine.health() is True
+                busy = engine.load
+                after = await engine_get(llama.url, "/slots")
+                # The engine's own view around the probe: one slot processing throughout.
+                assert [s["is_processing"] for s in before] == [s["is_processing"] for s in after]
+                assert sum(s["is_processing"] for s in after) == 1
+            await wait_slots_idle(llama.url)
+            assert await engine.health() is True
+            after = engine.load
+        finally:
+            await engine.close()
+
+    assert idle == after == EngineLoad(busy_slots=0, total_slots=2)
+    assert busy == EngineLoad(busy_slots=1, total_slots=2)
+    # Not llorch's own task: the other client's slot counts on top of llorch's count.
+    assert busy.fraction(2, busy_now=1, busy_then=0) == 1.0

@@ -15,8 +15,11 @@ from tests.integration.wire import config, events, kinds, serve
 from tests.support import free_port
 
 from llorch.engines.base import (
+    Accepted,
     ChatMessage,
+    Chunk,
     CompletionRequest,
+    EngineLoad,
     Finish,
     Token,
     ToolCallDelta,
@@ -60,10 +63,11 @@ async def adapter(url: str, **kwargs: object) -> AsyncIterator[OpenAIHttpEngine]
         await engine.close()
 
 
-async def collect(
-    engine: OpenAIHttpEngine, req: CompletionRequest
-) -> list[Token | ToolCallDelta | Finish]:
-    return [c async for c in engine.stream(req)]
+async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Chunk]:
+    """The chunks of a stream after the ``Accepted`` that opens every stream the engine took."""
+    chunks = [c async for c in engine.stream(req)]
+    assert chunks[:1] == [Accepted()], chunks
+    return chunks[1:]
 
 
 @pytest.mark.req("ORCH-ENG-0001", "ORCH-ENG-0002", "ORCH-ENG-0007")
@@ -419,12 +423,12 @@ async def test_an_unreachable_engine_is_unavailable_with_the_cause_kept() -> Non
 async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
     parts = completion_chunks(["a", "b"])[:2]
     async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
-        seen: list[Token | ToolCallDelta | Finish] = []
+        seen: list[Chunk] = []
         with pytest.raises(WorkerReset) as caught:
             async for c in e.stream(request()):
                 seen.append(c)
 
-    assert seen == [Token("a"), Token("b")]
+    assert seen == [Accepted(), Token("a"), Token("b")]
     assert caught.value.retriable is True
     assert caught.value.__cause__ is not None
 
@@ -444,6 +448,16 @@ async def wait_ready(wire: Any, pool_id: str) -> None:
     async with asyncio.timeout(20):
         # The scripted engine runs on this loop, which the server's start-up blocks.
         while not (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()["ready"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def wait_replicas_ready(wire: Any, pool_id: str, count: int) -> None:
+    """Until ``count`` replicas of the pool passed a health probe."""
+    async with asyncio.timeout(20):
+        while True:
+            health = (await wire.client.get(f"/v1/pools/{pool_id}/health")).json()
+            if sum(r["state"] == "ready" for r in health["replicas"]) >= count:
+                return
             await asyncio.sleep(0.02)
 
 
@@ -502,6 +516,7 @@ async def test_closing_the_stream_closes_the_connection_to_the_engine() -> None:
     parts = tuple(completion_chunks(["a", "b"])[:2])
     async with ScriptedEngine([Reply(parts, end="hang")]) as fake, adapter(fake.url) as engine:
         stream = engine.stream(request())
+        assert await anext(stream) == Accepted()
         assert await anext(stream) == Token("a")
         await stream.aclose()
         async with asyncio.timeout(5):
@@ -739,7 +754,7 @@ async def test_the_engines_cached_prompt_tokens_are_kept_when_it_reports_them() 
 
 
 @pytest.mark.wire
-@pytest.mark.req("ORCH-ENG-0013")
+@pytest.mark.req("ORCH-ENG-0013", "ORCH-ENG-0015")
 @pytest.mark.parametrize("status", [429, 503])
 async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
     settings_for: SettingsFactory, status: int
@@ -755,7 +770,7 @@ async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
             "endpoints": [fake.url],
             "health_interval_ms": 50,
             "timeouts": {"connect_ms": 300},
-            "retry": {"attempts": 1},
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 10},
             "breaker": {"failure_threshold": 1},
         }
         async with serve(settings_for(config(pool))) as wire:
@@ -766,10 +781,244 @@ async def test_an_engine_that_says_it_is_busy_keeps_its_circuit_closed(
                 )
                 assert accepted.status_code == 202, accepted.text
                 frames = await wire.read_all(accepted.json()["task_id"])
+                # Never accepted by an engine: no started frame, only its end.
+                assert kinds(frames) == ["error"], kinds(frames)
                 error = events(frames)[-1]
-                assert error.event == "error" and error.payload["code"] == "ENGINE_ERROR"
+                assert error.payload["code"] == "ENGINE_ERROR"
                 assert error.payload["retriable"] is True
+                task = await wire.task(accepted.json()["task_id"])
+                assert (task["state"], task["timings"]["started_ms"]) == ("failed", None)
             health = (await wire.client.get("/v1/pools/vllm/health")).json()
 
     assert [r["state"] for r in health["replicas"]] == ["ready"]
-    assert len(fake.posts()) == 2
+    # Each task: its first try, then once more after it went back to the queue (requeues: 1).
+    assert len(fake.posts()) == 4
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0015", "ORCH-ENG-0024", "ORCH-DATA-0056")
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_task_its_engine_refuses_as_busy_runs_on_the_other_replica(
+    settings_for: SettingsFactory, status: int
+) -> None:
+    busy = Reply(('{"error": "queue full"}',), status=status, content_type="application/json")
+    good = Reply((*completion_chunks(["a", "b"], usage=(2, 2)), DONE))
+    async with ScriptedEngine([busy]) as refusing, ScriptedEngine([good]) as serving:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [refusing.url, serving.url],
+            "health_interval_ms": 50,
+            # In-run retries are off: only the way back through the queue can save the task.
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 60_000},
+            "placement": {"tie_break": "replica_order"},  # the first try goes to the busy one
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            await wait_replicas_ready(wire, "vllm", 2)
+            accepted = await wire.client.post(
+                "/v1/tasks", json={"model": "small", "prompt": "hello", "max_tokens": 2}
+            )
+            assert accepted.status_code == 202, accepted.text
+            task_id = accepted.json()["task_id"]
+            frames = await wire.read_all(task_id)
+            task = await wire.task(task_id)
+            health = (await wire.client.get("/v1/pools/vllm/health")).json()
+
+    assert len(refusing.posts()) == 1 and len(serving.posts()) == 1
+    assert kinds(frames) == ["started", "token", "token", "end"], kinds(frames)
+    started = events(frames)[0].payload
+    assert (started["replica_id"], started["placement"]) == ("vllm-1", "least_loaded")
+    assert started["queue_position"] == 0
+    assert (task["state"], task["replica_id"]) == ("succeeded", "vllm-1")
+    assert task["usage"]["tokens_out"] == 2
+    # The busy replica kept its circuit and readiness; it only rests for its backoff.
+    assert [r["state"] for r in health["replicas"]] == ["ready", "ready"]
+
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="org/Small"} 2.0
+vllm:num_requests_running{engine="1",model_name="org/Small"} 1.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+vllm:num_requests_waiting{engine="0",model_name="org/Small"} 1.0
+vllm:num_requests_waiting{engine="1",model_name="org/Small"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="org/Small"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="org/Small"} 0.5
+vllm:num_preemptions_total{engine="0",model_name="org/Small"} 7.0
+"""
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+@pytest.mark.parametrize(
+    ("kind", "pages", "load"),
+    [
+        ("vllm", {"/metrics": (200, VLLM_METRICS)}, EngineLoad(3, None, 2, 0.5)),
+        (
+            "vllm",
+            {"/metrics": (200, 'vllm:gpu_cache_usage_perc{model_name="m"} 0.75 1700000000\n')},
+            EngineLoad(kv_cache_usage=0.75),
+        ),
+        (
+            "llamacpp",
+            {
+                "/slots": (
+                    200,
+                    '[{"id": 0, "is_processing": true}, {"id": 1, "is_processing": false},'
+                    ' {"id": 2, "is_processing": true}]',
+                )
+            },
+            EngineLoad(busy_slots=2, total_slots=3),
+        ),
+        ("vllm", {"/metrics": (404, "not found")}, None),
+        ("vllm", {"/metrics": (200, "process_cpu_seconds_total 3.5\n")}, None),
+        ("llamacpp", {"/slots": (501, '{"error": "slots endpoint disabled"}')}, None),
+        ("llamacpp", {"/slots": (200, '[{"id": 0}]')}, None),
+        ("tgi", {}, None),
+    ],
+    ids=[
+        "vllm",
+        "vllm-old-name",
+        "llamacpp",
+        "no-metrics",
+        "other-metrics",
+        "no-slots",
+        "odd-slots",
+        "tgi",
+    ],
+)
+async def test_the_health_probe_reads_the_engines_own_load_where_it_reports_one(
+    kind: str, pages: dict[str, tuple[int, str]], load: EngineLoad | None
+) -> None:
+    async with ScriptedEngine([Reply()]) as fake, adapter(fake.url, kind=kind) as engine:
+        fake.pages.update(pages)
+        # A missing or odd load endpoint never fails the probe.
+        assert await engine.health() is True
+
+    assert engine.load == load
+    assert {s.method for s in fake.seen} == {"GET"}
+
+
+def vllm_metrics(*, running: int, waiting: int) -> str:
+    return (
+        f'vllm:num_requests_running{{model_name="small"}} {running}.0\n'
+        f'vllm:num_requests_waiting{{model_name="small"}} {waiting}.0\n'
+    )
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0025", "ORCH-ENG-0021")
+async def test_placement_goes_by_the_engines_own_load_and_by_its_own_count_without_it(
+    settings_for: SettingsFactory,
+) -> None:
+    done = Reply((*completion_chunks(["a"], usage=(2, 1)), DONE))
+    async with ScriptedEngine([done]) as first, ScriptedEngine([done]) as second:
+        # The first replica is busy with other clients' work: its own metrics say so.
+        first.pages["/metrics"] = (200, vllm_metrics(running=2, waiting=3))
+        second.pages["/metrics"] = (200, vllm_metrics(running=0, waiting=0))
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [first.url, second.url],
+            "slots_per_replica": 2,
+            "health_interval_ms": 20,
+            # Without the engines' account a tie: the first replica would get every task.
+            "placement": {"tie_break": "replica_order"},
+        }
+        placed = []
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_replicas_ready(wire, "vllm", 2)
+            await first.read_again("/metrics")
+            for prompt in ("one", "two"):
+                task_id = await wire.submit(model="small", prompt=prompt, max_tokens=1)
+                frames = await wire.read_all(task_id)
+                started = events(frames)[0].payload
+                placed.append((started["replica_id"], started["placement"]))
+            # The endpoint goes away: llorch's own count (both idle) decides again.
+            first.pages["/metrics"] = (404, "gone")
+            await first.read_again("/metrics")
+            task_id = await wire.submit(model="small", prompt="three", max_tokens=1)
+            frames = await wire.read_all(task_id)
+            started = events(frames)[0].payload
+            placed.append((started["replica_id"], started["placement"]))
+
+    assert placed == [
+        ("vllm-1", "least_loaded"),
+        ("vllm-1", "least_loaded"),
+        ("vllm-0", "least_loaded"),
+    ]
+    assert len(first.posts()) == 1 and len(second.posts()) == 2
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0015", "ORCH-DATA-0029", "ORCH-DATA-0060")
+async def test_a_task_sent_back_waits_in_the_queue_with_its_position_and_can_be_canceled(
+    settings_for: SettingsFactory,
+) -> None:
+    busy = Reply(('{"error": "queue full"}',), status=429, content_type="application/json")
+    async with ScriptedEngine([busy]) as refusing:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [refusing.url],
+            "health_interval_ms": 50,
+            # The replica rests a minute after its refusal: the task waits in the queue.
+            "retry": {"attempts": 1, "requeues": 2, "backoff_ms": 60_000},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            task_id = await wire.submit(model="small", prompt="hello", max_tokens=2)
+            async with asyncio.timeout(20):
+                while not refusing.posts():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            async with asyncio.timeout(20):
+                # Back in the queue once its run has let it go.
+                while (waiting := await wire.task(task_id)).get("queue_position") != 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            health = (await wire.client.get("/v1/pools/vllm/health")).json()
+            assert (await wire.cancel(task_id)).status_code == 204
+            frames = await wire.read_all(task_id)
+
+    assert (waiting["state"], waiting["queue_position"]) == ("queued", 0)
+    assert [r["state"] for r in health["replicas"]] == ["ready"]  # resting, still serving
+    assert kinds(frames) == ["end"]
+    assert events(frames)[0].payload["finish_reason"] == "canceled"
+    assert len(refusing.posts()) == 1
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-ENG-0015", "ORCH-ENG-0005", "ORCH-DATA-0060")
+async def test_a_cancel_while_the_engine_has_not_answered_ends_the_task_at_once(
+    settings_for: SettingsFactory,
+) -> None:
+    async with ScriptedEngine([Reply(end="mute")]) as mute:
+        pool = {
+            "id": "vllm",
+            "engine": "vllm",
+            "model": "small",
+            "endpoints": [mute.url],
+            "health_interval_ms": 50,
+            "timeouts": {"first_token_ms": 600_000},
+        }
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            task_id = await wire.submit(model="small", prompt="hello", max_tokens=2)
+            async with asyncio.timeout(20):
+                while not mute.posts():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            waiting = await wire.task(task_id)
+            assert (await wire.cancel(task_id)).status_code == 204
+            frames = await wire.read_all(task_id)
+            async with asyncio.timeout(5):
+                await mute.disconnected.wait()  # the request to the engine was closed
+            task = await wire.task(task_id)
+
+    # Not accepted yet: queued, no started frame; the cancel ends it without waiting for a limit.
+    assert waiting["state"] == "queued"
+    assert kinds(frames) == ["end"]
+    assert events(frames)[0].payload["finish_reason"] == "canceled"
+    assert (task["state"], task["timings"]["started_ms"]) == ("canceled", None)

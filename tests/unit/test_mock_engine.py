@@ -9,7 +9,7 @@ import pytest
 
 from llorch.config import FailureMode, FailureSettings, MockSettings, PoolSettings
 from llorch.engines import build_engines
-from llorch.engines.base import ChatMessage, Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import Accepted, ChatMessage, Chunk, CompletionRequest, Finish, Token
 from llorch.engines.mock import MockEngine, count_tokens
 from llorch.errors import EngineError, WorkerReset
 from tests.unit.helpers import completion, stream_all
@@ -77,7 +77,7 @@ async def test_a_stream_ends_with_exactly_one_finish_at_max_tokens() -> None:
 
     chunks = await stream_all(engine(), request)
 
-    assert [type(c) for c in chunks] == [Token] * 5 + [Finish]
+    assert [type(c) for c in chunks] == [Accepted] + [Token] * 5 + [Finish]
     assert chunks[-1] == Finish("length", tokens_in=count_tokens("tell me a story"), tokens_out=5)
     pieces = texts(chunks)
     assert not pieces[0].startswith(" ")
@@ -90,7 +90,7 @@ async def test_a_stream_shorter_than_max_tokens_ends_with_stop() -> None:
     finish = chunks[-1]
     assert isinstance(finish, Finish)
     assert finish.finish_reason == "stop"
-    assert finish.tokens_out == len(chunks) - 1 < 4096
+    assert finish.tokens_out == len(chunks) - 2 < 4096  # Accepted, the tokens, Finish
     assert len(finishes(chunks)) == 1
 
 
@@ -129,7 +129,7 @@ async def test_failure_before_the_first_token_is_an_engine_error() -> None:
         async for chunk in engine(mode="before_first_token").stream(completion()):
             chunks.append(chunk)
 
-    assert chunks == []
+    assert chunks == [Accepted()]  # it took the request, then failed
     assert type(caught.value) is EngineError
     assert (caught.value.code, caught.value.retriable) == ("ENGINE_ERROR", True)
     assert caught.value.engine == "mock"
@@ -145,7 +145,7 @@ async def test_failure_mid_stream_is_a_worker_reset_after_n_tokens() -> None:
         ):
             chunks.append(chunk)
 
-    assert [type(c) for c in chunks] == [Token] * 3
+    assert [type(c) for c in chunks] == [Accepted] + [Token] * 3
     assert (caught.value.code, caught.value.retriable) == ("WORKER_RESET", True)
 
 
@@ -157,13 +157,14 @@ async def test_a_hanging_replica_goes_silent_after_n_tokens() -> None:
         async with asyncio.timeout(1):
             received.append(await anext(chunks))
             received.append(await anext(chunks))
+            received.append(await anext(chunks))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await anext(chunks)
     finally:
         await chunks.aclose()
 
-    assert [type(c) for c in received] == [Token, Token]
+    assert [type(c) for c in received] == [Accepted, Token, Token]
 
 
 @pytest.mark.req("ORCH-DATA-0091")
@@ -213,6 +214,7 @@ async def test_the_first_token_waits_for_ttft() -> None:
 
     started = time.monotonic()
     try:
+        assert isinstance(await anext(chunks), Accepted)  # at once: the wait is the first token's
         first = await anext(chunks)
     finally:
         await chunks.aclose()

@@ -11,7 +11,7 @@ import pytest
 from llorch.config import MockSettings, PlacementSettings, PoolSettings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
-from llorch.engines.base import ChatMessage, CompletionRequest
+from llorch.engines.base import ChatMessage, CompletionRequest, EngineLoad
 from llorch.metrics import Metrics
 from llorch.persistence import TaskRow
 from llorch.scheduler.placement import PrefixMap
@@ -156,3 +156,51 @@ def test_the_most_recently_used_prefixes_survive_eviction() -> None:
     prefixes.record(prefixes.hashes("y" * 32), "r-1")  # evicts x's two blocks, not k's
     assert prefixes.longest(kept, {"r-0"}) == ("r-0", 2)
     assert prefixes.longest(prefixes.hashes("x" * 32), {"r-1"}) is None
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+def test_an_engine_full_by_its_own_account_loses_its_warm_cache_preference() -> None:
+    pool = runtime(replicas=2)
+    warm, _ = dispatch(pool, task("first question"))
+    warm_replica = next(r for r in pool.replicas if r.id == warm)
+    cold = next(r for r in pool.replicas if r.id != warm)
+    warm_replica.busy = 0  # llorch's count: both idle
+
+    # The warm engine says its slots are full (other clients) and requests wait inside it.
+    warm_replica.engine_load = EngineLoad(busy_slots=2, total_slots=2, waiting=3)
+    assert warm_replica.load == 2.5 and warm_replica.free == 2
+    assert dispatch(pool, task("another question")) == (cold.id, "least_loaded")
+    assert dispatch(pool, task("a session's turn", session_replica=warm)) == (cold.id, "prefix")
+
+    # When every candidate is full by its engine's account, the usual order holds again.
+    cold.engine_load = EngineLoad(kv_cache_usage=1.0)
+    for replica in pool.replicas:
+        replica.busy = 0  # both with free slots by llorch's count
+    assert dispatch(pool, task("q", session_replica=warm)) == (warm, "session")
+
+    # A load below full ranks the least loaded only: the warm cache still wins.
+    warm_replica.engine_load = EngineLoad(kv_cache_usage=0.9)
+    cold.engine_load = None
+    for replica in pool.replicas:
+        replica.busy = 0
+    assert dispatch(pool, task("and one more")) == (warm, "prefix")
+    assert [r.load for r in pool.replicas if r.id != warm] == [0.0]
+
+
+@pytest.mark.req("ORCH-ENG-0025")
+def test_an_engines_reading_counts_llorchs_own_slots_as_they_are_now() -> None:
+    pool = runtime(replicas=2)
+    replica = pool.replicas[0]
+    # Read while both slots ran llorch's tasks; both have ended since.
+    replica.engine_load = EngineLoad(busy_slots=2, total_slots=2)
+    replica.busy_at_reading, replica.busy = 2, 0
+    assert replica.load == 0.0
+    # Read while one slot ran llorch's task and the other another client's.
+    replica.busy_at_reading, replica.busy = 1, 1
+    assert replica.load == 1.0
+    replica.busy = 0
+    assert replica.load == 0.5
+    # Requests waiting inside the engine always count.
+    replica.engine_load = EngineLoad(busy_slots=2, total_slots=2, waiting=1)
+    replica.busy_at_reading = 2
+    assert replica.load == 0.5

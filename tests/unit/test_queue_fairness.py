@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from llorch.errors import AdmissionReject
 from llorch.scheduler.queue import PRIORITIES, PoolQueue, Priority, batch_every
 
 
@@ -166,3 +167,44 @@ def test_the_position_promised_to_a_newcomer_is_the_one_it_gets() -> None:
             assert after.remove(victim, next(p for i, p in queued if i == victim))
         after.push(f"{flow}:new", priority)
         assert drain(after).index(f"{flow}:new") == promised
+
+
+@pytest.mark.req("ORCH-ENG-0015", "ORCH-DATA-0029")
+def test_a_task_sent_back_is_its_bands_next_and_the_order_is_as_before() -> None:
+    rng = random.Random(14)
+    checked = 0
+    for _ in range(400):
+        queue, queued = random_queue(rng)
+        before = list(queue)
+        head = queue.pop()
+        if head is None:
+            continue
+        priority = next(p for i, p in queued if i == head)
+        queue.push_front(head, priority)
+        order = list(queue)
+        in_band = {i for i, p in queued if p == priority}
+        # Its band's dispatch order is the one before it was taken: it comes first again.
+        assert [i for i in order if i in in_band] == [i for i in before if i in in_band]
+        assert next(i for i in order if i in in_band) == head
+        # Positions stay the real dispatch order, the task sent back counted in the depth.
+        assert len(queue) == len(queued)
+        positions = {item: queue.position(item, p) for item, p in queued}
+        assert positions == {item: order.index(item) for item, _ in queued}
+        assert drain(copy.deepcopy(queue)) == order
+        checked += 1
+    assert checked > 300
+
+
+@pytest.mark.req("ORCH-ENG-0015")
+def test_a_task_sent_back_is_never_refused_for_capacity() -> None:
+    queue = flow_queue(capacity=2)
+    for item in ("A:0", "B:1"):
+        queue.push(item, "interactive")
+    head = queue.pop()
+    assert head == "A:0"
+    queue.push("B:2", "interactive")  # the place it left was taken meanwhile
+    queue.push_front(head, "interactive")
+    assert len(queue) == 3
+    assert queue.position("A:0", "interactive") == 0
+    with pytest.raises(AdmissionReject):
+        queue.victim_for("interactive")  # newcomers see the queue full

@@ -1,9 +1,11 @@
 """The one calling convention every engine adapter speaks.
 
-An engine replica streams a completion as an async iterator of :class:`Token` chunks (and
-:class:`ToolCallDelta` pieces of the tool calls it makes) followed by exactly one
-:class:`Finish`. Cancel is asyncio cancellation of the consuming task: an adapter closes its
-connection to the engine when the iterator is closed or cancelled. Engines raise only
+An engine replica streams a completion as an async iterator: one :class:`Accepted` once the engine
+has taken the request (an HTTP engine: its 200 answer's head), then :class:`Token` chunks (and
+:class:`ToolCallDelta` pieces of the tool calls it makes), then exactly one :class:`Finish`. An
+engine that refuses the request raises before ``Accepted``. Cancel is asyncio cancellation of the
+consuming task: an adapter closes its connection to the engine when the iterator is closed or
+cancelled. Engines raise only
 :class:`llorch.errors.EngineError` subclasses.
 """
 
@@ -112,6 +114,11 @@ def bound_tokens_in(request: CompletionRequest) -> int:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The engine took the request: what follows is its completion (ORCH-ENG-0015)."""
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
     # With logprobs asked for: OpenAI's ``logprobs.content`` entries of the chunk's tokens
@@ -146,7 +153,37 @@ class Finish:
     tokens_cached: int | None = None
 
 
-Chunk = Token | ToolCallDelta | Finish
+Chunk = Accepted | Token | ToolCallDelta | Finish
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine says about its own load, as its health probe last read it (ORCH-ENG-0025):
+    llama.cpp ``/slots``, vLLM ``/metrics``. A field the engine does not report is None."""
+
+    busy_slots: int | None = None  # llama.cpp slots processing; vLLM requests running
+    total_slots: int | None = None
+    waiting: int | None = None  # requests queued inside the engine (vLLM)
+    kv_cache_usage: float | None = None  # 0..1 (vLLM)
+
+    def fraction(self, slots: int, *, busy_now: int = 0, busy_then: int = 0) -> float | None:
+        """The engine's load as a share of ``slots`` (its own count of them when it reports
+        one), above 1 when requests queue inside it; None when it reports nothing.
+
+        The reading is as old as the last probe: of its busy slots, the ``busy_then`` that were
+        llorch's own are counted as llorch's count is now (``busy_now``), so a slot llorch freed
+        since is free, and only the others' work (other clients) is added to it.
+        """
+        total = max(1, self.total_slots or slots)
+        parts = []
+        if self.busy_slots is not None:
+            others = max(0, self.busy_slots - busy_then)
+            parts.append((busy_now + others) / total)
+        if self.kv_cache_usage is not None:
+            parts.append(self.kv_cache_usage)
+        if not parts and self.waiting is None:
+            return None
+        return max(parts, default=0.0) + (self.waiting or 0) / total
 
 
 class Engine(Protocol):
@@ -159,6 +196,8 @@ class Engine(Protocol):
     context_size: int | None  # tokens per slot, None when the engine does not say
     # Request features it serves beyond text generation (e.g. RESPONSE_FORMAT).
     features: frozenset[str]
+    # Its own load, read by its health probe; None when it reports none (ORCH-ENG-0025).
+    load: EngineLoad | None
 
     @property
     def slots(self) -> int:
@@ -172,7 +211,8 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
-        """Stream one completion: ``Token``\\ s (and ``ToolCallDelta``\\ s), then one ``Finish``."""
+        """Stream one completion: ``Accepted``, ``Token``\\ s (and ``ToolCallDelta``\\ s), then
+        one ``Finish``."""
         ...
 
     async def close(self) -> None: ...

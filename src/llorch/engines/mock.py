@@ -16,7 +16,7 @@ import random
 from collections.abc import AsyncGenerator
 
 from llorch.config import FailureSettings, MockSettings
-from llorch.engines.base import Chunk, CompletionRequest, Finish, Token
+from llorch.engines.base import Accepted, Chunk, CompletionRequest, EngineLoad, Finish, Token
 from llorch.errors import EngineError, WorkerReset
 
 _WORDS = (
@@ -106,6 +106,7 @@ class MockEngine:
     # or be steered by penalties or a logit bias (all refused, ORCH-ENG-0009), and sampling
     # knobs other than the seed (temperature, top_p) change nothing.
     features: frozenset[str] = frozenset()
+    load: EngineLoad | None = None  # llorch's own slot count is the whole truth
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class MockEngine:
         tokens_in = max(1, count_tokens(text))
         if self._failure.mode == "down":
             raise EngineError(f"replica {self.replica_id} is down", engine=self.engine)
+        yield Accepted()
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self._settings.ttft_ms / 1000)

@@ -43,9 +43,11 @@ from llorch.engines.base import (
     PRESENCE_PENALTY,
     RESPONSE_FORMAT,
     TOOLS,
+    Accepted,
     ChatMessage,
     Chunk,
     CompletionRequest,
+    EngineLoad,
     Finish,
     FinishReason,
     Token,
@@ -149,6 +151,7 @@ class OpenAIHttpEngine:
         self.features = _FEATURES.get(kind, frozenset())
         self.version = "unknown"
         self.context_size: int | None = None
+        self.load: EngineLoad | None = None
         self.base_url = base_url
         root = base_url.rstrip("/")
         self._urls = {False: f"{root}/v1/completions", True: f"{root}/v1/chat/completions"}
@@ -230,6 +233,7 @@ class OpenAIHttpEngine:
             post = self._client().post(self._urls[chat], data=body, headers=headers)
             response = await self._within(dog, post, progress)
             await self._check(response)
+            yield Accepted()
             content = response.content
             events = _SseReader()
             while True:
@@ -469,6 +473,7 @@ class OpenAIHttpEngine:
                     f"{self._where} answered {status} to its health probe", engine=self.engine
                 )
             await self._describe()
+            self.load = await self._read_load()
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 what = "cannot connect"
@@ -510,6 +515,20 @@ class OpenAIHttpEngine:
                 self.context_size = _positive(info.get("max_total_tokens"))
                 if isinstance(info.get("version"), str):
                     self.version = info["version"]
+
+    async def _read_load(self) -> EngineLoad | None:
+        """The engine's own load (ORCH-ENG-0025): llama.cpp ``/slots`` (``is_processing``),
+        vLLM ``/metrics`` (requests running and waiting, KV-cache usage). None when the engine
+        has no such endpoint or it fails: llorch's own slot count stays in charge."""
+        try:
+            if self.engine == "llamacpp":
+                return _slots_load(await self._get_json("/slots"))
+            if self.engine == "vllm":
+                status, body = await self._get("/metrics")
+                return _vllm_load(body.decode("utf-8", "replace")) if status == 200 else None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return None
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         """(status, body) of a GET, read to its end so that the connection can be reused."""
@@ -596,6 +615,52 @@ def _begun(pieces: list[ToolCallDelta], calls: set[int]) -> bool:
 
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _slots_load(slots: Any) -> EngineLoad | None:
+    """llama.cpp's ``/slots``: a list with one object per slot, ``is_processing`` in each."""
+    if not isinstance(slots, list) or not slots:
+        return None
+    if not all(isinstance(s, dict) and isinstance(s.get("is_processing"), bool) for s in slots):
+        return None
+    return EngineLoad(busy_slots=sum(s["is_processing"] for s in slots), total_slots=len(slots))
+
+
+_VLLM_SERIES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv",
+    "vllm:gpu_cache_usage_perc": "kv",  # its name before vLLM 0.10
+}
+
+
+def _vllm_load(text: str) -> EngineLoad | None:
+    """vLLM's Prometheus text: requests running and waiting are summed over its series (one per
+    model and engine core), the KV-cache usage (a fraction, despite ``_perc``) is the highest."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        what = _VLLM_SERIES.get(name)
+        if what is None:
+            continue
+        rest = line[line.rindex("}") + 1 :] if "{" in line and "}" in line else line[len(name) :]
+        try:
+            value = float(rest.split()[0])  # a timestamp may follow
+        except (IndexError, ValueError):
+            continue
+        if value != value or value < 0:  # NaN or negative: not a load
+            continue
+        sums[what] = max(sums.get(what, 0.0), value) if what == "kv" else sums.get(what, 0) + value
+    if not sums:
+        return None
+    running, waiting = sums.get("running"), sums.get("waiting")
+    return EngineLoad(
+        busy_slots=None if running is None else round(running),
+        waiting=None if waiting is None else round(waiting),
+        kv_cache_usage=None if "kv" not in sums else min(1.0, sums["kv"]),
+    )
 
 
 def _positive(value: Any) -> int | None:

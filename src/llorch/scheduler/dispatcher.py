@@ -199,5 +199,8 @@ class Dispatcher:
         if not ready:
             replica.last_error = why
         replica.ready = ready
+        # The engine's own load, read with its health (ORCH-ENG-0025); none from a failed probe.
+        replica.engine_load = replica.engine.load if ready else None
+        replica.busy_at_reading = replica.busy
         if replica.serving and not was_serving:
             pool.wakeup.set()

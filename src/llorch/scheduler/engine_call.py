@@ -1,10 +1,17 @@
 """One task's run, end to end: its start, its engine call, and its end.
 
 The dispatcher spawns :meth:`EngineCall.run` for a task it placed on a replica slot; from there
-the call owns the task. It records the start and publishes the ``started`` frame, relays the
+the call owns the task. Once an engine has accepted the request (the ``Accepted`` chunk: an
+HTTP engine's 200 head) it records the start and publishes the ``started`` frame; it relays the
 engine's tokens as ``token`` frames (and the pieces of its tool calls as ``tool_call`` frames),
 with a ``metrics`` frame every few, releases the slot and hands the outcome to
 :class:`~llorch.scheduler.settle.Settlement`.
+
+An engine that refuses the request because it is busy (its own 429 or 503) has not started the
+task: the call gives the slot back, the replica takes no new task for the engine's
+``Retry-After`` (else ``retry.backoff_ms``), and the task goes back to the front of its flow in
+the queue, to be placed again, at most ``retry.requeues`` times; after that the refusal ends it
+(ORCH-ENG-0015). Nothing has been published for it, so its stream still has one ``started``.
 
 Before the first token has been relayed, a retriable engine error is retried with exponential
 backoff (tenacity), on another ready replica with a free slot when there is one, else on the
@@ -28,7 +35,7 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from llorch.clock import Clock
-from llorch.engines.base import Finish, Token, ToolCallDelta
+from llorch.engines.base import Accepted, Finish, Token, ToolCallDelta
 from llorch.errors import (
     DeadlineUnmet,
     DecodeTimeout,
@@ -46,6 +53,18 @@ from llorch.sessions import SessionService
 from llorch.timers import Watchdog
 
 log = logging.getLogger("llorch.dispatcher")
+
+
+class _Refused(Exception):
+    """The engine said it is busy before it accepted the request: the task may go back."""
+
+    def __init__(self, error: EngineStatusError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _CanceledAtStart(Exception):
+    """A cancel came before the engine accepted the request, or while its start was written."""
 
 
 @dataclass(frozen=True)
@@ -74,14 +93,19 @@ class EngineCall:
         self.replica = replica
         self.started = asyncio.get_running_loop().time()
         self.first_token_at: float | None = None
+        self.accepted = False  # an engine took the request: the task has started
         self._ctx = ctx
         self._db = ctx.db
 
     async def run(self) -> None:
         """The task, from its start to its end; a cancel ends it ``canceled``."""
         record, settlement = self.record, self._ctx.settlement
+        record.calling = True
         try:
-            state, how = await self._attempt()
+            outcome = await self._attempt()
+            if outcome is None:  # back in the queue: not ended, nothing to settle
+                return
+            state, how = outcome
         except asyncio.CancelledError:
             self._release()
             if not record.ending:  # else it was cancelled while its end was written: it ended
@@ -101,16 +125,23 @@ class EngineCall:
             if not record.cancel_requested:
                 raise
 
-    async def _attempt(self) -> tuple[str, dict[str, Any]]:
-        """Start the task and call its engine: the state it ends in, and how."""
+    async def _attempt(self) -> tuple[str, dict[str, Any]] | None:
+        """Call the task's engine (which starts it): the state it ends in, and how; None when
+        it went back to the queue."""
         record = self.record
         if record.cancel_requested:  # canceled between dispatch and this first step
             return CANCELED, {"finish_reason": "canceled"}
-        await self._start()
-        if self.record.cancel_requested:  # canceled while its start was written
-            return CANCELED, {"finish_reason": "canceled"}
+        record.replica_id = self.replica.id
         try:
             finish = await self._call()
+        except _CanceledAtStart:
+            return CANCELED, {"finish_reason": "canceled"}
+        except _Refused as refused:
+            if record.requeues < self.pool.settings.retry.requeues and not record.cancel_requested:
+                self._send_back(refused.error)
+                return None
+            self.replica.last_error = refused.error.message
+            return FAILED, {"error": refused.error, "tokens_out": record.tokens_out}
         except (EngineError, DeadlineUnmet) as exc:
             self.replica.last_error = exc.message
             return FAILED, {"error": exc, "tokens_out": record.tokens_out}
@@ -136,6 +167,42 @@ class EngineCall:
             decode_s=0.0 if first is None else ended - first,
         )
         pool.wakeup.set()
+
+    def _send_back(self, error: EngineStatusError) -> None:
+        """The engine refused the task for being busy: its slot back, the task to the front of
+        its flow in the queue (its reservation kept), the replica resting meanwhile."""
+        pool, record, replica = self.pool, self.record, self.replica
+        replica.last_error = error.message
+        replica.busy -= 1
+        pool.rest(replica, error.retry_after_ms)
+        record.requeues += 1
+        record.runner = None
+        record.calling = False
+        record.replica_id = None
+        pool.requeue(record)
+        pool.record_replicas()
+        log.info(
+            "task sent back to the queue: its engine was busy",
+            extra={
+                "event": "task",
+                "task_id": record.task_id,
+                "pool_id": pool.id,
+                "replica_id": replica.id,
+                "requeues": record.requeues,
+                "correlation_id": record.row.correlation_id,
+            },
+        )
+
+    async def _accept(self) -> None:
+        """The engine took the request: the task starts (once, whatever attempt it is)."""
+        if self.accepted:
+            return
+        if self.record.cancel_requested:
+            raise _CanceledAtStart
+        self.accepted = True
+        await self._start()
+        if self.record.cancel_requested:  # canceled while its start was written
+            raise _CanceledAtStart
 
     async def _start(self) -> None:
         pool, replica, record = self.pool, self.replica, self.record
@@ -242,6 +309,8 @@ class EngineCall:
                     finish = await self._relay()
                 except EngineError as exc:
                     self._failed(exc)
+                    if isinstance(exc, EngineStatusError) and _busy(exc) and not self.accepted:
+                        raise _Refused(exc) from exc
                     raise
                 self.replica.breaker.record_success()
                 self.pool.record_replicas()
@@ -300,7 +369,7 @@ class EngineCall:
         replica.last_error = exc.message
         if isinstance(exc, EngineRejected):
             return  # the request was refused, the replica is fine
-        if isinstance(exc, EngineStatusError) and exc.overloaded:
+        if _busy(exc):
             return  # busy, not broken: its circuit stays closed (ORCH-ENG-0013)
         was = replica.breaker.state
         replica.breaker.record_failure()
@@ -339,6 +408,10 @@ class EngineCall:
                         "engine stream ended without finishing",
                         engine=self.replica.engine.engine,
                     )
+                if not self.accepted:  # an engine may skip Accepted: its first chunk says it
+                    await self._accept()
+                if isinstance(chunk, Accepted):
+                    continue
                 if isinstance(chunk, Finish):
                     return chunk
                 now = loop.time()
@@ -374,3 +447,8 @@ def _tool_call_frame(piece: ToolCallDelta, i: int) -> dict[str, Any]:
         data["name"] = piece.name
     data["arguments"] = piece.arguments
     return data
+
+
+def _busy(exc: EngineError) -> bool:
+    """The engine's own 429 or 503: busy, or not serving yet; not a fault of the replica."""
+    return isinstance(exc, EngineStatusError) and exc.overloaded

@@ -4,7 +4,10 @@ In order: the session's replica (its KV cache holds the conversation); else the 
 recently served the longest prefix of the task's prompt (its prompt cache may hold it); else the
 least loaded, with a random tie-break so that misses spread instead of piling onto the first
 replica. Only replicas with a free slot are candidates, so a warm cache never overloads one
-replica: when it is full the task goes elsewhere.
+replica: when it is full the task goes elsewhere. A candidate's load is llorch's busy share of its
+slots, or the engine's own account when it reports a higher one; a replica whose engine says it
+is full (a load of 1 or more: every slot busy, or requests waiting inside it) loses its session
+and prefix preference while another candidate is not full (ORCH-ENG-0025).
 
 Prefixes are hashed in blocks of ``block_chars`` characters, each hash chained to the one before
 (so a block's hash names the whole prefix up to it), into a map from hash to replica id that
@@ -35,7 +38,7 @@ class Candidate:
     """A replica with a free slot, as placement sees it."""
 
     replica_id: str
-    load: float  # busy slots / total slots
+    load: float  # busy slots / total slots, or the engine's own higher account
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,11 @@ def choose(
     if not candidates:
         return None
     ids = [c.replica_id for c in candidates]
-    if session_replica_id is not None and session_replica_id in ids:
+    # Warm caches are preferred only among replicas not full by their engine's own account.
+    room = {c.replica_id for c in candidates if c.load < 1} or set(ids)
+    if session_replica_id is not None and session_replica_id in room:
         return Decision(ids.index(session_replica_id), "session")
-    found = prefixes.longest(hashes, set(ids)) if hashes else None
+    found = prefixes.longest(hashes, room) if hashes else None
     if found is not None:
         return Decision(ids.index(found[0]), "prefix", found[1])
     lowest = min(c.load for c in candidates)

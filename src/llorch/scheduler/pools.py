@@ -10,11 +10,11 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llorch.clock import Clock, SystemClock
 from llorch.config import PoolSettings
-from llorch.engines.base import Engine
+from llorch.engines.base import Engine, EngineLoad
 from llorch.engines.breaker import STATE_VALUE, CircuitBreaker
 from llorch.metrics import Metrics
 from llorch.scheduler.placement import Candidate, PrefixMap, Reason, choose, prompt_text
@@ -44,6 +44,14 @@ class Replica:
     ready: bool = False
     busy: int = 0
     last_error: str | None = None
+    # Monotonic time until which it takes no new task: its engine said it is busy (a 429 or
+    # 503, ORCH-ENG-0015). It still serves: its pool stays ready and its circuit closed.
+    resting_until: float = 0.0
+    # The engine's own load as its last health probe read it (ORCH-ENG-0025), None without,
+    # and llorch's busy slots on it when it was read.
+    engine_load: EngineLoad | None = None
+    busy_at_reading: int = 0
+    clock: Clock = field(default_factory=SystemClock)
 
     @property
     def id(self) -> str:
@@ -55,8 +63,27 @@ class Replica:
         return self.ready and self.breaker.allows_traffic
 
     @property
+    def resting(self) -> bool:
+        return self.resting_until > 0 and self.clock.monotonic_s() < self.resting_until
+
+    @property
     def free(self) -> int:
-        return max(0, self.engine.slots - self.busy) if self.serving else 0
+        if not self.serving or self.resting:
+            return 0
+        return max(0, self.engine.slots - self.busy)
+
+    @property
+    def load(self) -> float:
+        """Placement's load: llorch's busy share of the slots, or the engine's own account when
+        that says more (other clients, requests queued inside it)."""
+        own = self.busy / max(1, self.engine.slots)
+        reading = self.engine_load
+        if reading is None:
+            return own
+        reported = reading.fraction(
+            self.engine.slots, busy_now=self.busy, busy_then=self.busy_at_reading
+        )
+        return own if reported is None else max(own, reported)
 
     @property
     def state(self) -> str:
@@ -155,7 +182,7 @@ class PoolRuntime:
             cooldown_s=self.settings.breaker.cooldown_ms / 1000,
             clock=self.clock,
         )
-        return Replica(engine, breaker)
+        return Replica(engine, breaker, clock=self.clock)
 
     def flow_for(self, owner: str | None, session_id: str, headers: Mapping[str, str]) -> str:
         """The flow a task is counted for in the queue's round-robin: its API key, its session,
@@ -235,11 +262,34 @@ class PoolRuntime:
             heapq.heappush(self._wait_limits, (record.wait_until, next(self._wait_ids), record))
 
     def next_wait_limit_s(self, now: float) -> float | None:
-        """Seconds until the soonest wait limit of a task still queued (None: no limit)."""
+        """Seconds until the pool loop must look again without being woken: the soonest wait
+        limit of a task still queued, or the end of a replica's rest while tasks wait (None:
+        nothing to wait for)."""
         limits = self._wait_limits
         while limits and limits[0][2].phase != "queued":
             heapq.heappop(limits)  # dispatched or ended meanwhile
-        return max(0.0, limits[0][0] - now) if limits else None
+        soonest = max(0.0, limits[0][0] - now) if limits else None
+        if self.queue:
+            mono = self.clock.monotonic_s()
+            for r in self.replicas:
+                if r.resting:
+                    left = r.resting_until - mono
+                    soonest = left if soonest is None else min(soonest, left)
+        return soonest
+
+    def rest(self, replica: Replica, retry_after_ms: int | None) -> None:
+        """``replica``'s engine said it is busy: it takes no new task for ``retry_after_ms``
+        (the engine's ``Retry-After``), else for ``retry.backoff_ms``."""
+        rest_ms = self.settings.retry.backoff_ms if retry_after_ms is None else retry_after_ms
+        replica.resting_until = self.clock.monotonic_s() + rest_ms / 1000
+
+    def requeue(self, record: TaskRecord) -> None:
+        """A dispatched task its engine refused goes back to the front of its flow, with its
+        reservation and its wait limit; the pool loop places it again (ORCH-ENG-0015)."""
+        self.queue.push_front(record, record.priority)
+        self.watch_wait(record)
+        self.record_queue()
+        self.wakeup.set()
 
     def overdue(self, now: float) -> list[TaskRecord]:
         """The queued tasks whose wait limit has passed, taken from the queue."""
@@ -285,7 +335,7 @@ class PoolRuntime:
     ) -> Placement | None:
         free = [r for r in self.replicas if r.free > 0 and r is not avoid]
         decision = choose(
-            [Candidate(r.id, r.busy / r.engine.slots) for r in free],
+            [Candidate(r.id, r.load) for r in free],
             session_replica_id=affinity_replica_id,
             hashes=hashes,
             prefixes=self.prefixes,

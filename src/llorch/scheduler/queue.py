@@ -89,6 +89,23 @@ class FlowBand(Generic[T]):
         lane.append(item)
         self._size += 1
 
+    def push_front(self, item: T, flow: str) -> None:
+        """``item`` back as the band's next dispatch (a task its engine refused): first in its
+        flow, its flow at the head of the ring with that one dispatch left in its round (the
+        one it was served); the round-robin goes on from there."""
+        lane = self._flows.get(flow)
+        if lane is None:
+            lane = self._flows[flow] = deque()
+        elif self._ring[0] == flow:
+            self._left += 1
+        else:
+            self._ring.remove(flow)
+        if not self._ring or self._ring[0] != flow:
+            self._ring.appendleft(flow)
+            self._left = 1
+        lane.appendleft(item)
+        self._size += 1
+
     def peek(self) -> T | None:
         return self._flows[self._ring[0]][0] if self._ring else None
 
@@ -230,6 +247,11 @@ class PoolQueue(Generic[T]):
 
     def push(self, item: T, priority: Priority) -> None:
         self._bands[priority].push(item, self._flow_of(item))
+
+    def push_front(self, item: T, priority: Priority) -> None:
+        """``item`` back as its band's next dispatch; never refused: it was admitted already,
+        so the queue may hold more than ``capacity`` by the tasks sent back (ORCH-ENG-0015)."""
+        self._bands[priority].push_front(item, self._flow_of(item))
 
     def _next_band(self) -> Priority | None:
         interactive, batch = self._bands["interactive"], self._bands["batch"]

@@ -149,10 +149,11 @@ class Scheduler:
             pool.queue.remove(record, record.priority)
             pool.record_queue()
             self._settlement.end_now(record, CANCELED, finish_reason="canceled")
-        elif phase == "running" and record.runner is not None:
-            # The flag is set before this returns, so no token frame follows the cancel.
+        elif (phase == "running" or record.calling) and record.runner is not None:
+            # The flag is set before this returns, so no token frame follows the cancel. A run
+            # that began (waiting for its engine to accept it) ends the task when cancelled.
             record.runner.cancel()
-        # "dispatched": its run sees the flag before it starts the task, and ends it canceled.
+        # "dispatched", its run not begun: the run sees the flag first and ends it canceled.
 
     async def durable(self) -> None:
         """Return once every commit so far is durable, and every end it holds published."""

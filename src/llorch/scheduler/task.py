@@ -66,10 +66,15 @@ class TaskRecord:
     # Prompt tokens the engine served from its cache, when it reports them.
     tokens_cached: int | None = None
     queue_position_at_start: int = 0
+    # Times its engine refused it as busy and it went back to the queue (ORCH-ENG-0015).
+    requeues: int = 0
     cancel_requested: bool = False
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
     runner: asyncio.Task[None] | None = None
+    # Its run has begun (scheduler.engine_call): cancelling the runner now ends the task, also
+    # while it waits for an engine to accept it (phase ``dispatched``).
+    calling: bool = False
 
     @property
     def task_id(self) -> str:
@@ -91,7 +96,7 @@ class TaskRecord:
         state   runner ending phase         meaning
         ======= ====== ====== ============= =====================================================
         queued  None   False  ``queued``    in its pool's queue
-        queued  set    False  ``dispatched`` on a replica slot; its run has not started it yet
+        queued  set    False  ``dispatched`` on a replica slot; no engine has accepted it yet
         running set    False  ``running``   its engine call under way
         any     any    True   ``ending``    its end decided and being written (Settlement)
         ======= ====== ====== ============= =====================================================
