@@ -144,6 +144,15 @@ class DatabaseSettings:
     (``postgresql://user@host:port/dbname``), or None for SQLite under ``server.data_dir``."""
 
     url: str | None = field(default=None, repr=False)
+    # PostgreSQL only. The most one call to the database may take: connecting (libpq's
+    # connect_timeout, whole seconds, at least 2), a statement (statement_timeout), a send the
+    # server does not acknowledge (tcp_user_timeout), a silent connection (TCP keepalives) and
+    # the wait for a pooled connection. Past it the call is refused STORAGE_UNAVAILABLE.
+    timeout_ms: int = 5000
+    # While the database cannot be reached: how often a new connection is tried (off the
+    # event loop), and the Retry-After of what is refused meanwhile. While it can: how often
+    # an idle server checks that it still can (so readiness notices with no traffic).
+    retry_ms: int = 1000
 
     @property
     def shown(self) -> str | None:
@@ -392,7 +401,8 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSettings:
             "configuration key database.url: the URL carries a password; put the password in "
             "LLORCH_DATABASE_URL (or libpq's PGPASSWORD or ~/.pgpass), not in the file"
         )
-    return DatabaseSettings(url=url)
+    timing = {k: int(raw[k]) for k in ("timeout_ms", "retry_ms") if k in raw}
+    return DatabaseSettings(url=url, **timing)
 
 
 def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) -> DatabaseSettings:
@@ -400,12 +410,12 @@ def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) ->
         return current
     url = environ["LLORCH_DATABASE_URL"]
     if not url:
-        return DatabaseSettings()
+        return dataclasses.replace(current, url=None)
     if not url.startswith(("postgresql://", "postgres://")):
         raise ValueError(
             f"LLORCH_DATABASE_URL: {without_password(url)!r} is not a postgresql:// URL"
         )
-    return DatabaseSettings(url=url)
+    return dataclasses.replace(current, url=url)
 
 
 def _has_password(url: str) -> bool:
