@@ -60,7 +60,7 @@ def assert_unavailable(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def refused_while_down(client: httpx.Client, sid: str, task_id: str) -> None:
+def refused_while_down(client: httpx.Client, sid: str, task_id: str, artifact: str) -> None:
     """Every door that needs the database answers 503 STORAGE_UNAVAILABLE, at once."""
     body = assert_unavailable(
         client.post("/v1/tasks", json={"model": "mock-small", "prompt": "p", "max_tokens": 3})
@@ -73,6 +73,7 @@ def refused_while_down(client: httpx.Client, sid: str, task_id: str) -> None:
     assert_unavailable(client.get(f"/v1/tasks/{task_id}"))
     assert_unavailable(client.post("/v1/artifacts", json=DOCUMENT))
     assert_unavailable(client.get("/v1/artifacts"))
+    assert_unavailable(client.get(f"/v1/artifacts/{artifact}"))
     chat = client.post(
         "/v1/chat/completions",
         json={
@@ -104,7 +105,7 @@ def test_postgresql_stopped_and_restarted_under_a_running_server(
         wait_until(lambda: task_of(client, accepted[0])["state"] == "running", "a start")
 
         cluster.stop(mode="immediate")
-        refused_while_down(client, sid, accepted[0])
+        refused_while_down(client, sid, accepted[0], artifact)
         not_ready = client.get("/readyz")
         assert not_ready.status_code == 503 and "storage" in not_ready.json()["message"]
         assert int(not_ready.headers["retry-after"]) >= 1
