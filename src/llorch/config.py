@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,12 @@ class DatabaseSettings:
     # event loop), and the Retry-After of what is refused meanwhile. While it can: how often
     # an idle server checks that it still can (so readiness notices with no traffic).
     retry_ms: int = 1000
+    # PostgreSQL only. This instance's name among those on the database (default: the host
+    # name and the port), and how long after its last heartbeat (every retry_ms) an instance
+    # counts as gone: a start-up reconciles the tasks of gone instances and its own, never a
+    # live instance's.
+    instance_id: str | None = None
+    instance_ttl_ms: int = 10_000
 
     @property
     def shown(self) -> str | None:
@@ -306,6 +313,12 @@ class Settings:
         return Path(self.server.data_dir) / f"llorch-{self.server.profile}.sqlite3"
 
     @property
+    def instance_id(self) -> str:
+        """This instance's name on a shared database: ``database.instance_id``, else the host
+        name and the port (a restart on the same port is the same instance)."""
+        return self.database.instance_id or f"{socket.gethostname()}:{self.server.port}"
+
+    @property
     def storage_shown(self) -> str:
         """Where state lives, for logs: the database URL without its password, or the file."""
         return self.database.shown or str(self.database_path)
@@ -401,8 +414,11 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSettings:
             "configuration key database.url: the URL carries a password; put the password in "
             "LLORCH_DATABASE_URL (or libpq's PGPASSWORD or ~/.pgpass), not in the file"
         )
-    timing = {k: int(raw[k]) for k in ("timeout_ms", "retry_ms") if k in raw}
-    return DatabaseSettings(url=url, **timing)
+    timing = {k: int(raw[k]) for k in ("timeout_ms", "retry_ms", "instance_ttl_ms") if k in raw}
+    instance_id = raw.get("instance_id")
+    return DatabaseSettings(
+        url=url, instance_id=None if instance_id is None else str(instance_id), **timing
+    )
 
 
 def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) -> DatabaseSettings:

@@ -1,13 +1,13 @@
 """The PostgreSQL store's way to its server: a pool while the server answers, none while not.
 
-While the server answers, :meth:`Link.pool` hands out the pool, and a watcher thread checks every
-``retry_s`` that an idle connection still works (so an outage is noticed, and readiness follows
-it, on a server that gets no traffic). Once a call or the watcher finds the server gone (a
-broken connection, no connection within the budget), the link is *lost*: every call is refused
-at once with :class:`llorch.errors.StorageUnavailable` (nothing waits on the event loop), the
-old pool is closed, and the watcher tries a new one every ``retry_s`` until the server answers
-again. Only the event loop's thread calls :meth:`pool` and :meth:`lose`; the watcher swaps the
-pool before it clears the loss, so a call never gets a pool that is being closed for good.
+While the server answers, :meth:`Link.pool` hands out the pool, and a watcher thread runs
+``check`` on a connection every ``retry_s`` (the instance's heartbeat): an outage is noticed,
+and readiness follows it, on a server that gets no traffic. Once a call or the watcher finds
+the server gone (a broken connection, no connection within the budget), the link is *lost*:
+every call is refused at once with :class:`llorch.errors.StorageUnavailable` (nothing waits on
+the event loop), the old pool is closed, and the watcher tries a new one every ``retry_s``
+until the server answers again. Only the event loop's thread calls :meth:`pool`; the watcher
+swaps the pool in before it clears the loss, so a call never gets a pool closed for good.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from llorch.errors import StorageUnavailable
 
 log = logging.getLogger("llorch.persistence")
 
-Pool = ConnectionPool[psycopg.Connection[tuple[Any, ...]]]
+Connection = psycopg.Connection[tuple[Any, ...]]
+Pool = ConnectionPool[Connection]
 
 # How long closing a pool waits for its worker threads (a lost server answers nothing).
 _CLOSE_WAIT_S = 1.0
@@ -32,9 +33,16 @@ _CLOSE_WAIT_S = 1.0
 
 class Link:
     def __init__(
-        self, open_pool: Callable[[], Pool], *, retry_s: float, timeout_s: float, shown: str
+        self,
+        open_pool: Callable[[], Pool],
+        *,
+        retry_s: float,
+        timeout_s: float,
+        shown: str,
+        check: Callable[[Connection], object] = lambda conn: conn.execute("SELECT 1"),
     ) -> None:
         self._open_pool = open_pool
+        self._check_on = check
         self._retry_s = retry_s
         self._timeout_s = timeout_s
         self._shown = shown
@@ -97,7 +105,7 @@ class Link:
             return
         try:
             with pool.connection(timeout=self._timeout_s) as conn:
-                conn.execute("SELECT 1")
+                self._check_on(conn)
         except psycopg.Error as exc:
             self.lose(exc)
 

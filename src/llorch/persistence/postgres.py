@@ -49,8 +49,22 @@ _INSERT_SESSION = (
     f"VALUES ({', '.join('%s' for _ in SESSION_COLUMNS)})"
 )
 _INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}) "
-    f"VALUES ({', '.join('%s' for _ in ADMIT_COLUMNS)}) RETURNING seq"
+    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}, instance_id) "
+    f"VALUES ({', '.join('%s' for _ in ADMIT_COLUMNS)}, %s) RETURNING seq"
+)
+# The database's clock, in milliseconds: instances' heartbeats and their expiry agree on it.
+_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+_HEARTBEAT = (
+    f"INSERT INTO instances (instance_id, heartbeat_ms) VALUES (%s, {_NOW_MS}) "
+    "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
+)
+# The tasks in some states that are this instance's to reconcile, claimed for it: its own, those
+# of no instance, and those of instances whose heartbeat expired; never a live instance's.
+_CLAIM = (
+    f"WITH claimed AS (UPDATE tasks SET instance_id = %s WHERE state = ANY(%s) "
+    "AND (instance_id IS NULL OR instance_id = %s OR NOT EXISTS (SELECT 1 FROM instances i "
+    f"WHERE i.instance_id = tasks.instance_id AND i.heartbeat_ms > {_NOW_MS} - %s)) "
+    f"RETURNING {_TASKS}) SELECT {_TASKS} FROM claimed ORDER BY seq"
 )
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = %s, last_replica_id = %s WHERE session_id = %s"
 
@@ -60,9 +74,12 @@ _SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, Tru
 
 
 class PostgresStorage:
-    def __init__(self, link: Link, retry_ms: int = 1000) -> None:
+    def __init__(
+        self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
+    ) -> None:
         self._link = link
         self._retry_ms = retry_ms
+        self._instance_id, self._instance_ttl_ms = instance
         self._write_failing = False
         # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
         # nothing to retry, as this store never raises StorageBusy.
@@ -77,9 +94,16 @@ class PostgresStorage:
         busy_timeout_ms: int = 5000,
         timeout_ms: int = 5000,
         retry_ms: int = 1000,
+        instance: tuple[str, int] = ("llorch", 10_000),
     ) -> PostgresStorage:
-        """Connect, migrate, check the profile and verify the schema, then open the pool."""
+        """Connect, migrate, check the profile and verify the schema, then open the pool.
+        ``instance``: this instance's id and how long a heartbeat lasts (milliseconds)."""
         shown = without_password(url)
+        instance_id = instance[0]
+
+        def heartbeat(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            conn.execute(_HEARTBEAT, (instance_id,))
+
         try:
             conninfo = _conninfo(url, timeout_ms)
             with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -87,15 +111,17 @@ class PostgresStorage:
                 pg_schema.migrate(conn)
                 pg_schema.claim_profile(conn, profile)
                 pg_schema.verify_schema(conn)
+                heartbeat(conn)  # before the reconcile: a live instance from the start
             link = Link(
                 functools.partial(_open_pool, conninfo, busy_timeout_ms, timeout_ms),
                 retry_s=retry_ms / 1000,
                 timeout_s=timeout_ms / 1000,
                 shown=shown,
+                check=heartbeat,
             )
         except psycopg.Error as exc:
             raise StorageError(f"cannot open database {shown}: {exc}") from exc
-        return cls(link, retry_ms)
+        return cls(link, retry_ms, instance)
 
     def close(self) -> None:
         self._link.close()
@@ -141,7 +167,7 @@ class PostgresStorage:
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
-        values = [getattr(task, c) for c in ADMIT_COLUMNS]
+        values = [*(getattr(task, c) for c in ADMIT_COLUMNS), self._instance_id]
         with self._write(), self._connection() as conn, conn.transaction():
             if new_session:
                 conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
@@ -234,10 +260,12 @@ class PostgresStorage:
         return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
-        with self._connection() as conn:
-            found = conn.execute(
-                f"SELECT {_TASKS} FROM tasks WHERE state = ANY(%s) ORDER BY seq", (list(states),)
-            ).fetchall()
+        """The tasks in ``states`` this instance reconciles, claimed for it in one statement:
+        its own, and those of instances whose heartbeat expired; never a live instance's
+        (two instances starting at once never both claim one)."""
+        me, ttl_ms = self._instance_id, self._instance_ttl_ms
+        with self._write(), self._connection() as conn:
+            found = conn.execute(_CLAIM, (me, list(states), me, ttl_ms)).fetchall()
         return [rows.task_row(r) for r in found]
 
     def probe_write(self) -> bool:

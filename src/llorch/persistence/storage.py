@@ -137,6 +137,7 @@ def open_storage(settings: Settings) -> Storage:
         busy_timeout_ms=server.storage_busy_timeout_ms,
         timeout_ms=settings.database.timeout_ms,
         retry_ms=settings.database.retry_ms,
+        instance=(settings.instance_id, settings.database.instance_ttl_ms),
     )
 
 
