@@ -19,6 +19,9 @@ Usage: python3 xtask.py COMMAND [ARGS...]
                            tests/pact/provider_states.py; with
                            PACT_BROKER_BASE_URL set, also verify the broker's pacts for llorch
                            and publish the results (version: git describe, and the git branch)
+    suites-postgres        contract and pact-verify once more, each against a server on a new
+                           PostgreSQL database (a private cluster the run starts, or the server
+                           LLORCH_TEST_DATABASE_URL names)
     pact-publish           publish contracts/pacts/*.json to the Pact Broker at
                            PACT_BROKER_BASE_URL (bearer token PACT_BROKER_TOKEN) as version
                            `git describe --always --dirty` on the current git branch (not in ci)
@@ -29,8 +32,8 @@ Usage: python3 xtask.py COMMAND [ARGS...]
     lock                   regenerate requirements.lock in a throwaway venv
     bench [ARGS...]        benchmarks: llorch vs the bare engine (bench/run.py --help); records
                            bench/results/<date>-<sha>.json and regenerates docs/benchmarks.md
-    ci                     lint, metrics-lint, spec-extract --check, contract, pact-verify, test,
-                           status-coverage; fails fast
+    ci                     lint, metrics-lint, spec-extract --check, contract, pact-verify,
+                           suites-postgres, test, status-coverage; fails fast
     clean                  remove .venv, var/ and every tool cache
 
 The first command that needs tools creates .venv (python3 -m venv), installs requirements.lock
@@ -318,6 +321,11 @@ def cmd_pact_verify(args: list[str]) -> int:
     return in_venv("pact", "pact-verify")
 
 
+def cmd_suites_postgres(args: list[str]) -> int:
+    _no_args("suites-postgres", args)
+    return in_venv("postgres")
+
+
 def cmd_pact_publish(args: list[str]) -> int:
     _no_args("pact-publish", args)
     return in_venv("pact", "pact-publish")
@@ -488,6 +496,7 @@ def cmd_ci(args: list[str]) -> int:
         # runner summary in the log is pytest's own, followed by the plain count printed below.
         ("contract", lambda: cmd_contract([])),
         ("pact-verify", lambda: cmd_pact_verify([])),
+        ("suites-postgres", lambda: cmd_suites_postgres([])),
         ("test", lambda: cmd_test([])),
         # After test, which records the statuses the suite received; it prints no pytest line.
         ("status-coverage", lambda: cmd_status_coverage([])),
@@ -553,6 +562,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "spec-extract": cmd_spec_extract,
     "contract": cmd_contract,
     "pact-verify": cmd_pact_verify,
+    "suites-postgres": cmd_suites_postgres,
     "pact-publish": cmd_pact_publish,
     "status-coverage": cmd_status_coverage,
     "soak": cmd_soak,

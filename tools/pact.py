@@ -57,11 +57,14 @@ def _pacts() -> list[str]:
     return [str(p) for p in pacts]
 
 
-def cmd_pact_verify(args: list[str]) -> int:
-    """Serve the real app with the provider-state route (test profile) and verify every pact."""
+def cmd_pact_verify(args: list[str], database_url: str | None = None) -> int:
+    """Serve the real app with the provider-state route (test profile) and verify every pact;
+    on the PostgreSQL database ``database_url`` when given (tools/postgres.py)."""
     no_args("pact-verify", args)
     pacts = _pacts()
     argv = [sys.executable, "-m", "tests.pact.verify", "--config", str(PACT_CONFIG), *pacts]
+    if database_url is not None:
+        argv += ["--database-url", database_url]
     broker_url = _broker_url()
     if broker_url is not None:
         version, branch = app_version(), app_branch()

@@ -22,7 +22,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
+from tools.common import main, no_args, note, step
 from tools.debian import ensure_debian_tool
 from tools.server import free_port
 
@@ -119,3 +121,71 @@ def private_cluster() -> Iterator[Cluster]:
                 cluster.stop(mode="immediate")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- the task API's suites against a PostgreSQL-backed server ----------------------------------
+
+
+@contextlib.contextmanager
+def suite_database(name: str) -> Iterator[str]:
+    """A new database for one suite: on the server ``LLORCH_TEST_DATABASE_URL`` names, else on a
+    private cluster of its own (started here, removed at the end)."""
+    external = os.environ.get("LLORCH_TEST_DATABASE_URL")
+    if not external:
+        with private_cluster() as pg:
+            yield pg.create_database(name)
+        return
+    # Imported here: xtask's own process has no driver; the tools run inside .venv.
+    import psycopg
+    from psycopg import sql
+
+    unique = f"{name}_{os.getpid()}"
+    with psycopg.connect(external, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(unique)))
+    try:
+        yield urlsplit(external)._replace(path=f"/{unique}").geturl()
+    finally:
+        with psycopg.connect(external, autocommit=True) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(unique)))
+
+
+def cmd_suites(args: list[str]) -> int:
+    """``xtask.py suites-postgres``: schemathesis (``contract``) and the pact verification
+    (``pact-verify``) once more, against a server whose ``database.url`` is a PostgreSQL
+    database made for each."""
+    # Imported here: both import the server's packages, which tools/postgres.py alone does not.
+    from tools import contract, pact
+
+    no_args("suites-postgres", args)
+    with suite_database("llorch_contract") as url:
+        step(f"contract on PostgreSQL ({url})")
+        os.environ["LLORCH_DATABASE_URL"] = url  # the contract's server inherits it
+        try:
+            rc = contract.cmd_contract([])
+        finally:
+            del os.environ["LLORCH_DATABASE_URL"]
+        rc = rc or _wrote_tasks(url, "contract")
+    if rc != 0:
+        return rc
+    with suite_database("llorch_pact") as url:
+        step(f"pact-verify on PostgreSQL ({url})")
+        return pact.cmd_pact_verify([], database_url=url) or _wrote_tasks(url, "pact-verify")
+
+
+def _wrote_tasks(url: str, suite: str) -> int:
+    """0 when the suite's server kept its tasks in this database (it ran on PostgreSQL)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT count(*) FROM tasks").fetchone()
+    count = int(found[0]) if found else 0
+    step(f"{suite}: the server kept {count} tasks in PostgreSQL")
+    if count == 0:
+        note(f"{suite}: no task in {url}: the server did not run on PostgreSQL")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("suites-postgres", cmd_suites))

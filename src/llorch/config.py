@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,21 @@ class DatabaseSettings:
     (``postgresql://user@host:port/dbname``), or None for SQLite under ``server.data_dir``."""
 
     url: str | None = field(default=None, repr=False)
+    # PostgreSQL only. The most one call to the database may take: connecting (libpq's
+    # connect_timeout, whole seconds, at least 2), a statement (statement_timeout), a send the
+    # server does not acknowledge (tcp_user_timeout), a silent connection (TCP keepalives) and
+    # the wait for a pooled connection. Past it the call is refused STORAGE_UNAVAILABLE.
+    timeout_ms: int = 5000
+    # While the database cannot be reached: how often a new connection is tried (off the
+    # event loop), and the Retry-After of what is refused meanwhile. While it can: how often
+    # an idle server checks that it still can (so readiness notices with no traffic).
+    retry_ms: int = 1000
+    # PostgreSQL only. This instance's name among those on the database (default: the host
+    # name and the port), and how long after its last heartbeat (every retry_ms) an instance
+    # counts as gone: a start-up reconciles the tasks of gone instances and its own, never a
+    # live instance's.
+    instance_id: str | None = None
+    instance_ttl_ms: int = 10_000
 
     @property
     def shown(self) -> str | None:
@@ -299,6 +315,12 @@ class Settings:
         return Path(self.server.data_dir) / f"llorch-{self.server.profile}.sqlite3"
 
     @property
+    def instance_id(self) -> str:
+        """This instance's name on a shared database: ``database.instance_id``, else the host
+        name and the port (a restart on the same port is the same instance)."""
+        return self.database.instance_id or f"{socket.gethostname()}:{self.server.port}"
+
+    @property
     def storage_shown(self) -> str:
         """Where state lives, for logs: the database URL without its password, or the file."""
         return self.database.shown or str(self.database_path)
@@ -394,7 +416,11 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSettings:
             "configuration key database.url: the URL carries a password; put the password in "
             "LLORCH_DATABASE_URL (or libpq's PGPASSWORD or ~/.pgpass), not in the file"
         )
-    return DatabaseSettings(url=url)
+    timing = {k: int(raw[k]) for k in ("timeout_ms", "retry_ms", "instance_ttl_ms") if k in raw}
+    instance_id = raw.get("instance_id")
+    return DatabaseSettings(
+        url=url, instance_id=None if instance_id is None else str(instance_id), **timing
+    )
 
 
 def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) -> DatabaseSettings:
@@ -402,12 +428,12 @@ def _database_from_env(environ: Mapping[str, str], current: DatabaseSettings) ->
         return current
     url = environ["LLORCH_DATABASE_URL"]
     if not url:
-        return DatabaseSettings()
+        return dataclasses.replace(current, url=None)
     if not url.startswith(("postgresql://", "postgres://")):
         raise ValueError(
             f"LLORCH_DATABASE_URL: {without_password(url)!r} is not a postgresql:// URL"
         )
-    return DatabaseSettings(url=url)
+    return dataclasses.replace(current, url=url)
 
 
 def _has_password(url: str) -> bool:

@@ -31,7 +31,10 @@
     ├── PayloadTooLarge              PAYLOAD_TOO_LARGE
     ├── ArtifactCorrupt              ARTIFACT_CORRUPT
     ├── StorageError                 INTERNAL
-    │   ├── StorageBusy              INTERNAL: the write lock is held elsewhere (retried first)
+    │   ├── StorageUnavailable       STORAGE_UNAVAILABLE: the database cannot be reached, or
+    │   │   │                        did not answer within its budget (a retry can cure it)
+    │   │   └── StorageBusy          STORAGE_UNAVAILABLE: the write lock is held elsewhere
+    │   │                            (retried first, for server.storage_busy_timeout_ms)
     │   └── StorageCorrupt           INTERNAL, not retriable: an empty or corrupt database file
     └── EngineError                  ENGINE_ERROR (raised by engines, seen on streams)
         ├── EngineUnavailable        ENGINE_ERROR: refused, unreachable, connect timeout
@@ -162,9 +165,22 @@ class StorageError(LlorchError):
     retriable = True
 
 
-class StorageBusy(StorageError):
+class StorageUnavailable(StorageError):
+    """The database did not take the call for now: unreachable (PostgreSQL stopped, the network
+    down), or it did not answer within its budget. Nothing was changed by the refused call, and
+    the same call later can succeed: ``retry_after_ms`` says when it is worth trying."""
+
+    code = "STORAGE_UNAVAILABLE"
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = 1000, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms, **kwargs)
+
+
+class StorageBusy(StorageUnavailable):
     """Another connection holds the database's write lock: the write did not wait for it (the
-    event loop must not), and may be tried again (:func:`llorch.persistence.when_free`)."""
+    event loop must not), and may be tried again (:func:`llorch.persistence.when_free`); past
+    that budget it is refused as unavailable."""
 
 
 class StorageCorrupt(StorageError):

@@ -369,8 +369,8 @@ async def test_pool_without_ready_replica_answers_503(settings_for: SettingsFact
         assert unpinned.status_code == 202 and unpinned.json()["pool_id"] == "spare"
 
 
-@pytest.mark.req("ORCH-DATA-0019", "ORCH-ERR-0008")
-async def test_storage_failure_answers_500_and_admits_nothing(
+@pytest.mark.req("ORCH-DATA-0019", "ORCH-STATE-0011", "ORCH-ERR-0004")
+async def test_a_write_lock_held_past_the_budget_answers_503_and_admits_nothing(
     settings_for: SettingsFactory,
 ) -> None:
     settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
@@ -378,10 +378,11 @@ async def test_storage_failure_answers_500_and_admits_nothing(
         # Another process holds the database's write lock past the busy timeout.
         with write_lock_held(settings.database_path):
             response = await api.submit(task_id="during-lock")
-            body = assert_envelope(response, 500, "INTERNAL")
-            assert body["retriable"] is True
-            # Neither the SQL error nor a path reaches the client (issue 15, low).
-            assert body["message"] == "internal error"
+            body = assert_envelope(response, 503, "STORAGE_UNAVAILABLE")
+            assert body["retriable"] is True and body["retry_after_ms"] > 0
+            assert int(response.headers["retry-after"]) >= 1
+            # Neither a path nor SQL reaches the client (issue 15, low).
+            assert str(settings.database_path) not in body["message"]
         assert_envelope(await api.client.get("/v1/tasks/during-lock"), 404, "TASK_NOT_FOUND")
         assert (await api.submit(task_id="during-lock")).status_code == 202
 

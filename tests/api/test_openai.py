@@ -628,9 +628,9 @@ async def wait_ready(wire: Wire, pool_id: str) -> None:
             await asyncio.sleep(0.02)
 
 
-@pytest.mark.req("ORCH-DATA-0019", "ORCH-OAI-0030")
+@pytest.mark.req("ORCH-DATA-0019", "ORCH-OAI-0030", "ORCH-STATE-0011")
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-async def test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing(
+async def test_a_held_write_lock_is_a_503_in_openai_shape_and_admits_nothing(
     settings_for: SettingsFactory, path: str
 ) -> None:
     settings = settings_for({"server": {"storage_busy_timeout_ms": 50}, "pools": [pool()]})
@@ -645,16 +645,15 @@ async def test_a_storage_failure_is_a_500_in_openai_shape_and_admits_nothing(
         missing = await api.client.get("/v1/tasks/t-during-lock")
         again = await api.client.post(path, json=body, headers=headers)
 
-    assert failed.status_code == 500, failed.text
-    assert failed.json() == {
-        "error": {
-            "message": "internal error",
-            "type": "server_error",
-            "param": None,
-            "code": "internal",
-        }
-    }
+    assert failed.status_code == 503, failed.text
+    error = failed.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "server_error",
+        None,
+        "storage_unavailable",
+    )
     assert failed.headers["x-should-retry"] == "true"
+    assert int(failed.headers["retry-after"]) >= 1 and int(failed.headers["retry-after-ms"]) > 0
     assert missing.status_code == 404
     assert again.status_code == 200, again.text
 

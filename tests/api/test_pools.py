@@ -200,7 +200,7 @@ async def test_readyz_answers_503_while_the_last_database_write_failed(
         assert (await api.client.get("/readyz")).status_code == 200
         # Another process holds the database's write lock past the busy timeout.
         with write_lock_held(settings.database_path):
-            assert_envelope(await api.submit(task_id="during-lock"), 500, "INTERNAL")
+            assert_envelope(await api.submit(task_id="during-lock"), 503, "STORAGE_UNAVAILABLE")
             not_ready = await api.client.get("/readyz")
             body = assert_envelope(not_ready, 503, "NOT_READY")
             assert "storage" in body["message"]

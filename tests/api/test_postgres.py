@@ -9,7 +9,8 @@ import pytest
 
 from llorch.persistence.postgres import PostgresStorage
 from tests.conftest import SettingsFactory
-from tests.support import in_process, pool
+from tests.support import InProcess, in_process, pool
+from tools.postgres import private_cluster
 
 
 @pytest.mark.req("ORCH-STATE-0007")
@@ -91,3 +92,30 @@ async def test_an_end_postgresql_refuses_is_retried_and_readiness_says_storage(
             "end"
         ]
         assert (await api.client.get("/readyz")).status_code == 200
+
+
+async def _until_ready(api: InProcess, status: int) -> None:
+    # Readiness signals no event: poll its answer (bounded by the timeout).
+    async with asyncio.timeout(30):
+        while (await api.client.get("/readyz")).status_code != status:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.req("ORCH-STATE-0010", "ORCH-CTRL-0042")
+async def test_readiness_follows_a_lost_database_without_traffic(
+    settings_for: SettingsFactory,
+) -> None:
+    # A cluster of this test's own: it is stopped. Only /readyz is asked meanwhile, so what
+    # notices the outage and the return is the store's watcher, not a request.
+    with private_cluster() as pg:
+        url = pg.create_database("watched")
+        settings = settings_for({"database": {"url": url, "retry_ms": 100}, "pools": [pool()]})
+        async with in_process(settings) as api:
+            await _until_ready(api, 200)
+            pg.stop(mode="immediate")
+            await _until_ready(api, 503)
+            body = (await api.client.get("/readyz")).json()
+            assert body["code"] == "NOT_READY" and "storage" in body["message"]
+            pg.start()
+            await _until_ready(api, 200)
+            assert (await api.submit(max_tokens=2)).status_code == 202

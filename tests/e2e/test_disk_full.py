@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,15 +37,17 @@ LAUNCH = (
 
 
 @contextmanager
-def limited_server(data_dir: Path, config: dict[str, Any]) -> Iterator[tuple[str, Path]]:
-    """The server in a process limited to FILE_SIZE_LIMIT bytes a file; yields its URL and its
-    log (a few lines: far below the limit, which applies to it too)."""
+def limited_server(
+    data_dir: Path, config: dict[str, Any], limit: int = FILE_SIZE_LIMIT
+) -> Iterator[tuple[str, Path]]:
+    """The server in a process limited to ``limit`` bytes a file; yields its URL and its log (a
+    few lines: far below the limit, which applies to it too)."""
     config_path = data_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_")}
     argv = [
-        *(sys.executable, "-c", LAUNCH, str(FILE_SIZE_LIMIT)),
+        *(sys.executable, "-c", LAUNCH, str(limit)),
         *("serve", "--config", str(config_path), "--port", str(port)),
         *("--data-dir", str(data_dir / "var"), "--profile", "test"),
     ]
@@ -105,3 +107,75 @@ def test_a_refused_artifact_write_loses_nothing(tmp_path: Path) -> None:
     assert small["trace_artifact_id"] is not None
     leftovers = [p.name for p in (tmp_path / "var").rglob("*.tmp")]
     assert leftovers == []
+
+
+# Above the database's write-ahead log after its migrations (about 120 kB), below it after a
+# few tasks with large prompts: the log cannot grow, and the database's writes fail.
+DATABASE_LIMIT = 256 * 1024
+PROMPT = "word " * 12_000  # 60 kB: about 15 pages of the log a task
+
+
+def until_refused(send: Callable[[], httpx.Response]) -> httpx.Response:
+    """``send()`` until it is not a 2xx (a bounded number of times): the first refusal."""
+    for _ in range(40):
+        response = send()
+        if response.status_code >= 300:
+            return response
+    raise AssertionError("the database took every write")
+
+
+@pytest.mark.req("ORCH-ERR-0008")
+def test_a_full_database_disk_is_a_500_that_names_no_file(tmp_path: Path) -> None:
+    """Unlike a held lock or an unreachable server (503), a disk that refuses the database's
+    writes is a fault of the server: 500 INTERNAL, with a generic message, on every write."""
+    config = {
+        "server": {"shutdown_grace_s": 0},
+        "pools": [
+            {
+                "id": "default",
+                "model": "mock-small",
+                "replicas": 1,
+                "max_context": 100_000,
+                "mock": {"ttft_ms": 600_000},  # the tasks stay running: no trace is written
+            }
+        ],
+    }
+    task = {"model": "mock-small", "prompt": PROMPT, "max_tokens": 1}
+    chat = {"model": "mock-small", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    serving = limited_server(tmp_path, config, limit=DATABASE_LIMIT)
+    with serving as (url, log), httpx.Client(base_url=url, timeout=30) as client:
+        sids = [client.post("/v1/sessions", json={}).json()["session_id"] for _ in range(3)]
+
+        def create_session() -> httpx.Response:
+            response = client.post("/v1/sessions", json={})
+            if response.status_code == 201:
+                sids.append(response.json()["session_id"])
+            return response
+
+        # Fill the log: large writes, then smaller ones, then one-page ones, each until refused.
+        refused = [
+            until_refused(lambda: client.post("/v1/tasks", json=task)),
+            until_refused(create_session),
+            until_refused(lambda: client.delete(f"/v1/sessions/{sids.pop()}")),
+            client.post("/v1/tasks", json=task | {"prompt": "p"}),
+            client.post("/v1/artifacts", json={"kind": "document", "content": "Refused."}),
+        ]
+        doors = [
+            client.post("/v1/chat/completions", json=chat),
+            client.post(
+                "/v1/completions", json={"model": "mock-small", "max_tokens": 1, "prompt": "p"}
+            ),
+        ]
+
+    for response in refused:
+        assert response.status_code == 500, response.text
+        body = response.json()
+        assert (body["code"], body["message"], body["retriable"]) == (
+            "INTERNAL",
+            "internal error",
+            True,
+        )
+    for response in doors:
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["code"] == "internal"
+    assert "full" in log.read_text(encoding="utf-8")

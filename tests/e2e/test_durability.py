@@ -29,7 +29,8 @@ def write_config(path: Path, database_url: str | None = None, **server: Any) -> 
         ],
     }
     if database_url is not None:
-        config["database"] = {"url": database_url}
+        # One instance restarted: the same instance on whatever port it gets (ORCH-STATE-0012).
+        config["database"] = {"url": database_url, "instance_id": "the-one"}
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -47,6 +47,15 @@ _LOCKER = (
     "print('locked', flush=True)\n"
     "sys.stdin.read()\n"
 )
+# The same on PostgreSQL: every table the API writes locked against writes (reads go on) until
+# its stdin closes; a write waits for the lock past server.storage_busy_timeout_ms (lock_timeout).
+_PG_LOCKER = (
+    "import psycopg, sys\n"
+    "c = psycopg.connect(sys.argv[1])\n"
+    "c.execute('LOCK TABLE sessions, tasks, artifacts, artifact_views IN EXCLUSIVE MODE')\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+)
 
 Params = dict[str, Any]
 Setup = Callable[["ProviderStates", Params], Awaitable[dict[str, Any]]]
@@ -105,8 +114,12 @@ class ProviderStates:
 
     def lock_database(self) -> None:
         """Another process takes the database's write lock (past the busy timeout)."""
+        url = self.rt.settings.database.url
+        script, target = _LOCKER, str(self.rt.settings.database_path)
+        if url is not None:
+            script, target = _PG_LOCKER, url
         locker = subprocess.Popen(
-            [sys.executable, "-c", _LOCKER, str(self.rt.settings.database_path)],
+            [sys.executable, "-c", script, target],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

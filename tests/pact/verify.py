@@ -91,13 +91,16 @@ def verify_and_publish(
 
 
 @contextmanager
-def serving(config: Path) -> Iterator[tuple[str, Path]]:
-    """The real app configured by ``config`` (test profile), with the provider-state route.
+def serving(config: Path, database_url: str | None = None) -> Iterator[tuple[str, Path]]:
+    """The real app configured by ``config`` (test profile), with the provider-state route;
+    on the PostgreSQL database ``database_url`` when given, else on SQLite.
 
     Yields its URL and the file its logs go to (the verifier's report stays readable; the
     log is printed when verification fails).
     """
     raw: dict[str, Any] = yaml.safe_load(config.read_text(encoding="utf-8"))
+    if database_url is not None:
+        raw["database"] = {**raw.get("database", {}), "url": database_url}
     with tempfile.TemporaryDirectory(prefix="llorch-pact-") as data_dir:
         log = Path(data_dir) / "server.log"
         handler = logging.FileHandler(log, encoding="utf-8")
@@ -133,10 +136,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--broker-url", help="also verify the broker's pacts; publish results")
     parser.add_argument("--version", help="the provider version the results are published as")
     parser.add_argument("--branch", help="the provider branch the results are published on")
+    parser.add_argument("--database-url", help="with --config: serve on this PostgreSQL database")
     args = parser.parse_args(argv)
     if args.url is not None:
         return _verify_all(args.url, args, parser)
-    with serving(args.config) as (url, log):
+    with serving(args.config, args.database_url) as (url, log):
         rc = _verify_all(url, args, parser)
         if rc != 0:
             tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]

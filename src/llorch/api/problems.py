@@ -52,6 +52,7 @@ STATUS: dict[str, int] = {
     "QUEUE_TIMEOUT": 503,
     "POOL_UNAVAILABLE": 503,
     "SHUTTING_DOWN": 503,
+    "STORAGE_UNAVAILABLE": 503,
     "NOT_READY": 503,
 }
 

@@ -7,11 +7,17 @@ gives it. Every ``psycopg.Error`` (the pool's timeouts included) is translated h
 
 The calls are synchronous, like the interface: each one blocks the event loop for a round trip
 to the server (docs/configuration.md, "database"). ``server.storage_busy_timeout_ms`` bounds how
-long a statement waits for a lock (``lock_timeout``) and for a free connection of the pool.
+long a statement waits for a lock (``lock_timeout``); ``database.timeout_ms`` bounds everything
+else a call may wait for (connecting, a statement, a send or a connection the server no longer
+answers, a free connection of the pool). While the server is unreachable every call is refused
+at once with :class:`llorch.errors.StorageUnavailable`, and the store reconnects by itself
+(:mod:`llorch.persistence.pg_link`, ORCH-STATE-0010).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,8 +27,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from llorch.config import without_password
-from llorch.errors import StorageError
+from llorch.errors import StorageError, StorageUnavailable
 from llorch.persistence import pg_schema, rows
+from llorch.persistence.pg_link import Link, Pool
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
@@ -35,8 +42,6 @@ from llorch.persistence.rows import (
 # Storage calls come one at a time from the event loop's thread; a few spare connections cover
 # the pool replacing a broken one.
 POOL_MAX_SIZE = 4
-# libpq's connect_timeout (seconds) unless the URL sets its own.
-CONNECT_TIMEOUT_S = 5
 
 _TASKS = ", ".join(TASK_COLUMNS)
 _INSERT_SESSION = (
@@ -44,8 +49,22 @@ _INSERT_SESSION = (
     f"VALUES ({', '.join('%s' for _ in SESSION_COLUMNS)})"
 )
 _INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}) "
-    f"VALUES ({', '.join('%s' for _ in ADMIT_COLUMNS)}) RETURNING seq"
+    f"INSERT INTO tasks ({', '.join(ADMIT_COLUMNS)}, instance_id) "
+    f"VALUES ({', '.join('%s' for _ in ADMIT_COLUMNS)}, %s) RETURNING seq"
+)
+# The database's clock, in milliseconds: instances' heartbeats and their expiry agree on it.
+_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+_HEARTBEAT = (
+    f"INSERT INTO instances (instance_id, heartbeat_ms) VALUES (%s, {_NOW_MS}) "
+    "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
+)
+# The tasks in some states that are this instance's to reconcile, claimed for it: its own, those
+# of no instance, and those of instances whose heartbeat expired; never a live instance's.
+_CLAIM = (
+    f"WITH claimed AS (UPDATE tasks SET instance_id = %s WHERE state = ANY(%s) "
+    "AND (instance_id IS NULL OR instance_id = %s OR NOT EXISTS (SELECT 1 FROM instances i "
+    f"WHERE i.instance_id = tasks.instance_id AND i.heartbeat_ms > {_NOW_MS} - %s)) "
+    f"RETURNING {_TASKS}) SELECT {_TASKS} FROM claimed ORDER BY seq"
 )
 _PLACE_SESSION = "UPDATE sessions SET last_pool_id = %s, last_replica_id = %s WHERE session_id = %s"
 
@@ -55,48 +74,54 @@ _SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, Tru
 
 
 class PostgresStorage:
-    def __init__(self, pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]]) -> None:
-        self._pool = pool
-        # As for SQLite: whether the most recent write raised StorageError.
-        self.write_failing = False
+    def __init__(
+        self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
+    ) -> None:
+        self._link = link
+        self._retry_ms = retry_ms
+        self._instance_id, self._instance_ttl_ms = instance
+        self._write_failing = False
         # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
         # nothing to retry, as this store never raises StorageBusy.
         self.busy_budget_s = 0.0
 
     @classmethod
-    def open(cls, url: str, *, profile: str, busy_timeout_ms: int = 5000) -> PostgresStorage:
-        """Connect, migrate, check the profile and verify the schema, then open the pool."""
+    def open(
+        cls,
+        url: str,
+        *,
+        profile: str,
+        busy_timeout_ms: int = 5000,
+        timeout_ms: int = 5000,
+        retry_ms: int = 1000,
+        instance: tuple[str, int] = ("llorch", 10_000),
+    ) -> PostgresStorage:
+        """Connect, migrate, check the profile and verify the schema, then open the pool.
+        ``instance``: this instance's id and how long a heartbeat lasts (milliseconds)."""
+        shown = without_password(url)
+        instance_id = instance[0]
 
-        def configure(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-            conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
+        def heartbeat(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            conn.execute(_HEARTBEAT, (instance_id,))
 
         try:
-            params = conninfo_to_dict(url)
-            params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
-            conninfo = make_conninfo("", **params)
+            conninfo = _conninfo(url, timeout_ms)
             with psycopg.connect(conninfo, autocommit=True) as conn:
-                configure(conn)
+                conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
                 pg_schema.migrate(conn)
                 pg_schema.claim_profile(conn, profile)
                 pg_schema.verify_schema(conn)
-            pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-                conninfo,
-                min_size=1,
-                max_size=POOL_MAX_SIZE,
-                kwargs={"autocommit": True},
-                configure=configure,
-                timeout=busy_timeout_ms / 1000,
-                name="llorch",
-                open=False,
+                heartbeat(conn)  # before the reconcile: a live instance from the start
+            link = Link(
+                functools.partial(_open_pool, conninfo, busy_timeout_ms, timeout_ms),
+                retry_s=retry_ms / 1000,
+                timeout_s=timeout_ms / 1000,
+                shown=shown,
+                check=heartbeat,
             )
         except psycopg.Error as exc:
-            raise StorageError(f"cannot open database {without_password(url)}: {exc}") from exc
-        try:
-            pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-        except psycopg.Error as exc:
-            pool.close()
-            raise StorageError(f"cannot open database {without_password(url)}: {exc}") from exc
-        return cls(pool)
+            raise StorageError(f"cannot open database {shown}: {exc}") from exc
+        return cls(link, retry_ms, instance)
 
     # A commit returns once PostgreSQL has flushed it (synchronous_commit = on): nothing to
     # wait for after it.
@@ -109,7 +134,17 @@ class PostgresStorage:
         callback()
 
     def close(self) -> None:
-        self._pool.close()
+        self._link.close()
+
+    @property
+    def write_failing(self) -> bool:
+        """As for SQLite: whether the most recent write was refused; and while the server is
+        lost, whatever the last write did."""
+        return self._write_failing or not self._link.up
+
+    @write_failing.setter
+    def write_failing(self, value: bool) -> None:
+        self._write_failing = value
 
     def schema_version(self) -> int:
         with self._connection() as conn:
@@ -142,7 +177,7 @@ class PostgresStorage:
 
     def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
         """Persist an accepted task and its session's use in one transaction; returns its seq."""
-        values = [getattr(task, c) for c in ADMIT_COLUMNS]
+        values = [*(getattr(task, c) for c in ADMIT_COLUMNS), self._instance_id]
         with self._write(), self._connection() as conn, conn.transaction():
             if new_session:
                 conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
@@ -235,10 +270,12 @@ class PostgresStorage:
         return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:
-        with self._connection() as conn:
-            found = conn.execute(
-                f"SELECT {_TASKS} FROM tasks WHERE state = ANY(%s) ORDER BY seq", (list(states),)
-            ).fetchall()
+        """The tasks in ``states`` this instance reconciles, claimed for it in one statement:
+        its own, and those of instances whose heartbeat expired; never a live instance's
+        (two instances starting at once never both claim one)."""
+        me, ttl_ms = self._instance_id, self._instance_ttl_ms
+        with self._write(), self._connection() as conn:
+            found = conn.execute(_CLAIM, (me, list(states), me, ttl_ms)).fetchall()
         return [rows.task_row(r) for r in found]
 
     def probe_write(self) -> bool:
@@ -315,12 +352,29 @@ class PostgresStorage:
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
         """A connection of the pool (autocommit: each statement its own transaction unless in
-        ``conn.transaction()``); any psycopg error becomes a StorageError."""
+        ``conn.transaction()``); any psycopg error becomes a StorageError: StorageUnavailable
+        when a retry can cure it (the server lost, a statement or lock past its budget)."""
+        pool = self._link.pool()
         try:
-            with self._pool.connection() as conn:
-                yield conn
-        except psycopg.Error as exc:
-            raise StorageError(f"storage failure: {exc}") from exc
+            with pool.connection() as conn:
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    raise self._translate(exc, lost=conn.broken or conn.closed) from exc
+        except psycopg.Error as exc:  # no connection within the budget, or the pool closed
+            raise self._translate(exc, lost=True) from exc
+
+    def _translate(self, exc: psycopg.Error, *, lost: bool) -> StorageError:
+        if lost:
+            self._link.lose(exc)
+            return StorageUnavailable("the database is unreachable", retry_after_ms=self._retry_ms)
+        if isinstance(exc, psycopg.OperationalError):
+            # statement_timeout, lock_timeout, a serialization failure or deadlock: the
+            # statement was refused, the server is there.
+            return StorageUnavailable(
+                "the database did not take the call in time", retry_after_ms=self._retry_ms
+            )
+        return StorageError(f"storage failure: {exc}")
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -331,6 +385,45 @@ class PostgresStorage:
             self.write_failing = True
             raise
         self.write_failing = False
+
+
+def _conninfo(url: str, timeout_ms: int) -> str:
+    """The URL with the bounds of ``database.timeout_ms`` where it does not set its own: no
+    connect, unacknowledged send or silent connection outlasts it."""
+    params = conninfo_to_dict(url)
+    timeout_s = max(1, math.ceil(timeout_ms / 1000))
+    params.setdefault("connect_timeout", max(2, timeout_s))  # libpq's minimum is 2
+    params.setdefault("tcp_user_timeout", timeout_ms)
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", max(1, timeout_s // 2))
+    params.setdefault("keepalives_interval", 1)
+    params.setdefault("keepalives_count", 3)
+    return make_conninfo("", **params)
+
+
+def _open_pool(conninfo: str, busy_timeout_ms: int, timeout_ms: int) -> Pool:
+    """A pool of connections that bound locks and statements, opened with one connection."""
+
+    def configure(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        conn.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
+        conn.execute(f"SET statement_timeout = {int(timeout_ms)}")
+
+    pool: Pool = ConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=POOL_MAX_SIZE,
+        kwargs={"autocommit": True},
+        configure=configure,
+        timeout=timeout_ms / 1000,
+        name="llorch",
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=timeout_ms / 1000)
+    except BaseException:
+        pool.close(timeout=0)
+        raise
+    return pool
 
 
 def _insert_artifact(conn: psycopg.Connection[tuple[Any, ...]], a: ArtifactInsert) -> bool:

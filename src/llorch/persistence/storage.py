@@ -151,6 +151,9 @@ def open_storage(settings: Settings) -> Storage:
         settings.database.url,
         profile=server.profile,
         busy_timeout_ms=server.storage_busy_timeout_ms,
+        timeout_ms=settings.database.timeout_ms,
+        retry_ms=settings.database.retry_ms,
+        instance=(settings.instance_id, settings.database.instance_ttl_ms),
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from llorch.errors import (
     EngineStatusError,
     EngineTimeout,
     LlorchError,
+    StorageUnavailable,
 )
 from llorch.persistence import Storage, when_free
 from llorch.scheduler.pools import PoolRuntime, Replica
@@ -217,7 +219,7 @@ class EngineCall:
             state=RUNNING,
             started_ms=now,
         )
-        await when_free(self._db, place)
+        await _until_recorded(self._db, place, record.task_id)
         record.move_to(RUNNING)
         record.replica_id = replica.id
         record.started_ms = now
@@ -273,7 +275,10 @@ class EngineCall:
         pool, record = self.pool, self.record
         assert self.first_token_at is not None
         elapsed = asyncio.get_running_loop().time() - self.first_token_at
-        left = self._ctx.sessions.remaining_for(record.session_id)
+        try:
+            left = self._ctx.sessions.remaining_for(record.session_id)
+        except StorageUnavailable:
+            return  # tokens go on; a later metrics frame carries the budgets (ORCH-STATE-0010)
         tokens_out = record.tokens_out
         record.events.publish(
             "metrics",
@@ -452,3 +457,17 @@ def _tool_call_frame(piece: ToolCallDelta, i: int) -> dict[str, Any]:
 def _busy(exc: EngineError) -> bool:
     """The engine's own 429 or 503: busy, or not serving yet; not a fault of the replica."""
     return isinstance(exc, EngineStatusError) and exc.overloaded
+
+
+async def _until_recorded(db: Storage, write: Callable[[], None], task_id: str) -> None:
+    """``write`` through :func:`when_free`; while the database is unavailable (unreachable, or
+    busy past its budget), tried again at its advice: the task holds its slot and stays queued
+    until its start is recorded, rather than failing for the database (ORCH-STATE-0010). A
+    cancel ends the wait."""
+    while True:
+        try:
+            await when_free(db, write)
+            return
+        except StorageUnavailable as exc:
+            log.warning("the start of task %s waits for the database: %s", task_id, exc.message)
+            await asyncio.sleep((exc.retry_after_ms or 1000) / 1000)
