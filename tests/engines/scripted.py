@@ -62,6 +62,9 @@ class ScriptedEngine:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _hangs: list[asyncio.Event] = field(default_factory=list)
+    # The connections open now: closed at exit (Python 3.11's Server.close leaves them open, and
+    # a keep-alive one would be collected later as an unclosed transport).
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -77,8 +80,12 @@ class ScriptedEngine:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+        for writer in list(self._open):
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self._open), return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
         try:
             while await self._one(reader, writer):
                 pass
@@ -89,6 +96,7 @@ class ScriptedEngine:
             # (asyncio's stream callback would report a cancelled handler as an error).
             pass
         finally:
+            self._open.discard(writer)
             writer.close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
