@@ -89,13 +89,8 @@ async def _live(settings_for: SettingsFactory) -> AsyncIterator[tuple[ScriptedEn
 
 
 def _sdk(wire: Wire) -> openai.AsyncOpenAI:
-    # On the wire's own httpx client, which the wire closes: an SDK client of its own would be
-    # left with an open keep-alive connection, reported later as an unclosed transport.
     return openai.AsyncOpenAI(
-        base_url=f"{wire.client.base_url}/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=wire.client,
+        base_url=f"{wire.client.base_url}/v1", api_key="unused", max_retries=0
     )
 
 

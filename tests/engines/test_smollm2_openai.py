@@ -45,11 +45,8 @@ async def test_the_openai_sdk_gets_a_real_models_answer_through_llorch(
             "health_interval_ms": 50,
         }
         async with serve(settings_for(config(pool))) as wire:
-            sdk = openai.AsyncOpenAI(  # on the wire's client, which the wire closes
-                base_url=f"{wire.client.base_url}/v1",
-                api_key="unused",
-                max_retries=0,
-                http_client=wire.client,
+            sdk = openai.AsyncOpenAI(
+                base_url=f"{wire.client.base_url}/v1", api_key="unused", max_retries=0
             )
             whole = await sdk.chat.completions.with_raw_response.create(
                 model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0
@@ -101,11 +98,8 @@ async def test_a_real_models_logprobs_reach_the_sdk_through_llorch(
             "health_interval_ms": 50,
         }
         async with serve(settings_for(config(pool))) as wire:
-            sdk = openai.AsyncOpenAI(  # on the wire's client, which the wire closes
-                base_url=f"{wire.client.base_url}/v1",
-                api_key="unused",
-                max_retries=0,
-                http_client=wire.client,
+            sdk = openai.AsyncOpenAI(
+                base_url=f"{wire.client.base_url}/v1", api_key="unused", max_retries=0
             )
             whole = await sdk.chat.completions.create(
                 model=MODEL,
