@@ -170,3 +170,20 @@ async def test_a_parameter_error_names_the_parameter_not_its_value(tmp_path: Pat
         assert body["code"] == "INVALID_PARAMS"
         assert name in body["message"] and "999999" not in body["message"]
         assert len(response.content) < 1024
+
+
+@pytest.mark.req("ORCH-ERR-0010", "ORCH-CTRL-0021")
+async def test_a_nul_character_in_a_parameter_or_a_tag_is_a_400(tmp_path: Path) -> None:
+    async with in_process(make_settings(tmp_path, {"pools": [pool()]})) as api:
+        listed = await api.client.get("/v1/artifacts", params={"tag": "a\x00b", "kind": "other"})
+        tasks = await api.client.get("/v1/tasks", params={"session_id": "s\x00"})
+        path = await api.client.get("/v1/sessions/s%00x")
+        stored = await api.client.post(
+            "/v1/artifacts", json={"kind": "document", "content": "c", "tags": ["x\x00y"]}
+        )
+        clean = await api.client.get("/v1/artifacts", params={"tag": "a b"})
+    for response in (listed, tasks, path, stored):
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "INVALID_PARAMS"
+    assert "NUL" in listed.json()["message"] and "tag" in listed.json()["message"]
+    assert clean.status_code == 200

@@ -4,6 +4,7 @@ schema check, atomic writes, paging; and what is SQLite's own (empty and corrupt
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -632,3 +633,21 @@ def test_an_unreachable_postgresql_is_a_storage_error_that_hides_the_password() 
     ) as e:
         PostgresStorage.open(url, profile="test")
     assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.req("ORCH-CTRL-0023", "ORCH-STATE-0007")
+def test_a_tag_filter_matches_whole_tags_whatever_they_hold(store: Storage) -> None:
+    # Tags as the artifact store writes them (json.dumps); it refuses a NUL character, which
+    # neither backend's JSON functions give back whole.
+    tags = ["쁞J8_", 'a"b%', "x/y"]
+    row = trace_row("t-1", kind="document", tags=json.dumps(tags), owner="alice")
+    assert store.insert_artifact(row) is True
+
+    def found(tag: str) -> list[str]:
+        page = store.list_artifacts(kind=None, tag=tag, task_id=None, limit=10, before_seq=None)
+        return [a["artifact_id"] for a in page]
+
+    for tag in tags:
+        assert found(tag) == [row.artifact_id], tag
+    for other in ("x", "쁞", "%", "a"):
+        assert found(other) == [], other

@@ -219,6 +219,11 @@ class CachedParameterValidator(ParameterValidator):  # type: ignore[misc]
         # deepcopy and validator construction.
         if is_nullable(param) and is_null(value):
             return None
+        if _holds_nul(value):
+            # No identifier, state, tag or cursor holds one, and PostgreSQL's text cannot.
+            return (
+                f"{parameter_type} parameter '{param_name or param['name']}' holds a NUL character"
+            )
         if value is not None:
             compiled = cls.schemas.get(param.get("schema", param))
             if compiled.surely_valid(value):
@@ -233,6 +238,12 @@ class CachedParameterValidator(ParameterValidator):  # type: ignore[misc]
         if param.get("required"):
             return f"Missing {parameter_type} parameter '{param['name']}'"
         return None
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    return isinstance(value, list) and any(isinstance(v, str) and "\x00" in v for v in value)
 
 
 def with_null(schema: Any) -> Any:

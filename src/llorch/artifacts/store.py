@@ -350,6 +350,10 @@ def _check_text(value: object) -> None:
         raise InvalidParams(
             f"artifact tags and metadata must be valid Unicode: {exc.reason}"
         ) from exc
+    if "\x00" in value:
+        # A tag filter could never find it (neither store's JSON functions give it back whole),
+        # and PostgreSQL's text cannot hold it at all.
+        raise InvalidParams("artifact tags, metadata and the task id must not hold a NUL character")
 
 
 def _fsync_dir(path: Path) -> None:
