@@ -107,7 +107,7 @@ ARTIFACT_CASES: list[tuple[str, Callable[[int], Body], int]] = [
     (
         "tag length",
         lambda n: {"kind": "other", "content": "c", "tags": ["t" * n]},
-        artifact_limits()["tags"]["items"]["maxLength"],
+        schema("control", "Tag")["maxLength"],
     ),
     (
         "metadata entries",
