@@ -155,12 +155,12 @@ class ArtifactStore:
             )
         if isinstance(tags, str):
             raise InvalidParams("tags must be a list of strings, not one string")
-        if any(isinstance(t, str) and "\x00" in t for t in tags):
-            # A tag filter could never find it: neither store's JSON functions give it back whole.
-            raise InvalidParams("an artifact tag must not hold a NUL character")
         meta = dict(metadata or {})
         for text in (*tags, *meta, *meta.values(), *([] if task_id is None else [task_id])):
             _check_text(text)
+        if any("\x00" in t for t in tags):
+            # A tag filter could never find it: neither store's JSON functions give it back whole.
+            raise InvalidParams("an artifact tag must not hold a NUL character")
         if parent is not None and (
             not _ID.fullmatch(parent)
             or self._db.get_artifact(parent) is None
