@@ -318,17 +318,9 @@ class Database:
         owner: str | None = None,
     ) -> list[TaskRow]:
         """Newest first; ``owner`` given: only that owner's tasks."""
-        where, params = rows.where(
-            ("session_id = ?", session_id),
-            ("state = ?", state),
-            ("seq < ?", before_seq),
-            ("owner = ?", owner),
-        )
+        query, params = rows.task_list("?", session_id, state, before_seq, owner, limit)
         with self._errors():
-            found = self._conn.execute(
-                f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks {where} ORDER BY seq DESC LIMIT ?",
-                (*params, limit),
-            ).fetchall()
+            found = self._conn.execute(query, params).fetchall()
         return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:

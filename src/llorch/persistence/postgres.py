@@ -125,8 +125,6 @@ class PostgresStorage:
 
     # A commit returns once PostgreSQL has flushed it (synchronous_commit = on): nothing to
     # wait for after it.
-    needs_sync = False
-
     async def durable(self) -> None:
         return None
 
@@ -256,17 +254,9 @@ class PostgresStorage:
         owner: str | None = None,
     ) -> list[TaskRow]:
         """Newest first; ``owner`` given: only that owner's tasks."""
-        where, params = rows.where(
-            ("session_id = %s", session_id),
-            ("state = %s", state),
-            ("seq < %s", before_seq),
-            ("owner = %s", owner),
-        )
+        query, params = rows.task_list("%s", session_id, state, before_seq, owner, limit)
         with self._connection() as conn:
-            found = conn.execute(
-                f"SELECT {_TASKS} FROM tasks {where} ORDER BY seq DESC LIMIT %s",
-                (*params, limit),
-            ).fetchall()
+            found = conn.execute(query, params).fetchall()
         return [rows.task_row(r) for r in found]
 
     def tasks_in_states(self, states: Sequence[str]) -> list[TaskRow]:

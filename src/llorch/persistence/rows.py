@@ -116,6 +116,26 @@ def where(*filters: tuple[str, object]) -> tuple[str, list[object]]:
     return "WHERE " + " AND ".join(c for c, _ in given), [v for _, v in given]
 
 
+def task_list(
+    mark: str,
+    session_id: str | None,
+    state: str | None,
+    before_seq: int | None,
+    owner: str | None,
+    limit: int,
+) -> tuple[str, list[object]]:
+    """A page of tasks, newest first, filtered by whichever of the filters are given: the query
+    (its parameters marked ``mark``, each store's placeholder) and its parameters."""
+    clause, params = where(
+        (f"session_id = {mark}", session_id),
+        (f"state = {mark}", state),
+        (f"seq < {mark}", before_seq),
+        (f"owner = {mark}", owner),
+    )
+    query = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks {clause} ORDER BY seq DESC LIMIT {mark}"
+    return query, [*params, limit]
+
+
 def task_row(found: Sequence[Any]) -> TaskRow:
     """A task row from the values of TASK_COLUMNS, in order."""
     values = dict(zip(TASK_COLUMNS, found, strict=True))

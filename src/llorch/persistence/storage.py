@@ -38,11 +38,6 @@ class Storage(Protocol):
 
     def close(self) -> None: ...
 
-    @property
-    def needs_sync(self) -> bool:
-        """Whether a commit made here is not durable yet."""
-        ...
-
     async def durable(self) -> None:
         """Return once every commit made before the call is durable (ORCH-STATE-0020). A 2xx
         or a task's terminal frame that answers for a commit waits for this first."""
