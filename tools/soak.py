@@ -286,15 +286,20 @@ def _drain(client: SoakClient, accepted: set[str]) -> tuple[dict[str, dict[str, 
 
 
 def _report(
-    minutes: float, tally: SoakTally, rss: Rss, ends: dict[str, dict[str, object]], lost: int
+    minutes: float,
+    tally: SoakTally,
+    rss: Rss | None,
+    ends: dict[str, dict[str, object]],
+    lost: int,
 ) -> dict[str, object]:
+    """The soak's outcome; the server's RSS unless ``rss`` is None (several processes)."""
     by_outcome: dict[str, int] = {}
     for task in ends.values():
         error = task.get("error")
         code = error.get("code") if isinstance(error, dict) else None
         outcome = f"failed {code}" if task["state"] == "failed" else str(task["state"])
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
-    return {
+    report: dict[str, object] = {
         "minutes": minutes,
         "requests": tally.requests,
         "accepted": len(tally.accepted),
@@ -304,15 +309,17 @@ def _report(
         "bad_input_5xx": len(tally.bad_input_5xx),
         "unexpected_5xx": len(tally.good_5xx),
         "client_errors": len(tally.errors),
-        "rss_kib": {
+        "statuses": dict(sorted(tally.statuses.items())),
+    }
+    if rss is not None:
+        report["rss_kib"] = {
             "start": rss.start,
             "peak": rss.peak,
             "end": rss.end,
             "by_minute": rss.by_minute,
-        },
-        "rss_growth_kib": rss.end - rss.start,
-        "statuses": dict(sorted(tally.statuses.items())),
-    }
+        }
+        report["rss_growth_kib"] = rss.end - rss.start
+    return report
 
 
 def _soak(port: int, key: str, proc_pid: int, minutes: float) -> bool:
@@ -327,12 +334,28 @@ def _soak(port: int, key: str, proc_pid: int, minutes: float) -> bool:
     return not (pending or tally.bad_input_5xx or tally.good_5xx)
 
 
+def _options(args: list[str]) -> dict[str, float]:
+    """``--minutes M``, ``--instances N``, ``--kill-every S``, in any order."""
+    names = {"--minutes": "minutes", "--instances": "instances", "--kill-every": "kill_every"}
+    options = {"minutes": 3.0, "instances": 1.0, "kill_every": 60.0}
+    pairs = list(zip(args[::2], args[1::2], strict=False))
+    if len(args) % 2 or any(flag not in names for flag, _ in pairs):
+        raise UsageError("soak takes --minutes M, --instances N and --kill-every S")
+    for flag, value in pairs:
+        try:
+            options[names[flag]] = float(value)
+        except ValueError as exc:
+            raise UsageError(f"soak: {flag} takes a number, not {value!r}") from exc
+    return options
+
+
 def cmd_soak(args: list[str]) -> int:
-    minutes = 3.0
-    if args[:1] == ["--minutes"] and len(args) == 2:
-        minutes = float(args[1])
-    elif args:
-        raise UsageError("soak takes --minutes N")
+    options = _options(args)
+    minutes = options["minutes"]
+    if options["instances"] != 1:
+        from tools.soak_cluster import cmd_soak_cluster
+
+        return cmd_soak_cluster(int(options["instances"]), minutes, options["kill_every"])
     port = server.free_port()
     key = secrets.token_urlsafe(24)
     data_dir = Path(tempfile.mkdtemp(prefix="llorch-soak-"))
