@@ -34,6 +34,9 @@ from typing import Any
 
 import yaml
 
+from bench.cluster import TOKENS as TOKENS_CLUSTER
+from bench.cluster import profile_cluster
+from bench.cluster import report_lines as cluster_report
 from bench.shared_prefix import profile_shared_prefix
 from tools.debian import ensure_wrk
 from tools.server import free_port, llorch_argv, running
@@ -170,7 +173,9 @@ def mock_pool(*, replicas: int, slots: int, ttft_ms: float, tokens_per_s: float)
 
 
 @contextlib.contextmanager
-def llorch(tmp: Path, pools: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
+def llorch(
+    tmp: Path, pools: list[dict[str, Any]], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp / f"llorch-{port}.yaml"
@@ -180,7 +185,7 @@ def llorch(tmp: Path, pools: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
     mine, _ = cores()
     log = tmp / f"llorch-{port}.log"
     ready = f"{url}/readyz"
-    with process(argv, cpus=mine, log=log, ready_url=ready) as proc:
+    with process(argv, cpus=mine, log=log, ready_url=ready, env=env) as proc:
         yield url, proc.pid
 
 
@@ -365,10 +370,13 @@ end
 """
 
 
-def wrk_admit(url: str, script: Path, duration: float, cwd: Path) -> dict[str, Any]:
+def wrk_admit(
+    url: str, script: Path, duration: float, cwd: Path, connections: int = 32
+) -> dict[str, Any]:
     """wrk (one thread, 32 connections, on the other cores) running ``script`` against
     ``POST /v1/tasks``: the counts its ``done`` prints."""
-    argv = [ensure_wrk(), "-t1", "-c32", f"-d{max(1, round(duration))}s", "-s", str(script)]
+    argv = [ensure_wrk(), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s"]
+    argv += ["-s", str(script)]
     out = on_other_cores([*argv, f"{url}/v1/tasks"], cwd)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed:\n{out.stderr}")
@@ -731,6 +739,8 @@ def render_report() -> str:
     lines += _report_targets(latest) + _report_latency(latest) + _report_saturation(latest)
     lines += _report_facade(latest)
     lines += _report_admission_and_streams(latest) + _report_shared_prefix(latest)
+    if "cluster" in latest["profiles"]:
+        lines += cluster_report(latest["profiles"]["cluster"], _fmt)
     lines += _report_history(results)
     notes = BENCH / "NOTES.md"
     if notes.exists():
@@ -757,7 +767,26 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-PROFILES = ("latency", "saturation", "admission", "streams", "shared_prefix")
+PROFILES = ("latency", "saturation", "admission", "streams", "shared_prefix", "cluster")
+
+
+def run_cluster(tmp: Path, duration: float) -> dict[str, Any]:
+    """The ``cluster`` profile (bench/cluster.py) with this module's processes and loads."""
+    script = tmp / "admit-cluster.lua"
+    script.write_text(WRK_ADMIT)
+    stream_options = {"duration": duration, "max_tokens": TOKENS_CLUSTER}
+    return profile_cluster(
+        tmp,
+        llorch=llorch,
+        engine=engine,
+        engine_pid=ENGINE_PIDS.__getitem__,
+        admit=lambda url, c: wrk_admit(url, script, duration, tmp, connections=c),
+        stream=lambda url, c: load("llorch", url, ENGINE_MODEL, concurrency=c, **stream_options),
+        pools=(
+            mock_pool(replicas=4, slots=64, ttft_ms=0, tokens_per_s=0),
+            lambda engine_url: openai_pool(engine_url, slots=64),
+        ),
+    )
 
 
 def _run_profiles(
@@ -790,6 +819,8 @@ def _run_profiles(
             "streams": lambda: profile_streams(tmp, streams),
             # Real llama.cpp replicas: cache-aware placement against least loaded only.
             "shared_prefix": lambda: profile_shared_prefix(tmp, llorch),
+            # SQLite, PostgreSQL with one instance, and with two on one database.
+            "cluster": lambda: run_cluster(tmp, duration),
         }
         profiles: dict[str, Any] = {}
         for name in only:
@@ -811,7 +842,7 @@ def main() -> int:
     unknown = sorted(set(only) - set(PROFILES))
     if unknown:
         raise SystemExit(f"unknown profile(s): {', '.join(unknown)} (known: {', '.join(PROFILES)})")
-    if "admission" in only:
+    if {"admission", "cluster"} & set(only):
         ensure_wrk()  # installed before any process starts, not in the middle of the run
     litellm = litellm_venv() if args.with_litellm and "saturation" in only else None
     profiles = _run_profiles(only, duration, streams, litellm)
