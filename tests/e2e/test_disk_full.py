@@ -166,6 +166,9 @@ def test_a_full_database_disk_is_a_500_that_names_no_file(tmp_path: Path) -> Non
                 "/v1/completions", json={"model": "mock-small", "max_tokens": 1, "prompt": "p"}
             ),
         ]
+        # Out of rotation while the disk refuses the log a page: the probe's write is refused too.
+        ready = [client.get("/readyz") for _ in range(2)]
+        live = client.get("/livez")
 
     for response in refused:
         assert response.status_code == 500, response.text
@@ -178,4 +181,7 @@ def test_a_full_database_disk_is_a_500_that_names_no_file(tmp_path: Path) -> Non
     for response in doors:
         assert response.status_code == 500, response.text
         assert response.json()["error"]["code"] == "internal"
+    assert [r.status_code for r in ready] == [503, 503], ready[-1].text
+    assert "storage failing" in ready[-1].json()["message"]
+    assert live.status_code == 200
     assert "full" in log.read_text(encoding="utf-8")

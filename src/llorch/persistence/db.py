@@ -8,6 +8,7 @@ The outcome of every write is kept (:attr:`Database.write_failing`): readiness r
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -334,12 +335,17 @@ class Database:
         return [rows.task_row(r) for r in found]
 
     def probe_write(self) -> bool:
-        """While writes fail, try one that changes nothing (the write lock taken and a commit
-        made): readiness must recover even on a server taken out of rotation, which gets no
-        writes of its own. Returns whether storage takes writes again."""
+        """While writes fail, try one of a page (the write lock taken, a row of ``meta``
+        rewritten, a commit made): readiness must recover even on a server taken out of
+        rotation, which gets no writes of its own, and must not while a full disk refuses the
+        log a page. Returns whether storage takes writes again."""
         try:
             with self._write(), self._transaction():
-                self._conn.execute("DELETE FROM sessions WHERE 0")
+                self._conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('write_probe', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(time.time_ns()),),
+                )
         except StorageError:
             return False
         return True
