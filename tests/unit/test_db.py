@@ -17,6 +17,7 @@ import pytest
 
 from llorch.errors import StorageCorrupt, StorageError
 from llorch.persistence import ArtifactInsert, Database, SessionRow, Storage, pg_schema
+from llorch.persistence import db as db_module
 from llorch.persistence.db import ProfileMismatch, SchemaMismatch, check_database, migrations
 from llorch.persistence.postgres import PostgresStorage
 from tests.support import free_port
@@ -230,6 +231,29 @@ def test_an_empty_or_corrupt_file_is_refused_and_left_as_it_was(path: Path) -> N
         with pytest.raises(StorageCorrupt, match="is corrupt: file is not a database"):
             refuse(path)
     assert path.read_bytes() == b"not a database, " * 512
+
+
+@pytest.mark.req("ORCH-STATE-0003")
+def test_open_reads_a_file_through_once_after_check_database_passed_it_unchanged(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Database.open(path, profile="test").close()
+    checks: list[Path] = []
+    real = db_module._quick_check
+
+    def counted(conn: sqlite3.Connection, checked: Path) -> None:
+        checks.append(checked)
+        real(conn, checked)
+
+    monkeypatch.setattr(db_module, "_quick_check", counted)
+    check_database(path)
+    Database.open(path, profile="test").close()
+    assert checks == [path]  # the start-up's check; open trusted the unchanged file
+    # A file changed since its check is checked again by open (here: found corrupt).
+    path.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StorageCorrupt, match="is corrupt"):
+        Database.open(path, profile="test")
+    assert checks == [path, path]
 
 
 @pytest.mark.req("ORCH-DATA-0095", "ORCH-STATE-0007")

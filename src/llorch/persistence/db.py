@@ -70,6 +70,17 @@ def check_database(path: Path) -> None:
             _quick_check(conn, path)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
+    _CHECKED.add(_identity(path))
+
+
+# Files check_database passed, as (path, size, mtime): Database.open does not read a large file
+# through a second time when nothing changed it since (the start-up checks, then opens).
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _refuse_empty(path: Path) -> None:
@@ -123,7 +134,8 @@ class Database:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {path}: {exc}") from exc
         try:
-            _quick_check(conn, path)  # before anything writes to the file
+            if _identity(path) not in _CHECKED:
+                _quick_check(conn, path)  # before anything writes to the file
             conn.execute("PRAGMA journal_mode=WAL")
             # A commit is made durable by GroupSync's fsync of the log, shared by every commit
             # before it, off the event loop: FULL would fsync on the loop at every commit.
