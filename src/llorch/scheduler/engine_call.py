@@ -297,30 +297,41 @@ class EngineCall:
     # -- the engine call --------------------------------------------------------------------
 
     async def _call(self) -> Finish:
+        """The engine call, tried again (on another replica when one is free) while it fails
+        retriably before its first token, up to ``retry.attempts`` in all."""
         retry = self.pool.settings.retry
+        try:
+            return await self._try()  # the common case, without the retry machinery's cost
+        except EngineError as exc:
+            if retry.attempts <= 1 or not self._can_retry(exc):
+                raise
+        # The waits before the second, third, ... attempt: backoff, twice that, ... up to the max.
+        backoff_s, max_s = retry.backoff_ms / 1000, retry.max_backoff_ms / 1000
+        await asyncio.sleep(min(backoff_s, max_s))
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(retry.attempts),
-            wait=wait_exponential(
-                multiplier=retry.backoff_ms / 1000, max=retry.max_backoff_ms / 1000
-            ),
+            stop=stop_after_attempt(retry.attempts - 1),
+            wait=wait_exponential(multiplier=2 * backoff_s, max=max_s),
             retry=retry_if_exception(self._can_retry),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    await self._replace()
-                try:
-                    finish = await self._relay()
-                except EngineError as exc:
-                    self._failed(exc)
-                    if isinstance(exc, EngineStatusError) and _busy(exc) and not self.accepted:
-                        raise _Refused(exc) from exc
-                    raise
-                self.replica.breaker.record_success()
-                self.pool.record_replicas()
-                return finish
+                await self._replace()
+                return await self._try()
         raise AssertionError("the retry loop ended without a result")  # reraise=True: unreachable
+
+    async def _try(self) -> Finish:
+        """One attempt of the engine call, on ``self.replica``."""
+        try:
+            finish = await self._relay()
+        except EngineError as exc:
+            self._failed(exc)
+            if isinstance(exc, EngineStatusError) and _busy(exc) and not self.accepted:
+                raise _Refused(exc) from exc
+            raise
+        self.replica.breaker.record_success()
+        self.pool.record_replicas()
+        return finish
 
     def _can_retry(self, exc: BaseException) -> bool:
         return (
