@@ -30,6 +30,7 @@ from llorch.config import without_password
 from llorch.errors import StorageError, StorageUnavailable
 from llorch.persistence import pg_schema, rows
 from llorch.persistence.pg_link import Link, Pool
+from llorch.persistence.pg_queue import PgQueue
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
@@ -134,6 +135,11 @@ class PostgresStorage:
     def close(self) -> None:
         self._link.close()
 
+    @functools.cached_property
+    def queue(self) -> PgQueue:
+        """The pools' shared queues and the replicas' slot leases (ORCH-STATE-0030)."""
+        return PgQueue(self._connection, self._write, self._instance_id, self._instance_ttl_ms)
+
     @property
     def write_failing(self) -> bool:
         """As for SQLite: whether the most recent write was refused; and while the server is
@@ -211,6 +217,10 @@ class PostgresStorage:
                 (replica_id, *task_values.values(), task_id),
             )
             conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
+            # A task moved to another replica takes its slot lease along (ORCH-STATE-0033).
+            conn.execute(
+                "UPDATE slot_leases SET replica_id = %s WHERE task_id = %s", (replica_id, task_id)
+            )
 
     def finish_task(
         self,
@@ -226,6 +236,8 @@ class PostgresStorage:
         with self._write(), self._connection() as conn, conn.transaction():
             if trace is not None:
                 _insert_artifact(conn, trace)
+            # Its slot lease, if it held one, ends with it (ORCH-STATE-0033).
+            conn.execute("DELETE FROM slot_leases WHERE task_id = %s", (task_id,))
             conn.execute(
                 f"UPDATE tasks SET {task_sets} WHERE task_id = %s",
                 (*task_values.values(), task_id),
