@@ -230,18 +230,24 @@ class PostgresStorage:
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
     ) -> None:
-        """The task's terminal state, its session's usage and its trace's row, together."""
+        """The task's terminal state, its session's usage and its trace's row, together; nothing
+        but the lease's release when the task has ended already (another instance took it over
+        and ended it, or a commit whose answer was lost is tried again): a task ends and is
+        charged once (ORCH-STATE-0036)."""
         task_sets = ", ".join(f"{k} = %s" for k in task_values)
         session_sets = ", ".join(f"{k} = %s" for k in session_values)
         with self._write(), self._connection() as conn, conn.transaction():
-            if trace is not None:
-                _insert_artifact(conn, trace)
             # Its slot lease, if it held one, ends with it (ORCH-STATE-0033).
             conn.execute("DELETE FROM slot_leases WHERE task_id = %s", (task_id,))
-            conn.execute(
-                f"UPDATE tasks SET {task_sets} WHERE task_id = %s",
+            ended = conn.execute(
+                f"UPDATE tasks SET {task_sets} WHERE task_id = %s "
+                "AND state IN ('queued', 'running')",
                 (*task_values.values(), task_id),
             )
+            if ended.rowcount == 0:
+                return
+            if trace is not None:
+                _insert_artifact(conn, trace)
             if session_values:
                 conn.execute(
                     f"UPDATE sessions SET {session_sets} WHERE session_id = %s",

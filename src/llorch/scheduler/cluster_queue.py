@@ -79,6 +79,7 @@ class ClusterQueue:
         self._clock = clock
         self.poll_s = settings.database.poll_ms / 1000
         self.sweep_s = settings.database.sweep_ms / 1000
+        self._ttl_s = settings.database.instance_ttl_ms / 1000
         self.waiting: dict[str, TaskRecord] = {}
         self._requeues: dict[str, Entry] = {}  # sent back while storage refused the write
         self.revive: Revive = lambda row: None  # set by the admitter
@@ -245,17 +246,26 @@ class ClusterQueue:
     # -- the sweep --------------------------------------------------------------------------
 
     async def sweep_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        reachable_since: float | None = None
         while True:
             await asyncio.sleep(self.sweep_s)
+            now = loop.time()
+            # Only once the database has answered this instance for a whole TTL: after an
+            # outage, the other instances' heartbeats look expired until they write again.
+            adopt = reachable_since is not None and now - reachable_since >= self._ttl_s
             try:
-                self.sweep()
+                self.sweep(adopt=adopt)
             except StorageError as exc:
+                reachable_since = None
                 log.warning("could not sweep the shared queue: %s", exc)
+            else:
+                reachable_since = now if reachable_since is None else reachable_since
 
-    def sweep(self) -> None:
+    def sweep(self, *, adopt: bool = True) -> None:
         """End the running tasks of instances whose heartbeat expired (WORKER_RESET), send
         back what could not be sent back, and let go of waiting records that ended elsewhere."""
-        while taken := self.store.adopt_dead():
+        while adopt and (taken := self.store.adopt_dead()):
             for row in taken:
                 log.warning(
                     "task %s: its instance stopped; ending it",
