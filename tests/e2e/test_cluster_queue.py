@@ -205,9 +205,20 @@ def test_two_instances_never_run_more_tasks_on_one_replica_than_its_slots(
 def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_its_queue(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    with two_instances(tmp_path, postgres_url) as (a, b, proc_a):
+    config_a = write_config(tmp_path / "a.yaml", postgres_url, "a")
+    config_b = write_config(tmp_path / "b.yaml", postgres_url, "b")
+    with ExitStack() as stack:
+        url_a, proc_a, _ = stack.enter_context(
+            serve_process("--config", str(config_a), data_dir=tmp_path / "a")
+        )
+        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=30))
+        # Before B starts: A runs these two, and B cannot take a slot while A's leases live.
         running = fill_slots(a)
         queued = [submit_to(a, max_tokens=3)["task_id"] for _ in range(3)]
+        url_b, _, _ = stack.enter_context(
+            serve_process("--config", str(config_b), data_dir=tmp_path / "b")
+        )
+        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=30))
         wait_until(
             lambda: (
                 sql(

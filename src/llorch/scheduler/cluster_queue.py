@@ -182,14 +182,21 @@ class ClusterQueue:
 
     def claim_next(self, pool: PoolRuntime) -> tuple[TaskRecord, Placement] | None:
         """Claim the head of the pool's shared queue with a slot lease on one of the replicas
-        this instance may place on; its record (now live here) and placement."""
+        this instance may place on; its record (now live here) and placement. A head whose
+        row cannot be read is claimed too, and ended as start-up ends one (ORCH-STATE-0006),
+        rather than left to block the queue."""
         slots = {r.id: r.engine.slots for r in pool.replicas if r.serving and not r.resting}
         if not slots:
             return None
         chosen: list[Placement] = []
+        unreadable: list[Exception] = []
 
         def pick(row: TaskRow, free: Mapping[str, int]) -> str | None:
-            placement = self._place(pool, row, free)
+            try:
+                placement = self._place(pool, row, free)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                unreadable.append(exc)
+                return min(free)
             if placement is not None:
                 chosen.append(placement)
             return None if placement is None else placement.replica.id
@@ -197,12 +204,25 @@ class ClusterQueue:
         claimed = self.store.claim(pool.id, slots, pick)
         if claimed is None:
             return None
-        record = self._take(claimed[0])
+        row = claimed[0]
+        try:
+            record = None if unreadable else self._take(row)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            unreadable.append(exc)
+            record = None
         if record is None:
-            self._settlement.reconcile(claimed[0])
+            self._give_up(row, unreadable)
             return None
         self._registry.add(record)
         return record, chosen[-1]
+
+    def _give_up(self, row: TaskRow, unreadable: list[Exception]) -> None:
+        """End a claimed task that cannot run here: unreadable, or its pool gone."""
+        if unreadable:
+            self._settlement.quarantine(row, unreadable[0])
+            self.store.release(row.task_id)
+        else:
+            self._settlement.reconcile(row)
 
     def _place(self, pool: PoolRuntime, row: TaskRow, free: Mapping[str, int]) -> Placement | None:
         """Where the queue head should run, among the replicas with a slot free by the leases:

@@ -129,6 +129,8 @@ class Dispatcher:
                     self._start(pool, *claimed)
             except StorageError as exc:
                 log.debug("pool %s: the shared queue is not reachable: %s", pool.id, exc)
+            except Exception:  # a bug: logged, and the pool goes on dispatching
+                log.exception("pool %s: dispatching from the shared queue failed", pool.id)
 
     def _end_overdue(self, pool: PoolRuntime, now: float) -> None:
         """End the tasks that waited in the queue past their wait limit (ORCH-DATA-0097)."""
