@@ -6,6 +6,7 @@ import psycopg
 import pytest
 
 from tests.conftest import SettingsFactory
+from tests.engines.scripted import Reply, ScriptedEngine, completion_chunks
 from tests.support import in_process, pool
 
 
@@ -35,3 +36,31 @@ async def test_an_unreadable_task_at_the_head_of_the_shared_queue_is_ended_not_s
     with psycopg.connect(postgres_url) as conn:
         left = conn.execute("SELECT count(*) FROM slot_leases").fetchone()
     assert left == (0,)
+
+
+@pytest.mark.req("ORCH-STATE-0033", "ORCH-ENG-0015")
+async def test_a_task_its_engine_refuses_as_busy_goes_back_to_the_shared_queue(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    busy = Reply(('{"error": "busy"}',), status=429, content_type="application/json")
+    good = Reply((*completion_chunks(["a", "b"], usage=(2, 2)), "data: [DONE]\n\n"))
+    async with ScriptedEngine([busy, good]) as fake:
+        engine_pool = {
+            "engine": "openai",
+            "endpoints": [fake.url],
+            "discover_slots": False,
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 10},
+        }
+        settings = settings_for(
+            {"database": {"url": postgres_url, "poll_ms": 20}, "pools": [pool(**engine_pool)]}
+        )
+        async with in_process(settings) as api:
+            task_id = (await api.submit(max_tokens=2)).json()["task_id"]
+            done = await api.wait_state(task_id, "succeeded")
+            with psycopg.connect(postgres_url) as conn:
+                leases = conn.execute("SELECT count(*) FROM slot_leases").fetchone()
+                entries = conn.execute("SELECT count(*) FROM queue_entries").fetchone()
+
+    assert done["usage"]["tokens_out"] == 2
+    assert len(fake.posts()) == 2  # refused once, then served after going back to the queue
+    assert (leases, entries) == ((0,), (0,))
