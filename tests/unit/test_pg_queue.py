@@ -59,9 +59,9 @@ def first(row: TaskRow, free: Mapping[str, int]) -> str | None:
     return min(free)
 
 
-def claim_all(queue: PgQueue, slots: int = 100) -> list[str]:
+def claim_all(queue: PgQueue, slots: int = 100, batch_every: int = 0) -> list[str]:
     claimed = []
-    while (got := queue.claim(POOL, {"r0": slots}, first)) is not None:
+    while (got := queue.claim(POOL, {"r0": slots}, first, batch_every)) is not None:
         claimed.append(got[0].task_id)
     return claimed
 
@@ -82,6 +82,17 @@ def test_claims_go_band_first_then_least_served_flow_then_fifo(
         admit(a.queue, task_id, flow=flow, band=band)
 
     assert claim_all(b.queue) == ["x1", "y1", "x2", "y2", "x3", "b1"]
+
+
+@pytest.mark.req("ORCH-STATE-0032")
+def test_batch_gets_its_guaranteed_share_while_interactive_waits(
+    stores: tuple[PostgresStorage, PostgresStorage],
+) -> None:
+    a, b = stores
+    for task_id, band in [("i1", 0), ("i2", 0), ("i3", 0), ("b1", 1), ("b2", 1)]:
+        admit(a.queue, task_id, band=band)
+
+    assert claim_all(b.queue, batch_every=2) == ["i1", "b1", "i2", "b2", "i3"]
 
 
 @pytest.mark.req("ORCH-STATE-0031")

@@ -86,6 +86,14 @@ _HEAD = (
     f"SELECT q.task_id, q.band, q.flow, q.weight FROM queue_entries q {_FLOWS_JOIN} "
     f"WHERE q.pool_id = %s ORDER BY {_ORDER} LIMIT 1 FOR UPDATE OF q SKIP LOCKED"
 )
+_BATCH_HEAD = (
+    f"SELECT q.task_id, q.band, q.flow, q.weight FROM queue_entries q {_FLOWS_JOIN} "
+    f"WHERE q.pool_id = %s AND q.band = 1 ORDER BY {_ORDER} LIMIT 1 FOR UPDATE OF q SKIP LOCKED"
+)
+_SINCE_BATCH = (
+    "INSERT INTO queue_pools (pool_id, since_batch) VALUES (%s, %s) "
+    "ON CONFLICT (pool_id) DO UPDATE SET since_batch = EXCLUDED.since_batch"
+)
 _EXPIRE = (
     "WITH due AS (SELECT task_id FROM queue_entries WHERE pool_id = %s AND (wait_until_ms <= %s "
     "OR deadline_ms <= %s) FOR UPDATE SKIP LOCKED), gone AS (DELETE FROM queue_entries q USING "
@@ -213,12 +221,14 @@ class PgQueue:
         )
 
     def claim(
-        self, pool_id: str, slots: Mapping[str, int], choose: Chooser
+        self, pool_id: str, slots: Mapping[str, int], choose: Chooser, batch_every: int = 0
     ) -> tuple[TaskRow, str] | None:
         """Claim the head of ``pool_id``'s queue for this instance with a lease on the replica
         ``choose`` picks among ``slots`` (replica id → its slots, for the replicas this instance
         may place on) that have a free slot by the live leases; None when there is no head, no
-        free slot, or ``choose`` declines; else its row and the leased replica."""
+        free slot, or ``choose`` declines; else its row and the leased replica. With
+        ``batch_every`` (scheduler.queue.batch_every), every so many dispatches go to batch while
+        it waits, as on one instance."""
         with self._write(), self._connection() as conn, conn.transaction():
             conn.execute(_LOCK, (pool_id,))
             leased: dict[str, int] = dict(conn.execute(_LEASED, (pool_id, self._ttl_ms)).fetchall())
@@ -226,7 +236,7 @@ class PgQueue:
             free = {r: n for r, n in free.items() if n > 0}
             if not free:
                 return None
-            head = conn.execute(_HEAD, (pool_id,)).fetchone()
+            head = self._head(conn, pool_id, batch_every)
             if head is None:
                 return None
             task_id, band, flow, weight = head
@@ -241,7 +251,35 @@ class PgQueue:
             if replica_id is None or replica_id not in free:
                 return None
             self._lease(conn, row, replica_id, (band, flow, weight))
+            if batch_every:
+                self._count_batch_share(conn, pool_id, band)
         return row, replica_id
+
+    def _head(self, conn: Connection, pool_id: str, batch_every: int) -> tuple[Any, ...] | None:
+        """The queue head, batch's when its guaranteed share is due."""
+        if batch_every:
+            since = _one_int(
+                conn, "SELECT since_batch FROM queue_pools WHERE pool_id = %s", (pool_id,)
+            )
+            if since >= batch_every - 1:
+                head = conn.execute(_BATCH_HEAD, (pool_id,)).fetchone()
+                if head is not None:
+                    return head
+        return conn.execute(_HEAD, (pool_id,)).fetchone()
+
+    def _count_batch_share(self, conn: Connection, pool_id: str, band: int) -> None:
+        if band == 1:
+            conn.execute(_SINCE_BATCH, (pool_id, 0))
+            return
+        waiting = conn.execute(
+            "SELECT 1 FROM queue_entries WHERE pool_id = %s AND band = 1 LIMIT 1", (pool_id,)
+        ).fetchone()
+        if waiting is not None:
+            conn.execute(
+                "INSERT INTO queue_pools (pool_id, since_batch) VALUES (%s, 1) ON CONFLICT "
+                "(pool_id) DO UPDATE SET since_batch = queue_pools.since_batch + 1",
+                (pool_id,),
+            )
 
     def _lease(
         self, conn: Connection, row: TaskRow, replica_id: str, flow: tuple[int, str, int]

@@ -33,7 +33,7 @@ from llorch.scheduler.ending import terminal_frame
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.placement import Candidate, choose, prompt_text
 from llorch.scheduler.pools import Placement, PoolRuntime
-from llorch.scheduler.queue import PRIORITIES
+from llorch.scheduler.queue import PRIORITIES, batch_every
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.settle import Settlement
 from llorch.scheduler.task import CANCELED, FAILED, TaskRecord, completion_request
@@ -201,7 +201,8 @@ class ClusterQueue:
                 chosen.append(placement)
             return None if placement is None else placement.replica.id
 
-        claimed = self.store.claim(pool.id, slots, pick)
+        every = batch_every(pool.settings.queue.batch_min_share)
+        claimed = self.store.claim(pool.id, slots, pick, every)
         if claimed is None:
             return None
         row = claimed[0]

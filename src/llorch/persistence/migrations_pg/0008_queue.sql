@@ -24,6 +24,13 @@ CREATE TABLE queue_flows (
     PRIMARY KEY (pool_id, band, flow)
 );
 
+-- Per pool: interactive dispatches since the last batch one while batch waited (the guaranteed
+-- share of batch, queue.batch_min_share).
+CREATE TABLE queue_pools (
+    pool_id     TEXT   PRIMARY KEY,
+    since_batch BIGINT NOT NULL DEFAULT 0
+);
+
 -- One row per task holding a slot of an engine replica; a lease lasts while its instance's
 -- heartbeat does.
 CREATE TABLE slot_leases (
