@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.engines.scripted import Reply, ScriptedEngine, completion_chunks
+from tests.engines.scripted import Reply, ScriptedEngine, Seen, completion_chunks
 from tests.support import MODEL, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
@@ -173,8 +174,9 @@ def test_a_task_queued_past_its_wait_limit_ends_queue_timeout_on_either_instance
 def test_two_instances_never_run_more_tasks_on_one_replica_than_its_slots(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    parts = [*completion_chunks(["x"] * 10, usage=(1, 10)), "data: [DONE]\n\n"]
-    engine = ScriptedEngine([Reply(tuple(parts), pause_s=0.05)])
+    # 200 tokens, a millisecond or more apart: each request lasts a fifth of a second or more.
+    parts = [*completion_chunks(["x"] * 200, usage=(1, 200)), "data: [DONE]\n\n"]
+    engine = CountingEngine([Reply(tuple(parts))])
     with engine_in_thread(engine):
         pool = {
             "engine": "openai",
@@ -184,7 +186,7 @@ def test_two_instances_never_run_more_tasks_on_one_replica_than_its_slots(
             "queue": {"capacity": 50},
         }
         with two_instances(tmp_path, postgres_url, **pool) as (a, b, _):
-            ids = [submit_to(c, max_tokens=10)["task_id"] for c in (a, b) * 6]
+            ids = [submit_to(c, max_tokens=200)["task_id"] for c in (a, b) * 6]
             ends = [
                 wait_until(
                     lambda t=t: (s := task_of(a, t))["state"] in ("succeeded", "failed") and s,
@@ -265,8 +267,45 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
     assert open_tasks == [(0,)]  # every accepted task ended, each once (one terminal state)
 
 
+class Posts(list[Seen]):
+    """The requests a :class:`CountingEngine` saw; a POST counts as active from when it is
+    read until its answer ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.peak = 0
+
+    def append(self, seen: Seen) -> None:
+        super().append(seen)
+        if seen.method == "POST":
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+
+@dataclass
+class CountingEngine(ScriptedEngine):
+    """The scripted engine, counting the completions it streams at once."""
+
+    seen: list[Seen] = field(default_factory=Posts)
+
+    @property
+    def peak(self) -> int:
+        assert isinstance(self.seen, Posts)
+        return self.seen.peak
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        before = len(self.posts())
+        try:
+            return await super()._one(reader, writer)
+        finally:
+            if len(self.posts()) > before:
+                assert isinstance(self.seen, Posts)
+                self.seen.active -= 1
+
+
 @contextmanager
-def engine_in_thread(engine: ScriptedEngine) -> Iterator[ScriptedEngine]:
+def engine_in_thread(engine: CountingEngine) -> Iterator[CountingEngine]:
     """The scripted engine served by its own event loop in a thread, for server processes."""
     ready = threading.Event()
     loop = asyncio.new_event_loop()

@@ -26,7 +26,6 @@ class Reply:
     status: int = 200
     content_type: str = "text/event-stream"
     end: End = "close"
-    pause_s: float = 0.001  # between two parts
 
 
 @dataclass
@@ -66,9 +65,6 @@ class ScriptedEngine:
     # The connections open now: closed at exit (Python 3.11's Server.close leaves them open, and
     # a keep-alive one would be collected later as an unclosed transport).
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
-    # POSTs being answered now, and the most there were at once.
-    active: int = 0
-    peak: int = 0
 
     @property
     def url(self) -> str:
@@ -126,16 +122,6 @@ class ScriptedEngine:
             return True
         posts = sum(1 for s in self.seen if s.method == "POST")
         reply = self.script[min(posts, len(self.script)) - 1]
-        self.active += 1
-        self.peak = max(self.peak, self.active)
-        try:
-            return await self._reply(reply, reader, writer)
-        finally:
-            self.active -= 1
-
-    async def _reply(
-        self, reply: Reply, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
         if reply.end != "mute":
             writer.write(
                 f"HTTP/1.1 {reply.status} X\r\ncontent-type: {reply.content_type}\r\n"
@@ -144,7 +130,7 @@ class ScriptedEngine:
         for part in reply.parts:
             writer.write(part.encode())
             await writer.drain()
-            await asyncio.sleep(reply.pause_s)
+            await asyncio.sleep(0.001)
         if reply.end in ("hang", "mute"):
             # Until the client closes its side (reading then returns EOF) or the test ends.
             hang = asyncio.Event()
