@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.engines.scripted import Reply, ScriptedEngine, Seen, completion_chunks
-from tests.support import MODEL, serve_process, submit_to, task_of, wait_until
+from tests.support import MODEL, parse_sse, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
 
@@ -221,6 +221,9 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
             serve_process("--config", str(config_b), data_dir=tmp_path / "b")
         )
         b = stack.enter_context(httpx.Client(base_url=url_b, timeout=30))
+        # A client of B follows a task A admitted, from before A dies until B has run it.
+        follow = ThreadPoolExecutor(1)
+        followed = follow.submit(lambda: b.get(f"/v1/tasks/{queued[0]}/stream").text)
         wait_until(
             lambda: (
                 sql(
@@ -251,6 +254,8 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
             for t in queued
         ]
         owners = sql(postgres_url, "SELECT instance_id FROM tasks WHERE task_id = ANY(%s)", queued)
+        stream = parse_sse(followed.result(timeout=30))
+        follow.shutdown()
         leases = sql(postgres_url, "SELECT count(*) FROM slot_leases")
         gone = sql(postgres_url, "SELECT instance_id FROM instances ORDER BY instance_id")
         open_tasks = sql(
@@ -262,6 +267,9 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
     assert all(e["usage"]["tokens_out"] > 0 for e in ended)  # charged for checkpointed progress
     assert [d["usage"]["tokens_out"] for d in done] == [3, 3, 3]
     assert owners == [("b",)] * 3  # admitted on A, dispatched by B
+    kinds = [e.event for e in stream]  # the stream on B of a task A admitted: all of it
+    assert (kinds[0], kinds.count("token"), kinds[-1]) == ("started", 3, "end"), kinds
+    assert [k for k in kinds if k in ("end", "error")] == ["end"]
     assert leases == [(0,)]
     assert gone == [("b",)]
     assert open_tasks == [(0,)]  # every accepted task ended, each once (one terminal state)

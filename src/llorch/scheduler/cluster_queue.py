@@ -36,7 +36,7 @@ from llorch.scheduler.pools import Placement, PoolRuntime
 from llorch.scheduler.queue import PRIORITIES, batch_every
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.settle import Settlement
-from llorch.scheduler.task import CANCELED, FAILED, TaskRecord, completion_request
+from llorch.scheduler.task import CANCELED, FAILED, QUEUED, TaskRecord, completion_request
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch.dispatcher")
@@ -316,6 +316,18 @@ class ClusterQueue:
     def stream(self, task_id: str) -> EventStream | None:
         record = self.waiting.get(task_id)
         return None if record is None else record.events
+
+    def watch(self, row: TaskRow) -> EventStream | None:
+        """The stream of a task queued in the shared queue (admitted here or elsewhere): its
+        record kept here as the admitter keeps one, so that a claim here publishes to it, and
+        an end elsewhere gives it its terminal frame (:meth:`sweep`); None unless queued."""
+        if row.state != QUEUED:
+            return None
+        record = self.waiting.get(row.task_id) or self.revive(row)
+        if record is None:
+            return None
+        self.waiting[row.task_id] = record
+        return record.events
 
     def position(self, row: TaskRow) -> int | None:
         return self.store.position(row.task_id, row.pool_id)

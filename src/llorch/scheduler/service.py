@@ -211,7 +211,10 @@ class Scheduler:
 
     def _replay(self, row: TaskRow) -> EventStream:
         """The stream of a task no longer in memory: the transcript in its trace, else only
-        its terminal frame, from its row."""
+        its terminal frame, from its row. In cluster mode, a task still in the shared queue is
+        watched from here (ORCH-STATE-0030)."""
+        if self._cluster is not None and (watched := self._cluster.watch(row)) is not None:
+            return watched
         return replay_from_trace(self._artifacts, row) or replay_from_row(row)
 
     def row(self, task_id: str, caller: Caller) -> TaskRow:
