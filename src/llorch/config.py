@@ -160,6 +160,12 @@ class DatabaseSettings:
     # live instance's.
     instance_id: str | None = None
     instance_ttl_ms: int = 10_000
+    # PostgreSQL only. How often a pool's dispatcher looks at the shared queue without being
+    # woken by an admission of its own (tasks admitted elsewhere, slots freed elsewhere, wait
+    # limits), and how often an instance looks for instances whose heartbeat expired, to end
+    # their running tasks (ORCH-STATE-0030, ORCH-STATE-0035).
+    poll_ms: int = 100
+    sweep_ms: int = 1000
 
     @property
     def shown(self) -> str | None:
@@ -416,7 +422,8 @@ def _database(raw: Mapping[str, Any]) -> DatabaseSettings:
             "configuration key database.url: the URL carries a password; put the password in "
             "LLORCH_DATABASE_URL (or libpq's PGPASSWORD or ~/.pgpass), not in the file"
         )
-    timing = {k: int(raw[k]) for k in ("timeout_ms", "retry_ms", "instance_ttl_ms") if k in raw}
+    keys = ("timeout_ms", "retry_ms", "instance_ttl_ms", "poll_ms", "sweep_ms")
+    timing = {k: int(raw[k]) for k in keys if k in raw}
     instance_id = raw.get("instance_id")
     return DatabaseSettings(
         url=url, instance_id=None if instance_id is None else str(instance_id), **timing

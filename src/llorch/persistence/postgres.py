@@ -30,6 +30,7 @@ from llorch.config import without_password
 from llorch.errors import StorageError, StorageUnavailable
 from llorch.persistence import pg_schema, rows
 from llorch.persistence.pg_link import Link, Pool
+from llorch.persistence.pg_queue import PgQueue
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
@@ -134,6 +135,11 @@ class PostgresStorage:
     def close(self) -> None:
         self._link.close()
 
+    @functools.cached_property
+    def queue(self) -> PgQueue:
+        """The pools' shared queues and the replicas' slot leases (ORCH-STATE-0030)."""
+        return PgQueue(self._connection, self._write, self._instance_id, self._instance_ttl_ms)
+
     @property
     def write_failing(self) -> bool:
         """As for SQLite: whether the most recent write was refused; and while the server is
@@ -211,6 +217,10 @@ class PostgresStorage:
                 (replica_id, *task_values.values(), task_id),
             )
             conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
+            # A task moved to another replica takes its slot lease along (ORCH-STATE-0033).
+            conn.execute(
+                "UPDATE slot_leases SET replica_id = %s WHERE task_id = %s", (replica_id, task_id)
+            )
 
     def finish_task(
         self,
@@ -220,16 +230,24 @@ class PostgresStorage:
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
     ) -> None:
-        """The task's terminal state, its session's usage and its trace's row, together."""
+        """The task's terminal state, its session's usage and its trace's row, together; nothing
+        but the lease's release when the task has ended already (another instance took it over
+        and ended it, or a commit whose answer was lost is tried again): a task ends and is
+        charged once (ORCH-STATE-0036)."""
         task_sets = ", ".join(f"{k} = %s" for k in task_values)
         session_sets = ", ".join(f"{k} = %s" for k in session_values)
         with self._write(), self._connection() as conn, conn.transaction():
-            if trace is not None:
-                _insert_artifact(conn, trace)
-            conn.execute(
-                f"UPDATE tasks SET {task_sets} WHERE task_id = %s",
+            # Its slot lease, if it held one, ends with it (ORCH-STATE-0033).
+            conn.execute("DELETE FROM slot_leases WHERE task_id = %s", (task_id,))
+            ended = conn.execute(
+                f"UPDATE tasks SET {task_sets} WHERE task_id = %s "
+                "AND state IN ('queued', 'running')",
                 (*task_values.values(), task_id),
             )
+            if ended.rowcount == 0:
+                return
+            if trace is not None:
+                _insert_artifact(conn, trace)
             if session_values:
                 conn.execute(
                     f"UPDATE sessions SET {session_sets} WHERE session_id = %s",

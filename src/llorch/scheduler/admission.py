@@ -38,6 +38,7 @@ from llorch.errors import (
 )
 from llorch.persistence import SessionRow, Storage, TaskRow
 from llorch.scheduler.caller import ANYONE, Caller
+from llorch.scheduler.cluster_queue import ClusterQueue
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.queue import Priority
 from llorch.scheduler.registry import Registry
@@ -116,6 +117,32 @@ def _check_deadline(draft: _Draft) -> None:
         )
 
 
+def _full(pool: PoolRuntime, exc: QueueFull) -> QueueFull:
+    """The refusal of a full queue, with its pool and retry advice."""
+    return type(exc)(
+        f"queue of pool {pool.id} is full ({pool.settings.queue.capacity} tasks)",
+        retry_after_ms=pool.retry_after()[1],
+        policy_label=exc.policy_label,
+        pool_id=pool.id,
+    )
+
+
+def _log_queued(pool: PoolRuntime, record: TaskRecord, position: int) -> None:
+    pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=record.priority)
+    log.info(
+        "task queued",
+        extra={
+            "event": "task",
+            "task_id": record.task_id,
+            "state": QUEUED,
+            "pool_id": pool.id,
+            "session_id": record.session_id,
+            "queue_position": position,
+            "correlation_id": record.row.correlation_id,
+        },
+    )
+
+
 def request_digest(body: Mapping[str, Any]) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -144,6 +171,7 @@ class Admitter:
         self._settings = settings
         self._clock = clock
         self._settlement = settlement
+        self.cluster: ClusterQueue | None = None  # cluster mode: the shared queue
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
@@ -158,10 +186,13 @@ class Admitter:
         pool = self._route(request, body.get("placement") or {})
         _check_limits(pool, request)
         draft = self._session_and_budget(pool, body, request, caller)
-        self._place_in_queue(draft, caller)
-        _check_deadline(draft)
-        record = self._persist(draft, digest, caller)
-        self._enqueue(draft, record)
+        if self.cluster is not None:
+            record = self._admit_shared(self.cluster, draft, digest, caller)
+        else:
+            self._place_in_queue(draft, caller)
+            _check_deadline(draft)
+            record = self._persist(draft, digest, caller)
+            self._enqueue(draft, record)
         wait_ms = math.ceil(draft.wait_s * 1000)
         return Admission(
             task_id=record.task_id,
@@ -206,12 +237,7 @@ class Admitter:
         try:
             draft.victim = pool.queue.victim_for(priority)
         except QueueFull as exc:
-            raise type(exc)(
-                f"queue of pool {pool.id} is full ({pool.settings.queue.capacity} tasks)",
-                retry_after_ms=pool.retry_after()[1],
-                policy_label=exc.policy_label,
-                pool_id=pool.id,
-            ) from None
+            raise _full(pool, exc) from None
         draft.flow = pool.flow_for(caller.owner, draft.session.session_id, caller.headers)
         # A dropped victim ahead of it frees a place.
         draft.position = pool.queue.position_if_pushed(draft.flow, priority, draft.victim)
@@ -219,8 +245,13 @@ class Admitter:
 
     def _persist(self, draft: _Draft, digest: str, caller: Caller) -> TaskRecord:
         """Write the task and its session's turn in one transaction; its live record."""
+        row = self._row(draft, digest, caller)
+        self._db.admit_task(row, draft.session, new_session=draft.new_session)
+        return self._draft_record(draft, row)
+
+    def _row(self, draft: _Draft, digest: str, caller: Caller) -> TaskRow:
         body, request, session = draft.body, draft.request, draft.session
-        row = TaskRow(
+        return TaskRow(
             task_id=request.task_id,
             session_id=session.session_id,
             pool_id=draft.pool.id,
@@ -233,18 +264,53 @@ class Admitter:
             created_ms=self._clock.now_ms(),
             owner=caller.owner,
         )
-        self._db.admit_task(row, session, new_session=draft.new_session)
+
+    def _draft_record(self, draft: _Draft, row: TaskRow) -> TaskRecord:
         return self._record(
             row,
-            request,
+            draft.request,
             draft.pool,
             want=draft.want,
-            affinity=session.last_replica_id,
-            deadline_ms=body.get("deadline_ms"),
-            max_wait_ms=body.get("max_wait_ms"),
+            affinity=draft.session.last_replica_id,
+            deadline_ms=draft.body.get("deadline_ms"),
+            max_wait_ms=draft.body.get("max_wait_ms"),
             flow=draft.flow,
             position=draft.position,
         )
+
+    def _admit_shared(
+        self, cluster: ClusterQueue, draft: _Draft, digest: str, caller: Caller
+    ) -> TaskRecord:
+        """Cluster mode: capacity, victim, position and the deadline's check, and the task's
+        write, in one transaction of the shared queue (ORCH-STATE-0030); the task waits there,
+        its record kept here for its stream."""
+        pool = draft.pool
+        draft.flow = pool.flow_for(caller.owner, draft.session.session_id, caller.headers)
+        row = self._row(draft, digest, caller)
+
+        def check(position: int) -> None:
+            draft.position, draft.wait_s = position, pool.wait_s(position)
+            _check_deadline(draft)
+
+        try:
+            victim = cluster.admit(
+                pool,
+                row,
+                draft.session,
+                new_session=draft.new_session,
+                flow=draft.flow,
+                check=check,
+            )
+        except QueueFull as exc:
+            raise _full(pool, exc) from None
+        record = self._draft_record(draft, row)
+        self._sessions.reserve(record.session_id, record.task_id, draft.want)
+        cluster.hold(record)
+        if victim is not None:
+            cluster.drop(pool, victim)
+        _log_queued(pool, record, draft.position)
+        pool.wakeup.set()
+        return record
 
     def _enqueue(self, draft: _Draft, record: TaskRecord) -> None:
         """Hold its reservation, end the victim it displaced, queue it and wake its pool."""
@@ -265,19 +331,7 @@ class Admitter:
         pool.queue.push(record, record.priority)
         pool.watch_wait(record)
         pool.record_queue()
-        pool.metrics.inc("llorch_tasks_admitted_total", pool_id=pool.id, priority=record.priority)
-        log.info(
-            "task queued",
-            extra={
-                "event": "task",
-                "task_id": record.task_id,
-                "state": QUEUED,
-                "pool_id": pool.id,
-                "session_id": record.session_id,
-                "queue_position": draft.position,
-                "correlation_id": record.row.correlation_id,
-            },
-        )
+        _log_queued(pool, record, draft.position)
         pool.wakeup.set()
 
     def _record(
@@ -335,9 +389,23 @@ class Admitter:
         Capacity is not checked: the task was accepted once, and nothing accepted is dropped (a
         queue may hold more than a capacity lowered across the restart until it drains).
         """
+        record = self.revive(row)
+        if record is None:
+            return False
+        pool = self._registry.pools[row.pool_id]
+        self._registry.add(record)
+        pool.queue.push(record, record.priority)
+        pool.watch_wait(record)
+        pool.record_queue()
+        pool.wakeup.set()
+        return True
+
+    def revive(self, row: TaskRow) -> TaskRecord | None:
+        """The live record of an accepted task read back from its row, its reservation held
+        again; None when its pool is gone."""
         pool = self._registry.pools.get(row.pool_id)
         if pool is None:
-            return False
+            return None
         body = json.loads(row.request_json)
         request = completion_request(row.task_id, body, row.correlation_id)
         session = self._sessions.live_row_or_none(row.session_id)
@@ -354,12 +422,7 @@ class Admitter:
             position=len(pool.queue),
         )
         self._sessions.reserve(row.session_id, row.task_id, want)
-        self._registry.add(record)
-        pool.queue.push(record, record.priority)
-        pool.watch_wait(record)
-        pool.record_queue()
-        pool.wakeup.set()
-        return True
+        return record
 
     def _replay(self, task_id: str, digest: str, caller: Caller) -> Admission | None:
         """The answer to a resubmitted task_id: the same task, or 409 for another body (or
@@ -376,6 +439,8 @@ class Admitter:
         if record is not None:
             state = record.state
             position = pool.queue.position(record, record.priority) or 0
+        elif self.cluster is not None and state == QUEUED:
+            position = self.cluster.position(row) or 0
         wait_ms = math.ceil(pool.wait_s(position) * 1000) if state == QUEUED else 0
         return Admission(
             task_id=task_id,

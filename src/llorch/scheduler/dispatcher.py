@@ -18,11 +18,12 @@ from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, EngineError, QueueTimeout, StorageError
 from llorch.persistence import Storage
+from llorch.scheduler.cluster_queue import ClusterQueue
 from llorch.scheduler.engine_call import EngineCall, RunContext
-from llorch.scheduler.pools import PoolRuntime, Replica
+from llorch.scheduler.pools import Placement, PoolRuntime, Replica
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.settle import Settlement
-from llorch.scheduler.task import FAILED, RUNNING
+from llorch.scheduler.task import FAILED, RUNNING, TaskRecord
 from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch.dispatcher")
@@ -49,6 +50,7 @@ class Dispatcher:
         self._progress: dict[str, int] = {}  # tokens_out last checkpointed, by task
         self._tasks: set[asyncio.Task[None]] = set()
         self.dispatching = True
+        self.cluster: ClusterQueue | None = None  # cluster mode: the shared queue
 
     # -- ownership --------------------------------------------------------------------------
 
@@ -63,6 +65,8 @@ class Dispatcher:
             await self._probe(pool)
             self.spawn(self._pool_loop(pool), f"pool:{pool.id}")
             self.spawn(self._health_loop(pool), f"health:{pool.id}")
+        if self.cluster is not None:
+            self.spawn(self.cluster.sweep_loop(), "sweep")
         if self._settings.server.progress_interval_ms:
             self.spawn(self._progress_loop(), "progress")
 
@@ -92,6 +96,9 @@ class Dispatcher:
     # -- loops ------------------------------------------------------------------------------
 
     async def _pool_loop(self, pool: PoolRuntime) -> None:
+        if self.cluster is not None:
+            await self._shared_loop(self.cluster, pool)
+            return
         loop = asyncio.get_running_loop()
         while True:
             # Woken by admission, a freed slot, a ready replica, or the soonest wait limit (a
@@ -108,6 +115,23 @@ class Dispatcher:
             if self.dispatching:
                 self._dispatch(pool)
 
+    async def _shared_loop(self, cluster: ClusterQueue, pool: PoolRuntime) -> None:
+        """Cluster mode: woken by an admission or a freed slot here, else every poll interval,
+        end what waited too long and claim from the shared queue while a slot is free."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cluster.poll_s):
+                    await pool.wakeup.wait()
+            pool.wakeup.clear()
+            try:
+                cluster.end_overdue(pool)
+                while self.dispatching and (claimed := cluster.claim_next(pool)) is not None:
+                    self._start(pool, *claimed)
+            except StorageError as exc:
+                log.debug("pool %s: the shared queue is not reachable: %s", pool.id, exc)
+            except Exception:  # a bug: logged, and the pool goes on dispatching
+                log.exception("pool %s: dispatching from the shared queue failed", pool.id)
+
     def _end_overdue(self, pool: PoolRuntime, now: float) -> None:
         """End the tasks that waited in the queue past their wait limit (ORCH-DATA-0097)."""
         for record in pool.overdue(now):
@@ -123,31 +147,34 @@ class Dispatcher:
             )
 
     def _dispatch(self, pool: PoolRuntime) -> None:
-        loop = asyncio.get_running_loop()
         while (head := pool.queue.peek()) is not None:
             placement = pool.place(head)
             if placement is None:
                 return
-            replica = placement.replica
             pool.queue.pop()
-            if head.deadline_at is not None and loop.time() >= head.deadline_at:
-                pool.record_queue()
-                self._settlement.end_now(
-                    head, FAILED, error=DeadlineUnmet("deadline passed while queued")
-                )
-                continue
-            replica.busy += 1
-            pool.placed(head, placement)
             pool.record_queue()
-            pool.record_replicas()
-            pool.metrics.inc("llorch_tasks_started_total", pool_id=pool.id, replica_id=replica.id)
-            pool.metrics.observe(
-                "llorch_queue_wait_seconds",
-                max(0, self._clock.now_ms() - head.row.created_ms) / 1000,
-                pool_id=pool.id,
+            self._start(pool, head, placement)
+
+    def _start(self, pool: PoolRuntime, head: TaskRecord, placement: Placement) -> None:
+        """Run a task taken from the queue on its placement's replica (its deadline passed:
+        end it instead)."""
+        if head.deadline_at is not None and asyncio.get_running_loop().time() >= head.deadline_at:
+            self._settlement.end_now(
+                head, FAILED, error=DeadlineUnmet("deadline passed while queued")
             )
-            call = EngineCall(pool, head, replica, self._run_context)
-            head.runner = self.spawn(call.run(), f"task:{head.task_id}")
+            return
+        replica = placement.replica
+        replica.busy += 1
+        pool.placed(head, placement)
+        pool.record_replicas()
+        pool.metrics.inc("llorch_tasks_started_total", pool_id=pool.id, replica_id=replica.id)
+        pool.metrics.observe(
+            "llorch_queue_wait_seconds",
+            max(0, self._clock.now_ms() - head.row.created_ms) / 1000,
+            pool_id=pool.id,
+        )
+        call = EngineCall(pool, head, replica, self._run_context)
+        head.runner = self.spawn(call.run(), f"task:{head.task_id}")
 
     async def _progress_loop(self) -> None:
         while True:

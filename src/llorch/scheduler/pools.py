@@ -157,6 +157,8 @@ class PoolRuntime:
         # A reload changes ``settings.model``; the models it may choose from never change.
         self.loadable_models = settings.loadable_models
         self.wakeup = asyncio.Event()
+        # In cluster mode: where a task its engine refused goes back (the shared queue).
+        self.send_back: Callable[[TaskRecord], None] | None = None
         self._ended = asyncio.Event()
         # Queued tasks' wait limits, soonest first: (loop time, tie-break, task).
         self._wait_limits: list[tuple[float, int, TaskRecord]] = []
@@ -286,6 +288,9 @@ class PoolRuntime:
     def requeue(self, record: TaskRecord) -> None:
         """A dispatched task its engine refused goes back to the front of its flow, with its
         reservation and its wait limit; the pool loop places it again (ORCH-ENG-0015)."""
+        if self.send_back is not None:
+            self.send_back(record)
+            return
         self.queue.push_front(record, record.priority)
         self.watch_wait(record)
         self.record_queue()

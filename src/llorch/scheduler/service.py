@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -16,8 +17,10 @@ from llorch.engines.base import Engine
 from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, StorageBusy, TaskNotFound
 from llorch.metrics import Metrics
 from llorch.persistence import Storage, TaskRow, when_free
+from llorch.persistence.pg_queue import PgQueue
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
+from llorch.scheduler.cluster_queue import ClusterQueue
 from llorch.scheduler.control import PoolOperations
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
@@ -69,8 +72,23 @@ class Scheduler:
             self.registry, db, sessions, settings, clock, self._settlement
         )
         self._admitter = Admitter(self.registry, db, sessions, settings, clock, self._settlement)
+        self._cluster = self._shared_queue(db)
         self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
         self.closing = False
+
+    def _shared_queue(self, db: Storage) -> ClusterQueue | None:
+        """Cluster mode (a store with a shared queue: PostgreSQL): the queue the admitter and
+        the dispatcher share with the other instances; None on SQLite."""
+        store = getattr(db, "queue", None)
+        if not isinstance(store, PgQueue):
+            return None
+        cluster = ClusterQueue(
+            store, self.registry, self.sessions, self._settlement, self._settings, self._clock
+        )
+        cluster.revive = self._admitter.revive
+        self._admitter.cluster = cluster
+        self._dispatcher.cluster = cluster
+        return cluster
 
     async def start(self) -> None:
         await self._reconcile()
@@ -91,10 +109,16 @@ class Scheduler:
 
     async def _reconcile(self) -> None:
         """After a restart: queued tasks are queued again; tasks that were running end with a
-        retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open."""
-        for row in self._db.tasks_in_states([RUNNING, QUEUED]):
+        retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open. In
+        cluster mode queued tasks stay in the shared queue, and only the open tasks outside it
+        that are this instance's are ended (ORCH-STATE-0035)."""
+        if self._cluster is not None:
+            rows = self._cluster.store.adopt_own()
+        else:
+            rows = self._db.tasks_in_states([RUNNING, QUEUED])
+        for row in rows:
             try:
-                if row.state == QUEUED and self._admitter.restore(row):
+                if row.state == QUEUED and self._cluster is None and self._admitter.restore(row):
                     continue
                 await when_free(self._db, functools.partial(self._settlement.reconcile, row))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -137,6 +161,8 @@ class Scheduler:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""
         record = self.registry.live.get(task_id)
         if record is None:
+            if self._cluster is not None and self._cluster.cancel(task_id):
+                return
             if self._db.get_task(task_id) is None:
                 raise TaskNotFound(f"task {task_id} not found")
             return
@@ -160,7 +186,7 @@ class Scheduler:
         await self._db.durable()
 
     def stream(self, task_id: str) -> EventStream:
-        found = self.registry.stream(task_id)
+        found = self._live_stream(task_id)
         if found is not None:
             return found
         row = self._db.get_task(task_id)
@@ -172,12 +198,23 @@ class Scheduler:
         """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
         see it."""
         row = self.row(task_id, caller)
-        live = self.registry.stream(task_id)
+        live = self._live_stream(task_id)
         return TaskStream(row=row, events=live if live is not None else self._replay(row))
+
+    def _live_stream(self, task_id: str) -> EventStream | None:
+        """The task's stream in memory: running or recently ended here, or (cluster mode)
+        admitted here and still queued."""
+        found = self.registry.stream(task_id)
+        if found is None and self._cluster is not None:
+            found = self._cluster.stream(task_id)
+        return found
 
     def _replay(self, row: TaskRow) -> EventStream:
         """The stream of a task no longer in memory: the transcript in its trace, else only
-        its terminal frame, from its row."""
+        its terminal frame, from its row. In cluster mode, a task still in the shared queue is
+        watched from here (ORCH-STATE-0030)."""
+        if self._cluster is not None and (watched := self._cluster.watch(row)) is not None:
+            return watched
         return replay_from_trace(self._artifacts, row) or replay_from_row(row)
 
     def row(self, task_id: str, caller: Caller) -> TaskRow:
@@ -189,7 +226,11 @@ class Scheduler:
         return row
 
     def task(self, task_id: str, caller: Caller) -> TaskSnapshot:
-        return task_snapshot(self.registry, self.row(task_id, caller))
+        snapshot = task_snapshot(self.registry, self.row(task_id, caller))
+        if self._cluster is not None and snapshot.state == QUEUED:
+            position = self._cluster.position(snapshot.row)
+            snapshot = dataclasses.replace(snapshot, queue_position=position)
+        return snapshot
 
     def tasks(
         self,

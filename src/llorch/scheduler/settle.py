@@ -123,11 +123,14 @@ class Settlement:
                 _trace_missing(ending, exc)
         self._close(ending, trace)
 
-    def reconcile(self, row: TaskRow) -> None:
+    def reconcile(
+        self, row: TaskRow, why: str = "the server restarted while the task was in flight"
+    ) -> None:
         """After a restart, end a task that was running (or whose end was never committed):
         failed with a retriable WORKER_RESET, charged for what its last progress checkpoint
-        recorded (its prompt estimate once it had started, its tokens, its time)."""
-        error = WorkerReset("the server restarted while the task was in flight")
+        recorded (its prompt estimate once it had started, its tokens, its time). In cluster
+        mode also a task of an instance whose heartbeat expired (ORCH-STATE-0035)."""
+        error = WorkerReset(why)
         body = json.loads(row.request_json)
         started = row.started_ms is not None
         tokens_in = (

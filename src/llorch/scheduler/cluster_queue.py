@@ -1,0 +1,333 @@
+"""The scheduler's side of the queue shared by the instances on one PostgreSQL database
+(cluster mode, ORCH-STATE-0030 .. 0039; the SQL is :mod:`llorch.persistence.pg_queue`).
+
+In cluster mode a queued task lives in the database only: any instance may claim it when one
+of the pool's replicas has a slot free by the leases of all instances. An instance holds a
+task in ``registry.live`` only while it runs it, from its claim to its end. The instance that
+admitted a task keeps its record in :attr:`ClusterQueue.waiting` while it is queued, for the
+task's event stream and a cancel there; a claim on the same instance takes that record, a claim
+elsewhere builds one from the row. Whoever takes a queued task out of the queue to end it
+(a cancel, a wait limit, a deadline, a drop-lru victim) ends it through the settlement.
+
+Dispatchers wake on their own admissions (``pool.wakeup``, or :meth:`ClusterQueue.wake`, the
+hook a NOTIFY listener can call) and otherwise poll every ``database.poll_ms``; every
+``database.sweep_ms`` an instance takes over the running tasks of instances whose heartbeat
+expired and ends them WORKER_RESET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+
+from llorch.clock import Clock
+from llorch.config import Settings
+from llorch.errors import DeadlineUnmet, QueueFullDropLru, QueueTimeout, StorageError
+from llorch.persistence import SessionRow, TaskRow
+from llorch.persistence.pg_queue import Entry, PgQueue
+from llorch.scheduler.ending import terminal_frame
+from llorch.scheduler.events import EventStream
+from llorch.scheduler.placement import Candidate, choose, prompt_text
+from llorch.scheduler.pools import Placement, PoolRuntime
+from llorch.scheduler.queue import PRIORITIES, batch_every
+from llorch.scheduler.registry import Registry
+from llorch.scheduler.settle import Settlement
+from llorch.scheduler.task import CANCELED, FAILED, QUEUED, TaskRecord, completion_request
+from llorch.sessions import SessionService
+
+log = logging.getLogger("llorch.dispatcher")
+
+# A live record for a task row taken from the shared queue (its reservation held), or None
+# when its pool is gone.
+Revive = Callable[[TaskRow], TaskRecord | None]
+
+
+def entry_of(pool: PoolRuntime, row: TaskRow, flow: str) -> Entry:
+    """A task's place in the shared queue: its band, flow and weight, and its wait limit and
+    deadline as absolute times counted from its creation."""
+    body = json.loads(row.request_json)
+    limits = [m for m in (pool.settings.queue.max_wait_ms, body.get("max_wait_ms")) if m]
+    deadline_ms = body.get("deadline_ms")
+    return Entry(
+        pool_id=pool.id,
+        band=PRIORITIES.index(row.priority),
+        flow=flow,
+        weight=pool.settings.queue.fairness.weights.get(flow, 1),
+        wait_until_ms=row.created_ms + min(limits) if limits else None,
+        deadline_ms=None if deadline_ms is None else row.created_ms + deadline_ms,
+    )
+
+
+class ClusterQueue:
+    def __init__(
+        self,
+        store: PgQueue,
+        registry: Registry,
+        sessions: SessionService,
+        settlement: Settlement,
+        settings: Settings,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self._registry = registry
+        self._sessions = sessions
+        self._settlement = settlement
+        self._clock = clock
+        self.poll_s = settings.database.poll_ms / 1000
+        self.sweep_s = settings.database.sweep_ms / 1000
+        self._ttl_s = settings.database.instance_ttl_ms / 1000
+        self.waiting: dict[str, TaskRecord] = {}
+        self._requeues: dict[str, Entry] = {}  # sent back while storage refused the write
+        self.revive: Revive = lambda row: None  # set by the admitter
+        for pool in registry.pools.values():
+            pool.send_back = functools.partial(self.requeue, pool)
+
+    def wake(self, pool_id: str) -> None:
+        """Wake ``pool_id``'s dispatcher: a task was queued or a slot freed (for a NOTIFY)."""
+        pool = self._registry.pools.get(pool_id)
+        if pool is not None:
+            pool.wakeup.set()
+
+    # -- admission --------------------------------------------------------------------------
+
+    def admit(
+        self,
+        pool: PoolRuntime,
+        row: TaskRow,
+        session: SessionRow,
+        *,
+        new_session: bool,
+        flow: str,
+        check: Callable[[int], None],
+    ) -> TaskRow | None:
+        """Persist and queue an accepted task in one transaction; the drop-lru victim's row."""
+        queue = pool.settings.queue
+        return self.store.admit(
+            row,
+            session,
+            new_session=new_session,
+            entry=entry_of(pool, row, flow),
+            capacity=queue.capacity,
+            policy=queue.policy,
+            check=check,
+        )
+
+    def hold(self, record: TaskRecord) -> None:
+        """A task admitted here and queued: its record kept for its stream and a cancel."""
+        self.waiting[record.task_id] = record
+
+    def drop(self, pool: PoolRuntime, victim: TaskRow) -> None:
+        """End the task a full drop-lru queue gave up for a newer one."""
+        error = QueueFullDropLru(
+            f"dropped from the full queue of pool {pool.id} for a newer task",
+            policy_label="drop-lru",
+            pool_id=pool.id,
+        )
+        self._end_taken(victim, FAILED, error=error)
+
+    # -- ending queued tasks ----------------------------------------------------------------
+
+    def _take(self, row: TaskRow) -> TaskRecord | None:
+        """The live record of a task taken from the shared queue by this instance."""
+        record = self.waiting.pop(row.task_id, None)
+        return record if record is not None else self.revive(row)
+
+    def _end_taken(
+        self,
+        row: TaskRow,
+        state: str,
+        *,
+        error: QueueTimeout | DeadlineUnmet | QueueFullDropLru | None = None,
+    ) -> None:
+        record = self._take(row)
+        if record is None:  # its pool is gone from this instance's configuration
+            self._settlement.reconcile(row)
+            return
+        if state == CANCELED:
+            record.cancel_requested = True
+            self._settlement.end_now(record, CANCELED, finish_reason="canceled")
+        else:
+            self._settlement.end_now(record, state, error=error)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a queued task, whichever instance admitted it: True when it was queued (it
+        ends canceled and is never dispatched)."""
+        row = self.store.take(task_id)
+        if row is None:
+            return False
+        self._end_taken(row, CANCELED)
+        return True
+
+    def end_overdue(self, pool: PoolRuntime) -> None:
+        """End the queued tasks past their wait limit (QUEUE_TIMEOUT) or their deadline."""
+        now_ms = self._clock.now_ms()
+        for due in self.store.expire(pool.id, now_ms):
+            waited_ms = now_ms - due.row.created_ms
+            error: QueueTimeout | DeadlineUnmet
+            if due.why == "wait":
+                error = QueueTimeout(
+                    f"waited {waited_ms} ms in the queue of pool {pool.id}, past its wait limit",
+                    retry_after_ms=pool.retry_after()[1],
+                    pool_id=pool.id,
+                )
+            else:
+                error = DeadlineUnmet("deadline passed while queued", pool_id=pool.id)
+            self._end_taken(due.row, FAILED, error=error)
+
+    # -- claims -----------------------------------------------------------------------------
+
+    def claim_next(self, pool: PoolRuntime) -> tuple[TaskRecord, Placement] | None:
+        """Claim the head of the pool's shared queue with a slot lease on one of the replicas
+        this instance may place on; its record (now live here) and placement. A head whose
+        row cannot be read is claimed too, and ended as start-up ends one (ORCH-STATE-0006),
+        rather than left to block the queue."""
+        slots = {r.id: r.engine.slots for r in pool.replicas if r.serving and not r.resting}
+        if not slots:
+            return None
+        chosen: list[Placement] = []
+        unreadable: list[Exception] = []
+
+        def pick(row: TaskRow, free: Mapping[str, int]) -> str | None:
+            try:
+                placement = self._place(pool, row, free)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                unreadable.append(exc)
+                return min(free)
+            if placement is not None:
+                chosen.append(placement)
+            return None if placement is None else placement.replica.id
+
+        every = batch_every(pool.settings.queue.batch_min_share)
+        claimed = self.store.claim(pool.id, slots, pick, every)
+        if claimed is None:
+            return None
+        row = claimed[0]
+        try:
+            record = None if unreadable else self._take(row)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            unreadable.append(exc)
+            record = None
+        if record is None:
+            self._give_up(row, unreadable)
+            return None
+        self._registry.add(record)
+        return record, chosen[-1]
+
+    def _give_up(self, row: TaskRow, unreadable: list[Exception]) -> None:
+        """End a claimed task that cannot run here: unreadable, or its pool gone."""
+        if unreadable:
+            self._settlement.quarantine(row, unreadable[0])
+            self.store.release(row.task_id)
+        else:
+            self._settlement.reconcile(row)
+
+    def _place(self, pool: PoolRuntime, row: TaskRow, free: Mapping[str, int]) -> Placement | None:
+        """Where the queue head should run, among the replicas with a slot free by the leases:
+        its session's replica, its prompt's prefix, then the least loaded."""
+        known = self.waiting.get(row.task_id)
+        if known is not None:
+            request, affinity = known.request, known.affinity_replica_id
+        else:
+            request = completion_request(
+                row.task_id, json.loads(row.request_json), row.correlation_id
+            )
+            session = self._sessions.live_row_or_none(row.session_id)
+            affinity = session.last_replica_id if session else None
+        hashes = pool.prefixes.hashes(prompt_text(request))
+        replicas = [r for r in pool.replicas if r.id in free]
+        loads = [max(r.load, 1 - free[r.id] / max(1, r.engine.slots)) for r in replicas]
+        decision = choose(
+            [Candidate(r.id, load) for r, load in zip(replicas, loads, strict=True)],
+            session_replica_id=affinity,
+            hashes=hashes,
+            prefixes=pool.prefixes,
+            rng=pool.rng,
+        )
+        if decision is None:
+            return None
+        return Placement(replicas[decision.index], decision.reason, decision.prefix_blocks, hashes)
+
+    def requeue(self, pool: PoolRuntime, record: TaskRecord) -> None:
+        """A claimed task its engine refused as busy goes back to the shared queue, its lease
+        freed (ORCH-ENG-0015); its record waits here again."""
+        self._registry.live.pop(record.task_id, None)
+        self.waiting[record.task_id] = record
+        entry = entry_of(pool, record.row, record.flow)
+        try:
+            self.store.requeue(record.task_id, entry)
+        except StorageError as exc:
+            log.warning("task %s: could not requeue it yet: %s", record.task_id, exc)
+            self._requeues[record.task_id] = entry
+        pool.wakeup.set()
+
+    # -- the sweep --------------------------------------------------------------------------
+
+    async def sweep_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        reachable_since: float | None = None
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            now = loop.time()
+            # Only once the database has answered this instance for a whole TTL: after an
+            # outage, the other instances' heartbeats look expired until they write again.
+            adopt = reachable_since is not None and now - reachable_since >= self._ttl_s
+            try:
+                self.sweep(adopt=adopt)
+            except StorageError as exc:
+                reachable_since = None
+                log.warning("could not sweep the shared queue: %s", exc)
+            else:
+                reachable_since = now if reachable_since is None else reachable_since
+
+    def sweep(self, *, adopt: bool = True) -> None:
+        """End the running tasks of instances whose heartbeat expired (WORKER_RESET), send
+        back what could not be sent back, and let go of waiting records that ended elsewhere."""
+        while adopt and (taken := self.store.adopt_dead()):
+            for row in taken:
+                log.warning(
+                    "task %s: its instance stopped; ending it",
+                    row.task_id,
+                    extra={"event": "task_adopted", "task_id": row.task_id},
+                )
+                self._settlement.reconcile(row, "the instance running the task stopped")
+        for task_id, entry in list(self._requeues.items()):
+            self.store.requeue(task_id, entry)
+            del self._requeues[task_id]
+        if self.waiting:
+            for row in self.store.ended(list(self.waiting)):
+                self._forget(row)
+
+    def _forget(self, row: TaskRow) -> None:
+        """A task admitted here ended on another instance: its stream here gets its terminal
+        frame, its reservation here is released."""
+        record = self.waiting.pop(row.task_id, None)
+        if record is None:
+            return
+        self._sessions.release(row.session_id, row.task_id)
+        record.events.publish(*terminal_frame(asdict(row)))
+        self._registry.retire(record)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def stream(self, task_id: str) -> EventStream | None:
+        record = self.waiting.get(task_id)
+        return None if record is None else record.events
+
+    def watch(self, row: TaskRow) -> EventStream | None:
+        """The stream of a task queued in the shared queue (admitted here or elsewhere): its
+        record kept here as the admitter keeps one, so that a claim here publishes to it, and
+        an end elsewhere gives it its terminal frame (:meth:`sweep`); None unless queued."""
+        if row.state != QUEUED:
+            return None
+        record = self.waiting.get(row.task_id) or self.revive(row)
+        if record is None:
+            return None
+        self.waiting[row.task_id] = record
+        return record.events
+
+    def position(self, row: TaskRow) -> int | None:
+        return self.store.position(row.task_id, row.pool_id)
