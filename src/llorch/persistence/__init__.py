@@ -3,12 +3,13 @@ SQLite implementation (:class:`Database`: numbered migrations, profile guard), i
 implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps."""
 
 from llorch.persistence.db import Database
-from llorch.persistence.rows import ArtifactInsert, SessionRow, TaskRow
+from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
 from llorch.persistence.storage import Storage, open_storage, when_free
 
 __all__ = [
     "ArtifactInsert",
     "Database",
+    "Reservation",
     "SessionRow",
     "Storage",
     "TaskRow",

@@ -28,13 +28,14 @@ from psycopg_pool import ConnectionPool
 
 from llorch.config import without_password
 from llorch.errors import StorageError, StorageUnavailable
-from llorch.persistence import pg_schema, rows
+from llorch.persistence import pg_budgets, pg_schema, rows
 from llorch.persistence.pg_link import Link, Pool
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
     TASK_COLUMNS,
     ArtifactInsert,
+    Reservation,
     SessionRow,
     TaskRow,
 )
@@ -74,6 +75,9 @@ _SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, Tru
 
 
 class PostgresStorage:
+    # Session reservations live in the database (persistence.pg_budgets), not in a process.
+    holds_reservations = True
+
     def __init__(
         self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
     ) -> None:
@@ -155,10 +159,11 @@ class PostgresStorage:
             conn.execute(_INSERT_SESSION, [getattr(row, c) for c in SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
-        cols = ", ".join(SESSION_COLUMNS)
+        """The session, its budgets what is free (committed minus reserved, ORCH-STATE-0051)."""
         with self._connection() as conn:
             found = conn.execute(
-                f"SELECT {cols} FROM sessions WHERE session_id = %s AND deleted = 0",
+                f"SELECT {pg_budgets.SESSION_SELECT} FROM sessions "
+                "WHERE session_id = %s AND deleted = 0",
                 (session_id,),
             ).fetchone()
         return SessionRow(*found) if found else None
@@ -173,18 +178,36 @@ class PostgresStorage:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
-        """Persist an accepted task and its session's use in one transaction; returns its seq."""
+    def admit_task(
+        self,
+        task: TaskRow,
+        session: SessionRow,
+        *,
+        new_session: bool,
+        reservation: Reservation | None = None,
+    ) -> int:
+        """Persist an accepted task and its session's use in one transaction; returns its seq.
+        With ``reservation``: the turn and the reservation are taken under the session row's
+        lock, BudgetExhausted when it cannot afford them (pg_budgets.reserve)."""
         values = [*(getattr(task, c) for c in ADMIT_COLUMNS), self._instance_id]
         with self._write(), self._connection() as conn, conn.transaction():
             if new_session:
                 conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
-            else:
+            elif reservation is None:
                 conn.execute(
                     "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
                     (session.last_used_ms, session.turns, session.session_id),
                 )
             found = conn.execute(_INSERT_TASK, values).fetchone()
+            if reservation is not None:
+                pg_budgets.reserve(
+                    conn,
+                    session.session_id,
+                    task.task_id,
+                    reservation,
+                    now_ms=session.last_used_ms,
+                    new=new_session,
+                )
         return int(found[0]) if found else 0
 
     def get_task(self, task_id: str) -> TaskRow | None:
@@ -219,11 +242,17 @@ class PostgresStorage:
         session_id: str,
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
-    ) -> None:
-        """The task's terminal state, its session's usage and its trace's row, together."""
+        used: Reservation | None = None,
+    ) -> Reservation | None:
+        """The task's terminal state, its session's usage and its trace's row, together. With
+        ``used``: the task's own reservation released and ``used`` charged under the session
+        row's lock (pg_budgets.settle); returns the usage its session could not pay."""
         task_sets = ", ".join(f"{k} = %s" for k in task_values)
         session_sets = ", ".join(f"{k} = %s" for k in session_values)
+        overrun = None
         with self._write(), self._connection() as conn, conn.transaction():
+            if used is not None:  # first: the session row's lock before the task row's
+                overrun = pg_budgets.settle(conn, task_id, session_id, used)
             if trace is not None:
                 _insert_artifact(conn, trace)
             conn.execute(
@@ -235,6 +264,7 @@ class PostgresStorage:
                     f"UPDATE sessions SET {session_sets} WHERE session_id = %s",
                     (*session_values.values(), session_id),
                 )
+        return overrun
 
     def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
         """Checkpoint the tokens running tasks have produced so far, in one transaction."""

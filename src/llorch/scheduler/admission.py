@@ -171,7 +171,7 @@ class Admitter:
             queue_position=draft.position,
             predicted_start_ms=record.row.created_ms + wait_ms,
             backoff_ms=wait_ms,
-            remaining=self._sessions.remaining(draft.session),
+            remaining=self._sessions.admitted(draft.session),
         )
 
     # -- the steps, in order ----------------------------------------------------------------
@@ -233,7 +233,11 @@ class Admitter:
             created_ms=self._clock.now_ms(),
             owner=caller.owner,
         )
-        self._db.admit_task(row, session, new_session=draft.new_session)
+        try:
+            self._db.admit_task(row, session, new_session=draft.new_session, reservation=draft.want)
+        except LlorchError as exc:  # a store holding reservations found them spent meanwhile
+            exc.retry_after_ms = exc.retry_after_ms or draft.pool.retry_after()[1]
+            raise
         return self._record(
             row,
             request,

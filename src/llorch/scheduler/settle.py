@@ -152,7 +152,7 @@ class Settlement:
         }
         used = Reservation(tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost)
         settled = self._sessions.settle(row.session_id, row.task_id, used)
-        self._db.finish_task(row.task_id, values, row.session_id, settled.values)
+        self._db.finish_task(row.task_id, values, row.session_id, settled.values, used=settled.used)
         log.info(
             "task ended by the restart",
             extra={
@@ -241,8 +241,13 @@ class Settlement:
         )
         try:
             settled = self._sessions.settle(record.session_id, record.task_id, used)
-            self._db.finish_task(
-                record.task_id, values, record.session_id, settled.values, trace=trace
+            overrun = self._db.finish_task(
+                record.task_id,
+                values,
+                record.session_id,
+                settled.values,
+                trace=trace,
+                used=settled.used,
             )
         except StorageError as exc:
             self._sessions.reserve(record.session_id, record.task_id, record.reservation)
@@ -253,7 +258,7 @@ class Settlement:
                 extra={"event": "task_end_deferred", "task_id": record.task_id},
             )
             return False
-        self._record_overrun(record, settled.overrun)
+        self._record_overrun(record, settled.overrun or overrun)
         return True
 
     async def _commit_until_durable(self, ending: Ending, trace: ArtifactInsert | None) -> None:
