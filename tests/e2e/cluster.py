@@ -29,13 +29,19 @@ def cluster_config(
 
 @contextmanager
 def instances(
-    tmp_path: Path, database_url: str, pools: list[dict[str, Any]], count: int, **extra: Any
+    tmp_path: Path,
+    database_url: str,
+    pools: list[dict[str, Any]],
+    count: int,
+    prefix: str = "i",
+    **extra: Any,
 ) -> Iterator[list[httpx.Client]]:
-    """``count`` instances (ids i0, i1, …) started one after another, a client of each."""
+    """``count`` instances (ids i0, i1, … with the default ``prefix``) started one after
+    another, a client of each."""
     with ExitStack() as stack:
         clients = []
         for n in range(count):
-            name = f"i{n}"
+            name = f"{prefix}{n}"
             config = cluster_config(tmp_path / f"{name}.yaml", database_url, name, pools, **extra)
             url, _, _ = stack.enter_context(
                 serve_process("--config", str(config), data_dir=tmp_path / name)

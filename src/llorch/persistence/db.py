@@ -15,6 +15,7 @@ from typing import Any
 
 from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 from llorch.persistence import rows
+from llorch.persistence.cluster import Cluster
 from llorch.persistence.group_sync import GroupSync
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
@@ -102,6 +103,8 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
 class Database:
     # Session reservations are held by the one process (SessionService), not in the file.
     holds_reservations = False
+    # One process: nothing is shared with other instances.
+    cluster: Cluster | None = None
 
     def __init__(self, conn: sqlite3.Connection, sync: GroupSync | None = None) -> None:
         self._conn = conn

@@ -29,6 +29,8 @@ from psycopg_pool import ConnectionPool
 from llorch.config import without_password
 from llorch.errors import StorageError, StorageUnavailable
 from llorch.persistence import pg_budgets, pg_schema, rows
+from llorch.persistence.cluster import Cluster
+from llorch.persistence.pg_control import PgCluster
 from llorch.persistence.pg_link import Link, Pool
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
@@ -88,6 +90,10 @@ class PostgresStorage:
         # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
         # nothing to retry, as this store never raises StorageBusy.
         self.busy_budget_s = 0.0
+        # What the instances on this database share beyond the rows (pool control, bodies).
+        self.cluster: Cluster | None = PgCluster(
+            self._connection, self._write, self._instance_ttl_ms
+        )
 
     @classmethod
     def open(

@@ -20,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from llorch.config import Settings
 from llorch.errors import StorageBusy
+from llorch.persistence.cluster import Cluster
 from llorch.persistence.db import Database
 from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
 
@@ -34,6 +35,8 @@ class Storage(Protocol):
     # Whether session reservations live in storage (PostgreSQL: several instances share
     # them, ORCH-STATE-0050) rather than in the process's memory (SQLite).
     holds_reservations: bool
+    # What several instances share beyond the rows (None on SQLite: one process).
+    cluster: Cluster | None
 
     def probe_write(self) -> bool:
         """While writes fail, one write that changes nothing; whether storage takes writes."""

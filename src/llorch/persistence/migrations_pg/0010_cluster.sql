@@ -13,3 +13,22 @@ ALTER TABLE tasks
 -- an empty one, so that their end still commits their usage once.
 UPDATE tasks SET reserved_tokens = 0, reserved_time_ms = 0, reserved_cost = 0
     WHERE state NOT IN ('succeeded', 'failed', 'canceled');
+
+-- The control plane of the cluster (ORCH-STATE-0052): each pool's desired state, written by the
+-- operation (drain, resume, reload) on any instance with the next generation, and applied by
+-- every instance that has not applied that generation yet. Times by the database's clock.
+CREATE TABLE pool_control (
+    pool_id           TEXT    PRIMARY KEY,
+    generation        BIGINT  NOT NULL,
+    draining          BOOLEAN NOT NULL DEFAULT false,
+    drain_deadline_ms BIGINT  NOT NULL DEFAULT 0,
+    model             TEXT,
+    updated_ms        BIGINT  NOT NULL
+);
+
+-- Artifact bodies, by digest, shared by every instance (ORCH-STATE-0054): in cluster mode
+-- they are not files of one instance's data directory.
+CREATE TABLE artifact_bodies (
+    digest TEXT  PRIMARY KEY,
+    body   BYTEA NOT NULL
+);
