@@ -40,6 +40,10 @@ class Cluster(Protocol):
         """Record an operation on the pool (the fields not given kept); its new generation."""
         ...
 
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        """The cluster's queued tasks by (pool_id, priority)."""
+        ...
+
     def live_instances(self) -> int:
         """How many instances' heartbeats have not expired (this one included, at least 1)."""
         ...

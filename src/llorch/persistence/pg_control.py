@@ -59,6 +59,14 @@ class PgCluster:
             found = conn.execute(_SET, values).fetchone()
         return int(found[0]) if found else 0
 
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        with self._connect() as conn:
+            found = conn.execute(
+                "SELECT pool_id, priority, count(*) FROM tasks WHERE state = 'queued' "
+                "GROUP BY pool_id, priority"
+            ).fetchall()
+        return {(str(p), str(q)): int(n) for p, q, n in found}
+
     def live_instances(self) -> int:
         with self._connect() as conn:
             found = conn.execute(_LIVE, (self._ttl_ms,)).fetchone()

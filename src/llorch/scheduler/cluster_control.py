@@ -20,6 +20,7 @@ from llorch.persistence import Cluster, PoolControl
 from llorch.scheduler.control import PoolOperations, ReloadFactory
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.pools import PoolRuntime
+from llorch.scheduler.queue import PRIORITIES
 from llorch.scheduler.registry import Registry
 
 log = logging.getLogger("llorch.pools")
@@ -40,6 +41,8 @@ class ClusterPoolOperations(PoolOperations):
         self._woken = asyncio.Event()
         # How many instances share the database: per-key rate limits divide by it.
         self.live_instances = 1
+        for pool in registry.pools.values():
+            pool.queue_gauge_shared = True
 
     # -- the operations: applied here, then recorded for the others -------------------------
 
@@ -80,12 +83,17 @@ class ClusterPoolOperations(PoolOperations):
 
     def sync(self) -> None:
         """Apply every pool's desired state whose generation is not applied here yet, and
-        refresh the live instance count."""
+        refresh the live instance count and the cluster's queue depths (ORCH-STATE-0055)."""
         for control in self._cluster.pool_controls():
             if control.generation > self._applied.get(control.pool_id, 0):
                 self._applied[control.pool_id] = control.generation
                 self._apply(control)
         self.live_instances = self._cluster.live_instances()
+        depths = self._cluster.queue_depths()
+        for pool in self._registry.pools.values():
+            for priority in PRIORITIES:
+                depth = depths.get((pool.id, priority), 0)
+                pool.metrics.set("llorch_queue_depth", depth, pool_id=pool.id, priority=priority)
 
     def _apply(self, control: PoolControl) -> None:
         pool = self._registry.pools.get(control.pool_id)
