@@ -47,33 +47,35 @@ class ClusterPoolOperations(PoolOperations):
     # -- the operations: applied here, then recorded for the others -------------------------
 
     def drain(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
+        self._catch_up()
         pool = super().drain(pool_id, deadline_ms)
-        self._record(pool_id, draining=True, drain_deadline_ms=deadline_ms)
+        self._cluster.set_pool_control(pool_id, draining=True, drain_deadline_ms=deadline_ms)
         return pool
 
     def resume(self, pool_id: str) -> PoolRuntime:
+        self._catch_up()
         pool = super().resume(pool_id)
-        self._record(pool_id, draining=False)
+        self._cluster.set_pool_control(pool_id, draining=False)
         return pool
 
     def reload(self, pool_id: str, model: str) -> PoolRuntime:
+        self._catch_up()
         pool = super().reload(pool_id, model)
-        self._record(pool_id, model=model)
+        self._cluster.set_pool_control(pool_id, model=model)
         return pool
 
-    def _record(
-        self,
-        pool_id: str,
-        *,
-        draining: bool | None = None,
-        drain_deadline_ms: int | None = None,
-        model: str | None = None,
-    ) -> None:
-        # A refused write leaves the operation applied here only; the client sees the 503
-        # and may issue it again (another instance applies it from the record).
-        self._applied[pool_id] = self._cluster.set_pool_control(
-            pool_id, draining=draining, drain_deadline_ms=drain_deadline_ms, model=model
-        )
+    # A refused record leaves the operation applied here only; the client sees the 503 and may
+    # issue it again. The generation recorded is not marked applied here: the next sync applies
+    # the whole desired state, which this instance has already (and an operation of another
+    # instance recorded just before is not skipped).
+
+    def _catch_up(self) -> None:
+        """Apply the others' operations first, so that this one starts from the cluster's
+        state (a resume right after a drain on another instance finds the pool draining)."""
+        try:
+            self.sync()
+        except StorageError as exc:
+            log.warning("cannot read the cluster's pool control: %s", exc)
 
     # -- applying the others' operations ----------------------------------------------------
 
@@ -104,7 +106,7 @@ class ClusterPoolOperations(PoolOperations):
                 super().drain(pool.id, control.drain_left_ms)
             elif not control.draining and pool.draining:
                 super().resume(pool.id)
-            if control.model is not None and control.model != pool.model:
+            if control.model is not None and control.model != pool.model and not pool.reloading:
                 super().reload(pool.id, control.model)
         except LlorchError as exc:  # a reload under way, a model this instance cannot load
             log.error("pool %s: cannot apply the cluster's state: %s", pool.id, exc.message)
