@@ -5,6 +5,7 @@ every task's usage is committed once (ORCH-STATE-0050, ORCH-STATE-0051)."""
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import yaml
 
 from tests.e2e.cluster import instances
-from tests.support import MODEL, task_of, wait_until
+from tests.e2e.test_instances import TTL_MS, heartbeat_expired
+from tests.support import MODEL, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
 
@@ -139,3 +142,38 @@ def assert_committed_once(
     assert remaining == budget - used
     seen = budgets_seen(clients, session_id)
     assert [s["tokens_remaining"] for s in seen] == [budget - used] * len(clients), seen
+
+
+@pytest.mark.req("ORCH-STATE-0051")
+def test_the_reservation_of_a_dead_instances_task_is_released_by_the_survivor(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    pools = [{"id": "default", "model": MODEL, "mock": {"ttft_ms": 600_000}}]
+    database = {"url": postgres_url, "retry_ms": 100, "instance_ttl_ms": TTL_MS}
+
+    def config(name: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        own = {**database, "instance_id": name}
+        body = {"server": {"shutdown_grace_s": 0}, "pools": pools, "database": own}
+        path.write_text(yaml.safe_dump(body))
+        return str(path)
+
+    with (
+        serve_process("--config", config("a"), data_dir=tmp_path / "a") as (url, proc, _),
+        httpx.Client(base_url=url, timeout=30) as a,
+    ):
+        budgets = {"tokens": 100, "time_ms": 86_400_000}
+        session_id = a.post("/v1/sessions", json={"budgets": budgets}).json()["session_id"]
+        task_id = submit_to(a, max_tokens=MAX_TOKENS, session_id=session_id)["task_id"]
+        wait_until(lambda: task_of(a, task_id)["state"] == "running", "the task runs on A")
+        assert budgets_seen([a], session_id)[0]["tokens_remaining"] == 100 - RESERVED
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    wait_until(lambda: heartbeat_expired(postgres_url, "a"), "A's heartbeat expired")
+    with (
+        serve_process("--config", config("b"), data_dir=tmp_path / "b") as (url, _, _),
+        httpx.Client(base_url=url, timeout=30) as b,
+    ):
+        ended = task_of(b, task_id)  # B's start reconciled it
+        assert ended["state"] == "failed" and ended["error"]["code"] == "WORKER_RESET", ended
+        assert_committed_once(postgres_url, [b], session_id, 100)
