@@ -4,6 +4,7 @@ stored through one, a task's trace included, is read through the other (ORCH-STA
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,42 @@ def test_an_artifact_and_a_trace_stored_through_one_instance_are_read_through_th
         assert on_b.json() == on_a.json() and on_b.json()["kind"] == "trace"
     # No body is a file of an instance: they are in the database.
     assert not any(p.is_file() for p in tmp_path.glob("*/artifacts-*/**/*"))
+
+
+def live_instances(client: httpx.Client) -> float:
+    for line in client.get("/metrics", headers=PROM).text.splitlines():
+        if line.startswith("llorch_instances_live "):
+            return float(line.split()[1])
+    return 0.0
+
+
+SECRET = "cluster-key-secret"
+KEY = {"Authorization": f"Bearer {SECRET}"}
+PROM_SECRET = "cluster-prom-secret"
+PROM = {"Authorization": f"Bearer {PROM_SECRET}"}
+BURST = 4
+
+
+@pytest.mark.req("ORCH-STATE-0053")
+def test_a_keys_rate_limit_is_shared_by_the_live_instances(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # Almost no refill during the test: what each instance allows is its share of the burst.
+    key = {
+        "name": "shared",
+        "sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
+        "scopes": ["data"],
+        "rate_limit": {"per_s": 0.001, "burst": BURST},
+    }
+    prom = {
+        "name": "prom",
+        "sha256": hashlib.sha256(PROM_SECRET.encode()).hexdigest(),
+        "scopes": ["metrics"],
+    }
+    with instances(tmp_path, postgres_url, POOLS, 2, auth={"keys": [key, prom]}) as clients:
+        for client in clients:
+            wait_until(lambda c=client: live_instances(c) == 2, "each counts two instances")
+        answers = [c.post("/v1/sessions", json={}, headers=KEY) for c in clients for _ in range(4)]
+    statuses = [a.status_code for a in answers]
+    assert sorted(statuses) == [201] * BURST + [429] * (len(answers) - BURST), statuses
+    assert statuses[:4].count(201) == statuses[4:].count(201) == BURST // 2

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from llorch.errors import LlorchError, StorageError
+from llorch.metrics import Metrics
 from llorch.persistence import Cluster, PoolControl
 from llorch.scheduler.control import PoolOperations, ReloadFactory
 from llorch.scheduler.dispatcher import Dispatcher
@@ -34,6 +35,7 @@ class ClusterPoolOperations(PoolOperations):
         cancel: Callable[[str], None],
         engines: ReloadFactory,
         cluster: Cluster,
+        metrics: Metrics,
     ) -> None:
         super().__init__(registry, dispatcher, cancel, engines)
         self._cluster = cluster
@@ -43,6 +45,7 @@ class ClusterPoolOperations(PoolOperations):
         self.live_instances = 1
         for pool in registry.pools.values():
             pool.queue_gauge_shared = True
+        self._metrics = metrics
 
     # -- the operations: applied here, then recorded for the others -------------------------
 
@@ -91,6 +94,7 @@ class ClusterPoolOperations(PoolOperations):
                 self._applied[control.pool_id] = control.generation
                 self._apply(control)
         self.live_instances = self._cluster.live_instances()
+        self._metrics.set("llorch_instances_live", self.live_instances)
         depths = self._cluster.queue_depths()
         for pool in self._registry.pools.values():
             for priority in PRIORITIES:

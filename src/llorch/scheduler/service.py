@@ -81,7 +81,7 @@ class Scheduler:
             PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
             if db.cluster is None
             else ClusterPoolOperations(
-                self.registry, self._dispatcher, self.cancel, engines, db.cluster
+                self.registry, self._dispatcher, self.cancel, engines, db.cluster, self.metrics
             )
         )
         self.closing = False
@@ -89,6 +89,7 @@ class Scheduler:
     async def start(self) -> None:
         await self._reconcile()
         await self._dispatcher.start()
+        self.metrics.set("llorch_instances_live", 1)  # a cluster's sync counts the others
         if isinstance(self.pools, ClusterPoolOperations):
             try:
                 self.pools.sync()  # the cluster's drains and reloads, before serving
