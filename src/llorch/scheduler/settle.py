@@ -176,13 +176,17 @@ class Settlement:
             extra={"event": "task_quarantined", "task_id": row.task_id},
         )
         error = WorkerReset("the task's stored request could not be read after a restart")
-        self._db.update_task(
-            row.task_id,
-            state=FAILED,
-            ended_ms=self._clock.now_ms(),
-            terminal_event_id=row.terminal_event_id or 0,
+        values: dict[str, Any] = {
+            "state": FAILED,
+            "ended_ms": self._clock.now_ms(),
+            "terminal_event_id": row.terminal_event_id or 0,
             **error_columns(error),
-        )
+        }
+        if self._db.holds_reservations:  # its reservation is released there, nothing charged
+            nothing = Reservation(0, 0, 0.0)
+            self._db.finish_task(row.task_id, values, row.session_id, {}, used=nothing)
+            return
+        self._db.update_task(row.task_id, **values)
 
     async def stop(self) -> None:
         """Give up the ends still waiting for storage to take them: their rows stay open, and
