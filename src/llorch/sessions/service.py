@@ -164,7 +164,17 @@ class SessionService:
         )
 
     def remaining_for(self, session_id: str) -> Remaining:
-        """What the session can still spend; zero for a session that no longer exists."""
+        """What the session can still spend; zero for a session that no longer exists. With a
+        store that holds reservations, read from it (other instances change it too)."""
+        if self._in_storage:
+            row = self._db.get_session(session_id)
+            return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
+        return self.remaining_in_stream(session_id)
+
+    def remaining_in_stream(self, session_id: str) -> Remaining:
+        """:meth:`remaining_for`, for a stream's metrics frames (every few tokens of every
+        running task): the row is cached while this process holds reservations of the session,
+        so with a store that holds reservations it lags what other instances did since."""
         if session_id in self._rows:
             row = self._rows[session_id]
         else:
