@@ -7,8 +7,9 @@ reservations (``tokens_reserved`` …); a task row keeps its own reservation (``
 UPDATE``), taken first in every transaction here (then the task row's), so concurrent
 admissions and ends on one session are serialised and never deadlock with each other:
 
-* :func:`reserve` (the admission transaction): the turn and the feasibility check against
-  committed minus reserved, then the session's reserved sums and the task's own reservation;
+* :func:`reserve` and :func:`hold_on_task` (the admission transaction): the turn and the
+  feasibility check against committed minus reserved, the session's reserved sums, then the
+  task's own reservation;
 * :func:`settle` (the transaction of ``finish_task``, the one path every end takes): the task's
   reservation released and its usage charged, at most what the session has beside its other
   open reservations; a task whose reservation is already released is charged nothing, so
@@ -77,13 +78,12 @@ _FREE_BESIDE = (
 Conn = Connection[tuple[Any, ...]]
 
 
-def reserve(
-    conn: Conn, session_id: str, task_id: str, want: Reservation, *, now_ms: int, new: bool
-) -> None:
-    """Inside the admission transaction (the task's row inserted): take one turn of the
-    session and hold ``want`` on it and on the task's row; BudgetExhausted (its policy label
-    ``turns``, ``tokens``, ``time`` or ``cost``) when the session cannot afford it now.
-    ``new``: the session was inserted in this transaction with its turn already counted."""
+def reserve(conn: Conn, session_id: str, want: Reservation, *, now_ms: int, new: bool) -> None:
+    """Inside the admission transaction, before the task's row is inserted (the session row's
+    lock first): take one turn of the session and hold ``want`` on it; BudgetExhausted (its
+    policy label ``turns``, ``tokens``, ``time`` or ``cost``) when the session cannot afford it
+    now. ``new``: the session was inserted in this transaction, its turn already counted.
+    :func:`hold_on_task` then records the reservation on the task's row."""
     found = conn.execute(_LOCK, (session_id,)).fetchone()
     if found is None:
         raise SessionNotFound(f"session {session_id} not found or expired")
@@ -103,6 +103,10 @@ def reserve(
                 policy_label=name,
             )
     conn.execute(_HOLD, (0 if new else 1, now_ms, want.tokens, want.time_ms, want.cost, session_id))
+
+
+def hold_on_task(conn: Conn, task_id: str, want: Reservation) -> None:
+    """The task's own reservation, on its row: what its end releases (:func:`settle`)."""
     conn.execute(_TASK_HOLD, (want.tokens, want.time_ms, want.cost, task_id))
 
 

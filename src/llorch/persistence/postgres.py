@@ -204,16 +204,17 @@ class PostgresStorage:
                     "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
                     (session.last_used_ms, session.turns, session.session_id),
                 )
-            found = conn.execute(_INSERT_TASK, values).fetchone()
-            if reservation is not None:
+            if reservation is not None:  # the session row's lock before the task's row
                 pg_budgets.reserve(
                     conn,
                     session.session_id,
-                    task.task_id,
                     reservation,
                     now_ms=session.last_used_ms,
                     new=new_session,
                 )
+            found = conn.execute(_INSERT_TASK, values).fetchone()
+            if reservation is not None:
+                pg_budgets.hold_on_task(conn, task.task_id, reservation)
         return int(found[0]) if found else 0
 
     def get_task(self, task_id: str) -> TaskRow | None:
