@@ -14,7 +14,13 @@ import yaml
 
 from tools.common import ROOT, TaskError, main, no_args, note, rel, run, step
 from tools.debian import ensure_promtool
-from tools.promql import check_expr, contract_series, promql_names
+from tools.promql import (
+    check_cluster_scope,
+    check_expr,
+    cluster_metrics,
+    contract_series,
+    promql_names,
+)
 
 METRICS_CONTRACT = ROOT / "contracts" / "metrics.yaml"
 DASHBOARDS_DIR = ROOT / "ci" / "dashboards"
@@ -39,7 +45,9 @@ def _dashboard_targets(dashboard: dict[str, object]) -> Iterator[tuple[str, dict
             yield str(panel.get("title", "?")), target
 
 
-def lint_dashboards(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int]:
+def lint_dashboards(
+    series: dict[str, tuple[str, set[str]]], cluster: frozenset[str] = frozenset()
+) -> tuple[list[str], int]:
     errors: list[str] = []
     count = 0
     paths = sorted(DASHBOARDS_DIR.glob("*.json"))
@@ -68,6 +76,7 @@ def lint_dashboards(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str],
                 continue
             count += 1
             errors += check_expr(expr, series, target_where, str(target.get("legendFormat", "")))
+            errors += check_cluster_scope(expr, cluster, target_where)
             names = promql_names(expr)
             for metric, labels in names.selectors:
                 if "pool_id" in series.get(metric, ("", set()))[1] and "pool_id" not in labels:
@@ -75,7 +84,9 @@ def lint_dashboards(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str],
     return errors, count
 
 
-def lint_alerts(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int]:
+def lint_alerts(
+    series: dict[str, tuple[str, set[str]]], cluster: frozenset[str] = frozenset()
+) -> tuple[list[str], int]:
     errors: list[str] = []
     where = rel(ALERT_RULES)
     rules_doc = _load_yaml(ALERT_RULES)
@@ -86,6 +97,7 @@ def lint_alerts(series: dict[str, tuple[str, set[str]]]) -> tuple[list[str], int
             name = rule.get("alert") or rule.get("record") or "?"
             rule_where = f"{where}: {name}"
             errors += check_expr(str(rule.get("expr", "")), series, rule_where)
+            errors += check_cluster_scope(str(rule.get("expr", "")), cluster, rule_where)
             if "alert" not in rule:
                 continue
             alerts.append(name)
@@ -120,9 +132,9 @@ def cmd_metrics_lint(args: list[str]) -> int:
     contract = _load_yaml(METRICS_CONTRACT)
     if not isinstance(contract, dict):
         raise TaskError(f"{rel(METRICS_CONTRACT)}: not a mapping")
-    series = contract_series(contract)
-    dash_errors, exprs = lint_dashboards(series)
-    alert_errors, alerts = lint_alerts(series)
+    series, cluster = contract_series(contract), cluster_metrics(contract)
+    dash_errors, exprs = lint_dashboards(series, cluster)
+    alert_errors, alerts = lint_alerts(series, cluster)
     errors = dash_errors + alert_errors
     if errors:
         print("\n".join(f"  {e}" for e in errors))

@@ -23,6 +23,10 @@ _PROMQL_TOKEN_RE = re.compile(
     r"|(?P<op>=~|!~|!=|==|>=|<=|[-+*/%^<>=(){},])"
     r"|(?P<space>\s+)"
 )
+# Labels Prometheus adds to every scraped series: an expression may group by them.
+TARGET_LABELS = frozenset({"instance", "job"})
+# How an expression takes a metric of `scope: cluster` (the same value on every instance).
+_MERGED_RE = r"max\s+without\s*\(\s*instance\s*\)\s*\(\s*{metric}\b"
 # Grafana variables, replaced before parsing: ranges by a duration, the rest by a regex.
 _GRAFANA_VAR_RE = re.compile(r"\$\{?(\w+)(?::\w+)?\}?")
 _LEGEND_LABEL_RE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -138,13 +142,35 @@ def contract_series(contract: dict[str, object]) -> dict[str, tuple[str, set[str
     return series
 
 
+def cluster_metrics(contract: dict[str, object]) -> frozenset[str]:
+    """The metrics of `scope: cluster`: every instance of a cluster exports the same value."""
+    metrics = contract.get("metrics")
+    assert isinstance(metrics, list)
+    return frozenset(m["name"] for m in metrics if m.get("scope") == "cluster")
+
+
+def check_cluster_scope(expr: str, cluster: frozenset[str], where: str) -> list[str]:
+    """Every use of a cluster-scope metric must be merged over instances first, with
+    `max without (instance) (metric…)`: a sum over instances counts it once per instance."""
+    errors = []
+    for metric in sorted(cluster):
+        uses = len(re.findall(rf"\b{metric}\b", expr))
+        merged = len(re.findall(_MERGED_RE.format(metric=metric), expr))
+        if uses > merged:
+            errors.append(
+                f"{where}: {metric} is the cluster's state (the same on every instance): "
+                f"take max without (instance) ({metric}…) before aggregating it"
+            )
+    return errors
+
+
 def check_expr(
     expr: str, series: dict[str, tuple[str, set[str]]], where: str, legend: str = ""
 ) -> list[str]:
     """Problems of one expression: metric names and labels the contract does not define."""
     names = promql_names(expr)
     errors = [f"{where}: {e}" for e in names.errors]
-    known_labels: set[str] = set()
+    known_labels: set[str] = set(TARGET_LABELS)
     metrics_found = False
     for metric, labels in names.selectors:
         if not metric:

@@ -119,3 +119,35 @@ async def test_readiness_follows_a_lost_database_without_traffic(
             pg.start()
             await _until_ready(api, 200)
             assert (await api.submit(max_tokens=2)).status_code == 202
+
+
+@pytest.mark.req("ORCH-STATE-0051", "ORCH-STATE-0006")
+async def test_a_quarantined_task_releases_its_reservation_on_postgresql(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    database = {"url": postgres_url}
+    busy = settings_for(
+        {
+            "database": database,
+            "server": {"shutdown_grace_s": 0},
+            "pools": [pool(slots_per_replica=1, mock={"ttft_ms": 60_000})],
+        }
+    )
+    async with in_process(busy) as api:
+        sid = (await api.client.post("/v1/sessions", json={})).json()["session_id"]
+        running = (await api.submit(max_tokens=3, session_id=sid)).json()["task_id"]
+        await api.wait_state(running, "running")
+        broken = (await api.submit(max_tokens=3, session_id=sid)).json()["task_id"]
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("UPDATE tasks SET request_json = '{\"model\": ' WHERE task_id = %s", (broken,))
+
+    async with in_process(settings_for({"database": database, "pools": [pool()]})) as api:
+        ended = (await api.client.get(f"/v1/tasks/{broken}")).json()
+        assert ended["state"] == "failed" and ended["error"]["code"] == "WORKER_RESET"
+    with psycopg.connect(postgres_url) as conn:
+        held = conn.execute(
+            "SELECT tokens_reserved, time_ms_reserved, cost_reserved FROM sessions "
+            "WHERE session_id = %s",
+            (sid,),
+        ).fetchone()
+    assert held == (0, 0, 0.0)

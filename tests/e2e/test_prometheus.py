@@ -70,8 +70,9 @@ def write_config(path: Path) -> Path:
 
 
 @contextmanager
-def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus scraping `target` (host:port) every second; yields its URL."""
+def prometheus(target: str | list[str], tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus scraping `target` (host:port, or several) every second; yields its
+    URL."""
     assert PROMETHEUS is not None
     port = free_port()
     config = tmp_path / "prometheus.yml"
@@ -80,7 +81,12 @@ def prometheus(target: str, tmp_path: Path) -> Iterator[str]:
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "scrape_configs": [
-                    {"job_name": "llorch", "static_configs": [{"targets": [target]}]}
+                    {
+                        "job_name": "llorch",
+                        "static_configs": [
+                            {"targets": [target] if isinstance(target, str) else target}
+                        ],
+                    }
                 ],
             }
         )

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -221,14 +222,27 @@ async def _artifact_corrupt(s: ProviderStates, p: Params) -> dict[str, Any]:
     artifact, _ = s.rt.artifacts.put(
         kind="document", content=str(p["content"]), tags=(), parent=None, metadata=None
     )
+    content = str(p["content"])
+    url = s.rt.settings.database.url
+    if url is not None:  # on PostgreSQL the bodies are rows (ORCH-STATE-0054)
+        _tamper_row(url, artifact.digest, content + " (tampered on disk)")
+        s._undo.append(functools.partial(_tamper_row, url, artifact.digest, content))
+        return {"artifact_id": artifact.id}
     path = s.rt.settings.artifacts_dir / artifact.digest[:2] / artifact.digest
-    path.write_text(str(p["content"]) + " (tampered on disk)", encoding="utf-8")
+    path.write_text(content + " (tampered on disk)", encoding="utf-8")
 
     def restore() -> None:
-        path.write_text(str(p["content"]), encoding="utf-8")
+        path.write_text(content, encoding="utf-8")
 
     s._undo.append(restore)
     return {"artifact_id": artifact.id}
+
+
+def _tamper_row(url: str, digest: str, content: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "UPDATE artifact_bodies SET body = %s WHERE digest = %s", (content.encode(), digest)
+        )
 
 
 async def _pool_draining(s: ProviderStates, p: Params) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.promql import check_expr, contract_series, promql_names
+from tools.promql import check_cluster_scope, check_expr, contract_series, promql_names
 
 ROOT = Path(__file__).resolve().parents[2]
 SERIES = {
@@ -79,3 +79,18 @@ def test_histograms_expose_bucket_sum_and_count_and_buckets_have_le() -> None:
     assert series[f"{name}_count"][0] == name
     with pytest.raises(ValueError, match="no `metrics` list"):
         contract_series({})
+
+
+@pytest.mark.req("ORCH-STATE-0055")
+def test_a_cluster_scope_gauge_must_be_merged_over_instances_first() -> None:
+    cluster = frozenset({"llorch_queue_depth"})
+    merged = 'sum by (pool_id) (max without (instance) (llorch_queue_depth{pool_id=~"x"}))'
+    summed = 'sum by (pool_id) (llorch_queue_depth{pool_id=~"x"})'
+
+    assert check_cluster_scope(merged, cluster, "p") == []
+    assert check_cluster_scope(summed, cluster, "p") != []
+    assert check_cluster_scope(f"{merged} + {summed}", cluster, "p") != []
+
+
+def test_the_target_labels_may_be_grouped_by() -> None:
+    assert check_expr("max without (instance) (llorch_tasks_total)", SERIES, "p") == []

@@ -179,10 +179,10 @@ def test_the_migrations_are_numbered_sql_files_in_order() -> None:
 
 @pytest.mark.req("ORCH-STATE-0007")
 def test_postgresql_has_a_migration_for_every_number_sqlite_has() -> None:
-    # PostgreSQL may have more: the tables only several instances need (0008, the shared
-    # queue and slot leases) have no SQLite migration.
+    # PostgreSQL may have more: the tables only several instances need (0008 the shared queue
+    # and slot leases, 0010 the state they share) have no SQLite migration.
     pg = [n for n, _ in pg_schema.migrations()]
-    assert set(n for n, _ in migrations()) <= set(pg)
+    assert {n for n, _ in migrations()} <= set(pg)
     assert pg == list(range(1, len(pg) + 1))
 
 

@@ -11,7 +11,7 @@ import pytest
 from llorch.errors import AdmissionReject, DeadlineUnmet, QueueFullDropLru
 from llorch.persistence.pg_queue import Entry, PgQueue
 from llorch.persistence.postgres import PostgresStorage
-from llorch.persistence.rows import SessionRow, TaskRow
+from llorch.persistence.rows import Reservation, SessionRow, TaskRow
 
 POOL = "p"
 
@@ -51,6 +51,7 @@ def admit(
         capacity=capacity,
         policy=policy,
         check=positions.append,
+        reservation=Reservation(1, 1, 0.0),
     )
     return victim
 
@@ -148,6 +149,7 @@ def test_a_deadline_check_refuses_the_admission_in_its_transaction(
             entry=Entry(POOL, 0, ""),
             capacity=10,
             policy="reject",
+            reservation=Reservation(1, 1, 0.0),
             check=late,
         )
 

@@ -53,14 +53,17 @@ class TokenBucket:
         self._tokens = float(rate.burst)
         self._at = now_s
 
-    def take(self, now_s: float) -> float:
-        """Take one token: 0.0 when granted, otherwise the seconds until one is available."""
-        self._tokens = min(self._burst, self._tokens + (now_s - self._at) * self._per_s)
+    def take(self, now_s: float, share: int = 1) -> float:
+        """Take one token: 0.0 when granted, otherwise the seconds until one is available.
+        ``share``: how many instances enforce the key's limit together; this one allows
+        ``per_s / share`` and a burst of ``burst / share`` (at least one request)."""
+        per_s, burst = self._per_s / share, max(1.0, self._burst / share)
+        self._tokens = min(burst, self._tokens + (now_s - self._at) * per_s)
         self._at = now_s
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return 0.0
-        return (1.0 - self._tokens) / self._per_s
+        return (1.0 - self._tokens) / per_s
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class AuthKeys:
         self._scopes = dict(scopes)
         self._keys: tuple[_Key, ...] = ()
         self._buckets: dict[str, TokenBucket] = {}
+        # How many instances share each key's rate limit (the live instances of a cluster,
+        # ORCH-STATE-0053): each enforces its share of it.
+        self.share: Callable[[], int] = lambda: 1
         self.replace(keys)
 
     @property
@@ -146,7 +152,7 @@ class AuthKeys:
             )
         bucket = self._buckets.get(config.name)
         if bucket is not None:
-            wait_s = bucket.take(self._clock.monotonic_s())
+            wait_s = bucket.take(self._clock.monotonic_s(), max(1, self.share()))
             if wait_s > 0:
                 raise RateLimited(
                     f"key {config.name!r} is over its rate limit",

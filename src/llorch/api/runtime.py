@@ -115,6 +115,8 @@ class Runtime:
             metrics=self.metrics,
         )
         await self._scheduler.start()
+        scheduler = self._scheduler
+        self.auth.share = lambda: scheduler.live_instances
         log.info("llorch ready: database %s, pools %s", s.storage_shown, [p.id for p in s.pools])
 
     async def stop(self) -> None:

@@ -3,7 +3,8 @@
 An artifact's id is ``sha256:`` and the hex digest of its UTF-8 bytes. Its body is a file named by
 that digest under ``root`` (``root/ab/abcdef…``), written atomically; its metadata is a row in
 SQLite, written only once the body is durably in place. Reading re-hashes the body, so a body
-changed or lost on disk is reported as :class:`ArtifactCorrupt` and never served::
+changed or lost on disk is reported as :class:`ArtifactCorrupt` and never served. On PostgreSQL
+(a cluster) the body is a row of ``artifact_bodies`` instead, readable through every instance::
 
     store = ArtifactStore(db, settings.artifacts_dir, max_bytes=settings.artifacts.max_bytes,
                           clock=SystemClock())
@@ -87,6 +88,9 @@ class ArtifactStore:
     ) -> None:
         self._db = db
         self._root = root
+        # On a cluster the bodies live in the database, readable through every instance
+        # (ORCH-STATE-0054); on SQLite they are files under ``root``.
+        self._shared = db.cluster
         self._max_bytes = max_bytes
         self._clock = clock
         self._metrics = metrics
@@ -221,15 +225,9 @@ class ArtifactStore:
         if not self._visible(artifact_id, visible_to):
             raise ArtifactNotFound(f"no artifact {artifact_id}")
         digest = artifact_id.removeprefix("sha256:")
-        path = self._path(digest)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise self._corrupt(artifact_id, path, "its body is missing") from None
-        except OSError as exc:
-            raise StorageError(f"cannot read artifact {artifact_id}: {exc}") from exc
+        data = self._read_body(artifact_id, digest)
         if hashlib.sha256(data).hexdigest() != digest:
-            raise self._corrupt(artifact_id, path, "its body does not match its digest")
+            raise self._corrupt(artifact_id, digest, "its body does not match its digest")
         return artifact, data.decode("utf-8")
 
     def list(
@@ -286,8 +284,26 @@ class ArtifactStore:
     def _path(self, digest: str) -> Path:
         return self._root / digest[:2] / digest
 
+    def _read_body(self, artifact_id: str, digest: str) -> bytes:
+        if self._shared is not None:
+            found = self._shared.get_body(digest)
+            if found is None:
+                raise self._corrupt(artifact_id, digest, "its body is missing")
+            return found
+        path = self._path(digest)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise self._corrupt(artifact_id, digest, "its body is missing") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read artifact {artifact_id}: {exc}") from exc
+
     def _write_body(self, digest: str, data: bytes) -> None:
-        """Put the body in place durably: temporary file, fsync, rename, fsync the directory."""
+        """Put the body in place durably: temporary file, fsync, rename, fsync the directory
+        (on a cluster: a row of the database, committed)."""
+        if self._shared is not None:
+            self._shared.put_body(digest, data)
+            return
         path = self._path(digest)
         try:
             if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
@@ -323,8 +339,9 @@ class ArtifactStore:
                 self._metrics.inc("llorch_artifact_write_failures_total")
             raise StorageError(f"cannot write artifact sha256:{digest}: {exc.strerror}") from exc
 
-    def _corrupt(self, artifact_id: str, path: Path, reason: str) -> ArtifactCorrupt:
-        log.error("artifact %s is corrupt: %s (%s)", artifact_id, reason, path)
+    def _corrupt(self, artifact_id: str, digest: str, reason: str) -> ArtifactCorrupt:
+        where = "the database" if self._shared is not None else self._path(digest)
+        log.error("artifact %s is corrupt: %s (%s)", artifact_id, reason, where)
         # The path stays in the log: a client learns nothing about the server's disk.
         return ArtifactCorrupt(f"artifact {artifact_id} is corrupt: {reason}")
 

@@ -2,13 +2,17 @@
 SQLite implementation (:class:`Database`: numbered migrations, profile guard), its PostgreSQL
 implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps."""
 
+from llorch.persistence.cluster import Cluster, PoolControl
 from llorch.persistence.db import Database
-from llorch.persistence.rows import ArtifactInsert, SessionRow, TaskRow
+from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
 from llorch.persistence.storage import Storage, open_storage, when_free
 
 __all__ = [
     "ArtifactInsert",
+    "Cluster",
     "Database",
+    "PoolControl",
+    "Reservation",
     "SessionRow",
     "Storage",
     "TaskRow",

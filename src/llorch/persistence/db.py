@@ -16,12 +16,14 @@ from typing import Any
 
 from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 from llorch.persistence import rows
+from llorch.persistence.cluster import Cluster
 from llorch.persistence.group_sync import GroupSync
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
     TASK_COLUMNS,
     ArtifactInsert,
+    Reservation,
     SessionRow,
     TaskRow,
 )
@@ -111,6 +113,11 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class Database:
+    # Session reservations are held by the one process (SessionService), not in the file.
+    holds_reservations = False
+    # One process: nothing is shared with other instances.
+    cluster: Cluster | None = None
+
     def __init__(self, conn: sqlite3.Connection, sync: GroupSync | None = None) -> None:
         self._conn = conn
         # Makes commits durable: SQLite's own commits only reach the OS (synchronous=NORMAL).
@@ -248,8 +255,16 @@ class Database:
             )
         return cur.rowcount > 0
 
-    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
-        """Persist an accepted task and its session's use in one transaction; returns its seq."""
+    def admit_task(
+        self,
+        task: TaskRow,
+        session: SessionRow,
+        *,
+        new_session: bool,
+        reservation: Reservation | None = None,
+    ) -> int:
+        """Persist an accepted task and its session's use in one transaction; returns its seq.
+        ``reservation`` is not stored: one process holds them (SessionService)."""
         values = [getattr(task, c) for c in ADMIT_COLUMNS]
         with self._write(), self._transaction():
             if new_session:
@@ -296,9 +311,11 @@ class Database:
         session_id: str,
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
-    ) -> None:
+        used: Reservation | None = None,
+    ) -> Reservation | None:
         """Record a task's terminal state and commit its session's usage together, with the
-        row of its trace artifact when there is one (one transaction for all three)."""
+        row of its trace artifact when there is one (one transaction for all three).
+        ``session_values`` carry the charge (SessionService.settle); ``used`` is unused here."""
         task_sets = ", ".join(f"{k} = ?" for k in task_values)
         session_sets = ", ".join(f"{k} = ?" for k in session_values)
         with self._write(), self._transaction():
@@ -312,6 +329,7 @@ class Database:
                     f"UPDATE sessions SET {session_sets} WHERE session_id = ?",
                     (*session_values.values(), session_id),
                 )
+        return None
 
     def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
         """Checkpoint the tokens running tasks have produced so far, in one transaction."""

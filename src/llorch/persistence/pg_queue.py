@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from llorch.errors import AdmissionReject, QueueFullDropLru
-from llorch.persistence import rows
+from llorch.persistence import pg_budgets, rows
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
     TASK_COLUMNS,
+    Reservation,
     SessionRow,
     TaskRow,
 )
@@ -171,24 +172,27 @@ class PgQueue:
         capacity: int,
         policy: str,
         check: Callable[[int], None],
+        reservation: Reservation,
     ) -> TaskRow | None:
         """Persist an accepted task and its queue entry in one transaction, under its pool's
-        lock; the row of the drop-lru victim it displaced (taken from the queue for this
-        instance to end), if any. ``check(position)`` may refuse it (raising) before commit.
-        A full queue raises AdmissionReject or QueueFullDropLru (without retry advice)."""
+        lock, with its session's turn and ``reservation`` taken under the session row's lock
+        (pg_budgets.reserve: BudgetExhausted when the session cannot afford it now); the row
+        of the drop-lru victim it displaced (taken from the queue for this instance to end), if
+        any. ``check(position)`` may refuse it (raising) before commit. A full queue raises
+        AdmissionReject or QueueFullDropLru (without retry advice). Locks in order: the pool,
+        the session row, the task's row."""
         with self._write(), self._connection() as conn, conn.transaction():
             conn.execute(_LOCK, (entry.pool_id,))
             victim = self._make_room(conn, entry, capacity, policy)
             if new_session:
                 conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
-            else:
-                conn.execute(
-                    "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
-                    (session.last_used_ms, session.turns, session.session_id),
-                )
+            pg_budgets.reserve(
+                conn, session.session_id, reservation, now_ms=session.last_used_ms, new=new_session
+            )
             values = [*(getattr(task, c) for c in ADMIT_COLUMNS), self.instance_id]
             found = conn.execute(_INSERT_TASK, values).fetchone()
             seq = int(found[0]) if found else 0
+            pg_budgets.hold_on_task(conn, task.task_id, reservation)
             self._insert_entry(conn, task.task_id, entry, seq)
             check(_one_int(conn, _POSITION, (task.task_id, entry.pool_id)))
         return victim

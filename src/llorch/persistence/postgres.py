@@ -28,7 +28,9 @@ from psycopg_pool import ConnectionPool
 
 from llorch.config import without_password
 from llorch.errors import StorageError, StorageUnavailable
-from llorch.persistence import pg_schema, rows
+from llorch.persistence import pg_budgets, pg_schema, rows
+from llorch.persistence.cluster import Cluster
+from llorch.persistence.pg_control import PgCluster
 from llorch.persistence.pg_link import Link, Pool
 from llorch.persistence.pg_queue import PgQueue
 from llorch.persistence.rows import (
@@ -36,6 +38,7 @@ from llorch.persistence.rows import (
     SESSION_COLUMNS,
     TASK_COLUMNS,
     ArtifactInsert,
+    Reservation,
     SessionRow,
     TaskRow,
 )
@@ -75,6 +78,9 @@ _SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, Tru
 
 
 class PostgresStorage:
+    # Session reservations live in the database (persistence.pg_budgets), not in a process.
+    holds_reservations = True
+
     def __init__(
         self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
     ) -> None:
@@ -85,6 +91,10 @@ class PostgresStorage:
         # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
         # nothing to retry, as this store never raises StorageBusy.
         self.busy_budget_s = 0.0
+        # What the instances on this database share beyond the rows (pool control, bodies).
+        self.cluster: Cluster | None = PgCluster(
+            self._connection, self._write, self._instance_ttl_ms
+        )
 
     @classmethod
     def open(
@@ -161,10 +171,11 @@ class PostgresStorage:
             conn.execute(_INSERT_SESSION, [getattr(row, c) for c in SESSION_COLUMNS])
 
     def get_session(self, session_id: str) -> SessionRow | None:
-        cols = ", ".join(SESSION_COLUMNS)
+        """The session, its budgets what is free (committed minus reserved, ORCH-STATE-0051)."""
         with self._connection() as conn:
             found = conn.execute(
-                f"SELECT {cols} FROM sessions WHERE session_id = %s AND deleted = 0",
+                f"SELECT {pg_budgets.SESSION_SELECT} FROM sessions "
+                "WHERE session_id = %s AND deleted = 0",
                 (session_id,),
             ).fetchone()
         return SessionRow(*found) if found else None
@@ -179,18 +190,37 @@ class PostgresStorage:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
-        """Persist an accepted task and its session's use in one transaction; returns its seq."""
+    def admit_task(
+        self,
+        task: TaskRow,
+        session: SessionRow,
+        *,
+        new_session: bool,
+        reservation: Reservation | None = None,
+    ) -> int:
+        """Persist an accepted task and its session's use in one transaction; returns its seq.
+        With ``reservation``: the turn and the reservation are taken under the session row's
+        lock, BudgetExhausted when it cannot afford them (pg_budgets.reserve)."""
         values = [*(getattr(task, c) for c in ADMIT_COLUMNS), self._instance_id]
         with self._write(), self._connection() as conn, conn.transaction():
             if new_session:
                 conn.execute(_INSERT_SESSION, [getattr(session, c) for c in SESSION_COLUMNS])
-            else:
+            elif reservation is None:
                 conn.execute(
                     "UPDATE sessions SET last_used_ms = %s, turns = %s WHERE session_id = %s",
                     (session.last_used_ms, session.turns, session.session_id),
                 )
+            if reservation is not None:  # the session row's lock before the task's row
+                pg_budgets.reserve(
+                    conn,
+                    session.session_id,
+                    reservation,
+                    now_ms=session.last_used_ms,
+                    new=new_session,
+                )
             found = conn.execute(_INSERT_TASK, values).fetchone()
+            if reservation is not None:
+                pg_budgets.hold_on_task(conn, task.task_id, reservation)
         return int(found[0]) if found else 0
 
     def get_task(self, task_id: str) -> TaskRow | None:
@@ -229,14 +259,21 @@ class PostgresStorage:
         session_id: str,
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
-    ) -> None:
-        """The task's terminal state, its session's usage and its trace's row, together; nothing
+        used: Reservation | None = None,
+    ) -> Reservation | None:
+        """The task's terminal state, its session's usage and its trace's row, together. With
+        ``used``: the task's own reservation released and ``used`` charged under the session
+        row's lock (pg_budgets.settle); returns the usage its session could not pay. Nothing
         but the lease's release when the task has ended already (another instance took it over
-        and ended it, or a commit whose answer was lost is tried again): a task ends and is
-        charged once (ORCH-STATE-0036)."""
+        and ended it, or a commit whose answer was lost is tried again; its reservation went
+        with that end, so settle charges nothing): a task ends and is charged once
+        (ORCH-STATE-0036)."""
         task_sets = ", ".join(f"{k} = %s" for k in task_values)
         session_sets = ", ".join(f"{k} = %s" for k in session_values)
+        overrun = None
         with self._write(), self._connection() as conn, conn.transaction():
+            if used is not None:  # first: the session row's lock before the task row's
+                overrun = pg_budgets.settle(conn, task_id, session_id, used)
             # Its slot lease, if it held one, ends with it (ORCH-STATE-0033).
             conn.execute("DELETE FROM slot_leases WHERE task_id = %s", (task_id,))
             ended = conn.execute(
@@ -245,7 +282,7 @@ class PostgresStorage:
                 (*task_values.values(), task_id),
             )
             if ended.rowcount == 0:
-                return
+                return overrun
             if trace is not None:
                 _insert_artifact(conn, trace)
             if session_values:
@@ -253,6 +290,7 @@ class PostgresStorage:
                     f"UPDATE sessions SET {session_sets} WHERE session_id = %s",
                     (*session_values.values(), session_id),
                 )
+        return overrun
 
     def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:
         """Checkpoint the tokens running tasks have produced so far, in one transaction."""

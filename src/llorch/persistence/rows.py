@@ -58,6 +58,15 @@ class TaskRow:
     progress_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Budget amounts: what a task may spend at most (held until it ends), or what it used."""
+
+    tokens: int
+    time_ms: int
+    cost: float
+
+
 @dataclass(frozen=True, slots=True)
 class ArtifactInsert:
     """An artifact's row, as :meth:`Storage.insert_artifact` stores it."""

@@ -20,8 +20,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from llorch.config import Settings
 from llorch.errors import StorageBusy
+from llorch.persistence.cluster import Cluster
 from llorch.persistence.db import Database
-from llorch.persistence.rows import ArtifactInsert, SessionRow, TaskRow
+from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
 
 T = TypeVar("T")
 
@@ -31,6 +32,11 @@ class Storage(Protocol):
     write_failing: bool
     # How long a write may wait, in all, for a write lock held elsewhere (see when_free).
     busy_budget_s: float
+    # Whether session reservations live in storage (PostgreSQL: several instances share
+    # them, ORCH-STATE-0050) rather than in the process's memory (SQLite).
+    holds_reservations: bool
+    # What several instances share beyond the rows (None on SQLite: one process).
+    cluster: Cluster | None
 
     def probe_write(self) -> bool:
         """While writes fail, one write that changes nothing; whether storage takes writes."""
@@ -63,8 +69,17 @@ class Storage(Protocol):
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def admit_task(self, task: TaskRow, session: SessionRow, *, new_session: bool) -> int:
-        """The accepted task and its session's turn (a new session inserted), together."""
+    def admit_task(
+        self,
+        task: TaskRow,
+        session: SessionRow,
+        *,
+        new_session: bool,
+        reservation: Reservation | None = None,
+    ) -> int:
+        """The accepted task and its session's turn (a new session inserted), together; a
+        store that holds reservations also takes ``reservation`` there, under the session
+        row's lock, and raises BudgetExhausted when the session cannot afford it."""
         ...
 
     def get_task(self, task_id: str) -> TaskRow | None: ...
@@ -86,8 +101,11 @@ class Storage(Protocol):
         session_id: str,
         session_values: dict[str, Any],
         trace: ArtifactInsert | None = None,
-    ) -> None:
-        """The task's final row, its session's charge and its trace's row, together."""
+        used: Reservation | None = None,
+    ) -> Reservation | None:
+        """The task's final row, its session's charge and its trace's row, together. A store
+        that holds reservations releases the task's own there and charges ``used`` (at most
+        once per task), returning the usage the session could not pay."""
         ...
 
     def update_task(self, task_id: str, **values: Any) -> None: ...

@@ -202,7 +202,7 @@ class Admitter:
             queue_position=draft.position,
             predicted_start_ms=record.row.created_ms + wait_ms,
             backoff_ms=wait_ms,
-            remaining=self._sessions.remaining(draft.session),
+            remaining=self._sessions.admitted(draft.session),
         )
 
     # -- the steps, in order ----------------------------------------------------------------
@@ -247,7 +247,7 @@ class Admitter:
         """Write the task and its session's turn in one transaction; its live record."""
         row = self._row(draft, digest, caller)
         self._db.admit_task(row, draft.session, new_session=draft.new_session)
-        return self._draft_record(draft, row)
+        return self._draft_record(draft, row)  # SQLite: the reservation is held in memory
 
     def _row(self, draft: _Draft, digest: str, caller: Caller) -> TaskRow:
         body, request, session = draft.body, draft.request, draft.session
@@ -300,9 +300,13 @@ class Admitter:
                 new_session=draft.new_session,
                 flow=draft.flow,
                 check=check,
+                reservation=draft.want,
             )
         except QueueFull as exc:
             raise _full(pool, exc) from None
+        except LlorchError as exc:  # the budgets, found spent by another instance meanwhile
+            exc.retry_after_ms = exc.retry_after_ms or pool.retry_after()[1]
+            raise
         record = self._draft_record(draft, row)
         self._sessions.reserve(record.session_id, record.task_id, draft.want)
         cluster.hold(record)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, QueueFullDropLru, QueueTimeout, StorageError
-from llorch.persistence import SessionRow, TaskRow
+from llorch.persistence import Reservation, SessionRow, TaskRow
 from llorch.persistence.pg_queue import Entry, PgQueue
 from llorch.scheduler.ending import terminal_frame
 from llorch.scheduler.events import EventStream
@@ -103,8 +103,10 @@ class ClusterQueue:
         new_session: bool,
         flow: str,
         check: Callable[[int], None],
+        reservation: Reservation,
     ) -> TaskRow | None:
-        """Persist and queue an accepted task in one transaction; the drop-lru victim's row."""
+        """Persist and queue an accepted task, with its session's turn and ``reservation``
+        held in the database, in one transaction; the drop-lru victim's row."""
         queue = pool.settings.queue
         return self.store.admit(
             row,
@@ -114,6 +116,7 @@ class ClusterQueue:
             capacity=queue.capacity,
             policy=queue.policy,
             check=check,
+            reservation=reservation,
         )
 
     def hold(self, record: TaskRecord) -> None:

@@ -156,6 +156,8 @@ class PoolRuntime:
         self._replica_gauges: tuple[list[Replica] | None, list[_ReplicaGauges]] = (None, [])
         # A reload changes ``settings.model``; the models it may choose from never change.
         self.loadable_models = settings.loadable_models
+        # On a cluster, llorch_queue_depth tells the cluster's queue, not this instance's.
+        self.queue_gauge_shared = False
         self.wakeup = asyncio.Event()
         # In cluster mode: where a task its engine refused goes back (the shared queue).
         self.send_back: Callable[[TaskRecord], None] | None = None
@@ -226,6 +228,8 @@ class PoolRuntime:
         return sum(r.busy for r in self.replicas)
 
     def record_queue(self) -> None:
+        if self.queue_gauge_shared:
+            return  # the cluster's queue, set from the database (ClusterPoolOperations.sync)
         for priority in PRIORITIES:
             self.metrics.set(
                 "llorch_queue_depth", self.queue.depth(priority), pool_id=self.id, priority=priority

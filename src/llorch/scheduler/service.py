@@ -14,12 +14,20 @@ from llorch.config import PoolSettings, Settings
 from llorch.contracts import metrics_contract
 from llorch.engines import build_engines
 from llorch.engines.base import Engine
-from llorch.errors import BudgetExhausted, LlorchError, ShuttingDown, StorageBusy, TaskNotFound
+from llorch.errors import (
+    BudgetExhausted,
+    LlorchError,
+    ShuttingDown,
+    StorageBusy,
+    StorageError,
+    TaskNotFound,
+)
 from llorch.metrics import Metrics
 from llorch.persistence import Storage, TaskRow, when_free
 from llorch.persistence.pg_queue import PgQueue
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
+from llorch.scheduler.cluster_control import ClusterPoolOperations
 from llorch.scheduler.cluster_queue import ClusterQueue
 from llorch.scheduler.control import PoolOperations
 from llorch.scheduler.dispatcher import Dispatcher
@@ -73,7 +81,13 @@ class Scheduler:
         )
         self._admitter = Admitter(self.registry, db, sessions, settings, clock, self._settlement)
         self._cluster = self._shared_queue(db)
-        self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
+        self.pools = (
+            PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
+            if db.cluster is None
+            else ClusterPoolOperations(
+                self.registry, self._dispatcher, self.cancel, engines, db.cluster, self.metrics
+            )
+        )
         self.closing = False
 
     def _shared_queue(self, db: Storage) -> ClusterQueue | None:
@@ -93,6 +107,20 @@ class Scheduler:
     async def start(self) -> None:
         await self._reconcile()
         await self._dispatcher.start()
+        self.metrics.set("llorch_instances_live", 1)  # a cluster's sync counts the others
+        if isinstance(self.pools, ClusterPoolOperations):
+            try:
+                self.pools.sync()  # the cluster's drains and reloads, before serving
+            except StorageError as exc:  # applied by the loop once the database answers
+                log.warning("cannot read the cluster's pool control at start: %s", exc)
+            pools = self._settings.pools
+            interval_s = min((p.health_interval_ms for p in pools), default=1000) / 1000
+            self._dispatcher.spawn(self.pools.run(interval_s), "cluster-control")
+
+    @property
+    def live_instances(self) -> int:
+        """How many instances share the database (1 on SQLite), as of the last sync."""
+        return self.pools.live_instances if isinstance(self.pools, ClusterPoolOperations) else 1
 
     async def quiesce(self) -> None:
         """Stop admitting (SHUTTING_DOWN), give running tasks the grace period, cancel the rest."""

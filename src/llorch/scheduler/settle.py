@@ -155,7 +155,7 @@ class Settlement:
         }
         used = Reservation(tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost)
         settled = self._sessions.settle(row.session_id, row.task_id, used)
-        self._db.finish_task(row.task_id, values, row.session_id, settled.values)
+        self._db.finish_task(row.task_id, values, row.session_id, settled.values, used=settled.used)
         log.info(
             "task ended by the restart",
             extra={
@@ -179,13 +179,17 @@ class Settlement:
             extra={"event": "task_quarantined", "task_id": row.task_id},
         )
         error = WorkerReset("the task's stored request could not be read after a restart")
-        self._db.update_task(
-            row.task_id,
-            state=FAILED,
-            ended_ms=self._clock.now_ms(),
-            terminal_event_id=row.terminal_event_id or 0,
+        values: dict[str, Any] = {
+            "state": FAILED,
+            "ended_ms": self._clock.now_ms(),
+            "terminal_event_id": row.terminal_event_id or 0,
             **error_columns(error),
-        )
+        }
+        if self._db.holds_reservations:  # its reservation is released there, nothing charged
+            nothing = Reservation(0, 0, 0.0)
+            self._db.finish_task(row.task_id, values, row.session_id, {}, used=nothing)
+            return
+        self._db.update_task(row.task_id, **values)
 
     async def stop(self) -> None:
         """Give up the ends still waiting for storage to take them: their rows stay open, and
@@ -244,8 +248,13 @@ class Settlement:
         )
         try:
             settled = self._sessions.settle(record.session_id, record.task_id, used)
-            self._db.finish_task(
-                record.task_id, values, record.session_id, settled.values, trace=trace
+            overrun = self._db.finish_task(
+                record.task_id,
+                values,
+                record.session_id,
+                settled.values,
+                trace=trace,
+                used=settled.used,
             )
         except StorageError as exc:
             self._sessions.reserve(record.session_id, record.task_id, record.reservation)
@@ -256,7 +265,7 @@ class Settlement:
                 extra={"event": "task_end_deferred", "task_id": record.task_id},
             )
             return False
-        self._record_overrun(record, settled.overrun)
+        self._record_overrun(record, settled.overrun or overrun)
         return True
 
     async def _commit_until_durable(self, ending: Ending, trace: ArtifactInsert | None) -> None:

@@ -1,10 +1,16 @@
 """Sessions and budgets.
 
 The database holds each session's *committed* remaining budgets. Tasks that are admitted but not
-finished hold a :class:`Reservation` in memory: the worst case they may spend (prompt estimate
-plus ``max_tokens``, the estimated engine time, the worst-case cost). What a client can still
-spend is the committed remainder minus the open reservations; when a task ends, its reservation
-is released and its actual usage is committed, in the same transaction as the task's final state.
+finished hold a :class:`Reservation`: the worst case they may spend (prompt estimate plus
+``max_tokens``, the estimated engine time, the worst-case cost). What a client can still spend
+is the committed remainder minus the open reservations; when a task ends, its reservation is
+released and its actual usage is committed, in the same transaction as the task's final state.
+
+With SQLite (one process) the reservations are held here, in memory. With a store that holds
+them (PostgreSQL, several instances: ``Storage.holds_reservations``) they live in the database,
+taken in the admission transaction and released in the task's end (persistence.pg_budgets), and
+a session row read from it already carries committed minus reserved: the book kept here then only
+says which sessions' rows :meth:`SessionService.remaining_for` may cache.
 """
 
 from __future__ import annotations
@@ -15,14 +21,9 @@ from dataclasses import dataclass, replace
 from llorch.clock import Clock
 from llorch.config import Budget, Settings
 from llorch.errors import BudgetExhausted, SessionNotFound
-from llorch.persistence import SessionRow, Storage
+from llorch.persistence import Reservation, SessionRow, Storage
 
-
-@dataclass(frozen=True)
-class Reservation:
-    tokens: int
-    time_ms: int
-    cost: float
+__all__ = ["Remaining", "Reservation", "Session", "SessionService", "Settled", "new_id"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Settled:
 
     values: dict[str, int | float]
     overrun: Reservation | None
+    # For a store that holds reservations: the usage it charges itself (Storage.finish_task).
+    used: Reservation | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class SessionService:
         self._settings = settings
         self._clock = clock
         self._reserved: dict[str, dict[str, Reservation]] = {}
+        self._in_storage = db.holds_reservations
         # The stored rows of sessions with open reservations, for remaining_for (a metrics
         # event every few tokens of every running task): their committed budgets change only
         # through committed_values and delete, which drop the row, and a row leaves with the
@@ -152,7 +156,7 @@ class SessionService:
     # -- budgets ----------------------------------------------------------------------------
 
     def remaining(self, row: SessionRow) -> Remaining:
-        open_ = self._reserved.get(row.session_id, {}).values()
+        open_ = () if self._in_storage else self._reserved.get(row.session_id, {}).values()
         return Remaining(
             tokens=max(0, row.tokens_remaining - sum(r.tokens for r in open_)),
             time_ms=max(0, row.time_ms_remaining - sum(r.time_ms for r in open_)),
@@ -160,7 +164,17 @@ class SessionService:
         )
 
     def remaining_for(self, session_id: str) -> Remaining:
-        """What the session can still spend; zero for a session that no longer exists."""
+        """What the session can still spend; zero for a session that no longer exists. With a
+        store that holds reservations, read from it (other instances change it too)."""
+        if self._in_storage:
+            row = self._db.get_session(session_id)
+            return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
+        return self.remaining_in_stream(session_id)
+
+    def remaining_in_stream(self, session_id: str) -> Remaining:
+        """:meth:`remaining_for`, for a stream's metrics frames (every few tokens of every
+        running task): the row is cached while this process holds reservations of the session,
+        so with a store that holds reservations it lags what other instances did since."""
         if session_id in self._rows:
             row = self._rows[session_id]
         else:
@@ -188,8 +202,14 @@ class SessionService:
                 )
         return replace(row, turns=row.turns + 1, last_used_ms=self._clock.now_ms())
 
+    def admitted(self, row: SessionRow) -> Remaining:
+        """What the session can spend once the task just admitted holds its reservation."""
+        return self.remaining_for(row.session_id) if self._in_storage else self.remaining(row)
+
     def reserve(self, session_id: str, task_id: str, amount: Reservation) -> None:
         self._reserved.setdefault(session_id, {})[task_id] = amount
+        if self._in_storage:
+            self._rows.pop(session_id, None)  # the stored row changed with this reservation
 
     def release(self, session_id: str, task_id: str) -> None:
         held = self._reserved.get(session_id)
@@ -205,10 +225,14 @@ class SessionService:
 
         A task is charged at most what its session has left beside the other open
         reservations (its own included), so neither the session nor the tasks still running
-        on their reservations are ever overspent; the rest is the task's overrun.
+        on their reservations are ever overspent; the rest is the task's overrun. With a store
+        that holds reservations, the store does that itself, under the session row's lock:
+        the result carries ``used`` for :meth:`Storage.finish_task`.
         """
         self.release(session_id, task_id)
         self._rows.pop(session_id, None)  # the caller stores the new values
+        if self._in_storage:
+            return Settled({}, None, used=used)
         row = self._db.get_session(session_id)
         if row is None:
             return Settled({}, None)

@@ -1,0 +1,130 @@
+"""Pool operations that hold on every instance of a cluster (ORCH-STATE-0052).
+
+On PostgreSQL, a drain, resume or reload issued on one instance is applied there at once, as on
+one instance, and recorded as the pool's desired state in the database with the next
+generation (:meth:`Cluster.set_pool_control`). Every instance reads the desired states every
+health interval (and whenever :meth:`ClusterPoolOperations.wake` is called: the hook for a
+database notification) and applies each generation it has not applied yet, through the same
+local operations. An instance that starts applies the cluster's state before it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from llorch.errors import LlorchError, StorageError
+from llorch.metrics import Metrics
+from llorch.persistence import Cluster, PoolControl
+from llorch.scheduler.control import PoolOperations, ReloadFactory
+from llorch.scheduler.dispatcher import Dispatcher
+from llorch.scheduler.pools import PoolRuntime
+from llorch.scheduler.queue import PRIORITIES
+from llorch.scheduler.registry import Registry
+
+log = logging.getLogger("llorch.pools")
+
+
+class ClusterPoolOperations(PoolOperations):
+    def __init__(
+        self,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        cancel: Callable[[str], None],
+        engines: ReloadFactory,
+        cluster: Cluster,
+        metrics: Metrics,
+    ) -> None:
+        super().__init__(registry, dispatcher, cancel, engines)
+        self._cluster = cluster
+        self._applied: dict[str, int] = {}  # the generation of each pool applied here
+        self._woken = asyncio.Event()
+        # How many instances share the database: per-key rate limits divide by it.
+        self.live_instances = 1
+        for pool in registry.pools.values():
+            pool.queue_gauge_shared = True
+        self._metrics = metrics
+
+    # -- the operations: applied here, then recorded for the others -------------------------
+
+    def drain(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
+        self._catch_up()
+        pool = super().drain(pool_id, deadline_ms)
+        self._cluster.set_pool_control(pool_id, draining=True, drain_deadline_ms=deadline_ms)
+        return pool
+
+    def resume(self, pool_id: str) -> PoolRuntime:
+        self._catch_up()
+        pool = super().resume(pool_id)
+        self._cluster.set_pool_control(pool_id, draining=False)
+        return pool
+
+    def reload(self, pool_id: str, model: str) -> PoolRuntime:
+        self._catch_up()
+        pool = super().reload(pool_id, model)
+        self._cluster.set_pool_control(pool_id, model=model)
+        return pool
+
+    # A refused record leaves the operation applied here only; the client sees the 503 and may
+    # issue it again. The generation recorded is not marked applied here: the next sync applies
+    # the whole desired state, which this instance has already (and an operation of another
+    # instance recorded just before is not skipped).
+
+    def _catch_up(self) -> None:
+        """Apply the others' operations first, so that this one starts from the cluster's
+        state (a resume right after a drain on another instance finds the pool draining)."""
+        try:
+            self.sync()
+        except StorageError as exc:
+            log.warning("cannot read the cluster's pool control: %s", exc)
+
+    # -- applying the others' operations ----------------------------------------------------
+
+    def wake(self) -> None:
+        """Read and apply the desired states now (a notification that one changed)."""
+        self._woken.set()
+
+    def sync(self) -> None:
+        """Apply every pool's desired state whose generation is not applied here yet, and
+        refresh the live instance count and the cluster's queue depths (ORCH-STATE-0055)."""
+        for control in self._cluster.pool_controls():
+            if control.generation > self._applied.get(control.pool_id, 0):
+                self._applied[control.pool_id] = control.generation
+                self._apply(control)
+        self.live_instances = self._cluster.live_instances()
+        self._metrics.set("llorch_instances_live", self.live_instances)
+        depths = self._cluster.queue_depths()
+        for pool in self._registry.pools.values():
+            for priority in PRIORITIES:
+                depth = depths.get((pool.id, priority), 0)
+                pool.metrics.set("llorch_queue_depth", depth, pool_id=pool.id, priority=priority)
+
+    def _apply(self, control: PoolControl) -> None:
+        pool = self._registry.pools.get(control.pool_id)
+        if pool is None:
+            return  # a pool this instance does not serve
+        try:
+            if control.draining and not pool.draining:
+                super().drain(pool.id, control.drain_left_ms)
+            elif not control.draining and pool.draining:
+                super().resume(pool.id)
+            if control.model is not None and control.model != pool.model and not pool.reloading:
+                super().reload(pool.id, control.model)
+        except LlorchError as exc:  # a reload under way, a model this instance cannot load
+            log.error("pool %s: cannot apply the cluster's state: %s", pool.id, exc.message)
+        else:
+            log.info("pool %s: applied the cluster's generation %d", pool.id, control.generation)
+
+    async def run(self, interval_s: float) -> None:
+        """Sync every ``interval_s`` or when woken, until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await self._woken.wait()
+            self._woken.clear()
+            try:
+                self.sync()
+            except StorageError as exc:  # the database lost: the next interval tries again
+                log.warning("cannot read the cluster's pool control: %s", exc)
