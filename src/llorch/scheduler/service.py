@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock
@@ -23,6 +23,7 @@ from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.remote_stream import Fanout
 from llorch.scheduler.replay import replay_from_trace
 from llorch.scheduler.settle import Settlement, replay_from_row
 from llorch.scheduler.snapshots import (
@@ -36,6 +37,9 @@ from llorch.scheduler.snapshots import (
 from llorch.scheduler.task import CANCELED, QUEUED, RUNNING
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
+
+if TYPE_CHECKING:
+    from llorch.persistence.pg_events import ClusterLinks
 
 log = logging.getLogger("llorch.scheduler")
 
@@ -52,6 +56,7 @@ class Scheduler:
         engines: EngineFactory = build_engines,
         artifacts: ArtifactStore | None = None,
         metrics: Metrics | None = None,
+        links: ClusterLinks | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
@@ -71,6 +76,16 @@ class Scheduler:
         self._admitter = Admitter(self.registry, db, sessions, settings, clock, self._settlement)
         self.pools = PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
         self.closing = False
+        self._fanout = self._join(links) if links is not None else None
+
+    def _join(self, links: ClusterLinks) -> Fanout:
+        """Cluster mode: this instance's streams are recorded, and other instances' tasks
+        are streamed and cancelled through the database (scheduler.remote_stream)."""
+        fanout = Fanout(links, self._db, self._clock, self._artifacts)
+        fanout.cancel_held = self._cancel_held
+        fanout.held = lambda: list(self.registry.live)
+        self.registry.on_add = fanout.record
+        return fanout
 
     async def start(self) -> None:
         await self._reconcile()
@@ -85,6 +100,8 @@ class Scheduler:
         self.closing = True
         await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
         await self._settlement.stop()
+        if self._fanout is not None:
+            await self._fanout.close()
         for pool in self.registry.pools.values():
             for replica in pool.replicas:
                 await replica.engine.close()
@@ -137,8 +154,11 @@ class Scheduler:
         """Cancel a task; idempotent, and a no-op for a task that already ended."""
         record = self.registry.live.get(task_id)
         if record is None:
-            if self._db.get_task(task_id) is None:
+            row = self._db.get_task(task_id)
+            if row is None:
                 raise TaskNotFound(f"task {task_id} not found")
+            if self._fanout is not None and row.state in (QUEUED, RUNNING):
+                self._fanout.request_cancel_soon(task_id)  # another instance holds it
             return
         phase = record.phase
         if record.cancel_requested or phase == "ending":
@@ -154,6 +174,24 @@ class Scheduler:
             # that began (waiting for its engine to accept it) ends the task when cancelled.
             record.runner.cancel()
         # "dispatched", its run not begun: the run sees the flag first and ends it canceled.
+
+    async def cancel_durably(self, task_id: str) -> None:
+        """:meth:`cancel`, returning once the cancel is durable: here, once the task's end is;
+        for a task another instance holds, once the cancel is recorded and notified to it
+        (ORCH-STATE-0043)."""
+        if self._fanout is not None and task_id not in self.registry.live:
+            row = self._db.get_task(task_id)
+            # pg-queue: a queued task lives only in the database; its cancel ends it there.
+            if row is not None and row.state in (QUEUED, RUNNING):
+                await self._fanout.request_cancel(task_id)
+                return
+        self.cancel(task_id)
+        await self.durable()
+
+    def _cancel_held(self, task_id: str) -> None:
+        """A cancel another instance recorded: this instance cancels the task if it holds it."""
+        if task_id in self.registry.live:
+            self.cancel(task_id)
 
     async def durable(self) -> None:
         """Return once every commit so far is durable, and every end it holds published."""
@@ -177,7 +215,10 @@ class Scheduler:
 
     def _replay(self, row: TaskRow) -> EventStream:
         """The stream of a task no longer in memory: the transcript in its trace, else only
-        its terminal frame, from its row."""
+        its terminal frame, from its row. In cluster mode: its durable transcript, written by the
+        instance that runs it (scheduler.remote_stream)."""
+        if self._fanout is not None:
+            return self._fanout.stream(row.task_id)
         return replay_from_trace(self._artifacts, row) or replay_from_row(row)
 
     def row(self, task_id: str, caller: Caller) -> TaskRow:

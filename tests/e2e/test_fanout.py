@@ -1,0 +1,174 @@
+"""Two llorch processes on one PostgreSQL database: a task running on A is streamed, resumed and
+cancelled on B, through the durable transcript and LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_instances import write_config
+from tests.support import Sse, parse_sse, serve_process, submit_to, task_of, wait_until
+
+pytestmark = pytest.mark.wire
+
+TERMINAL = ("end", "error")
+
+
+def frames(response: httpx.Response) -> Iterator[Sse]:
+    """The SSE frames of a streamed response, each as soon as it arrives (heartbeats skipped)."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "event" in fields:
+                yield Sse(int(fields["id"]), fields["event"], json.loads(fields["data"]))
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
+@contextmanager
+def two_instances(tmp_path: Path, url: str) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    config_a = write_config(tmp_path / "a.yaml", url, "a")
+    config_b = write_config(tmp_path / "b.yaml", url, "b")
+    with (
+        serve_process("--config", str(config_a), data_dir=tmp_path / "a") as (url_a, _, _),
+        serve_process("--config", str(config_b), data_dir=tmp_path / "b") as (url_b, _, _),
+        httpx.Client(base_url=url_a, timeout=30) as a,
+        httpx.Client(base_url=url_b, timeout=30) as b,
+    ):
+        yield a, b
+
+
+def ids(events: list[Sse]) -> list[int]:
+    return [e.id for e in events]
+
+
+@pytest.mark.req("ORCH-STATE-0041", "ORCH-STATE-0042")
+def test_a_client_on_b_gets_the_tokens_of_a_task_running_on_a_as_they_come(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    with two_instances(tmp_path, postgres_url) as (a, b):
+        # 40 tokens at 20 tokens/s: two seconds of streaming on A.
+        task_id = submit_to(a, max_tokens=40)["task_id"]
+        seen: list[Sse] = []
+        state_at_first_token: str | None = None
+        with b.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
+            assert response.status_code == 200
+            for frame in frames(response):
+                seen.append(frame)
+                if frame.event == "token" and state_at_first_token is None:
+                    state_at_first_token = task_of(a, task_id)["state"]
+        on_a = parse_sse(a.get(f"/v1/tasks/{task_id}/stream").text)
+        ended = task_of(b, task_id)
+
+    assert state_at_first_token == "running"  # B's client had a token while A still ran it
+    assert ids(seen) == ids(on_a) == list(range(len(on_a)))
+    assert [(e.event, e.data) for e in seen] == [(e.event, e.data) for e in on_a]
+    assert [e.event for e in seen if e.event in TERMINAL] == ["end"]
+    assert [e.event for e in seen].count("token") == 40
+    assert ended["state"] == "succeeded"
+
+
+@pytest.mark.req("ORCH-STATE-0042")
+def test_a_stream_read_partly_on_a_resumes_on_b_without_gap_or_duplicate(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    with two_instances(tmp_path, postgres_url) as (a, b):
+        task_id = submit_to(a, max_tokens=40)["task_id"]
+        first: list[Sse] = []
+        with a.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
+            for frame in frames(response):
+                first.append(frame)
+                if len(first) == 6:
+                    break
+        last = str(first[-1].id)
+        rest = parse_sse(b.get(f"/v1/tasks/{task_id}/stream", headers={"Last-Event-ID": last}).text)
+        whole = parse_sse(a.get(f"/v1/tasks/{task_id}/stream").text)
+        again = parse_sse(
+            b.get(f"/v1/tasks/{task_id}/stream", headers={"Last-Event-ID": "999"}).text
+        )
+
+    assert ids(first + rest) == ids(whole) == list(range(len(whole))), (ids(first), ids(rest))
+    assert [e.event for e in rest if e.event in TERMINAL] == ["end"]
+    # A resume past the end of an ended task gets its terminal frame again, as on A.
+    assert [(e.id, e.event) for e in again] == [(whole[-1].id, "end")]
+
+
+@pytest.mark.req("ORCH-STATE-0043")
+def test_a_cancel_on_b_stops_the_engine_call_on_a(tmp_path: Path, postgres_url: str) -> None:
+    with two_instances(tmp_path, postgres_url) as (a, b):
+        # 200 tokens at 20 tokens/s: ten seconds, unless the cancel stops it.
+        task_id = submit_to(a, max_tokens=200)["task_id"]
+        seen: list[Sse] = []
+        with b.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
+            for frame in frames(response):
+                seen.append(frame)
+                if frame.event == "token" and len(seen) == 4:
+                    canceled = b.post(f"/v1/tasks/{task_id}/cancel")
+                    assert canceled.status_code == 204, canceled.text
+        ended = wait_until(
+            lambda: (t := task_of(a, task_id))["state"] not in ("queued", "running") and t,
+            "the task ended on A",
+        )
+        on_a = parse_sse(a.get(f"/v1/tasks/{task_id}/stream").text)
+        again = b.post(f"/v1/tasks/{task_id}/cancel")
+
+    assert ended["state"] == "canceled", ended
+    assert ended["usage"]["tokens_out"] < 100, ended  # stopped well before its 200 tokens
+    assert [e.event for e in seen if e.event in TERMINAL] == ["end"]
+    assert seen[-1].data["finish_reason"] == "canceled"
+    assert ids(seen) == ids(on_a)
+    assert [e.event for e in on_a if e.event in TERMINAL] == ["end"]
+    assert again.status_code == 204  # idempotent once it ended
+
+
+def _config(tmp_path: Path, url: str, name: str) -> list[str]:
+    return ["--config", str(write_config(tmp_path / f"{name}.yaml", url, name))]
+
+
+@pytest.mark.req("ORCH-STATE-0044")
+def test_after_a_dies_its_client_resumes_on_b_and_gets_the_terminal_frame(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    config_a, config_b = _config(tmp_path, postgres_url, "a"), _config(tmp_path, postgres_url, "b")
+    with (
+        serve_process(*config_b, data_dir=tmp_path / "b") as (url_b, _, _),
+        httpx.Client(base_url=url_b, timeout=30) as b,
+    ):
+        with (
+            serve_process(*config_a, data_dir=tmp_path / "a") as (url_a, proc, _),
+            httpx.Client(base_url=url_a, timeout=30) as a,
+        ):
+            task_id = submit_to(a, max_tokens=400)["task_id"]
+            first: list[Sse] = []
+            with a.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
+                for frame in frames(response):
+                    first.append(frame)
+                    if len(first) == 6:
+                        break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        # A comes back (the same instance): its start-up ends the task it was running.
+        with serve_process(*config_a, data_dir=tmp_path / "a"):
+            ended = task_of(b, task_id)
+            rest = parse_sse(
+                b.get(
+                    f"/v1/tasks/{task_id}/stream", headers={"Last-Event-ID": str(first[-1].id)}
+                ).text
+            )
+
+    assert ended["state"] == "failed" and ended["error"]["code"] == "WORKER_RESET", ended
+    seen = ids(first + rest)
+    assert seen == sorted(set(seen))  # no duplicate, in order
+    assert [e.event for e in rest if e.event in TERMINAL] == ["error"]
+    assert rest[-1].data["code"] == "WORKER_RESET"
+    # The frames A wrote before it died come first, without a gap.
+    tokens = [e.id for e in rest if e.event != "error"]
+    assert tokens == list(range(first[-1].id + 1, first[-1].id + 1 + len(tokens)))
