@@ -48,6 +48,9 @@ log = logging.getLogger("llorch.scheduler")
 # Channels of llorch.persistence.pg_events (not imported here: a SQLite server never loads it).
 EVENTS_CHANNEL = "llorch_events"
 CANCEL_CHANNEL = "llorch_cancel"
+# Transcript reads in flight at once (each holds a thread of the loop's default executor, which
+# the trace writes share, and a connection of the transcript's pool of 4).
+_READS_AT_ONCE = 4
 
 
 class MirrorStream(EventStream):
@@ -127,6 +130,7 @@ class Fanout:
         self._mirrors: dict[str, MirrorStream] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[None]] = set()
+        self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         # The scheduler's: cancel a task this instance holds, and the ids of those it holds.
         self.cancel_held: Callable[[str], None] = lambda task_id: None
         self.held: Callable[[], Iterable[str]] = list
@@ -217,10 +221,15 @@ class Fanout:
                 del self._followers[mirror.task_id]
 
     async def _read(self, mirror: MirrorStream) -> Read | None:
+        """The frames after the mirror's last; None while the database is unreachable (the
+        listener's reconnect wakes every mirror: no read waits for a connection meanwhile)."""
+        if not self._links.listener.up:
+            return None
         try:
-            return await asyncio.to_thread(
-                self._links.transcript.read, mirror.task_id, mirror.next_seq - 1
-            )
+            async with self._reads:
+                return await asyncio.to_thread(
+                    self._links.transcript.read, mirror.task_id, mirror.next_seq - 1
+                )
         except StorageError as exc:
             log.debug("task %s: transcript not readable now: %s", mirror.task_id, exc)
             return None
