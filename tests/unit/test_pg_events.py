@@ -68,6 +68,11 @@ def test_frames_are_written_in_batches_and_read_back_after_an_id(
     assert transcript.stats.notifies == transcript.stats.flushes
     assert transcript.read("t-1", 50).frames == []
     assert transcript.read("nope", -1).state is None
+    many = transcript.read_many({"t-1": 49, "t-2": 48, "nope": -1})
+    assert many["t-1"].frames == [(50, "end", {"finish_reason": "length"})]
+    assert [seq for seq, _, _ in many["t-2"].frames] == [49]
+    assert many["nope"].state is None and many["nope"].frames == []
+    assert transcript.read_many({}) == {}
 
 
 @pytest.mark.req("ORCH-STATE-0041")

@@ -24,7 +24,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,13 @@ _INSERT = (
 _READ = (
     "SELECT t.state, e.seq, e.kind, e.data FROM tasks t LEFT JOIN task_events e "
     "ON e.task_id = t.task_id AND e.seq > %s WHERE t.task_id = %s ORDER BY e.seq"
+)
+_READ_MANY = (
+    "SELECT w.task_id, t.state, e.seq, e.kind, e.data "
+    "FROM unnest(%s::text[], %s::int[]) AS w(task_id, after) "
+    "LEFT JOIN tasks t ON t.task_id = w.task_id "
+    "LEFT JOIN task_events e ON e.task_id = w.task_id AND e.seq > w.after "
+    "ORDER BY w.task_id, e.seq"
 )
 _ASK_CANCEL = (
     "WITH asked AS (UPDATE tasks SET cancel_requested_ms = coalesce(cancel_requested_ms, %s) "
@@ -160,6 +167,20 @@ class Transcript:
             return Read(None)
         frames = [(int(s), str(k), orjson.loads(d)) for _, s, k, d in found if s is not None]
         return Read(str(found[0][0]), frames)
+
+    def read_many(self, after: Mapping[str, int]) -> dict[str, Read]:
+        """:meth:`read` of several tasks (task id: the id to read after) in one round trip."""
+        if not after:
+            return {}
+        with self._calling() as conn:
+            found = conn.execute(_READ_MANY, (list(after), list(after.values()))).fetchall()
+        frames: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+        states: dict[str, str | None] = {}
+        for task_id, state, seq, kind, data in found:
+            states[task_id] = None if state is None else str(state)
+            if seq is not None:
+                frames.setdefault(task_id, []).append((int(seq), str(kind), orjson.loads(data)))
+        return {t: Read(states[t], frames.get(t, [])) for t in states}
 
     def request_cancel(self, task_id: str, now_ms: int) -> bool:
         """Record a cancel on a queued or running task's row and NOTIFY :data:`CANCEL_CHANNEL`

@@ -4,14 +4,14 @@ The instance that runs a task records every frame of its stream in the durable t
 (:class:`llorch.persistence.pg_events.Transcript`, ORCH-STATE-0041): :meth:`Fanout.record`
 taps the task's :class:`EventStream` when the task is taken on. Any other instance serves the
 task's stream from there (ORCH-STATE-0042): one :class:`MirrorStream` per task and instance,
-shared by its subscribers, that one follower task fills with the frames after the last one it
-holds. The follower reads when a NOTIFY on :data:`EVENTS_CHANNEL` names the task, and every
-``poll_s`` besides (a notification lost in an outage is not waited for), until the terminal
-frame. A task whose row ended but whose transcript holds no terminal frame (a restart's
-reconcile or a survivor ended it, or its rows were deleted after the retention) gets the rest
-from its trace, else the terminal frame rebuilt from its row as ``replay_from_row`` does, once
-the row has been ended for ``grace_s`` (the frames of an instance that ended it normally arrive
-within milliseconds of its commit).
+shared by its subscribers, filled with the frames after the last one it holds by one reader task
+for all mirrors, in one round trip for all the tasks a NOTIFY on :data:`EVENTS_CHANNEL` named
+(and for every mirror every ``poll_s``: a notification lost in an outage is not waited for),
+until the terminal frame. A task whose row ended but whose transcript holds no terminal frame
+(a restart's reconcile or a survivor ended it, or its rows were deleted after the retention)
+gets the rest from its trace, else the terminal frame rebuilt from its row as
+``replay_from_row`` does, once the row has been ended for ``grace_s`` (the frames of an
+instance that ended it normally arrive within milliseconds of its commit).
 
 While the database is unreachable a mirror keeps its subscribers' responses open with
 heartbeats and goes on where it was once the database answers again.
@@ -48,9 +48,6 @@ log = logging.getLogger("llorch.scheduler")
 # Channels of llorch.persistence.pg_events (not imported here: a SQLite server never loads it).
 EVENTS_CHANNEL = "llorch_events"
 CANCEL_CHANNEL = "llorch_cancel"
-# Transcript reads in flight at once (each holds a thread of the loop's default executor, which
-# the trace writes share, and a connection of the transcript's pool of 4).
-_READS_AT_ONCE = 4
 
 
 class MirrorStream(EventStream):
@@ -65,8 +62,9 @@ class MirrorStream(EventStream):
         self.task_id = task_id
         self._fanout = fanout
         self._readers = 0
-        self.wake = asyncio.Event()  # a NOTIFY named the task, or the listener reconnected
         self.loaded = asyncio.Event()  # the first read is done (or failed)
+        # Loop time its row was first read ended while it had no terminal frame.
+        self.ended_seen_at: float | None = None
 
     @property
     def next_seq(self) -> int:
@@ -128,9 +126,12 @@ class Fanout:
         self._poll_s = poll_s
         self._grace_s = grace_s
         self._mirrors: dict[str, MirrorStream] = {}
-        self._followers: dict[str, asyncio.Task[None]] = {}
+        # The mirrors to read next (a notification named them, or they are new), and the
+        # reader's wake-up; one read for all of them.
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
-        self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         # The scheduler's: cancel a task this instance holds, and the ids of those it holds.
         self.cancel_held: Callable[[str], None] = lambda task_id: None
         self.held: Callable[[], Iterable[str]] = list
@@ -170,69 +171,76 @@ class Fanout:
         self._chore(self._cancel_quietly(task_id))
 
     async def close(self) -> None:
-        tasks = [*self._followers.values(), *self._chores]
+        tasks = [*self._chores, *([self._reader] if self._reader is not None else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._followers.clear()
+        self._reader = None
         self._mirrors.clear()
 
-    # -- followers --------------------------------------------------------------------------
+    # -- the reader -------------------------------------------------------------------------
 
     def follow(self, mirror: MirrorStream) -> None:
-        if mirror.task_id not in self._followers and not mirror.closed:
-            task = asyncio.get_running_loop().create_task(
-                self._follow(mirror), name=f"mirror:{mirror.task_id}"
-            )
-            self._followers[mirror.task_id] = task
+        """A subscriber came: the mirror is read (at once when new)."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name="mirrors")
+        if not mirror.loaded.is_set():
+            self._mark(mirror.task_id)
 
     def unfollow(self, mirror: MirrorStream) -> None:
         """Its last subscriber left: forget the mirror (a new subscriber reads afresh)."""
         if self._mirrors.get(mirror.task_id) is mirror:
             del self._mirrors[mirror.task_id]
-        task = self._followers.pop(mirror.task_id, None)
-        if task is not None and not task.done():
-            task.cancel()
 
-    async def _follow(self, mirror: MirrorStream) -> None:
-        ended_for: float | None = None  # loop time its row was first seen ended without end
+    def _mark(self, *task_ids: str) -> None:
+        self._dirty.update(task_ids)
+        self._wake.set()
+
+    async def _read_loop(self) -> None:
+        """Read the marked mirrors in one round trip (every mirror at least every ``poll_s``),
+        until closed."""
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                mirror.wake.clear()
-                read = await self._read(mirror)
+        polled_at = loop.time()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, polled_at + self._poll_s - loop.time())):
+                    await self._wake.wait()
+            self._wake.clear()
+            names = set(self._dirty)
+            self._dirty.clear()
+            if loop.time() - polled_at >= self._poll_s:  # lost notifications are not waited for
+                names.update(self._mirrors)
+                polled_at = loop.time()
+            wanted = {t: m for t in names if (m := self._mirrors.get(t)) is not None}
+            reads = await self._read(wanted)
+            for task_id, mirror in wanted.items():
+                read = reads.get(task_id)
                 if read is not None:
-                    for seq, kind, data in read.frames:
-                        mirror.add(seq, kind, data)
-                    if read.state in TERMINAL_STATES and not mirror.closed:
-                        ended_for = ended_for if ended_for is not None else loop.time()
-                        self._end_from_row(mirror, loop.time() - ended_for)
+                    self._apply(mirror, read)
                 mirror.loaded.set()
-                if _ended(mirror):
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll_s):
-                        await mirror.wake.wait()
-        finally:
-            mirror.loaded.set()
-            if self._mirrors.get(mirror.task_id) is mirror and mirror.closed:
-                del self._mirrors[mirror.task_id]
-            if self._followers.get(mirror.task_id) is asyncio.current_task():
-                del self._followers[mirror.task_id]
+                if mirror.closed and self._mirrors.get(task_id) is mirror:
+                    del self._mirrors[task_id]
 
-    async def _read(self, mirror: MirrorStream) -> Read | None:
-        """The frames after the mirror's last; None while the database is unreachable (the
-        listener's reconnect wakes every mirror: no read waits for a connection meanwhile)."""
-        if not self._links.listener.up:
-            return None
+    async def _read(self, wanted: dict[str, MirrorStream]) -> dict[str, Read]:
+        """The frames after each mirror's last; none while the database is unreachable (the
+        listener's reconnect marks every mirror: no read waits for a connection meanwhile)."""
+        if not wanted or not self._links.listener.up:
+            return {}
+        after = {task_id: mirror.next_seq - 1 for task_id, mirror in wanted.items()}
         try:
-            async with self._reads:
-                return await asyncio.to_thread(
-                    self._links.transcript.read, mirror.task_id, mirror.next_seq - 1
-                )
+            return await asyncio.to_thread(self._links.transcript.read_many, after)
         except StorageError as exc:
-            log.debug("task %s: transcript not readable now: %s", mirror.task_id, exc)
-            return None
+            log.debug("the transcript is not readable now: %s", exc)
+            return {}
+
+    def _apply(self, mirror: MirrorStream, read: Read) -> None:
+        for seq, kind, data in read.frames:
+            mirror.add(seq, kind, data)
+        if read.state in TERMINAL_STATES and not mirror.closed:
+            now = asyncio.get_running_loop().time()
+            if mirror.ended_seen_at is None:
+                mirror.ended_seen_at = now
+            self._end_from_row(mirror, now - mirror.ended_seen_at)
 
     def _end_from_row(self, mirror: MirrorStream, seen_ended_s: float) -> None:
         """The row ended and the transcript has no terminal frame: once it is old enough that
@@ -252,10 +260,9 @@ class Fanout:
     # -- notifications ----------------------------------------------------------------------
 
     def _on_events(self, payload: str) -> None:
-        for task_id in payload.split():
-            mirror = self._mirrors.get(task_id)
-            if mirror is not None:
-                mirror.wake.set()
+        named = [task_id for task_id in payload.split() if task_id in self._mirrors]
+        if named:
+            self._mark(*named)
 
     def _on_cancel(self, task_id: str) -> None:
         self.cancel_held(task_id)
@@ -263,8 +270,7 @@ class Fanout:
     def _on_connect(self) -> None:
         """Notifications sent while the listener was away are lost: every mirror reads again,
         and the cancels recorded for the tasks held here are read."""
-        for mirror in self._mirrors.values():
-            mirror.wake.set()
+        self._mark(*self._mirrors)
         self._chore(self._catch_up_cancels())
 
     async def _catch_up_cancels(self) -> None:
@@ -287,10 +293,6 @@ class Fanout:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
-
-
-def _ended(stream: EventStream) -> bool:
-    return stream.closed
 
 
 def _rest_of(artifacts: ArtifactStore | None, row: TaskRow, next_seq: int) -> list[Event]:
