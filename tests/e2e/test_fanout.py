@@ -11,9 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.e2e.test_instances import write_config
 from tests.support import Sse, parse_sse, serve_process, submit_to, task_of, wait_until
+from tools.postgres import private_cluster
 
 pytestmark = pytest.mark.wire
 
@@ -22,15 +24,10 @@ TERMINAL = ("end", "error")
 
 def frames(response: httpx.Response) -> Iterator[Sse]:
     """The SSE frames of a streamed response, each as soon as it arrives (heartbeats skipped)."""
-    fields: dict[str, str] = {}
-    for line in response.iter_lines():
-        if not line:
-            if "event" in fields:
-                yield Sse(int(fields["id"]), fields["event"], json.loads(fields["data"]))
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
+    parsed: list[Sse] = []
+    for _ in _lines_with_frames(response, parsed):
+        if parsed:
+            yield parsed.pop()
 
 
 @contextmanager
@@ -172,3 +169,60 @@ def test_after_a_dies_its_client_resumes_on_b_and_gets_the_terminal_frame(
     # The frames A wrote before it died come first, without a gap.
     tokens = [e.id for e in rest if e.event != "error"]
     assert tokens == list(range(first[-1].id + 1, first[-1].id + 1 + len(tokens)))
+
+
+@pytest.mark.req("ORCH-STATE-0042", "ORCH-STATE-0040", "ORCH-STATE-0041")
+def test_a_remote_stream_heartbeats_through_a_database_outage_and_goes_on(
+    tmp_path: Path,
+) -> None:
+    with private_cluster() as pg:
+        url = pg.create_database("fanout")
+        configs = []
+        for name in ("a", "b"):
+            path = write_config(tmp_path / f"{name}.yaml", url, name)
+            raw = yaml.safe_load(path.read_text())
+            raw["server"]["heartbeat_s"] = 0.2
+            raw["database"] |= {"timeout_ms": 2000, "retry_ms": 200, "instance_ttl_ms": 60_000}
+            path.write_text(yaml.safe_dump(raw))
+            configs.append(["--config", str(path)])
+        with (
+            serve_process(*configs[0], data_dir=tmp_path / "a") as (url_a, _, _),
+            serve_process(*configs[1], data_dir=tmp_path / "b") as (url_b, _, _),
+            httpx.Client(base_url=url_a, timeout=30) as a,
+            httpx.Client(base_url=url_b, timeout=30) as b,
+        ):
+            # 120 tokens at 20 tokens/s: six seconds, an outage of about two in the middle.
+            task_id = submit_to(a, max_tokens=120)["task_id"]
+            seen: list[Sse] = []
+            beats_while_down = 0
+            down = False
+            with b.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
+                for line in _lines_with_frames(response, seen):
+                    if not down and len(seen) == 5:
+                        pg.stop(mode="immediate")
+                        down = True
+                    elif down and line == ": heartbeat" and not pg.running():
+                        beats_while_down += 1
+                        if beats_while_down == 3:
+                            pg.start()
+            ended = task_of(a, task_id)
+
+    assert beats_while_down >= 3  # the response stayed open while the database was away
+    assert ids(seen) == list(range(len(seen)))  # no gap: A's frames waited, then came
+    assert [e.event for e in seen].count("token") == 120
+    assert [e.event for e in seen if e.event in TERMINAL] == ["end"]
+    assert ended["state"] == "succeeded"
+
+
+def _lines_with_frames(response: httpx.Response, into: list[Sse]) -> Iterator[str]:
+    """Every line of the response, the frames parsed into ``into`` as they complete."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "event" in fields:
+                into.append(Sse(int(fields["id"]), fields["event"], json.loads(fields["data"])))
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        yield line
