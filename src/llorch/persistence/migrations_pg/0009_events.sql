@@ -1,7 +1,7 @@
 -- The durable transcript of running tasks (ORCH-STATE-0041): every frame of a task's event stream
 -- under its stream id, appended in batches by the instance that runs it, so that a client on any
 -- instance reads it (and resumes with Last-Event-ID). Rows of a task ended more than the retention
--- ago (scheduler.remote_stream, 10 minutes) are deleted; its trace artifact keeps the transcript.
+-- ago (persistence/pg_events.py, 2 minutes) are deleted; its trace artifact keeps the transcript.
 CREATE TABLE task_events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
