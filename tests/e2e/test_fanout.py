@@ -31,9 +31,16 @@ def frames(response: httpx.Response) -> Iterator[Sse]:
 
 
 @contextmanager
-def two_instances(tmp_path: Path, url: str) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+def two_instances(
+    tmp_path: Path, url: str, slots: int | None = None
+) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     config_a = write_config(tmp_path / "a.yaml", url, "a")
     config_b = write_config(tmp_path / "b.yaml", url, "b")
+    if slots is not None:
+        for path in (config_a, config_b):
+            raw = yaml.safe_load(path.read_text())
+            raw["pools"][0]["slots_per_replica"] = slots
+            path.write_text(yaml.safe_dump(raw))
     with (
         serve_process("--config", str(config_a), data_dir=tmp_path / "a") as (url_a, _, _),
         serve_process("--config", str(config_b), data_dir=tmp_path / "b") as (url_b, _, _),
@@ -226,3 +233,27 @@ def _lines_with_frames(response: httpx.Response, into: list[Sse]) -> Iterator[st
             name, _, value = line.partition(":")
             fields[name] = value[1:] if value.startswith(" ") else value
         yield line
+
+
+@pytest.mark.req("ORCH-STATE-0043")
+def test_a_cancel_on_b_of_a_task_queued_on_a_ends_it_before_it_runs(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    with two_instances(tmp_path, postgres_url, slots=1) as (a, b):
+        # One slot on A: the first task holds it for ten seconds, the second waits.
+        running = submit_to(a, max_tokens=200)["task_id"]
+        queued = submit_to(a, max_tokens=5)["task_id"]
+        assert task_of(b, queued)["state"] == "queued"
+        canceled = b.post(f"/v1/tasks/{queued}/cancel")
+        assert canceled.status_code == 204, canceled.text
+        ended = wait_until(
+            lambda: (t := task_of(b, queued))["state"] not in ("queued", "running") and t,
+            "the queued task ended",
+        )
+        events = parse_sse(b.get(f"/v1/tasks/{queued}/stream").text)
+        b.post(f"/v1/tasks/{running}/cancel")
+
+    assert ended["state"] == "canceled", ended
+    assert ended["usage"]["tokens_out"] == 0
+    assert [e.event for e in events] == ["end"]
+    assert events[0].data["finish_reason"] == "canceled"

@@ -214,9 +214,11 @@ class Fanout:
             wanted = {t: m for t in names if (m := self._mirrors.get(t)) is not None}
             reads = await self._read(wanted)
             for task_id, mirror in wanted.items():
-                read = reads.get(task_id)
-                if read is not None:
-                    self._apply(mirror, read)
+                try:
+                    if (read := reads.get(task_id)) is not None:
+                        self._apply(mirror, read)
+                except Exception:  # a bug: the other mirrors go on, this one is read again
+                    log.exception("task %s: its mirror could not take a read", task_id)
                 mirror.loaded.set()
                 if mirror.closed and self._mirrors.get(task_id) is mirror:
                     del self._mirrors[task_id]
