@@ -257,3 +257,39 @@ def test_a_cancel_on_b_of_a_task_queued_on_a_ends_it_before_it_runs(
     assert ended["usage"]["tokens_out"] == 0
     assert [e.event for e in events] == ["end"]
     assert events[0].data["finish_reason"] == "canceled"
+
+
+@pytest.mark.req("ORCH-STATE-0043")
+def test_a_cancel_recorded_while_its_instance_was_down_is_kept_when_it_restarts(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    configs = {}
+    for name in ("a", "b"):
+        path = write_config(tmp_path / f"{name}.yaml", postgres_url, name)
+        raw = yaml.safe_load(path.read_text())
+        raw["pools"][0]["slots_per_replica"] = 1
+        path.write_text(yaml.safe_dump(raw))
+        configs[name] = ["--config", str(path)]
+    with (
+        serve_process(*configs["b"], data_dir=tmp_path / "b") as (url_b, _, _),
+        httpx.Client(base_url=url_b, timeout=30) as b,
+    ):
+        with (
+            serve_process(*configs["a"], data_dir=tmp_path / "a") as (url_a, proc, _),
+            httpx.Client(base_url=url_a, timeout=30) as a,
+        ):
+            submit_to(a, max_tokens=200)  # holds A's one slot
+            queued = submit_to(a, max_tokens=5)["task_id"]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        # Nobody hears the notification; the row keeps the cancel.
+        canceled = b.post(f"/v1/tasks/{queued}/cancel")
+        assert canceled.status_code == 204, canceled.text
+        with serve_process(*configs["a"], data_dir=tmp_path / "a"):
+            ended = wait_until(
+                lambda: (t := task_of(b, queued))["state"] not in ("queued", "running") and t,
+                "the queued task ended",
+            )
+
+    assert ended["state"] == "canceled", ended
+    assert ended["usage"]["tokens_out"] == 0

@@ -273,10 +273,14 @@ class Fanout:
         """Notifications sent while the listener was away are lost: every mirror reads again,
         and the cancels recorded for the tasks held here are read."""
         self._mark(*self._mirrors)
-        self._chore(self._catch_up_cancels())
+        self._chore(self.catch_up_cancels())
 
-    async def _catch_up_cancels(self) -> None:
-        held = list(self.held())
+    async def catch_up_cancels(self, task_ids: Iterable[str] | None = None) -> None:
+        """Cancel those of ``task_ids`` (default: every task held here) whose row records a
+        cancel: after the listener reconnects, and right after tasks are taken on (a restart's
+        restore; a claim from the shared queue), since a cancel may have been notified while
+        nobody here listened."""
+        held = list(self.held() if task_ids is None else task_ids)
         try:
             asked = await asyncio.to_thread(self._links.transcript.cancels_asked, held)
         except StorageError as exc:

@@ -89,6 +89,8 @@ class Scheduler:
 
     async def start(self) -> None:
         await self._reconcile()
+        if self._fanout is not None:
+            await self._fanout.catch_up_cancels()  # asked of restored tasks while it was down
         await self._dispatcher.start()
 
     async def quiesce(self) -> None:
