@@ -54,9 +54,12 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 # (task_id, seq, kind, data, urgent)
 _Pending = tuple[str, int, str, dict[str, Any], bool]
 
+# The batch goes as one JSON document of [task_id, seq, kind, data] rows, serialised at once in C
+# (orjson): adapting four arrays element by element cost psycopg ~3x the CPU. A ``json`` value
+# keeps its text, so ``r->3`` is the frame's data exactly as serialised.
 _INSERT = (
     "INSERT INTO task_events (task_id, seq, kind, data) "
-    "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) "
+    "SELECT r->>0, (r->>1)::int, r->>2, (r->3)::text FROM json_array_elements(%s::json) AS r "
     "ON CONFLICT (task_id, seq) DO NOTHING"
 )
 _READ = (
@@ -263,15 +266,10 @@ class Transcript:
         while self._pending and len(batch) < self._max_batch:
             batch.append(self._pending.popleft())
         try:
-            columns: tuple[list[str], list[int], list[str], list[str]] = ([], [], [], [])
-            for task_id, seq, kind, data, _ in batch:
-                columns[0].append(task_id)
-                columns[1].append(seq)
-                columns[2].append(kind)
-                columns[3].append(orjson.dumps(data).decode())
-            payloads = _payloads(list(dict.fromkeys(columns[0])))
+            document = orjson.dumps([row[:4] for row in batch]).decode()
+            payloads = _payloads(list(dict.fromkeys(row[0] for row in batch)))
             with conn.transaction():
-                conn.execute(_INSERT, columns)
+                conn.execute(_INSERT, (document,))
                 for payload in payloads:
                     conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, payload))
         except BaseException:
