@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from llorch.api.auth import AuthKeys, operation_scopes
 from llorch.api.sse import SlowClientGuard, WriteWatch
@@ -20,6 +21,9 @@ from llorch.scheduler import Scheduler
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.service import EngineFactory
 from llorch.sessions import SessionService
+
+if TYPE_CHECKING:
+    from llorch.persistence.pg_events import ClusterLinks
 
 log = logging.getLogger("llorch")
 
@@ -40,6 +44,8 @@ class Runtime:
     auth: AuthKeys = field(init=False)
     # The slow-client rules of every open SSE response, in one task.
     sse_watch: WriteWatch = field(default_factory=WriteWatch)
+    # Cluster mode (PostgreSQL): the transcript writer and the LISTEN connection of this instance.
+    links: ClusterLinks | None = None
 
     def __post_init__(self) -> None:
         scopes = operation_scopes((openapi("data"), openapi("control")))
@@ -97,6 +103,13 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         self._db = open_storage(s)
+        if s.database.url is not None:
+            # Imported here: a server on SQLite never loads the PostgreSQL driver.
+            from llorch.persistence.pg_events import open_links
+
+            self.links = open_links(
+                s.database.url, timeout_ms=s.database.timeout_ms, retry_ms=s.database.retry_ms
+            )
         sessions = SessionService(self._db, s, self.clock)
         self._artifacts = ArtifactStore(
             self._db,
@@ -113,7 +126,11 @@ class Runtime:
             self.engines or build_engines,
             artifacts=self._artifacts,
             metrics=self.metrics,
+            links=self.links,
         )
+        if self.links is not None:
+            self.links.transcript.start()
+            self.links.listener.start(asyncio.get_running_loop())
         await self._scheduler.start()
         scheduler = self._scheduler
         self.auth.share = lambda: scheduler.live_instances
@@ -123,6 +140,11 @@ class Runtime:
         await self.sse_watch.close()
         if self._scheduler is not None:
             await self._scheduler.stop()
+        if self.links is not None:
+            # The frames written so far reach the transcript (for up to 5 s), then the ears shut.
+            await asyncio.to_thread(self.links.transcript.close)
+            await asyncio.to_thread(self.links.listener.close)
+            self.links = None
         if self._db is not None:
             self._db.close()
         self._scheduler = None

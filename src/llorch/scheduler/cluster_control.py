@@ -46,6 +46,9 @@ class ClusterPoolOperations(PoolOperations):
         for pool in registry.pools.values():
             pool.queue_gauge_shared = True
         self._metrics = metrics
+        # Tells the other instances a desired state changed (a NOTIFY; the scheduler wires it):
+        # they apply it at once rather than at their next sync.
+        self.announce: Callable[[], None] = lambda: None
 
     # -- the operations: applied here, then recorded for the others -------------------------
 
@@ -53,18 +56,21 @@ class ClusterPoolOperations(PoolOperations):
         self._catch_up()
         pool = super().drain(pool_id, deadline_ms)
         self._cluster.set_pool_control(pool_id, draining=True, drain_deadline_ms=deadline_ms)
+        self.announce()
         return pool
 
     def resume(self, pool_id: str) -> PoolRuntime:
         self._catch_up()
         pool = super().resume(pool_id)
         self._cluster.set_pool_control(pool_id, draining=False)
+        self.announce()
         return pool
 
     def reload(self, pool_id: str, model: str) -> PoolRuntime:
         self._catch_up()
         pool = super().reload(pool_id, model)
         self._cluster.set_pool_control(pool_id, model=model)
+        self.announce()
         return pool
 
     # A refused record leaves the operation applied here only; the client sees the 503 and may

@@ -83,6 +83,9 @@ class ClusterQueue:
         self.waiting: dict[str, TaskRecord] = {}
         self._requeues: dict[str, Entry] = {}  # sent back while storage refused the write
         self.revive: Revive = lambda row: None  # set by the admitter
+        # Tells the other instances a task was queued in ``pool_id`` (a NOTIFY; the scheduler
+        # wires it): their dispatchers claim at once rather than at their next poll.
+        self.announce: Callable[[str], None] = lambda pool_id: None
         for pool in registry.pools.values():
             pool.send_back = functools.partial(self.requeue, pool)
 
@@ -108,7 +111,7 @@ class ClusterQueue:
         """Persist and queue an accepted task, with its session's turn and ``reservation``
         held in the database, in one transaction; the drop-lru victim's row."""
         queue = pool.settings.queue
-        return self.store.admit(
+        victim = self.store.admit(
             row,
             session,
             new_session=new_session,
@@ -118,6 +121,8 @@ class ClusterQueue:
             check=check,
             reservation=reservation,
         )
+        self.announce(pool.id)
+        return victim
 
     def hold(self, record: TaskRecord) -> None:
         """A task admitted here and queued: its record kept for its stream and a cancel."""
@@ -265,6 +270,8 @@ class ClusterQueue:
         except StorageError as exc:
             log.warning("task %s: could not requeue it yet: %s", record.task_id, exc)
             self._requeues[record.task_id] = entry
+        else:
+            self.announce(pool.id)
         pool.wakeup.set()
 
     # -- the sweep --------------------------------------------------------------------------

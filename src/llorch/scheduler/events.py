@@ -14,7 +14,7 @@ that the registry can bound the streams it retains in bytes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,8 @@ class EventStream:
         self._events: list[Event] = []
         self.approx_bytes = 0  # see approx_bytes()
         self._changed = asyncio.Event()
+        # Called with every event published (cluster mode: the durable transcript's writer).
+        self.tap: Callable[[Event], None] | None = None
 
     @classmethod
     def replayed(cls, frames: Iterable[tuple[int, str, dict[str, Any]]]) -> EventStream:
@@ -93,10 +95,16 @@ class EventStream:
         event = Event(self._first_seq + len(self._events), kind, data)
         self._events.append(event)
         self.approx_bytes += _EVENT_BYTES + approx_bytes(data)
+        if self.tap is not None:
+            self.tap(event)
         # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
         self._changed.set()
         self._changed = asyncio.Event()
         return event
+
+    def _start_index(self, after: int | None) -> int:
+        """The position in :attr:`events` of the first event after id ``after``."""
+        return 0 if after is None else max(0, after + 1 - self._first_seq)
 
     async def subscribe(
         self, *, after: int | None = None, heartbeat_s: float | None = None
@@ -117,7 +125,7 @@ class EventStream:
         A reader that keeps up gets one event at a time; one that fell behind catches up in one
         step (one SSE write for all of them), however many there are.
         """
-        index = 0 if after is None else max(0, after + 1 - self._first_seq)
+        index = self._start_index(after)
         dog = None if heartbeat_s is None else Watchdog()
         loop = asyncio.get_running_loop()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
@@ -27,9 +28,13 @@ class Registry:
         self._streams_retained = streams_retained
         self._streams_retained_bytes = streams_retained_bytes
         self.retained_bytes = 0
+        # Called with every task this instance takes on (cluster mode: its frames are recorded).
+        self.on_add: Callable[[TaskRecord], None] | None = None
 
     def add(self, record: TaskRecord) -> None:
         self.live[record.task_id] = record
+        if self.on_add is not None:
+            self.on_add(record)
 
     def retire(self, record: TaskRecord) -> None:
         """Forget a task that ended; keep its stream for late subscribers, oldest evicted first."""

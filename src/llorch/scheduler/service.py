@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llorch.artifacts import ArtifactStore
 from llorch.clock import Clock
@@ -34,6 +34,7 @@ from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.pools import PoolRuntime
 from llorch.scheduler.registry import Registry
+from llorch.scheduler.remote_stream import CONTROL_CHANNEL, QUEUE_CHANNEL, Fanout
 from llorch.scheduler.replay import replay_from_trace
 from llorch.scheduler.settle import Settlement, replay_from_row
 from llorch.scheduler.snapshots import (
@@ -47,6 +48,9 @@ from llorch.scheduler.snapshots import (
 from llorch.scheduler.task import CANCELED, QUEUED, RUNNING
 from llorch.sessions import SessionService
 from llorch.sessions.service import Remaining
+
+if TYPE_CHECKING:
+    from llorch.persistence.pg_events import ClusterLinks
 
 log = logging.getLogger("llorch.scheduler")
 
@@ -63,6 +67,7 @@ class Scheduler:
         engines: EngineFactory = build_engines,
         artifacts: ArtifactStore | None = None,
         metrics: Metrics | None = None,
+        links: ClusterLinks | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
@@ -89,6 +94,27 @@ class Scheduler:
             )
         )
         self.closing = False
+        self._fanout = self._join(links) if links is not None else None
+
+    def _join(self, links: ClusterLinks) -> Fanout:
+        """Cluster mode: this instance's streams are recorded, and other instances' tasks
+        are streamed and cancelled through the database (scheduler.remote_stream)."""
+        fanout = Fanout(links, self._db, self._clock, self._artifacts)
+        fanout.cancel_held = self._cancel_held
+        fanout.held = lambda: list(self.registry.live)
+        self.registry.on_add = fanout.record
+        listener = links.listener
+        if self._cluster is not None:  # a task queued anywhere wakes every dispatcher
+            listener.listen(QUEUE_CHANNEL, self._cluster.wake)
+            self._cluster.announce = functools.partial(listener.notify, QUEUE_CHANNEL)
+        if isinstance(self.pools, ClusterPoolOperations):  # so does a drain, resume or reload
+            listener.listen(CONTROL_CHANNEL, lambda _: self._wake_control())
+            self.pools.announce = functools.partial(listener.notify, CONTROL_CHANNEL, "")
+        return fanout
+
+    def _wake_control(self) -> None:
+        if isinstance(self.pools, ClusterPoolOperations):
+            self.pools.wake()
 
     def _shared_queue(self, db: Storage) -> ClusterQueue | None:
         """Cluster mode (a store with a shared queue: PostgreSQL): the queue the admitter and
@@ -106,6 +132,8 @@ class Scheduler:
 
     async def start(self) -> None:
         await self._reconcile()
+        if self._fanout is not None:
+            await self._fanout.catch_up_cancels()  # asked of restored tasks while it was down
         await self._dispatcher.start()
         self.metrics.set("llorch_instances_live", 1)  # a cluster's sync counts the others
         if isinstance(self.pools, ClusterPoolOperations):
@@ -131,6 +159,8 @@ class Scheduler:
         self.closing = True
         await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
         await self._settlement.stop()
+        if self._fanout is not None:
+            await self._fanout.close()
         for pool in self.registry.pools.values():
             for replica in pool.replicas:
                 await replica.engine.close()
@@ -190,9 +220,12 @@ class Scheduler:
         record = self.registry.live.get(task_id)
         if record is None:
             if self._cluster is not None and self._cluster.cancel(task_id):
-                return
-            if self._db.get_task(task_id) is None:
+                return  # it was queued: ended canceled, whichever instance admitted it
+            row = self._db.get_task(task_id)
+            if row is None:
                 raise TaskNotFound(f"task {task_id} not found")
+            if self._fanout is not None and row.state in (QUEUED, RUNNING):
+                self._fanout.request_cancel_soon(task_id)  # another instance holds it
             return
         phase = record.phase
         if record.cancel_requested or phase == "ending":
@@ -208,6 +241,27 @@ class Scheduler:
             # that began (waiting for its engine to accept it) ends the task when cancelled.
             record.runner.cancel()
         # "dispatched", its run not begun: the run sees the flag first and ends it canceled.
+
+    async def cancel_durably(self, task_id: str) -> None:
+        """:meth:`cancel`, returning once the cancel is durable: here, once the task's end is;
+        for a task another instance holds, once the cancel is recorded and notified to it
+        (ORCH-STATE-0043)."""
+        if self._fanout is not None and task_id not in self.registry.live:
+            # A queued task lives only in the database: its cancel ends it there (ORCH-STATE-0034).
+            if self._cluster is not None and self._cluster.cancel(task_id):
+                await self.durable()
+                return
+            row = self._db.get_task(task_id)
+            if row is not None and row.state in (QUEUED, RUNNING):
+                await self._fanout.request_cancel(task_id)
+                return
+        self.cancel(task_id)
+        await self.durable()
+
+    def _cancel_held(self, task_id: str) -> None:
+        """A cancel another instance recorded: this instance cancels the task if it holds it."""
+        if task_id in self.registry.live:
+            self.cancel(task_id)
 
     async def durable(self) -> None:
         """Return once every commit so far is durable, and every end it holds published."""
@@ -233,14 +287,18 @@ class Scheduler:
         """The task's stream in memory: running or recently ended here, or (cluster mode)
         admitted here and still queued."""
         found = self.registry.stream(task_id)
-        if found is None and self._cluster is not None:
+        if found is None and self._cluster is not None and self._fanout is None:
             found = self._cluster.stream(task_id)
         return found
 
     def _replay(self, row: TaskRow) -> EventStream:
         """The stream of a task no longer in memory: the transcript in its trace, else only
-        its terminal frame, from its row. In cluster mode, a task still in the shared queue is
-        watched from here (ORCH-STATE-0030)."""
+        its terminal frame, from its row. In cluster mode: its durable transcript, written by the
+        instance that runs it (scheduler.remote_stream), whether it is queued still, running
+        elsewhere or ended; without the fan-out, a task still in the shared queue is watched
+        from here (ORCH-STATE-0030)."""
+        if self._fanout is not None:
+            return self._fanout.stream(row.task_id)
         if self._cluster is not None and (watched := self._cluster.watch(row)) is not None:
             return watched
         return replay_from_trace(self._artifacts, row) or replay_from_row(row)

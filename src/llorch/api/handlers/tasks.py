@@ -43,9 +43,9 @@ class TaskHandlers:
 
     async def cancel_task(self, task_id: str) -> Reply:
         self._rt.scheduler.row(task_id, caller())  # TaskNotFound for another key's task
-        self._rt.scheduler.cancel(task_id)
-        # A queued task's end is committed at once: answer when it is durable and published.
-        await self._rt.scheduler.durable()
+        # A queued task's end is committed at once: answered when it is durable and published;
+        # another instance's task, once the cancel is recorded and sent to it.
+        await self._rt.scheduler.cancel_durably(task_id)
         return None, 204, {}
 
     async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
