@@ -3,6 +3,7 @@ cancelled on B, through the durable transcript and LISTEN/NOTIFY."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Iterator
@@ -142,14 +143,12 @@ def test_after_a_dies_its_client_resumes_on_b_and_gets_the_terminal_frame(
     tmp_path: Path, postgres_url: str
 ) -> None:
     config_a, config_b = _config(tmp_path, postgres_url, "a"), _config(tmp_path, postgres_url, "b")
-    with (
-        serve_process(*config_b, data_dir=tmp_path / "b") as (url_b, _, _),
-        httpx.Client(base_url=url_b, timeout=30) as b,
-    ):
+    with contextlib.ExitStack() as later:
         with (
             serve_process(*config_a, data_dir=tmp_path / "a") as (url_a, proc, _),
             httpx.Client(base_url=url_a, timeout=30) as a,
         ):
+            # A runs the task (B, which could claim it from the shared queue, starts after).
             task_id = submit_to(a, max_tokens=400)["task_id"]
             first: list[Sse] = []
             with a.stream("GET", f"/v1/tasks/{task_id}/stream") as response:
@@ -157,6 +156,8 @@ def test_after_a_dies_its_client_resumes_on_b_and_gets_the_terminal_frame(
                     first.append(frame)
                     if len(first) == 6:
                         break
+            url_b, _, _ = later.enter_context(serve_process(*config_b, data_dir=tmp_path / "b"))
+            b = later.enter_context(httpx.Client(base_url=url_b, timeout=30))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         # A comes back (the same instance): its start-up ends the task it was running.
