@@ -80,9 +80,13 @@ class ScriptedEngine:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
-        for writer in list(self._open):
-            writer.close()
-        await asyncio.gather(*(w.wait_closed() for w in self._open), return_exceptions=True)
+        # A connection accepted just before the close has its handler still to start: let it
+        # start (it registers its writer), then close every one, twice over for stragglers.
+        for _ in range(2):
+            await asyncio.sleep(0.005)
+            for writer in list(self._open):
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for w in self._open), return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open.add(writer)
