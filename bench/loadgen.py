@@ -264,27 +264,32 @@ async def hold(args: argparse.Namespace) -> dict[str, Any]:
         base = rss_kib(args.pid)
 
         async def one() -> None:
-            nonlocal opened, ended_ok
+            nonlocal ended_ok
             body = {
                 "model": args.model,
                 "prompt": args.prompt,
                 "max_tokens": args.max_tokens,
                 "task_id": f"hold-{uuid.uuid4().hex}",
             }
+            counted = False
+
+            def count() -> None:  # opened, or failed before it could open
+                nonlocal opened, counted
+                if not counted:
+                    counted, opened = True, opened + 1
+                    if opened == n:
+                        all_open.set()
+
             try:
                 async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as sent:
                     answer = await sent.read()
                 if sent.status != 202:
                     error(f"submit {sent.status}")
-                    opened += 1
-                    if opened == n:
-                        all_open.set()
+                    count()
                     return
                 task_id = orjson.loads(answer)["task_id"]
                 async with client.get(f"{args.url}/v1/tasks/{task_id}/stream") as resp:
-                    opened += 1
-                    if opened == n:
-                        all_open.set()
+                    count()
                     if resp.status != 200:
                         error(f"stream {resp.status}")
                         return
@@ -300,6 +305,7 @@ async def hold(args: argparse.Namespace) -> dict[str, Any]:
                         error(f"terminal {terminal or 'missing'}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error(type(exc).__name__)
+                count()
 
         tasks = [asyncio.create_task(one()) for _ in range(n)]
         await asyncio.wait_for(all_open.wait(), timeout=120)
