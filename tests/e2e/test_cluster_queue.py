@@ -174,8 +174,9 @@ def test_a_task_queued_past_its_wait_limit_ends_queue_timeout_on_either_instance
 def test_two_instances_never_run_more_tasks_on_one_replica_than_its_slots(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    # 200 tokens, a millisecond or more apart: each request lasts a fifth of a second or more.
-    parts = [*completion_chunks(["x"] * 200, usage=(1, 200)), "data: [DONE]\n\n"]
+    # 800 tokens, a millisecond or more apart: each request lasts most of a second or more,
+    # long enough for both slots to be busy at once on a loaded machine.
+    parts = [*completion_chunks(["x"] * 800, usage=(1, 800)), "data: [DONE]\n\n"]
     engine = CountingEngine([Reply(tuple(parts))])
     with engine_in_thread(engine):
         pool = {
@@ -186,7 +187,7 @@ def test_two_instances_never_run_more_tasks_on_one_replica_than_its_slots(
             "queue": {"capacity": 50},
         }
         with two_instances(tmp_path, postgres_url, **pool) as (a, b, _):
-            ids = [submit_to(c, max_tokens=200)["task_id"] for c in (a, b) * 6]
+            ids = [submit_to(c, max_tokens=800)["task_id"] for c in (a, b) * 6]
             ends = [
                 wait_until(
                     lambda t=t: (s := task_of(a, t))["state"] in ("succeeded", "failed") and s,

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from llorch.errors import BudgetExhausted
-from llorch.persistence import Reservation
+from llorch.persistence import EndedElsewhere, Reservation
 from llorch.persistence.postgres import PostgresStorage
 from tests.unit.helpers import task_row
 from tests.unit.test_db import session_row
@@ -72,16 +72,19 @@ def test_the_turn_is_counted_under_the_lock(store: PostgresStorage) -> None:
     assert refused.value.policy_label == "turns"
 
 
-@pytest.mark.req("ORCH-STATE-0051")
+@pytest.mark.req("ORCH-STATE-0051", "ORCH-STATE-0038")
 def test_an_end_releases_the_reservation_and_charges_once_however_often_it_is_recorded(
     store: PostgresStorage, postgres_url: str
 ) -> None:
     store.admit_task(task_row("t-1"), session_row(turns=1), new_session=True, reservation=WANT)
     used = Reservation(tokens=150, time_ms=300, cost=0.25)
 
-    for _ in range(2):  # the run's end, then a sweep that found it again
-        overrun = store.finish_task("t-1", {"state": "succeeded"}, "s-1", {}, used=used)
-        assert overrun is None
+    overrun = store.finish_task("t-1", {"state": "succeeded"}, "s-1", {}, used=used)
+    assert overrun is None
+    # A sweep that found it again: nothing more is charged, and the stored end is told.
+    with pytest.raises(EndedElsewhere) as elsewhere:
+        store.finish_task("t-1", {"state": "failed"}, "s-1", {}, used=used)
+    assert (elsewhere.value.row.task_id, elsewhere.value.row.state) == ("t-1", "succeeded")
 
     row = store.get_session("s-1")
     assert row is not None

@@ -4,13 +4,20 @@ implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps.""
 
 from llorch.persistence.cluster import Cluster, PoolControl
 from llorch.persistence.db import Database
-from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
+from llorch.persistence.rows import (
+    ArtifactInsert,
+    EndedElsewhere,
+    Reservation,
+    SessionRow,
+    TaskRow,
+)
 from llorch.persistence.storage import Storage, open_storage, when_free
 
 __all__ = [
     "ArtifactInsert",
     "Cluster",
     "Database",
+    "EndedElsewhere",
     "PoolControl",
     "Reservation",
     "SessionRow",

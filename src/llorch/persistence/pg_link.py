@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,8 @@ class Link:
         self._timeout_s = timeout_s
         self._shown = shown
         self._pool: Pool | None = open_pool()
+        # When ``check`` (the heartbeat) last succeeded, by time.monotonic().
+        self._checked_at = time.monotonic()
         self._lost = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -56,6 +59,10 @@ class Link:
     @property
     def up(self) -> bool:
         return not self._lost.is_set()
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since ``check`` (the instance's heartbeat) last reached the server."""
+        return time.monotonic() - self._checked_at
 
     def pool(self) -> Pool:
         """The pool; StorageUnavailable at once while the server is lost."""
@@ -108,6 +115,8 @@ class Link:
                 self._check_on(conn)
         except psycopg.Error as exc:
             self.lose(exc)
+        else:
+            self._checked_at = time.monotonic()
 
     def _reconnect(self) -> None:
         old, self._pool = self._pool, None

@@ -40,6 +40,12 @@ if TYPE_CHECKING:  # a server on SQLite never loads the PostgreSQL driver
     Connection = psycopg.Connection[tuple[Any, ...]]
 
 _NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+# An instance's heartbeat, by the database's clock (the store's watcher writes it every
+# retry_ms; a claim writes it too, ORCH-STATE-0037).
+HEARTBEAT = (
+    f"INSERT INTO instances (instance_id, heartbeat_ms) VALUES (%s, {_NOW_MS}) "
+    "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
+)
 _T = ", ".join(f"t.{c}" for c in TASK_COLUMNS)
 _OPEN = "t.state IN ('queued', 'running')"
 _NO_ENTRY = "NOT EXISTS (SELECT 1 FROM queue_entries q WHERE q.task_id = t.task_id)"
@@ -156,11 +162,14 @@ class PgQueue:
         write: Callable[[], AbstractContextManager[None]],
         instance_id: str,
         instance_ttl_ms: int,
+        heartbeat_age_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._connection = connection
         self._write = write
         self.instance_id = instance_id
         self._ttl_ms = instance_ttl_ms
+        # Seconds since this instance's heartbeat last reached the database.
+        self.heartbeat_age_s = heartbeat_age_s
 
     def admit(
         self,
@@ -289,6 +298,9 @@ class PgQueue:
         self, conn: Connection, row: TaskRow, replica_id: str, flow: tuple[int, str, int]
     ) -> None:
         band, name, weight = flow
+        # A lease lives as long as its instance's heartbeat: written with it, the survivors
+        # never count it dead before it expires (ORCH-STATE-0037).
+        conn.execute(HEARTBEAT, (self.instance_id,))
         conn.execute("DELETE FROM queue_entries WHERE task_id = %s", (row.task_id,))
         conn.execute(
             "UPDATE tasks SET instance_id = %s WHERE task_id = %s", (self.instance_id, row.task_id)

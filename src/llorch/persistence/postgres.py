@@ -32,12 +32,13 @@ from llorch.persistence import pg_budgets, pg_schema, rows
 from llorch.persistence.cluster import Cluster
 from llorch.persistence.pg_control import PgCluster
 from llorch.persistence.pg_link import Link, Pool
-from llorch.persistence.pg_queue import PgQueue
+from llorch.persistence.pg_queue import HEARTBEAT, PgQueue
 from llorch.persistence.rows import (
     ADMIT_COLUMNS,
     SESSION_COLUMNS,
     TASK_COLUMNS,
     ArtifactInsert,
+    EndedElsewhere,
     Reservation,
     SessionRow,
     TaskRow,
@@ -58,10 +59,6 @@ _INSERT_TASK = (
 )
 # The database's clock, in milliseconds: instances' heartbeats and their expiry agree on it.
 _NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
-_HEARTBEAT = (
-    f"INSERT INTO instances (instance_id, heartbeat_ms) VALUES (%s, {_NOW_MS}) "
-    "ON CONFLICT (instance_id) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
-)
 # The tasks in some states that are this instance's to reconcile, claimed for it: its own, those
 # of no instance, and those of instances whose heartbeat expired; never a live instance's.
 _CLAIM = (
@@ -113,7 +110,7 @@ class PostgresStorage:
         instance_id = instance[0]
 
         def heartbeat(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-            conn.execute(_HEARTBEAT, (instance_id,))
+            conn.execute(HEARTBEAT, (instance_id,))
 
         try:
             conninfo = _conninfo(url, timeout_ms)
@@ -148,7 +145,13 @@ class PostgresStorage:
     @functools.cached_property
     def queue(self) -> PgQueue:
         """The pools' shared queues and the replicas' slot leases (ORCH-STATE-0030)."""
-        return PgQueue(self._connection, self._write, self._instance_id, self._instance_ttl_ms)
+        return PgQueue(
+            self._connection,
+            self._write,
+            self._instance_id,
+            self._instance_ttl_ms,
+            heartbeat_age_s=self._link.heartbeat_age_s,
+        )
 
     @property
     def write_failing(self) -> bool:
@@ -267,10 +270,12 @@ class PostgresStorage:
         but the lease's release when the task has ended already (another instance took it over
         and ended it, or a commit whose answer was lost is tried again; its reservation went
         with that end, so settle charges nothing): a task ends and is charged once
-        (ORCH-STATE-0036)."""
+        (ORCH-STATE-0036); then, once committed, EndedElsewhere with the stored row
+        (ORCH-STATE-0038)."""
         task_sets = ", ".join(f"{k} = %s" for k in task_values)
         session_sets = ", ".join(f"{k} = %s" for k in session_values)
         overrun = None
+        stored = None
         with self._write(), self._connection() as conn, conn.transaction():
             if used is not None:  # first: the session row's lock before the task row's
                 overrun = pg_budgets.settle(conn, task_id, session_id, used)
@@ -282,14 +287,19 @@ class PostgresStorage:
                 (*task_values.values(), task_id),
             )
             if ended.rowcount == 0:
-                return overrun
-            if trace is not None:
-                _insert_artifact(conn, trace)
-            if session_values:
-                conn.execute(
-                    f"UPDATE sessions SET {session_sets} WHERE session_id = %s",
-                    (*session_values.values(), session_id),
-                )
+                stored = conn.execute(
+                    f"SELECT {_TASKS} FROM tasks WHERE task_id = %s", (task_id,)
+                ).fetchone()
+            else:
+                if trace is not None:
+                    _insert_artifact(conn, trace)
+                if session_values:
+                    conn.execute(
+                        f"UPDATE sessions SET {session_sets} WHERE session_id = %s",
+                        (*session_values.values(), session_id),
+                    )
+        if stored is not None:
+            raise EndedElsewhere(rows.task_row(stored))
         return overrun
 
     def record_progress(self, progress: Sequence[tuple[str, int]], now_ms: int) -> None:

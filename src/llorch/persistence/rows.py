@@ -58,6 +58,15 @@ class TaskRow:
     progress_ms: int | None = None
 
 
+class EndedElsewhere(Exception):
+    """A task's end was recorded, but the task had ended already (another instance took it
+    over and ended it, ORCH-STATE-0038): ``row`` is its stored final row, the one to tell."""
+
+    def __init__(self, row: TaskRow) -> None:
+        super().__init__(f"task {row.task_id} ended already ({row.state})")
+        self.row = row
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Budget amounts: what a task may spend at most (held until it ends), or what it used."""

@@ -105,7 +105,9 @@ class Storage(Protocol):
     ) -> Reservation | None:
         """The task's final row, its session's charge and its trace's row, together. A store
         that holds reservations releases the task's own there and charges ``used`` (at most
-        once per task), returning the usage the session could not pay."""
+        once per task), returning the usage the session could not pay. A store that several
+        instances share raises EndedElsewhere (after its commit) when the task had ended
+        already: its stored row is the end to tell (ORCH-STATE-0038)."""
         ...
 
     def update_task(self, task_id: str, **values: Any) -> None: ...

@@ -12,7 +12,8 @@ elsewhere builds one from the row. Whoever takes a queued task out of the queue 
 Dispatchers wake on their own admissions (``pool.wakeup``, or :meth:`ClusterQueue.wake`, the
 hook a NOTIFY listener can call) and otherwise poll every ``database.poll_ms``; every
 ``database.sweep_ms`` an instance takes over the running tasks of instances whose heartbeat
-expired and ends them WORKER_RESET.
+expired and ends them WORKER_RESET; an instance whose own heartbeat has not reached the
+database for most of its life stops its runs first (:meth:`ClusterQueue.fence`, ORCH-STATE-0037).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class ClusterQueue:
         self.poll_s = settings.database.poll_ms / 1000
         self.sweep_s = settings.database.sweep_ms / 1000
         self._ttl_s = settings.database.instance_ttl_ms / 1000
+        # Cut off from the database this long, the instance stops its runs (ORCH-STATE-0037):
+        # its fence is checked every sweep, and a survivor looks one sweep after the TTL.
+        self.fence_s = max(self._ttl_s - 3 * self.sweep_s, self._ttl_s / 2)
         self.waiting: dict[str, TaskRecord] = {}
         self._requeues: dict[str, Entry] = {}  # sent back while storage refused the write
         self.revive: Revive = lambda row: None  # set by the admitter
@@ -282,6 +286,8 @@ class ClusterQueue:
         while True:
             await asyncio.sleep(self.sweep_s)
             now = loop.time()
+            if self.store.heartbeat_age_s() >= self.fence_s:
+                self.fence()
             # Only once the database has answered this instance for a whole TTL: after an
             # outage, the other instances' heartbeats look expired until they write again.
             adopt = reachable_since is not None and now - reachable_since >= self._ttl_s
@@ -292,6 +298,29 @@ class ClusterQueue:
                 log.warning("could not sweep the shared queue: %s", exc)
             else:
                 reachable_since = now if reachable_since is None else reachable_since
+
+    def fence(self) -> None:
+        """This instance's heartbeat has not reached the database for most of its life: the
+        survivors are about to end its running tasks WORKER_RESET and count its leases dead.
+        Stop their engine calls first, ending them WORKER_RESET too (ORCH-STATE-0037)."""
+        why = (
+            "this instance lost the database for longer than its heartbeat lasts; "
+            "the task was stopped and may be submitted again"
+        )
+        stopped = 0
+        for record in list(self._registry.live.values()):
+            if record.runner is None or record.ending or record.reset_why is not None:
+                continue
+            record.reset_why = why
+            record.runner.cancel()
+            stopped += 1
+        if stopped:
+            log.error(
+                "cut off from the database for %.1f s: stopped %d running tasks",
+                self.store.heartbeat_age_s(),
+                stopped,
+                extra={"event": "instance_fenced", "tasks": stopped},
+            )
 
     def sweep(self, *, adopt: bool = True) -> None:
         """End the running tasks of instances whose heartbeat expired (WORKER_RESET), send

@@ -46,6 +46,7 @@ from llorch.errors import (
     EngineTimeout,
     LlorchError,
     StorageUnavailable,
+    WorkerReset,
 )
 from llorch.persistence import Storage, when_free
 from llorch.scheduler.pools import PoolRuntime, Replica
@@ -111,10 +112,8 @@ class EngineCall:
         except asyncio.CancelledError:
             self._release()
             if not record.ending:  # else it was cancelled while its end was written: it ended
-                settlement.end_now(
-                    record, CANCELED, finish_reason="canceled", tokens_out=record.tokens_out
-                )
-            if not record.cancel_requested:
+                self._end_stopped()
+            if not record.cancel_requested and record.reset_why is None:
                 raise
             return
         except Exception as exc:  # a bug: the task still ends, loudly
@@ -126,6 +125,16 @@ class EngineCall:
         except asyncio.CancelledError:
             if not record.cancel_requested:
                 raise
+
+    def _end_stopped(self) -> None:
+        """End a task whose run was stopped: canceled, or WORKER_RESET when its instance
+        stopped it for losing the database (ORCH-STATE-0037)."""
+        record, settlement = self.record, self._ctx.settlement
+        if record.reset_why is not None:
+            error = WorkerReset(record.reset_why)
+            settlement.end_now(record, FAILED, error=error, tokens_out=record.tokens_out)
+            return
+        settlement.end_now(record, CANCELED, finish_reason="canceled", tokens_out=record.tokens_out)
 
     async def _attempt(self) -> tuple[str, dict[str, Any]] | None:
         """Call the task's engine (which starts it): the state it ends in, and how; None when

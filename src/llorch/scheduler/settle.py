@@ -22,9 +22,10 @@ its last progress checkpoint recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from llorch.artifacts import ArtifactStore
@@ -33,7 +34,7 @@ from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.engines.base import estimate_tokens_in
 from llorch.errors import EngineError, LlorchError, StorageError, WorkerReset
-from llorch.persistence import ArtifactInsert, Storage, TaskRow
+from llorch.persistence import ArtifactInsert, EndedElsewhere, Storage, TaskRow
 from llorch.scheduler.ending import Ending, conclude, error_columns, terminal_frame, trace_document
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.registry import Registry
@@ -155,7 +156,12 @@ class Settlement:
         }
         used = Reservation(tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost)
         settled = self._sessions.settle(row.session_id, row.task_id, used)
-        self._db.finish_task(row.task_id, values, row.session_id, settled.values, used=settled.used)
+        try:
+            self._db.finish_task(
+                row.task_id, values, row.session_id, settled.values, used=settled.used
+            )
+        except EndedElsewhere:
+            return  # another instance ended it first: it ended once
         log.info(
             "task ended by the restart",
             extra={
@@ -187,7 +193,8 @@ class Settlement:
         }
         if self._db.holds_reservations:  # its reservation is released there, nothing charged
             nothing = Reservation(0, 0, 0.0)
-            self._db.finish_task(row.task_id, values, row.session_id, {}, used=nothing)
+            with contextlib.suppress(EndedElsewhere):  # ended elsewhere first: it ended once
+                self._db.finish_task(row.task_id, values, row.session_id, {}, used=nothing)
             return
         self._db.update_task(row.task_id, **values)
 
@@ -229,8 +236,9 @@ class Settlement:
     def _close(self, ending: Ending, trace: ArtifactInsert | None) -> None:
         """Commit the end, then publish it once the commit is durable; when storage refuses
         the commit, retry it until it commits."""
-        if self._commit(ending, trace):
-            self._db.when_durable(lambda: self._publish(ending))
+        told = self._commit(ending, trace)
+        if told is not None:
+            self._db.when_durable(lambda: self._publish(told))
             return
         retry = asyncio.get_running_loop().create_task(
             self._commit_until_durable(ending, trace), name=f"end:{ending.record.task_id}"
@@ -238,9 +246,11 @@ class Settlement:
         self._retries.add(retry)
         retry.add_done_callback(self._retries.discard)
 
-    def _commit(self, ending: Ending, trace: ArtifactInsert | None) -> bool:
+    def _commit(self, ending: Ending, trace: ArtifactInsert | None) -> Ending | None:
         """Release the reservation and commit usage, the final row and the trace's row in one
-        transaction; False (the reservation held again) when storage refused it."""
+        transaction; the ending to tell (the stored one when another instance ended the task
+        first, ORCH-STATE-0038), or None (the reservation held again) when storage refused
+        it."""
         record = ending.record
         values = ending.values | {"trace_artifact_id": None if trace is None else trace.artifact_id}
         used = Reservation(
@@ -256,6 +266,14 @@ class Settlement:
                 trace=trace,
                 used=settled.used,
             )
+        except EndedElsewhere as elsewhere:
+            log.warning(
+                "task %s ended on another instance first (%s); its stored end is told",
+                record.task_id,
+                elsewhere.row.state,
+                extra={"event": "task_ended_elsewhere", "task_id": record.task_id},
+            )
+            return _as_stored(ending, elsewhere.row)
         except StorageError as exc:
             self._sessions.reserve(record.session_id, record.task_id, record.reservation)
             log.error(
@@ -264,15 +282,15 @@ class Settlement:
                 exc,
                 extra={"event": "task_end_deferred", "task_id": record.task_id},
             )
-            return False
+            return None
         self._record_overrun(record, settled.overrun or overrun)
-        return True
+        return ending
 
     async def _commit_until_durable(self, ending: Ending, trace: ArtifactInsert | None) -> None:
         delay = _RETRY_FIRST_S
         while True:
             await asyncio.sleep(delay)
-            if self._commit(ending, trace):
+            if (told := self._commit(ending, trace)) is not None:
                 break
             delay = min(2 * delay, _RETRY_MAX_S)
         log.info(
@@ -280,7 +298,7 @@ class Settlement:
             ending.record.task_id,
             extra={"event": "task_end_recorded", "task_id": ending.record.task_id},
         )
-        self._db.when_durable(lambda: self._publish(ending))
+        self._db.when_durable(lambda: self._publish(told))
 
     def _publish(self, ending: Ending) -> None:
         """The end is durable: the terminal frame, the live task forgotten, metrics and log."""
@@ -398,6 +416,20 @@ def replay_from_row(row: TaskRow) -> EventStream:
     else:
         stream.publish(*terminal_frame(asdict(row)))
     return stream
+
+
+def _as_stored(ending: Ending, row: TaskRow) -> Ending:
+    """The ending as another instance recorded it: its state, usage and terminal frame."""
+    return replace(
+        ending,
+        state=row.state,
+        finish_reason=row.finish_reason,
+        values=asdict(row),
+        terminal=terminal_frame(asdict(row)),
+        tokens_in=row.tokens_in,
+        tokens_out=row.tokens_out,
+        cost=row.cost,
+    )
 
 
 def _trace_missing(ending: Ending, exc: Exception) -> None:

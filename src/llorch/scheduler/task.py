@@ -69,6 +69,9 @@ class TaskRecord:
     # Times its engine refused it as busy and it went back to the queue (ORCH-ENG-0015).
     requeues: int = 0
     cancel_requested: bool = False
+    # Why its run is stopped to end it WORKER_RESET rather than canceled (its instance lost
+    # the database for most of a heartbeat's life, ORCH-STATE-0037).
+    reset_why: str | None = None
     # Its end is decided and being written (scheduler.ending.conclude); nothing may end it again.
     ending: bool = False
     runner: asyncio.Task[None] | None = None
