@@ -18,6 +18,8 @@ from llorch.errors import TaskNotFound
 from llorch.persistence import Database, SessionRow, TaskRow
 from llorch.scheduler import Scheduler
 from llorch.scheduler.events import Event, EventStream
+from llorch.scheduler.pools import Replica
+from llorch.scheduler.task import TaskRecord
 from llorch.sessions import SessionService
 from tests.conftest import SettingsFactory
 from tests.support import pool, task_body
@@ -328,6 +330,31 @@ async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
     assert (row.state, row.replica_id) == ("succeeded", "default-1")
     assert session.row.last_replica_id == "default-1"
     assert [r.breaker.consecutive_failures for r in replicas] == [1, 0]
+
+
+@pytest.mark.req("ORCH-STATE-0033")
+async def test_a_retry_stays_on_its_replica_when_the_cluster_leases_every_slot_of_the_other(
+    settings_for: SettingsFactory,
+) -> None:
+    failure = {"mode": "before_first_token", "replicas": [0]}
+    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
+    order = {"tie_break": "replica_order"}
+    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
+    asked: list[tuple[str, str]] = []
+
+    def leased_elsewhere(record: TaskRecord, replica: Replica) -> bool:
+        asked.append((record.task_id, replica.id))
+        return False  # as the shared queue answers when other instances lease its slots
+
+    async with running(settings_for(raw)) as run:
+        run.scheduler.registry.pools["default"].move_slot = leased_elsewhere
+        task_id = run.submit(max_tokens=3)
+        events = await until_end(run.scheduler.stream(task_id))
+        row = run.row(task_id)
+
+    assert asked == [(task_id, "default-1")]
+    assert [e.kind for e in events] == ["started", "error"]
+    assert (row.state, row.replica_id) == ("failed", "default-0")
 
 
 @pytest.mark.parametrize("attempts", [1, 2, 3])

@@ -132,6 +132,26 @@ def test_a_replicas_leases_count_for_every_instance_until_they_end(
     assert claim_all(a.queue, slots=1) == ["t2"]
 
 
+@pytest.mark.req("ORCH-STATE-0033")
+def test_a_task_moves_its_lease_only_to_a_replica_with_a_slot_free_by_every_instance(
+    stores: tuple[PostgresStorage, PostgresStorage], postgres_url: str
+) -> None:
+    a, b = stores
+    for task_id in ("t1", "t2"):
+        admit(a.queue, task_id)
+    assert a.queue.claim(POOL, {"r0": 1}, lambda row, free: "r0") is not None  # t1 on r0
+    assert b.queue.claim(POOL, {"r1": 1}, lambda row, free: "r1") is not None  # t2 on r1
+
+    # r1's one slot is B's: A's task cannot move there; once B's task ends, it can.
+    assert a.queue.move_lease("t1", POOL, "r1", 1) is False
+    b.finish_task("t2", {"state": "succeeded"}, "s-t2", {})
+    assert a.queue.move_lease("t1", POOL, "r1", 1) is True
+
+    with psycopg.connect(postgres_url) as conn:
+        leases = conn.execute("SELECT task_id, replica_id FROM slot_leases").fetchall()
+    assert leases == [("t1", "r1")]
+
+
 @pytest.mark.req("ORCH-STATE-0034")
 def test_a_deadline_check_refuses_the_admission_in_its_transaction(
     stores: tuple[PostgresStorage, PostgresStorage],

@@ -268,6 +268,20 @@ class PgQueue:
                 self._count_batch_share(conn, pool_id, band)
         return row, replica_id
 
+    def move_lease(self, task_id: str, pool_id: str, replica_id: str, slots: int) -> bool:
+        """Move a running task's lease to ``replica_id`` if its live leases leave one of its
+        ``slots`` free, under the pool's lock as a claim counts them; whether it moved."""
+        with self._write(), self._connection() as conn, conn.transaction():
+            conn.execute(_LOCK, (pool_id,))
+            leased: dict[str, int] = dict(conn.execute(_LEASED, (pool_id, self._ttl_ms)).fetchall())
+            if int(leased.get(replica_id, 0)) >= slots:
+                return False
+            moved = conn.execute(
+                "UPDATE slot_leases SET replica_id = %s WHERE task_id = %s AND instance_id = %s",
+                (replica_id, task_id, self.instance_id),
+            )
+        return moved.rowcount == 1
+
     def _head(self, conn: Connection, pool_id: str, batch_every: int) -> tuple[Any, ...] | None:
         """The queue head, batch's when its guaranteed share is due."""
         if batch_every:

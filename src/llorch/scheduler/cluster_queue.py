@@ -33,7 +33,7 @@ from llorch.persistence.pg_queue import Entry, PgQueue
 from llorch.scheduler.ending import terminal_frame
 from llorch.scheduler.events import EventStream
 from llorch.scheduler.placement import Candidate, choose, prompt_text
-from llorch.scheduler.pools import Placement, PoolRuntime
+from llorch.scheduler.pools import Placement, PoolRuntime, Replica
 from llorch.scheduler.queue import PRIORITIES, batch_every
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.settle import Settlement
@@ -92,6 +92,7 @@ class ClusterQueue:
         self.announce: Callable[[str], None] = lambda pool_id: None
         for pool in registry.pools.values():
             pool.send_back = functools.partial(self.requeue, pool)
+            pool.move_slot = functools.partial(self.move_slot, pool)
 
     def wake(self, pool_id: str) -> None:
         """Wake ``pool_id``'s dispatcher: a task was queued or a slot freed (for a NOTIFY)."""
@@ -277,6 +278,16 @@ class ClusterQueue:
         else:
             self.announce(pool.id)
         pool.wakeup.set()
+
+    def move_slot(self, pool: PoolRuntime, record: TaskRecord, replica: Replica) -> bool:
+        """Move a running task's lease to ``replica`` if it has a slot free by the leases of
+        every instance (before the task's first token, ORCH-STATE-0033); False if not, or if
+        storage refused the move."""
+        try:
+            return self.store.move_lease(record.task_id, pool.id, replica.id, replica.engine.slots)
+        except StorageError as exc:
+            log.warning("task %s: could not move its slot lease: %s", record.task_id, exc)
+            return False
 
     # -- the sweep --------------------------------------------------------------------------
 

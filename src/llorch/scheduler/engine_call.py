@@ -360,6 +360,8 @@ class EngineCall:
         if other is None:
             return  # _can_retry saw the current replica still serving
         record = self.record
+        if self.pool.move_slot is not None and not self.pool.move_slot(record, other):
+            return  # its slots are all leased by the instances: retried where it is
         place = functools.partial(
             self._db.place_task,
             record.task_id,

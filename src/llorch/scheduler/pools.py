@@ -161,6 +161,10 @@ class PoolRuntime:
         self.wakeup = asyncio.Event()
         # In cluster mode: where a task its engine refused goes back (the shared queue).
         self.send_back: Callable[[TaskRecord], None] | None = None
+        # In cluster mode: whether a running task may move its slot to another replica (its
+        # lease moved in the database, if that replica has a slot free by every instance's
+        # leases, ORCH-STATE-0033); on one instance the replicas' own counts decide.
+        self.move_slot: Callable[[TaskRecord, Replica], bool] | None = None
         self._ended = asyncio.Event()
         # Queued tasks' wait limits, soonest first: (loop time, tie-break, task).
         self._wait_limits: list[tuple[float, int, TaskRecord]] = []
