@@ -56,7 +56,7 @@ def admit(
     return victim
 
 
-def first(row: TaskRow, free: Mapping[str, int]) -> str | None:
+def first(row: TaskRow, free: Mapping[str, int], affinity: str | None) -> str | None:
     return min(free)
 
 

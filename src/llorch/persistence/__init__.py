@@ -5,7 +5,7 @@ implementation (:mod:`llorch.persistence.postgres`) and the rows llorch keeps.""
 from llorch.persistence.cluster import Cluster, PoolControl
 from llorch.persistence.db import Database
 from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
-from llorch.persistence.storage import Storage, open_storage, when_free
+from llorch.persistence.storage import Storage, open_storage, retry_busy, when_free
 
 __all__ = [
     "ArtifactInsert",
@@ -17,5 +17,6 @@ __all__ = [
     "Storage",
     "TaskRow",
     "open_storage",
+    "retry_busy",
     "when_free",
 ]

@@ -276,9 +276,11 @@ class EngineCall:
         assert self.first_token_at is not None
         elapsed = asyncio.get_running_loop().time() - self.first_token_at
         try:
-            left = self._ctx.sessions.remaining_in_stream(record.session_id)
+            left = self._ctx.sessions.stream_remaining(record.session_id)
         except StorageUnavailable:
             return  # tokens go on; a later metrics frame carries the budgets (ORCH-STATE-0010)
+        if left is None:
+            return  # the budgets are being read off the loop: a later frame carries them
         tokens_out = record.tokens_out
         record.events.publish(
             "metrics",

@@ -368,9 +368,18 @@ class PoolRuntime:
 
     def wait_s(self, position: int) -> float:
         """Predicted wait before a task at ``position`` starts."""
-        free = sum(r.free for r in self.replicas)
-        ahead = position - free + 1
-        return 0.0 if ahead <= 0 else ahead * self.drain_interval_s()
+        return self.wait_at()(position)
+
+    def wait_at(self) -> Callable[[int], float]:
+        """:meth:`wait_s` as the pool is now, a function of the position alone (for a check
+        that runs in a storage call's worker thread)."""
+        free, interval = sum(r.free for r in self.replicas), self.drain_interval_s()
+
+        def wait_s(position: int) -> float:
+            ahead = position - free + 1
+            return 0.0 if ahead <= 0 else ahead * interval
+
+        return wait_s
 
     def retry_after(self) -> tuple[int, int]:
         """(Retry-After seconds, backoff milliseconds) until a queue place should free up."""
