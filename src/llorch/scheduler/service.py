@@ -370,6 +370,7 @@ class Scheduler:
         """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's
         task is not found, rather than forbidden: its existence is not told)."""
         row = await self._db.run(self._db.get_task, task_id)
+        await self._settlement.settled()  # an end the read saw committed is published first
         if row is None or not caller.can_see(row.owner):
             raise TaskNotFound(f"task {task_id} not found")
         return row
@@ -401,6 +402,7 @@ class Scheduler:
             before_seq=before,
             owner=caller.visible_to,
         )
+        await self._settlement.settled()  # ends the read saw committed are published first
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
         return TaskPage(tuple(task_snapshot(self.registry, r) for r in page), next_cursor)
