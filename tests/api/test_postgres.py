@@ -142,8 +142,9 @@ async def test_a_quarantined_task_releases_its_reservation_on_postgresql(
         conn.execute("UPDATE tasks SET request_json = '{\"model\": ' WHERE task_id = %s", (broken,))
 
     async with in_process(settings_for({"database": database, "pools": [pool()]})) as api:
-        ended = (await api.client.get(f"/v1/tasks/{broken}")).json()
-        assert ended["state"] == "failed" and ended["error"]["code"] == "WORKER_RESET"
+        # Its claim (the dispatcher's first) runs off the loop: a read may come before it.
+        ended = await api.wait_state(broken, "failed")
+        assert ended["error"]["code"] == "WORKER_RESET"
     with psycopg.connect(postgres_url) as conn:
         held = conn.execute(
             "SELECT tokens_reserved, time_ms_reserved, cost_reserved FROM sessions "

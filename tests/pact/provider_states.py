@@ -170,7 +170,7 @@ class ProviderStates:
             await _until(functools.partial(self._admitted, body), f"a place for {task_id}")
             ids.append(task_id)
 
-    def _admitted(self, body: dict[str, Any]) -> bool:
+    async def _admitted(self, body: dict[str, Any]) -> bool:
         try:
             self.rt.scheduler.admit(body, "pact-fill")
         except AdmissionReject:
@@ -320,22 +320,28 @@ async def _every_replica_down(s: ProviderStates, _p: Params) -> dict[str, Any]:
     async def back_up() -> None:
         for engine, failure in before:
             engine.inject(failure)
-        await _until(lambda: s.rt.not_ready_reason() is None, "a pool to be ready again")
+        await _until(lambda: _ready(s, True), "a pool to be ready again")
 
     s._undo.append(back_up)
-    await _until(lambda: s.rt.not_ready_reason() is not None, "every pool to be unready")
+    await _until(lambda: _ready(s, False), "every pool to be unready")
     return {}
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+async def _until(
+    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15.0
+) -> None:
     # The health loop probes every pool each health_interval_ms and signals no event for a
     # replica going down: poll its verdict (test profile only, bounded by the timeout).
     try:
         async with asyncio.timeout(timeout_s):
-            while not condition():  # noqa: ASYNC110
+            while not await condition():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise StateError(f"timed out waiting for {what}") from None
+
+
+async def _ready(s: ProviderStates, ready: bool) -> bool:
+    return (await s.rt.not_ready_reason() is None) == ready
 
 
 async def _storage_locked(s: ProviderStates, p: Params) -> dict[str, Any]:

@@ -342,7 +342,7 @@ async def test_a_retry_stays_on_its_replica_when_the_cluster_leases_every_slot_o
     raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
     asked: list[tuple[str, str]] = []
 
-    def leased_elsewhere(record: TaskRecord, replica: Replica) -> bool:
+    async def leased_elsewhere(record: TaskRecord, replica: Replica) -> bool:
         asked.append((record.task_id, replica.id))
         return False  # as the shared queue answers when other instances lease its slots
 

@@ -56,7 +56,7 @@ def admit(
     return victim
 
 
-def first(row: TaskRow, free: Mapping[str, int]) -> str | None:
+def first(row: TaskRow, free: Mapping[str, int], affinity: str | None) -> str | None:
     return min(free)
 
 
@@ -139,8 +139,8 @@ def test_a_task_moves_its_lease_only_to_a_replica_with_a_slot_free_by_every_inst
     a, b = stores
     for task_id in ("t1", "t2"):
         admit(a.queue, task_id)
-    assert a.queue.claim(POOL, {"r0": 1}, lambda row, free: "r0") is not None  # t1 on r0
-    assert b.queue.claim(POOL, {"r1": 1}, lambda row, free: "r1") is not None  # t2 on r1
+    assert a.queue.claim(POOL, {"r0": 1}, lambda row, free, affinity: "r0") is not None  # t1 on r0
+    assert b.queue.claim(POOL, {"r1": 1}, lambda row, free, affinity: "r1") is not None  # t2 on r1
 
     # r1's one slot is B's: A's task cannot move there; once B's task ends, it can.
     assert a.queue.move_lease("t1", POOL, "r1", 1) is False

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from llorch.api.auth import AuthKeys, operation_scopes
 from llorch.api.sse import SlowClientGuard, WriteWatch
@@ -29,6 +29,7 @@ log = logging.getLogger("llorch")
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
@@ -78,19 +79,26 @@ class Runtime:
             raise RuntimeError("the runtime is not started")
         return self._artifacts
 
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(*args, **kwargs)`` through :meth:`Storage.run`: a read of storage (and of
+        nothing else) off the event loop where the store wants it."""
+        if self._db is None:
+            raise RuntimeError("the runtime is not started")
+        return await self._db.run(call, *args, **kwargs)
+
     async def when_free(self, write: Callable[[], T]) -> T:
         """``write()``, tried again while the database's write lock is held elsewhere."""
         if self._db is None:
             raise RuntimeError("the runtime is not started")
         return await when_free(self._db, write)
 
-    def not_ready_reason(self) -> str | None:
+    async def not_ready_reason(self) -> str | None:
         """Why the server should not get traffic, or None when it is ready."""
         if self._db is None or self._scheduler is None:
             return "starting: the database is not open and verified yet"
         if self._scheduler.closing:
             return "shutting down"
-        if self._db.write_failing and not self._db.probe_write():
+        if self._db.write_failing and not await self._db.run(self._db.probe_write):
             return (
                 "storage failing: the most recent database write failed; "
                 "ready again once one succeeds"

@@ -11,7 +11,7 @@ from llorch.persistence.rows import (
     SessionRow,
     TaskRow,
 )
-from llorch.persistence.storage import Storage, open_storage, when_free
+from llorch.persistence.storage import Storage, open_storage, retry_busy, when_free
 
 __all__ = [
     "ArtifactInsert",
@@ -24,5 +24,6 @@ __all__ = [
     "Storage",
     "TaskRow",
     "open_storage",
+    "retry_busy",
     "when_free",
 ]

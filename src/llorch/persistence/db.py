@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from llorch.errors import StorageBusy, StorageCorrupt, StorageError
 from llorch.persistence import rows
@@ -112,7 +112,14 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
 class Database:
+    # Calls run inline (Storage.run): a local file answers in microseconds, and the one
+    # connection is not thread-safe.
+    offloads = False
     # Session reservations are held by the one process (SessionService), not in the file.
     holds_reservations = False
     # One process: nothing is shared with other instances.
@@ -173,6 +180,10 @@ class Database:
 
     def close(self) -> None:
         self._conn.close()
+
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(*args, **kwargs)``, inline: nothing else runs on the loop meanwhile."""
+        return call(*args, **kwargs)
 
     @property
     def needs_sync(self) -> bool:

@@ -4,10 +4,11 @@ While the server answers, :meth:`Link.pool` hands out the pool, and a watcher th
 ``check`` on a connection every ``retry_s`` (the instance's heartbeat): an outage is noticed,
 and readiness follows it, on a server that gets no traffic. Once a call or the watcher finds
 the server gone (a broken connection, no connection within the budget), the link is *lost*:
-every call is refused at once with :class:`llorch.errors.StorageUnavailable` (nothing waits on
-the event loop), the old pool is closed, and the watcher tries a new one every ``retry_s``
-until the server answers again. Only the event loop's thread calls :meth:`pool`; the watcher
-swaps the pool in before it clears the loss, so a call never gets a pool closed for good.
+every call is refused at once with :class:`llorch.errors.StorageUnavailable` (nothing waits for
+a server that is gone), the old pool is closed, and the watcher tries a new one every
+``retry_s`` until the server answers again. The store's worker threads call :meth:`pool`; the
+watcher swaps the pool in before it clears the loss, so a call never gets a pool closed for
+good (one that got the old pool just before a loss fails, and is translated as the loss).
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ class Link:
 
     def pool(self) -> Pool:
         """The pool; StorageUnavailable at once while the server is lost."""
-        if self._lost.is_set() or self._pool is None:
+        pool = self._pool  # read once: the watcher may swap it meanwhile
+        if self._lost.is_set() or pool is None:
             raise StorageUnavailable(
                 "the database is unreachable; it is tried again every "
                 f"{round(self._retry_s * 1000)} ms",
                 retry_after_ms=round(self._retry_s * 1000),
             )
-        return self._pool
+        return pool
 
     def lose(self, cause: BaseException) -> None:
-        """The server is gone: refuse calls from now on, and reconnect off the event loop."""
+        """The server is gone: refuse calls from now on, and reconnect in the watcher thread."""
         if self._lost.is_set():
             return
         log.warning(

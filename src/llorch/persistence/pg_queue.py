@@ -151,8 +151,9 @@ class Expired:
 
 
 # What a claim asks its caller: the replica (of those with a free slot, and how many free) for
-# the queue head's row; None leaves the head queued.
-Chooser = Callable[[TaskRow, Mapping[str, int]], str | None]
+# the queue head's row, given its session's last replica (an affinity hint; None when the
+# session is gone); None leaves the head queued.
+Chooser = Callable[[TaskRow, Mapping[str, int], str | None], str | None]
 
 
 class PgQueue:
@@ -235,11 +236,12 @@ class PgQueue:
 
     def claim(
         self, pool_id: str, slots: Mapping[str, int], choose: Chooser, batch_every: int = 0
-    ) -> tuple[TaskRow, str] | None:
+    ) -> tuple[TaskRow, str, str | None] | None:
         """Claim the head of ``pool_id``'s queue for this instance with a lease on the replica
         ``choose`` picks among ``slots`` (replica id → its slots, for the replicas this instance
         may place on) that have a free slot by the live leases; None when there is no head, no
-        free slot, or ``choose`` declines; else its row and the leased replica. With
+        free slot, or ``choose`` declines; else its row, the leased replica and the affinity
+        hint ``choose`` was given. With
         ``batch_every`` (scheduler.queue.batch_every), every so many dispatches go to batch while
         it waits, as on one instance."""
         with self._write(), self._connection() as conn, conn.transaction():
@@ -260,13 +262,18 @@ class PgQueue:
                 conn.execute("DELETE FROM queue_entries WHERE task_id = %s", (task_id,))
                 return None
             row = rows.task_row(found)
-            replica_id = choose(row, free)
+            hint = conn.execute(
+                "SELECT last_replica_id FROM sessions WHERE session_id = %s AND deleted = 0",
+                (row.session_id,),
+            ).fetchone()
+            affinity = None if hint is None or hint[0] is None else str(hint[0])
+            replica_id = choose(row, free, affinity)
             if replica_id is None or replica_id not in free:
                 return None
             self._lease(conn, row, replica_id, (band, flow, weight))
             if batch_every:
                 self._count_batch_share(conn, pool_id, band)
-        return row, replica_id
+        return row, replica_id, affinity
 
     def move_lease(self, task_id: str, pool_id: str, replica_id: str, slots: int) -> bool:
         """Move a running task's lease to ``replica_id`` if its live leases leave one of its

@@ -5,8 +5,13 @@ It implements :class:`llorch.persistence.storage.Storage` with the queries of th
 gives it. Every ``psycopg.Error`` (the pool's timeouts included) is translated here, once, into
 :class:`llorch.errors.StorageError` with the cause kept.
 
-The calls are synchronous, like the interface: each one blocks the event loop for a round trip
-to the server (docs/configuration.md, "database"). ``server.storage_busy_timeout_ms`` bounds how
+The calls are synchronous, like the interface, and the scheduler makes them through
+:meth:`PostgresStorage.run`: in one of ``OFFLOAD_THREADS`` worker threads, so that a round trip
+to the server (or a server that stops answering) never blocks the event loop: requests,
+streams and ``/livez`` go on meanwhile (ORCH-STATE-0060, docs/configuration.md, "database").
+At most ``OFFLOAD_THREADS`` calls are under way at once; more wait for a thread, off the loop.
+The pool holds a connection for each thread, one for the link's heartbeat and one spare, so a
+call never waits for a connection another call holds. ``server.storage_busy_timeout_ms`` bounds how
 long a statement waits for a lock (``lock_timeout``); ``database.timeout_ms`` bounds everything
 else a call may wait for (connecting, a statement, a send or a connection the server no longer
 answers, a free connection of the pool). While the server is unreachable every call is refused
@@ -16,11 +21,14 @@ at once with :class:`llorch.errors.StorageUnavailable`, and the store reconnects
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -44,9 +52,16 @@ from llorch.persistence.rows import (
     TaskRow,
 )
 
-# Storage calls come one at a time from the event loop's thread; a few spare connections cover
-# the pool replacing a broken one.
-POOL_MAX_SIZE = 4
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# How many storage calls may be under way at once, each in a worker thread of its own: enough
+# for an admission, a read, a task's end and a dispatcher's claim to overlap on a small
+# machine; a burst beyond it queues for a thread, off the event loop.
+OFFLOAD_THREADS = 4
+# A connection for each worker thread, one for the link's watcher (the heartbeat) and one
+# spare while the pool replaces a broken one: a call never waits for another's connection.
+POOL_MAX_SIZE = OFFLOAD_THREADS + 2
 
 _TASKS = ", ".join(TASK_COLUMNS)
 _INSERT_SESSION = (
@@ -77,6 +92,8 @@ _SHOWN = {viewer: rows.shown(viewer, "%s", "%s::text") for viewer in (False, Tru
 class PostgresStorage:
     # Session reservations live in the database (persistence.pg_budgets), not in a process.
     holds_reservations = True
+    # Calls made through run() go to a worker thread: the event loop never waits on the network.
+    offloads = True
 
     def __init__(
         self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
@@ -84,7 +101,9 @@ class PostgresStorage:
         self._link = link
         self._retry_ms = retry_ms
         self._instance_id, self._instance_ttl_ms = instance
+        # Set by the worker threads' writes, read on the loop (readiness): one flag, no more.
         self._write_failing = False
+        self._threads = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="llorch-pg")
         # PostgreSQL waits for a lock inside the statement (its lock_timeout): when_free has
         # nothing to retry, as this store never raises StorageBusy.
         self.busy_budget_s = 0.0
@@ -139,7 +158,15 @@ class PostgresStorage:
     def when_durable(self, callback: Callable[[], None]) -> None:
         callback()
 
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(*args, **kwargs)`` in a worker thread (the caller's context variables with
+        it, for the log lines), the event loop free until it returns."""
+        bound = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, bound)
+
     def close(self) -> None:
+        # Calls not begun are dropped; those under way end with the pool (a StorageError).
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._link.close()
 
     @functools.cached_property

@@ -9,12 +9,19 @@ and leaves :attr:`Storage.write_failing` true until a write succeeds.
 A write never waits for a lock held elsewhere inside the call (the event loop would wait with
 it: every request and stream, ``/livez`` included): it raises :class:`llorch.errors.StorageBusy`
 at once, and :func:`when_free` tries it again between other work (ORCH-STATE-0009).
+
+The methods are synchronous; the scheduler calls them through :meth:`Storage.run`, which runs a
+call where the store wants it: inline on the event loop for SQLite (a local file, one
+connection that is not thread-safe, microseconds a call), in a worker thread for PostgreSQL (a
+network round trip: the loop serves other requests and streams meanwhile, ORCH-STATE-0060). A
+call passed to :meth:`Storage.run` touches nothing but storage: the scheduler's state is read
+before it and changed after it, on the loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -25,6 +32,7 @@ from llorch.persistence.db import Database
 from llorch.persistence.rows import ArtifactInsert, Reservation, SessionRow, TaskRow
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Storage(Protocol):
@@ -37,6 +45,17 @@ class Storage(Protocol):
     holds_reservations: bool
     # What several instances share beyond the rows (None on SQLite: one process).
     cluster: Cluster | None
+
+    # Whether :meth:`run` leaves the event loop (PostgreSQL) or calls inline (SQLite): an
+    # awaited call may then let other work run on the loop before it returns.
+    offloads: bool
+
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call(*args, **kwargs)``, one of this store's methods (or several in a function
+        that touches nothing else), where the store runs it: inline, or in a worker thread
+        with the event loop free meanwhile. Cancelling the caller does not stop a call under
+        way in a thread."""
+        ...
 
     def probe_write(self) -> bool:
         """While writes fail, one write that changes nothing; whether storage takes writes."""
@@ -173,12 +192,18 @@ def open_storage(settings: Settings) -> Storage:
 
 
 async def when_free(storage: Storage, write: Callable[[], T]) -> T:
-    """``write()``; while it finds the write lock held elsewhere, tried again with backoff (2 ms
-    doubling to 100 ms) for up to ``storage.busy_budget_s``, the event loop free meanwhile; it
-    returns once the write is durable. Only a write without side effects before its transaction
-    commits may be passed."""
+    """``write()`` through :meth:`Storage.run`; while it finds the write lock held elsewhere,
+    tried again with backoff (2 ms doubling to 100 ms) for up to ``storage.busy_budget_s``, the
+    event loop free meanwhile; it returns once the write is durable. Only a write without side
+    effects before its transaction commits, that touches nothing but storage, may be passed."""
+    return await retry_busy(storage, lambda: storage.run(write))
+
+
+async def retry_busy(storage: Storage, attempt: Callable[[], Awaitable[T]]) -> T:
+    """:func:`when_free` for an ``attempt`` that awaits its own storage calls (an admission:
+    checks on the loop, its transaction through :meth:`Storage.run`)."""
     try:
-        done = write()  # the common case, without the retry machinery's cost
+        done = await attempt()  # the common case, without the retry machinery's cost
     except StorageBusy:
         if storage.busy_budget_s <= 0:
             raise
@@ -191,8 +216,8 @@ async def when_free(storage: Storage, write: Callable[[], T]) -> T:
         stop=stop_after_delay(storage.busy_budget_s),
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            done = write()
+    async for tried in retrying:
+        with tried:
+            done = await attempt()
     await storage.durable()  # the loop ends with a commit: it re-raises its last failure
     return done

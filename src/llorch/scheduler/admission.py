@@ -3,8 +3,15 @@
 Model and placement → pool; limits of the model; session (exists, TTL, turns); budgets (the
 worst case the task may spend); deadline (predicted wait + expected run time, from measured
 throughput); queue capacity and policy. Only then is the task written to the database, and only
-after that is it queued and answered 202. Everything here is synchronous: no other request can
-interleave between the checks and the enqueue.
+after that is it queued and answered 202.
+
+On the embedded store (:meth:`Admitter.admit`) everything is synchronous: no other request can
+interleave between the checks and the enqueue. In cluster mode (:meth:`Admitter.admit_shared`)
+the database reads and the admission's one transaction run in storage's worker threads, the
+event loop serving meanwhile (ORCH-STATE-0060): the checks that must be exact across instances
+(capacity, budgets, position and deadline) are made inside that transaction, and the task's
+record is registered here on the loop once it has committed, even if the request is gone by
+then.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +57,7 @@ from llorch.sessions.service import Remaining, new_id
 log = logging.getLogger("llorch.tasks")
 
 POOL_RETRY_MS = 2000  # advice while a pool has no ready replica: two health probes
+_READ = object()  # revive: read the session's replica from storage
 
 
 @dataclass(frozen=True)
@@ -102,12 +110,14 @@ def _check_limits(pool: PoolRuntime, request: CompletionRequest) -> None:
         )
 
 
-def _check_deadline(draft: _Draft) -> None:
-    """DeadlineUnmet when the predicted wait and run end after the task's deadline."""
+def _check_deadline(draft: _Draft, run_s: float | None = None) -> None:
+    """DeadlineUnmet when the predicted wait and run (``run_s``: measured now, when not
+    given) end after the task's deadline."""
     deadline_ms = draft.body.get("deadline_ms")
     if deadline_ms is None:
         return
-    run_s = draft.pool.meter.expected_run_s(draft.request.max_tokens)
+    if run_s is None:
+        run_s = draft.pool.meter.expected_run_s(draft.request.max_tokens)
     if (draft.wait_s + run_s) * 1000 > deadline_ms:
         raise DeadlineUnmet(
             f"predicted end in {math.ceil((draft.wait_s + run_s) * 1000)} ms "
@@ -115,6 +125,26 @@ def _check_deadline(draft: _Draft) -> None:
             f"is after the deadline of {deadline_ms} ms",
             pool_id=draft.pool.id,
         )
+
+
+def _answer(draft: _Draft, record: TaskRecord, remaining: Remaining) -> Admission:
+    wait_ms = math.ceil(draft.wait_s * 1000)
+    return Admission(
+        task_id=record.task_id,
+        session_id=record.session_id,
+        pool_id=draft.pool.id,
+        state=QUEUED,
+        queue_position=draft.position,
+        predicted_start_ms=record.row.created_ms + wait_ms,
+        backoff_ms=wait_ms,
+        remaining=remaining,
+    )
+
+
+def _log_unheard(done: asyncio.Future[TaskRecord]) -> None:
+    if done.cancelled() or done.exception() is None:
+        return
+    log.info("an admission ended after its request had gone: %s", done.exception())
 
 
 def _full(pool: PoolRuntime, exc: QueueFull) -> QueueFull:
@@ -172,38 +202,61 @@ class Admitter:
         self._clock = clock
         self._settlement = settlement
         self.cluster: ClusterQueue | None = None  # cluster mode: the shared queue
+        # Cluster admissions whose transaction is under way (each finishes on its own).
+        self._admitting: set[asyncio.Future[TaskRecord]] = set()
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
-        """Admit a task: each step may refuse it; nothing is written before the last check."""
+        """Admit a task on the embedded store: each step may refuse it; nothing is written
+        before the last check, and nothing else runs on the loop meanwhile."""
+        if self.cluster is not None:
+            raise RuntimeError("cluster mode admits through admit_shared")
         _require_utf8(body)
         digest = request_digest(body)
         task_id = body.get("task_id")
-        if task_id is not None and (replay := self._replay(task_id, digest, caller)) is not None:
-            return replay
+        if task_id is not None and (row := self._db.get_task(task_id)) is not None:
+            remaining = self._sessions.remaining_for(row.session_id)
+            return self._replay(row, digest, caller, self._local_position(row), remaining)
         request = completion_request(task_id or new_id("t"), body, correlation_id)
         pool = self._route(request, body.get("placement") or {})
         _check_limits(pool, request)
-        draft = self._session_and_budget(pool, body, request, caller)
-        if self.cluster is not None:
-            record = self._admit_shared(self.cluster, draft, digest, caller)
-        else:
-            self._place_in_queue(draft, caller)
-            _check_deadline(draft)
-            record = self._persist(draft, digest, caller)
-            self._enqueue(draft, record)
-        wait_ms = math.ceil(draft.wait_s * 1000)
-        return Admission(
-            task_id=record.task_id,
-            session_id=record.session_id,
-            pool_id=pool.id,
-            state=QUEUED,
-            queue_position=draft.position,
-            predicted_start_ms=record.row.created_ms + wait_ms,
-            backoff_ms=wait_ms,
-            remaining=self._sessions.admitted(draft.session),
-        )
+        session_id: str | None = body.get("session_id")
+        session = None
+        if session_id is not None:
+            session = self._sessions.live_row(session_id, visible_to=caller.visible_to)
+        draft = self._session_and_budget(pool, body, request, caller, session)
+        self._place_in_queue(draft, caller)
+        _check_deadline(draft)
+        record = self._persist(draft, digest, caller)
+        self._enqueue(draft, record)
+        return _answer(draft, record, self._sessions.admitted(draft.session))
+
+    async def admit_shared(
+        self, cluster: ClusterQueue, body: Mapping[str, Any], correlation_id: str, caller: Caller
+    ) -> Admission:
+        """Admit a task in cluster mode: the steps of :meth:`admit`, the database's reads and
+        the admission's transaction in storage's worker threads, the loop free meanwhile."""
+        _require_utf8(body)
+        digest = request_digest(body)
+        task_id = body.get("task_id")
+        if task_id is not None and (row := await self._db.run(self._db.get_task, task_id)):
+            live = self._registry.live.get(task_id)
+            position = self._local_position(row)
+            if live is None and row.state == QUEUED:
+                position = await cluster.position(row) or 0
+            remaining = await self._sessions.fetch_remaining(row.session_id)
+            return self._replay(row, digest, caller, position, remaining)
+        request = completion_request(task_id or new_id("t"), body, correlation_id)
+        pool = self._route(request, body.get("placement") or {})
+        _check_limits(pool, request)
+        session_id: str | None = body.get("session_id")
+        session = None
+        if session_id is not None:
+            session = await self._sessions.fetch_live_row(session_id, caller.visible_to)
+        draft = self._session_and_budget(pool, body, request, caller, session)
+        record = await self._admit_shared(cluster, draft, digest, caller)
+        return _answer(draft, record, await self._sessions.fetch_remaining(record.session_id))
 
     # -- the steps, in order ----------------------------------------------------------------
 
@@ -213,22 +266,20 @@ class Admitter:
         body: Mapping[str, Any],
         request: CompletionRequest,
         caller: Caller,
+        session: SessionRow | None,
     ) -> _Draft:
-        """The task's session (a new one, or the caller's live one) after one more turn, and
-        the worst case it reserves; BudgetExhausted when that does not fit."""
-        session_id: str | None = body.get("session_id")
-        session = (
-            self._sessions.new_row(owner=caller.owner, cap=caller.budgets)
-            if session_id is None
-            else self._sessions.live_row(session_id, visible_to=caller.visible_to)
-        )
+        """The task's session (a new one, or ``session``: the caller's live one, read) after
+        one more turn, and the worst case it reserves; BudgetExhausted when that does not fit."""
+        new_session = session is None
+        if session is None:
+            session = self._sessions.new_row(owner=caller.owner, cap=caller.budgets)
         want = self._worst_case(pool, request)
         try:
             session = self._sessions.check_use(session, want)
         except LlorchError as exc:
             exc.retry_after_ms = pool.retry_after()[1]
             raise
-        return _Draft(body, request, pool, session, session_id is None, want)
+        return _Draft(body, request, pool, session, new_session, want)
 
     def _place_in_queue(self, draft: _Draft, caller: Caller) -> None:
         """Its place in the queue: the victim a full drop-lru queue gives up for it (QueueFull
@@ -278,22 +329,36 @@ class Admitter:
             position=draft.position,
         )
 
-    def _admit_shared(
+    async def _admit_shared(
         self, cluster: ClusterQueue, draft: _Draft, digest: str, caller: Caller
     ) -> TaskRecord:
         """Cluster mode: capacity, victim, position and the deadline's check, and the task's
-        write, in one transaction of the shared queue (ORCH-STATE-0030); the task waits there,
-        its record kept here for its stream."""
+        write, in one transaction of the shared queue (ORCH-STATE-0030), in a worker thread;
+        the task waits there, its record kept here for its stream. What follows the commit
+        runs to its end on the loop even when the request is cancelled meanwhile."""
         pool = draft.pool
         draft.flow = pool.flow_for(caller.owner, draft.session.session_id, caller.headers)
         row = self._row(draft, digest, caller)
+        # Read on the loop now: the check runs in the transaction's thread.
+        wait_at, run_s = pool.wait_at(), pool.meter.expected_run_s(draft.request.max_tokens)
 
         def check(position: int) -> None:
-            draft.position, draft.wait_s = position, pool.wait_s(position)
-            _check_deadline(draft)
+            draft.position, draft.wait_s = position, wait_at(position)
+            _check_deadline(draft, run_s)
 
+        admitted = asyncio.ensure_future(self._commit_shared(cluster, draft, row, check))
+        self._admitting.add(admitted)
+        admitted.add_done_callback(self._admitting.discard)
+        # Its refusal reaches the request through the shield; one the request left is logged.
+        admitted.add_done_callback(_log_unheard)
+        return await asyncio.shield(admitted)
+
+    async def _commit_shared(
+        self, cluster: ClusterQueue, draft: _Draft, row: TaskRow, check: Callable[[int], None]
+    ) -> TaskRecord:
+        pool = draft.pool
         try:
-            victim = cluster.admit(
+            victim = await cluster.admit(
                 pool,
                 row,
                 draft.session,
@@ -311,7 +376,7 @@ class Admitter:
         self._sessions.reserve(record.session_id, record.task_id, draft.want)
         cluster.hold(record)
         if victim is not None:
-            cluster.drop(pool, victim)
+            await cluster.drop(pool, victim)
         _log_queued(pool, record, draft.position)
         pool.wakeup.set()
         return record
@@ -404,22 +469,25 @@ class Admitter:
         pool.wakeup.set()
         return True
 
-    def revive(self, row: TaskRow) -> TaskRecord | None:
+    def revive(self, row: TaskRow, *, affinity: str | object | None = _READ) -> TaskRecord | None:
         """The live record of an accepted task read back from its row, its reservation held
-        again; None when its pool is gone."""
+        again; None when its pool is gone. ``affinity``: its session's replica, read from
+        storage here unless given (cluster mode gives it: no read on the loop)."""
         pool = self._registry.pools.get(row.pool_id)
         if pool is None:
             return None
         body = json.loads(row.request_json)
         request = completion_request(row.task_id, body, row.correlation_id)
-        session = self._sessions.live_row_or_none(row.session_id)
+        if affinity is _READ:
+            session = self._sessions.live_row_or_none(row.session_id)
+            affinity = session.last_replica_id if session else None
         want = self._worst_case(pool, request)
         record = self._record(
             row,
             request,
             pool,
             want=want,
-            affinity=session.last_replica_id if session else None,
+            affinity=affinity if isinstance(affinity, str) else None,
             deadline_ms=body.get("deadline_ms"),
             max_wait_ms=body.get("max_wait_ms"),
             flow=pool.flow_for(row.owner, row.session_id, {}),
@@ -428,23 +496,25 @@ class Admitter:
         self._sessions.reserve(row.session_id, row.task_id, want)
         return record
 
-    def _replay(self, task_id: str, digest: str, caller: Caller) -> Admission | None:
-        """The answer to a resubmitted task_id: the same task, or 409 for another body (or
-        another key's task: its id is taken, and nothing else about it is told)."""
-        row = self._db.get_task(task_id)
-        if row is None:
-            return None
+    def _local_position(self, row: TaskRow) -> int:
+        """The position of a task held here (0 when not queued here)."""
+        record = self._registry.live.get(row.task_id)
+        if record is None:
+            return 0
+        return self._registry.pools[row.pool_id].queue.position(record, record.priority) or 0
+
+    def _replay(
+        self, row: TaskRow, digest: str, caller: Caller, position: int, remaining: Remaining
+    ) -> Admission:
+        """The answer to a resubmitted task_id (its stored ``row``): the same task, or 409 for
+        another body (or another key's task: its id is taken, and nothing else about it is
+        told)."""
+        task_id = row.task_id
         if row.request_digest != digest or not caller.can_see(row.owner):
             raise TaskExists(f"task {task_id} exists with another body")
         record = self._registry.live.get(task_id)
         pool = self._registry.pools[row.pool_id]
-        position = 0
-        state = row.state
-        if record is not None:
-            state = record.state
-            position = pool.queue.position(record, record.priority) or 0
-        elif self.cluster is not None and state == QUEUED:
-            position = self.cluster.position(row) or 0
+        state = row.state if record is None else record.state
         wait_ms = math.ceil(pool.wait_s(position) * 1000) if state == QUEUED else 0
         return Admission(
             task_id=task_id,
@@ -455,7 +525,7 @@ class Admitter:
             predicted_start_ms=(row.created_ms if state != QUEUED else self._clock.now_ms())
             + wait_ms,
             backoff_ms=wait_ms,
-            remaining=self._sessions.remaining_for(row.session_id),
+            remaining=remaining,
         )
 
     def _route(self, request: CompletionRequest, placement: Mapping[str, Any]) -> PoolRuntime:

@@ -6,6 +6,8 @@ generation (:meth:`Cluster.set_pool_control`). Every instance reads the desired 
 health interval (and whenever :meth:`ClusterPoolOperations.wake` is called: the hook for a
 database notification) and applies each generation it has not applied yet, through the same
 local operations. An instance that starts applies the cluster's state before it serves.
+Every read and record goes through :meth:`Storage.run` (a worker thread): the operations are
+applied here on the loop, between them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 from llorch.errors import LlorchError, StorageError
 from llorch.metrics import Metrics
-from llorch.persistence import Cluster, PoolControl
+from llorch.persistence import Cluster, PoolControl, Storage
 from llorch.scheduler.control import PoolOperations, ReloadFactory
 from llorch.scheduler.dispatcher import Dispatcher
 from llorch.scheduler.pools import PoolRuntime
@@ -36,9 +38,11 @@ class ClusterPoolOperations(PoolOperations):
         engines: ReloadFactory,
         cluster: Cluster,
         metrics: Metrics,
+        db: Storage,
     ) -> None:
         super().__init__(registry, dispatcher, cancel, engines)
         self._cluster = cluster
+        self._db = db
         self._applied: dict[str, int] = {}  # the generation of each pool applied here
         self._woken = asyncio.Event()
         # How many instances share the database: per-key rate limits divide by it.
@@ -52,37 +56,51 @@ class ClusterPoolOperations(PoolOperations):
 
     # -- the operations: applied here, then recorded for the others -------------------------
 
-    def drain(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
-        self._catch_up()
-        pool = super().drain(pool_id, deadline_ms)
-        self._cluster.set_pool_control(pool_id, draining=True, drain_deadline_ms=deadline_ms)
-        self.announce()
+    async def drain_recorded(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
+        await self._catch_up()
+        pool = self.drain(pool_id, deadline_ms)
+        await self._record(pool_id, draining=True, drain_deadline_ms=deadline_ms)
         return pool
 
-    def resume(self, pool_id: str) -> PoolRuntime:
-        self._catch_up()
-        pool = super().resume(pool_id)
-        self._cluster.set_pool_control(pool_id, draining=False)
-        self.announce()
+    async def resume_recorded(self, pool_id: str) -> PoolRuntime:
+        await self._catch_up()
+        pool = self.resume(pool_id)
+        await self._record(pool_id, draining=False)
         return pool
 
-    def reload(self, pool_id: str, model: str) -> PoolRuntime:
-        self._catch_up()
-        pool = super().reload(pool_id, model)
-        self._cluster.set_pool_control(pool_id, model=model)
-        self.announce()
+    async def reload_recorded(self, pool_id: str, model: str) -> PoolRuntime:
+        await self._catch_up()
+        pool = self.reload(pool_id, model)
+        await self._record(pool_id, model=model)
         return pool
+
+    async def _record(
+        self,
+        pool_id: str,
+        *,
+        draining: bool | None = None,
+        drain_deadline_ms: int | None = None,
+        model: str | None = None,
+    ) -> None:
+        await self._db.run(
+            self._cluster.set_pool_control,
+            pool_id,
+            draining=draining,
+            drain_deadline_ms=drain_deadline_ms,
+            model=model,
+        )
+        self.announce()
 
     # A refused record leaves the operation applied here only; the client sees the 503 and may
     # issue it again. The generation recorded is not marked applied here: the next sync applies
     # the whole desired state, which this instance has already (and an operation of another
     # instance recorded just before is not skipped).
 
-    def _catch_up(self) -> None:
+    async def _catch_up(self) -> None:
         """Apply the others' operations first, so that this one starts from the cluster's
         state (a resume right after a drain on another instance finds the pool draining)."""
         try:
-            self.sync()
+            await self.sync()
         except StorageError as exc:
             log.warning("cannot read the cluster's pool control: %s", exc)
 
@@ -92,20 +110,25 @@ class ClusterPoolOperations(PoolOperations):
         """Read and apply the desired states now (a notification that one changed)."""
         self._woken.set()
 
-    def sync(self) -> None:
+    async def sync(self) -> None:
         """Apply every pool's desired state whose generation is not applied here yet, and
         refresh the live instance count and the cluster's queue depths (ORCH-STATE-0055)."""
-        for control in self._cluster.pool_controls():
+        controls, live, depths = await self._db.run(self._read)
+        for control in controls:
             if control.generation > self._applied.get(control.pool_id, 0):
                 self._applied[control.pool_id] = control.generation
                 self._apply(control)
-        self.live_instances = self._cluster.live_instances()
+        self.live_instances = live
         self._metrics.set("llorch_instances_live", self.live_instances)
-        depths = self._cluster.queue_depths()
         for pool in self._registry.pools.values():
             for priority in PRIORITIES:
                 depth = depths.get((pool.id, priority), 0)
                 pool.metrics.set("llorch_queue_depth", depth, pool_id=pool.id, priority=priority)
+
+    def _read(self) -> tuple[list[PoolControl], int, dict[tuple[str, str], int]]:
+        """What a sync reads, in one worker thread's turn."""
+        cluster = self._cluster
+        return cluster.pool_controls(), cluster.live_instances(), cluster.queue_depths()
 
     def _apply(self, control: PoolControl) -> None:
         pool = self._registry.pools.get(control.pool_id)
@@ -131,6 +154,6 @@ class ClusterPoolOperations(PoolOperations):
                     await self._woken.wait()
             self._woken.clear()
             try:
-                self.sync()
+                await self.sync()
             except StorageError as exc:  # the database lost: the next interval tries again
                 log.warning("cannot read the cluster's pool control: %s", exc)

@@ -9,6 +9,11 @@ task's event stream and a cancel there; a claim on the same instance takes that 
 elsewhere builds one from the row. Whoever takes a queued task out of the queue to end it
 (a cancel, a wait limit, a deadline, a drop-lru victim) ends it through the settlement.
 
+Every call to the shared queue goes through :meth:`Storage.run` (a worker thread: the event
+loop serves meanwhile); this object's state and the records are read and changed on the loop
+only, before and after the call. A claim chooses its replica inside its transaction: the
+choice is made on the loop (:meth:`ClusterQueue.claim_next`), the transaction's thread waiting.
+
 Dispatchers wake on their own admissions (``pool.wakeup``, or :meth:`ClusterQueue.wake`, the
 hook a NOTIFY listener can call) and otherwise poll every ``database.poll_ms``; every
 ``database.sweep_ms`` an instance takes over the running tasks of instances whose heartbeat
@@ -19,16 +24,18 @@ database for most of its life stops its runs first (:meth:`ClusterQueue.fence`, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict
+from typing import Any, TypeVar
 
 from llorch.clock import Clock
 from llorch.config import Settings
 from llorch.errors import DeadlineUnmet, QueueFullDropLru, QueueTimeout, StorageError
-from llorch.persistence import Reservation, SessionRow, TaskRow
+from llorch.persistence import Reservation, SessionRow, Storage, TaskRow
 from llorch.persistence.pg_queue import Entry, PgQueue
 from llorch.scheduler.ending import terminal_frame
 from llorch.scheduler.events import EventStream
@@ -42,9 +49,11 @@ from llorch.sessions import SessionService
 
 log = logging.getLogger("llorch.dispatcher")
 
+T = TypeVar("T")
+
 # A live record for a task row taken from the shared queue (its reservation held), or None
-# when its pool is gone.
-Revive = Callable[[TaskRow], TaskRecord | None]
+# when its pool is gone; with the session's replica (an affinity hint) when known.
+Revive = Callable[..., TaskRecord | None]
 
 
 def entry_of(pool: PoolRuntime, row: TaskRow, flow: str) -> Entry:
@@ -67,6 +76,7 @@ class ClusterQueue:
     def __init__(
         self,
         store: PgQueue,
+        db: Storage,
         registry: Registry,
         sessions: SessionService,
         settlement: Settlement,
@@ -74,6 +84,7 @@ class ClusterQueue:
         clock: Clock,
     ) -> None:
         self.store = store
+        self._db = db
         self._registry = registry
         self._sessions = sessions
         self._settlement = settlement
@@ -85,8 +96,10 @@ class ClusterQueue:
         # its fence is checked every sweep, and a survivor looks one sweep after the TTL.
         self.fence_s = max(self._ttl_s - 3 * self.sweep_s, self._ttl_s / 2)
         self.waiting: dict[str, TaskRecord] = {}
-        self._requeues: dict[str, Entry] = {}  # sent back while storage refused the write
-        self.revive: Revive = lambda row: None  # set by the admitter
+        self._requeues: dict[str, Entry] = {}  # sent back, their write not committed yet
+        self._sends: set[asyncio.Task[None]] = set()  # those writes under way
+        self._wait_s = settings.database.timeout_ms / 1000
+        self.revive: Revive = lambda row, **_: None  # set by the admitter
         # Tells the other instances a task was queued in ``pool_id`` (a NOTIFY; the scheduler
         # wires it): their dispatchers claim at once rather than at their next poll.
         self.announce: Callable[[str], None] = lambda pool_id: None
@@ -102,7 +115,7 @@ class ClusterQueue:
 
     # -- admission --------------------------------------------------------------------------
 
-    def admit(
+    async def admit(
         self,
         pool: PoolRuntime,
         row: TaskRow,
@@ -114,9 +127,11 @@ class ClusterQueue:
         reservation: Reservation,
     ) -> TaskRow | None:
         """Persist and queue an accepted task, with its session's turn and ``reservation``
-        held in the database, in one transaction; the drop-lru victim's row."""
+        held in the database, in one transaction (in a worker thread: ``check`` must touch
+        nothing of the scheduler's); the drop-lru victim's row."""
         queue = pool.settings.queue
-        victim = self.store.admit(
+        victim = await self._db.run(
+            self.store.admit,
             row,
             session,
             new_session=new_session,
@@ -133,23 +148,23 @@ class ClusterQueue:
         """A task admitted here and queued: its record kept for its stream and a cancel."""
         self.waiting[record.task_id] = record
 
-    def drop(self, pool: PoolRuntime, victim: TaskRow) -> None:
+    async def drop(self, pool: PoolRuntime, victim: TaskRow) -> None:
         """End the task a full drop-lru queue gave up for a newer one."""
         error = QueueFullDropLru(
             f"dropped from the full queue of pool {pool.id} for a newer task",
             policy_label="drop-lru",
             pool_id=pool.id,
         )
-        self._end_taken(victim, FAILED, error=error)
+        await self._end_taken(victim, FAILED, error=error)
 
     # -- ending queued tasks ----------------------------------------------------------------
 
-    def _take(self, row: TaskRow) -> TaskRecord | None:
+    def _take(self, row: TaskRow, affinity: str | None = None) -> TaskRecord | None:
         """The live record of a task taken from the shared queue by this instance."""
         record = self.waiting.pop(row.task_id, None)
-        return record if record is not None else self.revive(row)
+        return record if record is not None else self.revive(row, affinity=affinity)
 
-    def _end_taken(
+    async def _end_taken(
         self,
         row: TaskRow,
         state: str,
@@ -158,7 +173,7 @@ class ClusterQueue:
     ) -> None:
         record = self._take(row)
         if record is None:  # its pool is gone from this instance's configuration
-            self._settlement.reconcile(row)
+            await self._settlement.reconcile(row)
             return
         if state == CANCELED:
             record.cancel_requested = True
@@ -166,19 +181,19 @@ class ClusterQueue:
         else:
             self._settlement.end_now(record, state, error=error)
 
-    def cancel(self, task_id: str) -> bool:
+    async def cancel(self, task_id: str) -> bool:
         """Cancel a queued task, whichever instance admitted it: True when it was queued (it
         ends canceled and is never dispatched)."""
-        row = self.store.take(task_id)
+        row = await self._db.run(self.store.take, task_id)
         if row is None:
             return False
-        self._end_taken(row, CANCELED)
+        await self._end_taken(row, CANCELED)
         return True
 
-    def end_overdue(self, pool: PoolRuntime) -> None:
+    async def end_overdue(self, pool: PoolRuntime) -> None:
         """End the queued tasks past their wait limit (QUEUE_TIMEOUT) or their deadline."""
         now_ms = self._clock.now_ms()
-        for due in self.store.expire(pool.id, now_ms):
+        for due in await self._db.run(self.store.expire, pool.id, now_ms):
             waited_ms = now_ms - due.row.created_ms
             error: QueueTimeout | DeadlineUnmet
             if due.why == "wait":
@@ -189,11 +204,11 @@ class ClusterQueue:
                 )
             else:
                 error = DeadlineUnmet("deadline passed while queued", pool_id=pool.id)
-            self._end_taken(due.row, FAILED, error=error)
+            await self._end_taken(due.row, FAILED, error=error)
 
     # -- claims -----------------------------------------------------------------------------
 
-    def claim_next(self, pool: PoolRuntime) -> tuple[TaskRecord, Placement] | None:
+    async def claim_next(self, pool: PoolRuntime) -> tuple[TaskRecord, Placement] | None:
         """Claim the head of the pool's shared queue with a slot lease on one of the replicas
         this instance may place on; its record (now live here) and placement. A head whose
         row cannot be read is claimed too, and ended as start-up ends one (ORCH-STATE-0006),
@@ -204,9 +219,9 @@ class ClusterQueue:
         chosen: list[Placement] = []
         unreadable: list[Exception] = []
 
-        def pick(row: TaskRow, free: Mapping[str, int]) -> str | None:
+        def pick(row: TaskRow, free: Mapping[str, int], affinity: str | None) -> str | None:
             try:
-                placement = self._place(pool, row, free)
+                placement = self._place(pool, row, free, affinity)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 unreadable.append(exc)
                 return min(free)
@@ -215,41 +230,62 @@ class ClusterQueue:
             return None if placement is None else placement.replica.id
 
         every = batch_every(pool.settings.queue.batch_min_share)
-        claimed = self.store.claim(pool.id, slots, pick, every)
+        on_loop = functools.partial(self._on_loop, asyncio.get_running_loop(), pick)
+        claimed = await self._db.run(self.store.claim, pool.id, slots, on_loop, every)
         if claimed is None:
             return None
-        row = claimed[0]
+        row, affinity = claimed[0], claimed[2]
         try:
-            record = None if unreadable else self._take(row)
+            record = None if unreadable else self._take(row, affinity)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             unreadable.append(exc)
             record = None
         if record is None:
-            self._give_up(row, unreadable)
+            await self._give_up(row, unreadable)
             return None
         self._registry.add(record)
         return record, chosen[-1]
 
-    def _give_up(self, row: TaskRow, unreadable: list[Exception]) -> None:
+    def _on_loop(self, loop: asyncio.AbstractEventLoop, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on the event loop, from a storage call's worker thread waiting for
+        it (inline when already on the loop: a store that does not offload)."""
+        try:
+            if asyncio.get_running_loop() is loop:
+                return call(*args)
+        except RuntimeError:  # no loop in this thread: a worker thread
+            pass
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result(timeout=self._wait_s)
+
+    async def _give_up(self, row: TaskRow, unreadable: list[Exception]) -> None:
         """End a claimed task that cannot run here: unreadable, or its pool gone."""
         if unreadable:
-            self._settlement.quarantine(row, unreadable[0])
-            self.store.release(row.task_id)
+            await self._settlement.quarantine(row, unreadable[0])
+            await self._db.run(self.store.release, row.task_id)
         else:
-            self._settlement.reconcile(row)
+            await self._settlement.reconcile(row)
 
-    def _place(self, pool: PoolRuntime, row: TaskRow, free: Mapping[str, int]) -> Placement | None:
+    def _place(
+        self, pool: PoolRuntime, row: TaskRow, free: Mapping[str, int], affinity: str | None
+    ) -> Placement | None:
         """Where the queue head should run, among the replicas with a slot free by the leases:
-        its session's replica, its prompt's prefix, then the least loaded."""
+        its session's replica (``affinity``, read in the claim), its prompt's prefix, then the
+        least loaded."""
         known = self.waiting.get(row.task_id)
         if known is not None:
-            request, affinity = known.request, known.affinity_replica_id
+            request, affinity = known.request, known.affinity_replica_id or affinity
         else:
             request = completion_request(
                 row.task_id, json.loads(row.request_json), row.correlation_id
             )
-            session = self._sessions.live_row_or_none(row.session_id)
-            affinity = session.last_replica_id if session else None
         hashes = pool.prefixes.hashes(prompt_text(request))
         replicas = [r for r in pool.replicas if r.id in free]
         loads = [max(r.load, 1 - free[r.id] / max(1, r.engine.slots)) for r in replicas]
@@ -266,28 +302,40 @@ class ClusterQueue:
 
     def requeue(self, pool: PoolRuntime, record: TaskRecord) -> None:
         """A claimed task its engine refused as busy goes back to the shared queue, its lease
-        freed (ORCH-ENG-0015); its record waits here again."""
+        freed (ORCH-ENG-0015); its record waits here again. The write is a task of its own;
+        one storage refuses is sent again by the sweep."""
         self._registry.live.pop(record.task_id, None)
         self.waiting[record.task_id] = record
         entry = entry_of(pool, record.row, record.flow)
+        self._own(self._send_back(pool, record.task_id, entry), f"requeue:{record.task_id}")
+
+    async def _send_back(self, pool: PoolRuntime, task_id: str, entry: Entry) -> None:
         try:
-            self.store.requeue(record.task_id, entry)
+            await self._db.run(self.store.requeue, task_id, entry)
         except StorageError as exc:
-            log.warning("task %s: could not requeue it yet: %s", record.task_id, exc)
-            self._requeues[record.task_id] = entry
-        else:
-            self.announce(pool.id)
+            log.warning("task %s: could not requeue it yet: %s", task_id, exc)
+            self._requeues[task_id] = entry
+            return
+        self.announce(pool.id)
         pool.wakeup.set()
 
-    def move_slot(self, pool: PoolRuntime, record: TaskRecord, replica: Replica) -> bool:
+    async def move_slot(self, pool: PoolRuntime, record: TaskRecord, replica: Replica) -> bool:
         """Move a running task's lease to ``replica`` if it has a slot free by the leases of
         every instance (before the task's first token, ORCH-STATE-0033); False if not, or if
         storage refused the move."""
+        move = self.store.move_lease
         try:
-            return self.store.move_lease(record.task_id, pool.id, replica.id, replica.engine.slots)
+            return await self._db.run(
+                move, record.task_id, pool.id, replica.id, replica.engine.slots
+            )
         except StorageError as exc:
             log.warning("task %s: could not move its slot lease: %s", record.task_id, exc)
             return False
+
+    def _own(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     # -- the sweep --------------------------------------------------------------------------
 
@@ -303,7 +351,7 @@ class ClusterQueue:
             # outage, the other instances' heartbeats look expired until they write again.
             adopt = reachable_since is not None and now - reachable_since >= self._ttl_s
             try:
-                self.sweep(adopt=adopt)
+                await self.sweep(adopt=adopt)
             except StorageError as exc:
                 reachable_since = None
                 log.warning("could not sweep the shared queue: %s", exc)
@@ -333,22 +381,22 @@ class ClusterQueue:
                 extra={"event": "instance_fenced", "tasks": stopped},
             )
 
-    def sweep(self, *, adopt: bool = True) -> None:
+    async def sweep(self, *, adopt: bool = True) -> None:
         """End the running tasks of instances whose heartbeat expired (WORKER_RESET), send
         back what could not be sent back, and let go of waiting records that ended elsewhere."""
-        while adopt and (taken := self.store.adopt_dead()):
+        while adopt and (taken := await self._db.run(self.store.adopt_dead)):
             for row in taken:
                 log.warning(
                     "task %s: its instance stopped; ending it",
                     row.task_id,
                     extra={"event": "task_adopted", "task_id": row.task_id},
                 )
-                self._settlement.reconcile(row, "the instance running the task stopped")
+                await self._settlement.reconcile(row, "the instance running the task stopped")
         for task_id, entry in list(self._requeues.items()):
-            self.store.requeue(task_id, entry)
+            await self._db.run(self.store.requeue, task_id, entry)
             del self._requeues[task_id]
         if self.waiting:
-            for row in self.store.ended(list(self.waiting)):
+            for row in await self._db.run(self.store.ended, list(self.waiting)):
                 self._forget(row)
 
     def _forget(self, row: TaskRow) -> None:
@@ -373,11 +421,11 @@ class ClusterQueue:
         an end elsewhere gives it its terminal frame (:meth:`sweep`); None unless queued."""
         if row.state != QUEUED:
             return None
-        record = self.waiting.get(row.task_id) or self.revive(row)
+        record = self.waiting.get(row.task_id) or self.revive(row, affinity=None)
         if record is None:
             return None
         self.waiting[row.task_id] = record
         return record.events
 
-    def position(self, row: TaskRow) -> int | None:
-        return self.store.position(row.task_id, row.pool_id)
+    async def position(self, row: TaskRow) -> int | None:
+        return await self._db.run(self.store.position, row.task_id, row.pool_id)

@@ -102,6 +102,20 @@ class PoolOperations:
         log.info("pool %s resumed", pool_id)
         return pool
 
+    # -- for the edge: the operations as they hold for every instance ----------------------
+
+    async def drain_recorded(self, pool_id: str, deadline_ms: int) -> PoolRuntime:
+        """:meth:`drain`, recorded for the other instances of a cluster (none here)."""
+        return self.drain(pool_id, deadline_ms)
+
+    async def resume_recorded(self, pool_id: str) -> PoolRuntime:
+        """:meth:`resume`, recorded for the other instances of a cluster (none here)."""
+        return self.resume(pool_id)
+
+    async def reload_recorded(self, pool_id: str, model: str) -> PoolRuntime:
+        """:meth:`reload`, recorded for the other instances of a cluster (none here)."""
+        return self.reload(pool_id, model)
+
     # -- reload -----------------------------------------------------------------------------
 
     def reload(self, pool_id: str, model: str) -> PoolRuntime:

@@ -124,8 +124,8 @@ class Dispatcher:
                     await pool.wakeup.wait()
             pool.wakeup.clear()
             try:
-                cluster.end_overdue(pool)
-                while self.dispatching and (claimed := cluster.claim_next(pool)) is not None:
+                await cluster.end_overdue(pool)
+                while self.dispatching and (claimed := await cluster.claim_next(pool)) is not None:
                     self._start(pool, *claimed)
             except StorageError as exc:
                 log.debug("pool %s: the shared queue is not reachable: %s", pool.id, exc)
@@ -179,11 +179,12 @@ class Dispatcher:
     async def _progress_loop(self) -> None:
         while True:
             await asyncio.sleep(self._settings.server.progress_interval_ms / 1000)
-            self.checkpoint()
+            await self.checkpoint()
 
-    def checkpoint(self) -> None:
+    async def checkpoint(self) -> None:
         """Record how many tokens each running task has produced since the last checkpoint, in
-        one transaction: what a restart charges a task it cut short (ORCH-STATE-0005)."""
+        one transaction (through Storage.run): what a restart charges a task it cut short
+        (ORCH-STATE-0005)."""
         moved = [
             (r.task_id, r.tokens_out)
             for r in self._registry.live.values()
@@ -195,7 +196,7 @@ class Dispatcher:
         if not moved:
             return
         try:
-            self._db.record_progress(moved, self._clock.now_ms())
+            await self._db.run(self._db.record_progress, moved, self._clock.now_ms())
         except StorageError as exc:
             for task_id, _ in moved:  # checkpointed at the next chance
                 self._progress.pop(task_id, None)

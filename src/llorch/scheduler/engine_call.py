@@ -285,9 +285,11 @@ class EngineCall:
         assert self.first_token_at is not None
         elapsed = asyncio.get_running_loop().time() - self.first_token_at
         try:
-            left = self._ctx.sessions.remaining_in_stream(record.session_id)
+            left = self._ctx.sessions.stream_remaining(record.session_id)
         except StorageUnavailable:
             return  # tokens go on; a later metrics frame carries the budgets (ORCH-STATE-0010)
+        if left is None:
+            return  # the budgets are being read off the loop: a later frame carries them
         tokens_out = record.tokens_out
         record.events.publish(
             "metrics",
@@ -360,7 +362,7 @@ class EngineCall:
         if other is None:
             return  # _can_retry saw the current replica still serving
         record = self.record
-        if self.pool.move_slot is not None and not self.pool.move_slot(record, other):
+        if self.pool.move_slot is not None and not await self.pool.move_slot(record, other):
             return  # its slots are all leased by the instances: retried where it is
         place = functools.partial(
             self._db.place_task,

@@ -9,7 +9,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from llorch.clock import Clock, SystemClock
@@ -164,7 +164,7 @@ class PoolRuntime:
         # In cluster mode: whether a running task may move its slot to another replica (its
         # lease moved in the database, if that replica has a slot free by every instance's
         # leases, ORCH-STATE-0033); on one instance the replicas' own counts decide.
-        self.move_slot: Callable[[TaskRecord, Replica], bool] | None = None
+        self.move_slot: Callable[[TaskRecord, Replica], Awaitable[bool]] | None = None
         self._ended = asyncio.Event()
         # Queued tasks' wait limits, soonest first: (loop time, tie-break, task).
         self._wait_limits: list[tuple[float, int, TaskRecord]] = []
@@ -372,9 +372,18 @@ class PoolRuntime:
 
     def wait_s(self, position: int) -> float:
         """Predicted wait before a task at ``position`` starts."""
-        free = sum(r.free for r in self.replicas)
-        ahead = position - free + 1
-        return 0.0 if ahead <= 0 else ahead * self.drain_interval_s()
+        return self.wait_at()(position)
+
+    def wait_at(self) -> Callable[[int], float]:
+        """:meth:`wait_s` as the pool is now, a function of the position alone (for a check
+        that runs in a storage call's worker thread)."""
+        free, interval = sum(r.free for r in self.replicas), self.drain_interval_s()
+
+        def wait_s(position: int) -> float:
+            ahead = position - free + 1
+            return 0.0 if ahead <= 0 else ahead * interval
+
+        return wait_s
 
     def retry_after(self) -> tuple[int, int]:
         """(Retry-After seconds, backoff milliseconds) until a queue place should free up."""

@@ -220,7 +220,7 @@ class Fanout:
             for task_id, mirror in wanted.items():
                 try:
                     if (read := reads.get(task_id)) is not None:
-                        self._apply(mirror, read)
+                        await self._apply(mirror, read)
                 except Exception:  # a bug: the other mirrors go on, this one is read again
                     log.exception("task %s: its mirror could not take a read", task_id)
                 mirror.loaded.set()
@@ -239,20 +239,21 @@ class Fanout:
             log.debug("the transcript is not readable now: %s", exc)
             return {}
 
-    def _apply(self, mirror: MirrorStream, read: Read) -> None:
+    async def _apply(self, mirror: MirrorStream, read: Read) -> None:
         for seq, kind, data in read.frames:
             mirror.add(seq, kind, data)
         if read.state in TERMINAL_STATES and not mirror.closed:
             now = asyncio.get_running_loop().time()
             if mirror.ended_seen_at is None:
                 mirror.ended_seen_at = now
-            self._end_from_row(mirror, now - mirror.ended_seen_at)
+            await self._end_from_row(mirror, now - mirror.ended_seen_at)
 
-    def _end_from_row(self, mirror: MirrorStream, seen_ended_s: float) -> None:
+    async def _end_from_row(self, mirror: MirrorStream, seen_ended_s: float) -> None:
         """The row ended and the transcript has no terminal frame: once it is old enough that
-        none will come, the rest from the trace, else the terminal frame from the row."""
+        none will come, the rest from the trace, else the terminal frame from the row (both
+        read through Storage.run)."""
         try:
-            row = self._db.get_task(mirror.task_id)
+            row = await self._db.run(self._db.get_task, mirror.task_id)
         except StorageError:
             return
         if row is None or row.state not in TERMINAL_STATES:
@@ -260,7 +261,8 @@ class Fanout:
         ended_ago_s = (self._clock.now_ms() - (row.ended_ms or 0)) / 1000
         if max(seen_ended_s, ended_ago_s) < self._grace_s:
             return
-        for event in _rest_of(self._artifacts, row, mirror.next_seq):
+        rest = await self._db.run(_rest_of, self._artifacts, row, mirror.next_seq)
+        for event in rest:
             mirror.add(event.seq, event.kind, event.data)
 
     # -- notifications ----------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""The scheduler's face to the edge: admit, read, list, cancel and subscribe to tasks."""
+"""The scheduler's face to the edge: admit, read, list, cancel and subscribe to tasks.
+
+The coroutines here make their storage calls through :meth:`Storage.run` (on PostgreSQL a
+worker thread, the event loop serving meanwhile: ORCH-STATE-0060); the plain methods call
+storage inline, for the embedded store and its tests.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from llorch.artifacts import ArtifactStore
@@ -23,7 +29,7 @@ from llorch.errors import (
     TaskNotFound,
 )
 from llorch.metrics import Metrics
-from llorch.persistence import Storage, TaskRow, when_free
+from llorch.persistence import Storage, TaskRow, retry_busy
 from llorch.persistence.pg_queue import PgQueue
 from llorch.scheduler.admission import Admission, Admitter
 from llorch.scheduler.caller import ANYONE, Caller
@@ -90,10 +96,11 @@ class Scheduler:
             PoolOperations(self.registry, self._dispatcher, self.cancel, engines)
             if db.cluster is None
             else ClusterPoolOperations(
-                self.registry, self._dispatcher, self.cancel, engines, db.cluster, self.metrics
+                self.registry, self._dispatcher, self.cancel, engines, db.cluster, self.metrics, db
             )
         )
         self.closing = False
+        self._background: set[asyncio.Task[None]] = set()  # cancels that read storage
         self._fanout = self._join(links) if links is not None else None
 
     def _join(self, links: ClusterLinks) -> Fanout:
@@ -123,7 +130,7 @@ class Scheduler:
         if not isinstance(store, PgQueue):
             return None
         cluster = ClusterQueue(
-            store, self.registry, self.sessions, self._settlement, self._settings, self._clock
+            store, db, self.registry, self.sessions, self._settlement, self._settings, self._clock
         )
         cluster.revive = self._admitter.revive
         self._admitter.cluster = cluster
@@ -138,7 +145,7 @@ class Scheduler:
         self.metrics.set("llorch_instances_live", 1)  # a cluster's sync counts the others
         if isinstance(self.pools, ClusterPoolOperations):
             try:
-                self.pools.sync()  # the cluster's drains and reloads, before serving
+                await self.pools.sync()  # the cluster's drains and reloads, before serving
             except StorageError as exc:  # applied by the loop once the database answers
                 log.warning("cannot read the cluster's pool control at start: %s", exc)
             pools = self._settings.pools
@@ -158,6 +165,7 @@ class Scheduler:
     async def stop(self) -> None:
         self.closing = True
         await self._dispatcher.stop(self._settings.server.shutdown_grace_s)
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._settlement.stop()
         if self._fanout is not None:
             await self._fanout.close()
@@ -170,27 +178,27 @@ class Scheduler:
         retriable WORKER_RESET (their engine call is gone). Nothing accepted is left open. In
         cluster mode queued tasks stay in the shared queue, and only the open tasks outside it
         that are this instance's are ended (ORCH-STATE-0035)."""
+        db, settlement = self._db, self._settlement
         if self._cluster is not None:
-            rows = self._cluster.store.adopt_own()
+            rows = await db.run(self._cluster.store.adopt_own)
         else:
-            rows = self._db.tasks_in_states([RUNNING, QUEUED])
+            rows = await db.run(db.tasks_in_states, [RUNNING, QUEUED])
         for row in rows:
             try:
                 if row.state == QUEUED and self._cluster is None and self._admitter.restore(row):
                     continue
-                await when_free(self._db, functools.partial(self._settlement.reconcile, row))
+                await retry_busy(db, functools.partial(settlement.reconcile, row))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                await when_free(self._db, functools.partial(self._settlement.quarantine, row, exc))
+                await retry_busy(db, functools.partial(settlement.quarantine, row, exc))
 
     # -- operations -------------------------------------------------------------------------
 
     def admit(
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
-        """Admit a task now; StorageBusy (uncounted) when the write lock is held elsewhere."""
-        if self.closing:
-            self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
-            raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
+        """Admit a task now, on the embedded store (cluster mode: :meth:`admit_when_free`);
+        StorageBusy (uncounted) when the write lock is held elsewhere."""
+        self._check_open()
         try:
             return self._admitter.admit(body, correlation_id, caller)
         except StorageBusy:
@@ -203,12 +211,27 @@ class Scheduler:
         self, body: Mapping[str, Any], correlation_id: str, caller: Caller = ANYONE
     ) -> Admission:
         """:meth:`admit`, tried again while the database's write lock is held elsewhere (an
-        admission writes nothing before its one transaction), the event loop free meanwhile."""
+        admission writes nothing before its one transaction), the event loop free meanwhile.
+        In cluster mode the admission's storage calls run in worker threads."""
+        cluster = self._cluster
+        if cluster is None:
+            admit = functools.partial(self.admit, body, correlation_id, caller)
+            try:
+                return await retry_busy(self._db, lambda: self._db.run(admit))
+            except StorageBusy as exc:
+                self._count_rejection(exc)
+                raise
+        self._check_open()
         try:
-            return await when_free(self._db, lambda: self.admit(body, correlation_id, caller))
-        except StorageBusy as exc:
+            return await self._admitter.admit_shared(cluster, body, correlation_id, caller)
+        except LlorchError as exc:
             self._count_rejection(exc)
             raise
+
+    def _check_open(self) -> None:
+        if self.closing:
+            self.metrics.inc("llorch_tasks_rejected_total", code="SHUTTING_DOWN")
+            raise ShuttingDown("the server is shutting down", retry_after_ms=1000)
 
     def _count_rejection(self, exc: LlorchError) -> None:
         self.metrics.inc("llorch_tasks_rejected_total", code=exc.code)
@@ -216,16 +239,45 @@ class Scheduler:
             self.metrics.inc("llorch_budget_rejections_total", policy_label=exc.policy_label)
 
     def cancel(self, task_id: str) -> None:
-        """Cancel a task; idempotent, and a no-op for a task that already ended."""
+        """Cancel a task; idempotent, and a no-op for a task that already ended. A task not
+        held here, on a store that offloads, is cancelled by a task of its own (an unknown id
+        is then only logged)."""
         record = self.registry.live.get(task_id)
+        if record is None and self._db.offloads:
+            self._own(self._cancel_stored_logged(task_id), f"cancel:{task_id}")
+            return
         if record is None:
-            if self._cluster is not None and self._cluster.cancel(task_id):
-                return  # it was queued: ended canceled, whichever instance admitted it
             row = self._db.get_task(task_id)
             if row is None:
                 raise TaskNotFound(f"task {task_id} not found")
-            if self._fanout is not None and row.state in (QUEUED, RUNNING):
-                self._fanout.request_cancel_soon(task_id)  # another instance holds it
+            return
+        self._cancel_held(task_id)
+
+    async def _cancel_stored(self, task_id: str) -> None:
+        """Cancel a task this instance does not hold, through storage."""
+        if self._cluster is not None and await self._cluster.cancel(task_id):
+            return  # it was queued: ended canceled, whichever instance admitted it
+        row = await self._db.run(self._db.get_task, task_id)
+        if row is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if self._fanout is not None and row.state in (QUEUED, RUNNING):
+            self._fanout.request_cancel_soon(task_id)  # another instance holds it
+
+    async def _cancel_stored_logged(self, task_id: str) -> None:
+        try:
+            await self._cancel_stored(task_id)
+        except (LlorchError, StorageError) as exc:
+            log.warning("task %s: could not cancel it: %s", task_id, exc)
+
+    def _own(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _cancel_held(self, task_id: str) -> None:
+        """Cancel a task this instance holds (a cancel another instance recorded, too)."""
+        record = self.registry.live.get(task_id)
+        if record is None:
             return
         phase = record.phase
         if record.cancel_requested or phase == "ending":
@@ -246,26 +298,27 @@ class Scheduler:
         """:meth:`cancel`, returning once the cancel is durable: here, once the task's end is;
         for a task another instance holds, once the cancel is recorded and notified to it
         (ORCH-STATE-0043)."""
-        if self._fanout is not None and task_id not in self.registry.live:
+        if task_id in self.registry.live or not self._db.offloads:
+            self.cancel(task_id)
+        elif self._fanout is not None:
             # A queued task lives only in the database: its cancel ends it there (ORCH-STATE-0034).
-            if self._cluster is not None and self._cluster.cancel(task_id):
+            if self._cluster is not None and await self._cluster.cancel(task_id):
                 await self.durable()
                 return
-            row = self._db.get_task(task_id)
-            if row is not None and row.state in (QUEUED, RUNNING):
+            row = await self._db.run(self._db.get_task, task_id)
+            if row is None:
+                raise TaskNotFound(f"task {task_id} not found")
+            if row.state in (QUEUED, RUNNING):
                 await self._fanout.request_cancel(task_id)
                 return
-        self.cancel(task_id)
+        else:
+            await self._cancel_stored(task_id)
         await self.durable()
-
-    def _cancel_held(self, task_id: str) -> None:
-        """A cancel another instance recorded: this instance cancels the task if it holds it."""
-        if task_id in self.registry.live:
-            self.cancel(task_id)
 
     async def durable(self) -> None:
         """Return once every commit so far is durable, and every end it holds published."""
         await self._db.durable()
+        await self._settlement.settled()
 
     def stream(self, task_id: str) -> EventStream:
         found = self._live_stream(task_id)
@@ -276,10 +329,20 @@ class Scheduler:
             raise TaskNotFound(f"task {task_id} not found")
         return self._replay(row)
 
-    def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
+    async def fetch_stream(self, task_id: str) -> EventStream:
+        """:meth:`stream`, its read of the row through Storage.run."""
+        found = self._live_stream(task_id)
+        if found is not None:
+            return found
+        row = await self._db.run(self._db.get_task, task_id)
+        if row is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        return self._replay(row)
+
+    async def open_stream(self, task_id: str, caller: Caller) -> TaskStream:
         """The task's row, read once, and its event stream; TaskNotFound unless ``caller`` may
         see it."""
-        row = self.row(task_id, caller)
+        row = await self.row(task_id, caller)
         live = self._live_stream(task_id)
         return TaskStream(row=row, events=live if live is not None else self._replay(row))
 
@@ -303,22 +366,23 @@ class Scheduler:
             return watched
         return replay_from_trace(self._artifacts, row) or replay_from_row(row)
 
-    def row(self, task_id: str, caller: Caller) -> TaskRow:
+    async def row(self, task_id: str, caller: Caller) -> TaskRow:
         """The task's row; TaskNotFound unless it exists and ``caller`` may see it (another key's
         task is not found, rather than forbidden: its existence is not told)."""
-        row = self._db.get_task(task_id)
+        row = await self._db.run(self._db.get_task, task_id)
+        await self._settlement.settled()  # an end the read saw committed is published first
         if row is None or not caller.can_see(row.owner):
             raise TaskNotFound(f"task {task_id} not found")
         return row
 
-    def task(self, task_id: str, caller: Caller) -> TaskSnapshot:
-        snapshot = task_snapshot(self.registry, self.row(task_id, caller))
+    async def task(self, task_id: str, caller: Caller) -> TaskSnapshot:
+        snapshot = task_snapshot(self.registry, await self.row(task_id, caller))
         if self._cluster is not None and snapshot.state == QUEUED:
-            position = self._cluster.position(snapshot.row)
+            position = await self._cluster.position(snapshot.row)
             snapshot = dataclasses.replace(snapshot, queue_position=position)
         return snapshot
 
-    def tasks(
+    async def tasks(
         self,
         *,
         session_id: str | None,
@@ -330,13 +394,15 @@ class Scheduler:
         # The cursor is the sequence number of the last task of the previous page.
         # Any 19-digit string is a valid cursor: clamp it to what SQLite can compare.
         before = min(int(cursor), 2**63 - 1) if cursor is not None else None
-        rows = self._db.list_tasks(
+        rows = await self._db.run(
+            self._db.list_tasks,
             session_id=session_id,
             state=state,
             limit=limit + 1,
             before_seq=before,
             owner=caller.visible_to,
         )
+        await self._settlement.settled()  # ends the read saw committed are published first
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
         return TaskPage(tuple(task_snapshot(self.registry, r) for r in page), next_cursor)
@@ -350,6 +416,10 @@ class Scheduler:
 
     def remaining(self, session_id: str) -> Remaining:
         return self.sessions.remaining_for(session_id)
+
+    async def fetch_remaining(self, session_id: str) -> Remaining:
+        """:meth:`remaining`, its read through Storage.run."""
+        return await self.sessions.fetch_remaining(session_id)
 
 
 __all__ = ["Admission", "Caller", "Scheduler"]

@@ -12,6 +12,10 @@ exactly once, in this order:
    :mod:`llorch.persistence.group_sync`): the terminal frame is published, the live task
    forgotten, and the end's metrics and log line recorded.
 
+On a store whose calls leave the event loop (PostgreSQL, ``Storage.offloads``) step 3 runs in a
+worker thread, as a task this object owns; steps 1, 2 and 4 stay on the loop, and
+:meth:`Settlement.settled` waits for the ends under way (a read after a cancel sees its end).
+
 When storage refuses step 3 (a full disk, a corrupt page, the write lock held past the busy
 timeout), the reservation stays held and step 3 is retried with backoff until it commits; the
 terminal frame waits for it (ORCH-STATE-0004). A process that dies meanwhile leaves the row
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+from collections.abc import Coroutine
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -40,6 +46,7 @@ from llorch.scheduler.events import EventStream
 from llorch.scheduler.registry import Registry
 from llorch.scheduler.task import FAILED, TERMINAL_STATES, TaskRecord, completion_request
 from llorch.sessions import Reservation, SessionService
+from llorch.sessions.service import Settled
 
 log = logging.getLogger("llorch.dispatcher")
 
@@ -67,6 +74,8 @@ class Settlement:
         self._artifacts = artifacts
         # Ends waiting for storage to take their commit.
         self._retries: set[asyncio.Task[None]] = set()
+        # Ends whose first commit is under way in a worker thread (Storage.offloads).
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- the doors --------------------------------------------------------------------------
 
@@ -81,8 +90,12 @@ class Settlement:
         tokens_out: int = 0,
     ) -> None:
         """End a task at once, its trace written on the spot (for callers that cannot wait:
-        admission's drop-lru victim, a cancel, a deadline passed in the queue)."""
+        admission's drop-lru victim, a cancel, a deadline passed in the queue). On a store
+        that offloads, the ending is decided now and written by a task (see :meth:`settled`)."""
         ending = self._decide(record, state, finish_reason, error, tokens_in, tokens_out)
+        if self._db.offloads:
+            self._own(self._closing, self._end_off_loop(ending), ending)
+            return
         trace: ArtifactInsert | None = None
         prepared = self._prepare_trace(ending)
         if prepared is not None:
@@ -122,9 +135,11 @@ class Settlement:
             except Exception as exc:  # a bug: the task still ends, without its trace
                 log.exception("task %s: storing its trace failed unexpectedly", record.task_id)
                 _trace_missing(ending, exc)
-        self._close(ending, trace)
+        closing = self._close(ending, trace)
+        if closing is not None:  # its commit in a thread: the run ends with it
+            await asyncio.shield(closing)
 
-    def reconcile(
+    async def reconcile(
         self, row: TaskRow, why: str = "the server restarted while the task was in flight"
     ) -> None:
         """After a restart, end a task that was running (or whose end was never committed):
@@ -157,8 +172,13 @@ class Settlement:
         used = Reservation(tokens=tokens_in + tokens_out, time_ms=run_ms, cost=cost)
         settled = self._sessions.settle(row.session_id, row.task_id, used)
         try:
-            self._db.finish_task(
-                row.task_id, values, row.session_id, settled.values, used=settled.used
+            await self._db.run(
+                self._db.finish_task,
+                row.task_id,
+                values,
+                row.session_id,
+                settled.values,
+                used=settled.used,
             )
         except EndedElsewhere:
             return  # another instance ended it first: it ended once
@@ -175,7 +195,7 @@ class Settlement:
             },
         )
 
-    def quarantine(self, row: TaskRow, exc: Exception) -> None:
+    async def quarantine(self, row: TaskRow, exc: Exception) -> None:
         """A task row the restart cannot read (a malformed request, a missing field): it is
         ended failed WORKER_RESET, uncharged, and start-up goes on (ORCH-STATE-0006)."""
         log.error(
@@ -193,15 +213,24 @@ class Settlement:
         }
         if self._db.holds_reservations:  # its reservation is released there, nothing charged
             nothing = Reservation(0, 0, 0.0)
+            db = self._db
             with contextlib.suppress(EndedElsewhere):  # ended elsewhere first: it ended once
-                self._db.finish_task(row.task_id, values, row.session_id, {}, used=nothing)
+                await db.run(db.finish_task, row.task_id, values, row.session_id, {}, used=nothing)
             return
-        self._db.update_task(row.task_id, **values)
+        await self._db.run(self._db.update_task, row.task_id, **values)
+
+    async def settled(self) -> None:
+        """Return once the ends whose first commit was under way at the call are committed
+        and published, or refused and left to their retry (Storage.offloads; at once
+        otherwise)."""
+        if self._closing:
+            await asyncio.shield(asyncio.gather(*self._closing, return_exceptions=True))
 
     async def stop(self) -> None:
         """Give up the ends still waiting for storage to take them: their rows stay open, and
         the next start reconciles them. Ends already committed get their frame once durable
         (an fsync: a few milliseconds), unless syncing fails for ``_STOP_SYNC_S``."""
+        await self.settled()
         for retry in list(self._retries):
             retry.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
@@ -233,64 +262,112 @@ class Settlement:
             tokens_out=tokens_out,
         )
 
-    def _close(self, ending: Ending, trace: ArtifactInsert | None) -> None:
+    def _close(self, ending: Ending, trace: ArtifactInsert | None) -> asyncio.Task[None] | None:
         """Commit the end, then publish it once the commit is durable; when storage refuses
-        the commit, retry it until it commits."""
+        the commit, retry it until it commits. A store that offloads commits in a task: it is
+        returned."""
+        if self._db.offloads:
+            return self._own(self._closing, self._close_off_loop(ending, trace), ending)
         told = self._commit(ending, trace)
         if told is not None:
             self._db.when_durable(lambda: self._publish(told))
-            return
-        retry = asyncio.get_running_loop().create_task(
-            self._commit_until_durable(ending, trace), name=f"end:{ending.record.task_id}"
-        )
-        self._retries.add(retry)
-        retry.add_done_callback(self._retries.discard)
+        else:
+            self._own(self._retries, self._commit_until_durable(ending, trace), ending)
+        return None
+
+    async def _end_off_loop(self, ending: Ending) -> None:
+        """:meth:`end_now`'s trace and commit through Storage.run."""
+        trace: ArtifactInsert | None = None
+        prepared = self._prepare_trace(ending)
+        if prepared is not None:
+            try:
+                await self._db.run(self._store_body, prepared)
+                trace = self._row_of(prepared)
+            except (LlorchError, OSError) as exc:
+                _trace_missing(ending, exc)
+        await self._close_off_loop(ending, trace)
+
+    async def _close_off_loop(self, ending: Ending, trace: ArtifactInsert | None) -> None:
+        told = await self._commit_async(ending, trace)
+        if told is not None:
+            self._db.when_durable(lambda: self._publish(told))
+        else:
+            self._own(self._retries, self._commit_until_durable(ending, trace), ending)
+
+    def _own(
+        self, tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], ending: Ending
+    ) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"end:{ending.record.task_id}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
 
     def _commit(self, ending: Ending, trace: ArtifactInsert | None) -> Ending | None:
         """Release the reservation and commit usage, the final row and the trace's row in one
         transaction; the ending to tell (the stored one when another instance ended the task
         first, ORCH-STATE-0038), or None (the reservation held again) when storage refused
         it."""
+        settled, finish = self._finishing(ending, trace)
+        try:
+            overrun = self._db.finish_task(*finish.args, **finish.keywords)
+        except EndedElsewhere as elsewhere:
+            return _ended_elsewhere(ending, elsewhere.row)
+        except StorageError as exc:
+            self._refused(ending, exc)
+            return None
+        self._record_overrun(ending.record, settled.overrun or overrun)
+        return ending
+
+    async def _commit_async(self, ending: Ending, trace: ArtifactInsert | None) -> Ending | None:
+        """:meth:`_commit`, its transaction through Storage.run."""
+        settled, finish = self._finishing(ending, trace)
+        try:
+            overrun = await self._db.run(finish)
+        except EndedElsewhere as elsewhere:
+            return _ended_elsewhere(ending, elsewhere.row)
+        except StorageError as exc:
+            self._refused(ending, exc)
+            return None
+        self._record_overrun(ending.record, settled.overrun or overrun)
+        return ending
+
+    def _finishing(
+        self, ending: Ending, trace: ArtifactInsert | None
+    ) -> tuple[Settled, functools.partial[Reservation | None]]:
+        """The reservation released (in memory) and the usage charged; the storage call
+        that commits them with the final row and the trace's row."""
         record = ending.record
         values = ending.values | {"trace_artifact_id": None if trace is None else trace.artifact_id}
         used = Reservation(
             tokens=ending.tokens_in + ending.tokens_out, time_ms=ending.run_ms, cost=ending.cost
         )
-        try:
-            settled = self._sessions.settle(record.session_id, record.task_id, used)
-            overrun = self._db.finish_task(
-                record.task_id,
-                values,
-                record.session_id,
-                settled.values,
-                trace=trace,
-                used=settled.used,
-            )
-        except EndedElsewhere as elsewhere:
-            log.warning(
-                "task %s ended on another instance first (%s); its stored end is told",
-                record.task_id,
-                elsewhere.row.state,
-                extra={"event": "task_ended_elsewhere", "task_id": record.task_id},
-            )
-            return _as_stored(ending, elsewhere.row)
-        except StorageError as exc:
-            self._sessions.reserve(record.session_id, record.task_id, record.reservation)
-            log.error(
-                "could not record the end of task %s (retrying until storage takes it): %s",
-                record.task_id,
-                exc,
-                extra={"event": "task_end_deferred", "task_id": record.task_id},
-            )
-            return None
-        self._record_overrun(record, settled.overrun or overrun)
-        return ending
+        settled = self._sessions.settle(record.session_id, record.task_id, used)
+        finish = functools.partial(
+            self._db.finish_task,
+            record.task_id,
+            values,
+            record.session_id,
+            settled.values,
+            trace=trace,
+            used=settled.used,
+        )
+        return settled, finish
+
+    def _refused(self, ending: Ending, exc: StorageError) -> None:
+        record = ending.record
+        self._sessions.reserve(record.session_id, record.task_id, record.reservation)
+        log.error(
+            "could not record the end of task %s (retrying until storage takes it): %s",
+            record.task_id,
+            exc,
+            extra={"event": "task_end_deferred", "task_id": record.task_id},
+        )
 
     async def _commit_until_durable(self, ending: Ending, trace: ArtifactInsert | None) -> None:
         delay = _RETRY_FIRST_S
         while True:
             await asyncio.sleep(delay)
-            if (told := self._commit(ending, trace)) is not None:
+            if (told := await self._commit_async(ending, trace)) is not None:
                 break
             delay = min(2 * delay, _RETRY_MAX_S)
         log.info(
@@ -418,8 +495,16 @@ def replay_from_row(row: TaskRow) -> EventStream:
     return stream
 
 
-def _as_stored(ending: Ending, row: TaskRow) -> Ending:
-    """The ending as another instance recorded it: its state, usage and terminal frame."""
+def _ended_elsewhere(ending: Ending, row: TaskRow) -> Ending:
+    """The ending as another instance recorded it, to tell instead (ORCH-STATE-0038): its
+    state, usage and terminal frame."""
+    task_id = ending.record.task_id
+    log.warning(
+        "task %s ended on another instance first (%s); its stored end is told",
+        task_id,
+        row.state,
+        extra={"event": "task_ended_elsewhere", "task_id": task_id},
+    )
     return replace(
         ending,
         state=row.state,

@@ -11,19 +11,26 @@ them (PostgreSQL, several instances: ``Storage.holds_reservations``) they live i
 taken in the admission transaction and released in the task's end (persistence.pg_budgets), and
 a session row read from it already carries committed minus reserved: the book kept here then only
 says which sessions' rows :meth:`SessionService.remaining_for` may cache.
+
+The ``fetch_*`` methods read through :meth:`Storage.run` (a worker thread on PostgreSQL), for
+callers on the event loop that may wait; the others call storage inline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from dataclasses import dataclass, replace
 
 from llorch.clock import Clock
 from llorch.config import Budget, Settings
-from llorch.errors import BudgetExhausted, SessionNotFound
+from llorch.errors import BudgetExhausted, SessionNotFound, StorageError
 from llorch.persistence import Reservation, SessionRow, Storage
 
 __all__ = ["Remaining", "Reservation", "Session", "SessionService", "Settled", "new_id"]
+
+log = logging.getLogger("llorch.sessions")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class SessionService:
         # through committed_values and delete, which drop the row, and a row leaves with the
         # session's last reservation.
         self._rows: dict[str, SessionRow | None] = {}
+        # On a store that offloads: the reads that fill _rows for the next metrics frame.
+        self._reads: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,16 +135,36 @@ class SessionService:
     def get(self, session_id: str, *, visible_to: str | None = None) -> Session:
         return self._view(self.live_row(session_id, visible_to=visible_to))
 
+    async def fetch(self, session_id: str, *, visible_to: str | None = None) -> Session:
+        """:meth:`get`, its read through Storage.run."""
+        return self._view(await self.fetch_live_row(session_id, visible_to))
+
     def delete(self, session_id: str, *, visible_to: str | None = None) -> None:
+        self.delete_stored(session_id, visible_to=visible_to)
+        self.forget(session_id)
+
+    def delete_stored(self, session_id: str, *, visible_to: str | None = None) -> None:
+        """The storage half of :meth:`delete` (it touches nothing else: Storage.run may call
+        it in a worker thread); :meth:`forget` is the rest."""
         self.live_row(session_id, visible_to=visible_to)
         self._db.delete_session(session_id)
+
+    def forget(self, session_id: str) -> None:
+        """What this process holds of a deleted session."""
         self._reserved.pop(session_id, None)
         self._rows.pop(session_id, None)
 
     def live_row(self, session_id: str, *, visible_to: str | None = None) -> SessionRow:
         """The session's row, or SessionNotFound when it is unknown, deleted or expired, or
         (``visible_to`` given) owned by someone else."""
-        row = self._db.get_session(session_id)
+        return self._live(session_id, self._db.get_session(session_id), visible_to)
+
+    async def fetch_live_row(self, session_id: str, visible_to: str | None) -> SessionRow:
+        """:meth:`live_row`, its read through Storage.run."""
+        row = await self._db.run(self._db.get_session, session_id)
+        return self._live(session_id, row, visible_to)
+
+    def _live(self, session_id: str, row: SessionRow | None, visible_to: str | None) -> SessionRow:
         if (
             row is None
             or self._expired(row)
@@ -171,6 +200,14 @@ class SessionService:
             return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
         return self.remaining_in_stream(session_id)
 
+    async def fetch_remaining(self, session_id: str) -> Remaining:
+        """:meth:`remaining_for`, a read from a store that holds reservations through
+        Storage.run."""
+        if self._in_storage:
+            row = await self._db.run(self._db.get_session, session_id)
+            return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
+        return self.remaining_in_stream(session_id)
+
     def remaining_in_stream(self, session_id: str) -> Remaining:
         """:meth:`remaining_for`, for a stream's metrics frames (every few tokens of every
         running task): the row is cached while this process holds reservations of the session,
@@ -182,6 +219,27 @@ class SessionService:
             if session_id in self._reserved:
                 self._rows[session_id] = row
         return Remaining(0, 0, 0.0) if row is None else self.remaining(row)
+
+    def stream_remaining(self, session_id: str) -> Remaining | None:
+        """:meth:`remaining_in_stream` for a frame that can do without: on a store that
+        offloads, None while the row is not cached (it is read in a worker thread for a later
+        frame), never a read on the loop."""
+        if not self._db.offloads or session_id in self._rows:
+            return self.remaining_in_stream(session_id)
+        if session_id not in self._reads:
+            read = asyncio.get_running_loop().create_task(self._read_row(session_id))
+            self._reads[session_id] = read
+            read.add_done_callback(lambda _: self._reads.pop(session_id, None))
+        return None
+
+    async def _read_row(self, session_id: str) -> None:
+        try:
+            row = await self._db.run(self._db.get_session, session_id)
+        except StorageError as exc:
+            log.debug("session %s: its budgets could not be read: %s", session_id, exc)
+            return
+        if session_id in self._reserved:
+            self._rows[session_id] = row
 
     def check_use(self, row: SessionRow, want: Reservation) -> SessionRow:
         """The row after one more turn, or BudgetExhausted when the task cannot fit."""

@@ -37,8 +37,8 @@ class ArtifactHandlers:
 
     async def get_artifact(self, artifact_id: str) -> Reply:
         who = caller()
-        artifact, content = self._rt.artifacts.get(
-            artifact_id, visible_to=who.visible_to, owner=who.owner
+        artifact, content = await self._rt.run(
+            self._rt.artifacts.get, artifact_id, visible_to=who.visible_to, owner=who.owner
         )
         return views.artifact_body(artifact) | {"content": content}, 200, {}
 
@@ -51,7 +51,8 @@ class ArtifactHandlers:
         cursor: str | None = None,
     ) -> Reply:
         who = caller()
-        items, next_cursor = self._rt.artifacts.list(
+        items, next_cursor = await self._rt.run(
+            self._rt.artifacts.list,
             kind=kind,
             tag=tag,
             task_id=task_id,

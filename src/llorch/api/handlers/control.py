@@ -35,15 +35,15 @@ class ControlHandlers:
         return self._health(pool_id, 200)
 
     async def drain_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
-        self._rt.scheduler.pools.drain(pool_id, body["deadline_ms"])
+        await self._rt.scheduler.pools.drain_recorded(pool_id, body["deadline_ms"])
         return self._health(pool_id, 202)
 
     async def resume_pool(self, pool_id: str) -> Reply:
-        self._rt.scheduler.pools.resume(pool_id)
+        await self._rt.scheduler.pools.resume_recorded(pool_id)
         return self._health(pool_id, 202)
 
     async def reload_pool(self, pool_id: str, body: dict[str, Any]) -> Reply:
-        self._rt.scheduler.pools.reload(pool_id, body["model"])
+        await self._rt.scheduler.pools.reload_recorded(pool_id, body["model"])
         return self._health(pool_id, 202)
 
     def _health(self, pool_id: str, status: int) -> Reply:
@@ -53,7 +53,7 @@ class ControlHandlers:
         return {"status": "ok"}, 200, {}
 
     async def readyz(self) -> Any:
-        reason = self._rt.not_ready_reason()
+        reason = await self._rt.not_ready_reason()
         if reason is None:
             return {"status": "ok"}, 200, {}
         response = envelope_response("NOT_READY", reason, retriable=True, retry_after_ms=1000)

@@ -85,7 +85,7 @@ class OpenAIHandlers:
             created=int(time.time()),
             include_usage=mapped.include_usage,
         )
-        stream = scheduler.stream(task_id)
+        stream = await scheduler.fetch_stream(task_id)
 
         def cancel() -> None:
             scheduler.cancel(task_id)

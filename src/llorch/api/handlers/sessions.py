@@ -36,12 +36,16 @@ class SessionHandlers:
 
     async def get_session(self, session_id: str) -> Reply:
         await self._rt.scheduler.durable()  # no charge shown before it is durable
-        session = self._rt.scheduler.sessions.get(session_id, visible_to=caller().visible_to)
+        session = await self._rt.scheduler.sessions.fetch(
+            session_id, visible_to=caller().visible_to
+        )
         return views.session_body(session), 200, {}
 
     async def delete_session(self, session_id: str) -> Reply:
         visible_to = caller().visible_to
+        sessions = self._rt.scheduler.sessions
         await self._rt.when_free(
-            lambda: self._rt.scheduler.sessions.delete(session_id, visible_to=visible_to)
+            functools.partial(sessions.delete_stored, session_id, visible_to=visible_to)
         )
+        sessions.forget(session_id)
         return None, 204, {}

@@ -32,17 +32,17 @@ class TaskHandlers:
         cursor: str | None = None,
     ) -> Reply:
         await self._rt.scheduler.durable()  # no end shown before it is durable and published
-        page = self._rt.scheduler.tasks(
+        page = await self._rt.scheduler.tasks(
             session_id=session_id, state=state, limit=limit, cursor=cursor, caller=caller()
         )
         return views.task_page(page), 200, {}
 
     async def get_task(self, task_id: str) -> Reply:
         await self._rt.scheduler.durable()  # no end shown before it is durable and published
-        return views.task_view(self._rt.scheduler.task(task_id, caller())), 200, {}
+        return views.task_view(await self._rt.scheduler.task(task_id, caller())), 200, {}
 
     async def cancel_task(self, task_id: str) -> Reply:
-        self._rt.scheduler.row(task_id, caller())  # TaskNotFound for another key's task
+        await self._rt.scheduler.row(task_id, caller())  # TaskNotFound for another key's task
         # A queued task's end is committed at once: answered when it is durable and published;
         # another instance's task, once the cancel is recorded and sent to it.
         await self._rt.scheduler.cancel_durably(task_id)
@@ -50,7 +50,7 @@ class TaskHandlers:
 
     async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
         scheduler = self._rt.scheduler
-        opened = scheduler.open_stream(task_id, caller())
+        opened = await scheduler.open_stream(task_id, caller())
         stream = opened.events
         last = request.headers.get("last-event-id")
         after = int(last) if last is not None else None
@@ -58,7 +58,7 @@ class TaskHandlers:
             # A resume at or past an ended task's terminal frame gets that frame again: an empty
             # 200 would make a browser EventSource reconnect for ever. Live tasks are not touched.
             after = min(after, stream.events[-1].seq - 1)
-        headers = views.budget_headers(scheduler.remaining(opened.row.session_id))
+        headers = views.budget_headers(await scheduler.fetch_remaining(opened.row.session_id))
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         server = self._rt.settings.server
         return sse.EventStreamResponse(
