@@ -158,7 +158,21 @@ def _cluster_soak(
     print(json.dumps(report, indent=2))
     for line in (tally.bad_input_5xx + tally.good_5xx + tally.errors + chaos.failures)[:20]:
         note(line)
+    for task_id in list(pending)[:5]:
+        note(f"task {task_id}, last read: {client.call('GET', f'/v1/tasks/{task_id}')}")
+        _tell_history(instances, task_id)
     return not (pending or tally.bad_input_5xx or tally.good_5xx or chaos.failures)
+
+
+def _tell_history(instances: list[Instance], task_id: str) -> None:
+    """What every instance logged about a task that never ended (its reads left out)."""
+    note(f"task {task_id} never ended; what the instances logged about it:")
+    for n, instance in enumerate(instances):
+        if not instance.log.exists():
+            continue
+        for line in instance.log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if task_id in line and '"GET /v1/tasks/' not in line and "getTask" not in line:
+                print(f"  server{n}: {line[:600]}", flush=True)
 
 
 def cmd_soak_cluster(count: int, minutes: float, every_s: float) -> int:

@@ -195,3 +195,27 @@ def test_one_survivor_adopts_a_dead_instances_running_tasks_and_leaves_its_queue
     assert adopted == ["t1"]
     assert again == []
     assert claim_all(b.queue, slots=1) == ["t2"]  # A's lease is gone with it
+
+
+@pytest.mark.req("ORCH-STATE-0036")
+def test_a_start_or_a_checkpoint_written_after_the_end_leaves_the_end_alone(
+    stores: tuple[PostgresStorage, PostgresStorage],
+) -> None:
+    # Off the event loop a task's start and its end are written by different threads: a cancel
+    # while the start is in flight may commit the end first.
+    a, _ = stores
+    admit(a.queue, "t1")
+    assert claim_all(a.queue, slots=1) == ["t1"]
+    a.finish_task("t1", {"state": "canceled", "finish_reason": "canceled"}, "s-t1", {})
+
+    a.place_task("t1", "s-t1", pool_id=POOL, replica_id="r0", state="running", started_ms=5)
+    a.record_progress([("t1", 7)], now_ms=9)
+
+    row = a.get_task("t1")
+    assert row is not None
+    assert (row.state, row.started_ms, row.tokens_out, row.progress_ms) == (
+        "canceled",
+        None,
+        0,
+        None,
+    )

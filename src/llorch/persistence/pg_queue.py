@@ -256,9 +256,9 @@ class PgQueue:
                 return None
             task_id, band, flow, weight = head
             found = conn.execute(
-                f"SELECT {_T} FROM tasks t WHERE t.task_id = %s", (task_id,)
+                f"SELECT {_T} FROM tasks t WHERE t.task_id = %s AND {_OPEN}", (task_id,)
             ).fetchone()
-            if found is None:  # an entry without its task: drop it
+            if found is None:  # an entry without its open task (ended meanwhile): drop it
                 conn.execute("DELETE FROM queue_entries WHERE task_id = %s", (task_id,))
                 return None
             row = rows.task_row(found)
@@ -343,8 +343,13 @@ class PgQueue:
         with self._write(), self._connection() as conn, conn.transaction():
             conn.execute(_LOCK, (entry.pool_id,))
             conn.execute("DELETE FROM slot_leases WHERE task_id = %s", (task_id,))
-            seq = _one_int(conn, "SELECT seq FROM tasks WHERE task_id = %s", (task_id,))
-            self._insert_entry(conn, task_id, entry, seq)
+            found = conn.execute(
+                "SELECT seq FROM tasks WHERE task_id = %s AND state IN ('queued', 'running')",
+                (task_id,),
+            ).fetchone()
+            if found is None:  # it ended meanwhile (a cancel): nothing to send back
+                return
+            self._insert_entry(conn, task_id, entry, int(found[0]))
             conn.execute(
                 "UPDATE queue_flows SET served = served - 1.0 / %s "
                 "WHERE pool_id = %s AND band = %s AND flow = %s",

@@ -269,13 +269,16 @@ class PostgresStorage:
         self, task_id: str, session_id: str, *, pool_id: str, replica_id: str, **task_values: Any
     ) -> None:
         """The task's replica (and its other changed columns) and its session's placement, in
-        one transaction."""
+        one transaction; nothing once the task has ended (its end may commit first: a cancel
+        while its start is written, in another thread, ORCH-STATE-0060)."""
         sets = ", ".join(f"{k} = %s" for k in ("replica_id", *task_values))
         with self._write(), self._connection() as conn, conn.transaction():
-            conn.execute(
-                f"UPDATE tasks SET {sets} WHERE task_id = %s",
+            placed = conn.execute(
+                f"UPDATE tasks SET {sets} WHERE task_id = %s AND state IN ('queued', 'running')",
                 (replica_id, *task_values.values(), task_id),
             )
+            if placed.rowcount == 0:
+                return
             conn.execute(_PLACE_SESSION, (pool_id, replica_id, session_id))
             # A task moved to another replica takes its slot lease along (ORCH-STATE-0033).
             conn.execute(
@@ -333,7 +336,8 @@ class PostgresStorage:
         """Checkpoint the tokens running tasks have produced so far, in one transaction."""
         with self._write(), self._connection() as conn, conn.transaction():
             conn.cursor().executemany(
-                "UPDATE tasks SET tokens_out = %s, progress_ms = %s WHERE task_id = %s",
+                "UPDATE tasks SET tokens_out = %s, progress_ms = %s WHERE task_id = %s "
+                "AND state = 'running'",
                 [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
             )
 
