@@ -1,7 +1,9 @@
 """A loopback TCP proxy the test controls: it forwards every connection to its target until it is
 stalled, then holds what it reads (both ways) without forwarding or closing anything, until it
 is resumed. A database behind it looks like one that stopped answering on live connections (a
-hung server, a network partition behind a middlebox): no error, no reset, only silence.
+hung server, a network partition behind a middlebox): no error, no reset, only silence. Cut, it
+closes every connection and refuses new ones until it is healed: a partition between one client
+and the database that others still reach.
 
     with StallProxy(("127.0.0.1", 5432)) as proxy:
         url = f"postgresql://llorch@127.0.0.1:{proxy.port}/postgres"
@@ -16,6 +18,14 @@ import contextlib
 import socket
 import threading
 from types import TracebackType
+from urllib.parse import urlsplit
+
+
+def url_through(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by a proxy's on 127.0.0.1."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username}@127.0.0.1:{port}" if parts.username else f"127.0.0.1:{port}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class StallProxy:
@@ -25,6 +35,7 @@ class StallProxy:
         self.port: int = self._listener.getsockname()[1]
         self._flowing = threading.Event()
         self._flowing.set()
+        self._refusing = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         # Bytes read from the proxy's clients while stalled (held, not forwarded yet).
@@ -39,6 +50,19 @@ class StallProxy:
     def resume(self) -> None:
         """Forward what was held, and everything after it."""
         self._flowing.set()
+
+    def cut(self) -> None:
+        """Close every connection, and every new one at once, until :meth:`heal`."""
+        self._refusing.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def heal(self) -> None:
+        self._refusing.clear()
 
     def close(self) -> None:
         self._flowing.set()
@@ -65,6 +89,9 @@ class StallProxy:
                 client, _ = self._listener.accept()
             except OSError:  # closed
                 return
+            if self._refusing.is_set():
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self._target)
             except OSError:

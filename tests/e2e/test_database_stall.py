@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.stall_proxy import StallProxy
+from tests.e2e.stall_proxy import StallProxy, url_through
 from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
@@ -37,18 +37,11 @@ def proxy(postgres_url: str) -> Iterator[StallProxy]:
         yield stall
 
 
-def through(url: str, port: int) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    netloc = f"{parts.username}@127.0.0.1:{port}" if parts.username else f"127.0.0.1:{port}"
-    return parts._replace(netloc=netloc).geturl()
-
-
-def write_config(path: Path, database_url: str) -> Path:
+def write_config(path: Path, database_url: str, timeout_ms: int = 60_000) -> Path:
     config: dict[str, Any] = {
-        "server": {"shutdown_grace_s": 0},
-        # Longer than the test: a stalled call is not given up while the test watches it.
-        "database": {"url": database_url, "timeout_ms": 60_000, "retry_ms": 200},
+        "server": {"shutdown_grace_s": 0, "storage_busy_timeout_ms": 1000},
+        # By default longer than the test: a stalled call is not given up while it watches it.
+        "database": {"url": database_url, "timeout_ms": timeout_ms, "retry_ms": 200},
         "pools": [
             {
                 "id": "default",
@@ -107,7 +100,7 @@ class Frames:
 def test_a_stalled_database_does_not_stall_the_event_loop(
     tmp_path: Path, postgres_url: str, proxy: StallProxy
 ) -> None:
-    config = write_config(tmp_path / "llorch.yaml", through(postgres_url, proxy.port))
+    config = write_config(tmp_path / "llorch.yaml", url_through(postgres_url, proxy.port))
     serving = serve_process("--config", str(config), data_dir=tmp_path / "data")
     with (
         serving as (url, _, log),
@@ -153,3 +146,36 @@ def test_a_stalled_database_does_not_stall_the_event_loop(
         assert task["state"] == "succeeded", (task, log.read_text(encoding="utf-8")[-6000:])
     kinds = [e.event for e in streamed]
     assert kinds.count("token") == 120 and [k for k in kinds if k in ("end", "error")] == ["end"]
+
+
+@pytest.mark.req("ORCH-STATE-0010")
+def test_a_call_the_stalled_database_does_not_answer_is_refused_once_its_time_is_up(
+    tmp_path: Path, postgres_url: str, proxy: StallProxy
+) -> None:
+    # A stall answers nothing and breaks nothing: only the wait's bound (timeout_ms 1000 plus
+    # the lock wait 1000) ends a call, 503 STORAGE_UNAVAILABLE rather than a request that hangs.
+    url_db = url_through(postgres_url, proxy.port)
+    config = write_config(tmp_path / "llorch.yaml", url_db, timeout_ms=1000)
+    body = {"model": "mock-small", "prompt": "p", "max_tokens": 3}
+    with (
+        serve_process("--config", str(config), data_dir=tmp_path / "data") as (url, _, _),
+        httpx.Client(base_url=url, timeout=_STEP_S) as client,
+    ):
+        proxy.stall()
+        refused = client.post("/v1/tasks", json=body)
+        unready = client.get("/readyz")
+        live = client.get("/livez")
+        proxy.resume()
+        wait_until(lambda: client.get("/readyz").status_code == 200, "ready again")
+        accepted = submit_to(client, max_tokens=3)["task_id"]
+        ended = wait_until(
+            lambda: (task := task_of(client, accepted))["state"] in TERMINAL and task,
+            "the task submitted after the stall ends",
+        )
+
+    problem = refused.json()
+    assert refused.status_code == 503, refused.text
+    assert (problem["code"], problem["retriable"]) == ("STORAGE_UNAVAILABLE", True)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert unready.status_code == 503 and live.status_code == 200
+    assert ended["state"] == "succeeded"

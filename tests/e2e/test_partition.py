@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import yaml
 
-from tests.e2e.pg_proxy import proxy_to
+from tests.e2e.stall_proxy import StallProxy, url_through
 from tests.e2e.test_cluster_queue import CountingEngine, Posts, engine_in_thread, sql
 from tests.engines.scripted import Reply, completion_chunks
 from tests.support import MODEL, parse_sse, serve_process, submit_to, task_of, wait_until
@@ -69,7 +70,8 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
     engine = CountingEngine([hang, short])
     with ExitStack() as stack:
         stack.enter_context(engine_in_thread(engine))
-        proxy = stack.enter_context(proxy_to(postgres_url))
+        target = urlsplit(postgres_url)
+        proxy = stack.enter_context(StallProxy((target.hostname or "", target.port or 5432)))
 
         def start(name: str, database_url: str) -> httpx.Client:
             config = write_config(tmp_path / f"{name}.yaml", database_url, name, engine.url)
@@ -78,7 +80,7 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
             )
             return stack.enter_context(httpx.Client(base_url=base, timeout=60))
 
-        a = start("a", proxy.url_for(postgres_url))
+        a = start("a", url_through(postgres_url, proxy.port))
         held = submit_to(a, max_tokens=50)["task_id"]
         wait_until(lambda: task_of(a, held)["state"] == "running", "A runs the task")
         follow = stack.enter_context(ThreadPoolExecutor(1))

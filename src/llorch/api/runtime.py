@@ -15,6 +15,7 @@ from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
 from llorch.contracts import metrics_contract, openapi
 from llorch.engines import build_engines
+from llorch.errors import StorageError
 from llorch.metrics import Metrics
 from llorch.persistence import Storage, open_storage, when_free
 from llorch.scheduler import Scheduler
@@ -98,7 +99,7 @@ class Runtime:
             return "starting: the database is not open and verified yet"
         if self._scheduler.closing:
             return "shutting down"
-        if self._db.write_failing and not await self._db.run(self._db.probe_write):
+        if self._db.write_failing and not await self._probe_write():
             return (
                 "storage failing: the most recent database write failed; "
                 "ready again once one succeeds"
@@ -107,6 +108,14 @@ class Runtime:
             pools = self._scheduler.registry.pools.values()
             return "no pool has a ready replica: " + "; ".join(p.unready_reason() for p in pools)
         return None
+
+    async def _probe_write(self) -> bool:
+        """Whether storage takes a write again (False also when it does not answer in time)."""
+        assert self._db is not None
+        try:
+            return await self._db.run(self._db.probe_write)
+        except StorageError:
+            return False
 
     async def start(self) -> None:
         s = self.settings

@@ -96,10 +96,17 @@ class PostgresStorage:
     offloads = True
 
     def __init__(
-        self, link: Link, retry_ms: int = 1000, instance: tuple[str, int] = ("llorch", 10_000)
+        self,
+        link: Link,
+        retry_ms: int = 1000,
+        instance: tuple[str, int] = ("llorch", 10_000),
+        call_timeout_s: float | None = None,
     ) -> None:
         self._link = link
         self._retry_ms = retry_ms
+        # How long run() waits for a call before it answers StorageUnavailable (None: for
+        # ever): database.timeout_ms plus the lock wait server.storage_busy_timeout_ms allows.
+        self._call_timeout_s = call_timeout_s
         self._instance_id, self._instance_ttl_ms = instance
         # Set by the worker threads' writes, read on the loop (readiness): one flag, no more.
         self._write_failing = False
@@ -148,7 +155,7 @@ class PostgresStorage:
             )
         except psycopg.Error as exc:
             raise StorageError(f"cannot open database {shown}: {exc}") from exc
-        return cls(link, retry_ms, instance)
+        return cls(link, retry_ms, instance, (timeout_ms + busy_timeout_ms) / 1000)
 
     # A commit returns once PostgreSQL has flushed it (synchronous_commit = on): nothing to
     # wait for after it.
@@ -160,9 +167,25 @@ class PostgresStorage:
 
     async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call(*args, **kwargs)`` in a worker thread (the caller's context variables with
-        it, for the log lines), the event loop free until it returns."""
+        it, for the log lines), the event loop free until it returns. A call the server does
+        not answer within ``database.timeout_ms`` (plus the lock wait allowed) is answered
+        StorageUnavailable (ORCH-STATE-0010): a frozen server, or a middlebox that keeps its
+        connections open, acknowledges what it is sent, so no socket timeout fires. The call
+        itself goes on in its thread until its connection answers or breaks; a write among
+        them may still commit (as when a commit's answer is lost)."""
         bound = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._threads, bound)
+        pending = asyncio.get_running_loop().run_in_executor(self._threads, bound)
+        if self._call_timeout_s is None:
+            return await pending
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), self._call_timeout_s)
+        except TimeoutError:
+            pending.add_done_callback(_forget)
+            self.write_failing = True
+            raise StorageUnavailable(
+                f"the database did not answer within {round(self._call_timeout_s * 1000)} ms",
+                retry_after_ms=self._retry_ms,
+            ) from None
 
     def close(self) -> None:
         # Calls not begun are dropped; those under way end with the pool (a StorageError).
@@ -472,6 +495,12 @@ class PostgresStorage:
             self.write_failing = True
             raise
         self.write_failing = False
+
+
+def _forget(done: asyncio.Future[Any]) -> None:
+    """The end of a call its caller stopped waiting for: its outcome, read and dropped."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _conninfo(url: str, timeout_ms: int) -> str:
