@@ -102,8 +102,8 @@ class ProviderStates:
     async def finished_task(self, task_id: str, model: str) -> None:
         """Submit a task through the admission service and wait for its terminal event."""
         body = {"task_id": task_id, "model": model, "prompt": "Once upon a time", "max_tokens": 3}
-        self.rt.scheduler.admit(body, f"pact-{task_id}")
-        stream = self.rt.scheduler.stream(task_id)
+        await self.rt.scheduler.admit_when_free(body, f"pact-{task_id}")
+        stream = await self.rt.scheduler.fetch_stream(task_id)
         async with asyncio.timeout(30):
             async for event in stream.subscribe(after=None, heartbeat_s=1.0):
                 if event is not None and event.kind in ("end", "error"):
@@ -172,7 +172,7 @@ class ProviderStates:
 
     async def _admitted(self, body: dict[str, Any]) -> bool:
         try:
-            self.rt.scheduler.admit(body, "pact-fill")
+            await self.rt.scheduler.admit_when_free(body, "pact-fill")
         except AdmissionReject:
             return False
         return True
@@ -350,7 +350,7 @@ async def _storage_locked(s: ProviderStates, p: Params) -> dict[str, Any]:
         found = await _session_exists(s, {})
     if p.get("task_id"):
         body = {"task_id": p["task_id"], "model": "mock-slow", "prompt": "x", "max_tokens": 4000}
-        s.rt.scheduler.admit(body, "pact-locked")
+        await s.rt.scheduler.admit_when_free(body, "pact-locked")
         s._undo.append(lambda: s.rt.scheduler.cancel(str(p["task_id"])))
     s.lock_database()
     return found
