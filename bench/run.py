@@ -65,7 +65,7 @@ TARGETS = {
     "facade_added_ttft_p99_ms_c1": 25.0,
     "admission_per_s": 1500.0,
     "relay_tokens_per_s": 30000.0,
-    "kib_per_stream": 64.0,
+    "kib_per_stream": 32.0,  # issue 18 (was 64)
     "cpu_ms_per_streamed_task": 3.5,
 }
 
@@ -549,7 +549,7 @@ def _report_targets(latest: dict[str, Any]) -> list[str]:
             2,
             "≤ 3.5",
         ),
-        ("resident memory per open stream (KiB)", "kib_per_stream", 1, "≤ 64"),
+        ("resident memory per open stream (KiB)", "kib_per_stream", 1, "≤ 32"),
         ("errors among the open streams", "stream_errors", 0, "0"),
     ]
     for label, key, digits, target in rows:
