@@ -18,8 +18,11 @@ async def test_a_slim_event_sets_clears_wakes_every_waiter_and_forgets_cancelled
     assert len(event._waiters) == 3
     event.set()
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True, True]
-    assert event.is_set() and await event.wait() and not event._waiters
+    assert event.is_set()
+    assert await event.wait()
+    assert not event._waiters
     event.clear()
     assert not event.is_set()
     assert SlimEvent(is_set=True).is_set()
-    assert isinstance(event._waiters, list)
+    kept: object = event._waiters
+    assert isinstance(kept, list)
