@@ -416,10 +416,11 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
 
 def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
-    # Slow enough that every stream is still open when memory is read; each stream on a slot of
-    # its own (at most 1,024 slots per replica).
+    # Slow enough that every stream is still open when memory is read (24 tokens at 1 a second:
+    # at 4 a second, streams opened first had ended by then, which the reading varied with);
+    # each stream on a slot of its own (at most 1,024 slots per replica).
     replicas = max(8, -(-streams // 1024))
-    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=4)
+    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=1)
     with llorch(tmp, [pool]) as (url, pid):
         result = load(
             "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
