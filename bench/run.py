@@ -65,7 +65,7 @@ TARGETS = {
     "facade_added_ttft_p99_ms_c1": 25.0,
     "admission_per_s": 1500.0,
     "relay_tokens_per_s": 30000.0,
-    "kib_per_stream": 64.0,
+    "kib_per_stream": 32.0,  # issue 18 (was 64)
     "cpu_ms_per_streamed_task": 3.5,
 }
 
@@ -416,10 +416,11 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
 
 def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
-    # Slow enough that every stream is still open when memory is read; each stream on a slot of
-    # its own (at most 1,024 slots per replica).
+    # Slow enough that every stream is still open when memory is read (24 tokens at 1 a second:
+    # at 4 a second, streams opened first had ended by then, which the reading varied with);
+    # each stream on a slot of its own (at most 1,024 slots per replica).
     replicas = max(8, -(-streams // 1024))
-    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=4)
+    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=1)
     with llorch(tmp, [pool]) as (url, pid):
         result = load(
             "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
@@ -549,7 +550,7 @@ def _report_targets(latest: dict[str, Any]) -> list[str]:
             2,
             "≤ 3.5",
         ),
-        ("resident memory per open stream (KiB)", "kib_per_stream", 1, "≤ 64"),
+        ("resident memory per open stream (KiB)", "kib_per_stream", 1, "≤ 32"),
         ("errors among the open streams", "stream_errors", 0, "0"),
     ]
     for label, key, digits, target in rows:

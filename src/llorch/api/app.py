@@ -4,6 +4,8 @@ The request pipeline, outermost first:
   connexion's ServerErrorMiddleware
   → EdgeMiddleware      (X-Correlation-Id on every response, errors included; requests counted
                          by operationId and status, and logged; 413 before a large body is read)
+  → StreamRoute         (GET /v1/tasks/{id}/stream when connexion would accept it as it is:
+                         authenticated and answered here, below the rest; llorch.api.stream_route)
   → OpenAIErrors        (on the OpenAI facade's routes, the envelope becomes OpenAI's error body)
   → connexion's ExceptionMiddleware (our handlers: every error becomes the envelope)
   → routing → security (llorch.api.auth: bearer key, scope, rate limit)
@@ -34,6 +36,7 @@ from llorch.api.facade.errors import OpenAIErrors
 from llorch.api.handlers import operations
 from llorch.api.middleware import ChunkedBodyMiddleware, EdgeMiddleware, OperationMiddleware
 from llorch.api.runtime import Runtime
+from llorch.api.stream_route import StreamRoute
 from llorch.api.validation import validator_map
 from llorch.clock import Clock, SystemClock
 from llorch.config import Settings
@@ -107,8 +110,10 @@ def create_app(
             "/v1/artifacts": settings.artifacts.max_bytes + settings.server.max_body_bytes
         },
     )
-    # Inserted after EdgeMiddleware at the same position: it sits between it and the exception
-    # middleware, so it sees every error answer as the envelope.
+    # Inserted after EdgeMiddleware at the same position, these sit between it and the exception
+    # middleware: the event stream's fast path first (what it does not serve goes on to
+    # connexion), then OpenAIErrors, which sees every error answer as the envelope.
+    app.add_middleware(StreamRoute, position=MiddlewarePosition.BEFORE_EXCEPTION, runtime=runtime)
     app.add_middleware(OpenAIErrors, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(ChunkedBodyMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION)
     app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)

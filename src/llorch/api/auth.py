@@ -215,6 +215,19 @@ def caller() -> Caller:
     return Caller(name=who.name, scopes=who.scopes, budgets=who.budgets, headers=headers)
 
 
+def scope_caller(keys: AuthKeys, scope: MutableMapping[str, Any], operation_id: str) -> Caller:
+    """The caller of a request that connexion's security middleware does not see (the event
+    stream's fast path, :mod:`llorch.api.stream_route`): the same :meth:`AuthKeys.authenticate`
+    on the first ``Authorization`` header, and the same caller :func:`caller` would give."""
+    authorization = next(
+        (value.decode("latin-1") for key, value in scope["headers"] if key == b"authorization"),
+        None,
+    )
+    who = keys.authenticate(authorization, operation_id)
+    headers = _RequestHeaders(scope)
+    return Caller(name=who.name, scopes=who.scopes, budgets=who.budgets, headers=headers)
+
+
 def check_bind(settings: Settings) -> None:
     """Refuse a bind reachable from other hosts without keys; say loudly when auth is off."""
     if settings.auth.keys:

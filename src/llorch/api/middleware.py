@@ -119,33 +119,27 @@ class EdgeMiddleware:
             correlation_id.reset(token)
 
     def _limited(self, scope: Scope, receive: Receive) -> Receive:
-        """``receive`` that raises the 413 once the body passes its path's limits."""
+        """``receive`` that raises the 413 once the body passes its path's limits (the error is
+        made only then: an open stream holds this ``receive`` for as long as it is open)."""
         limit = self.limits.get(scope["path"], self.max_body_bytes)
-        too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _raising_receive(too_large)
-        decoded = self.decoded_limits.get(scope["path"])
-        if decoded is None:
-            return _counting_receive(receive, limit, too_large)
-        decoded_too_large = PayloadTooLarge(f"request body larger than {decoded} bytes decoded")
-        return _counting_receive(receive, limit, too_large, decoded, decoded_too_large)
+            return _raising_receive(limit)
+        return _counting_receive(receive, limit, self.decoded_limits.get(scope["path"]))
 
 
-def _raising_receive(error: Exception) -> Receive:
+def _too_large(limit: int, decoded: bool = False) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body larger than {limit} bytes{' decoded' if decoded else ''}")
+
+
+def _raising_receive(limit: int) -> Receive:
     async def receive() -> Message:
-        raise error
+        raise _too_large(limit)
 
     return receive
 
 
-def _counting_receive(
-    inner: Receive,
-    limit: int,
-    error: Exception,
-    decoded_limit: int | None = None,
-    decoded_error: Exception | None = None,
-) -> Receive:
+def _counting_receive(inner: Receive, limit: int, decoded_limit: int | None = None) -> Receive:
     seen = decoded = 0
     last = b""  # the previous part's last byte: a "\\u" may straddle two parts
 
@@ -156,13 +150,13 @@ def _counting_receive(
             body = message.get("body", b"")
             seen += len(body)
             if seen > limit:
-                raise error
+                raise _too_large(limit)
             if decoded_limit is not None and body:
                 decoded += fewest_decoded_bytes(body, last)
                 last = body[-1:]
                 # No escape is longer than six bytes for each byte it stands for.
                 if max(decoded, seen // 6) > decoded_limit:
-                    raise decoded_error or error
+                    raise _too_large(decoded_limit, decoded=True)
         return message
 
     return receive

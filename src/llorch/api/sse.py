@@ -167,20 +167,34 @@ class EventStreamResponse(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        pump = asyncio.ensure_future(self._pump(send))
+        # The frames are written from this task (one task less an open stream holds); the
+        # client going away, or the slow-client rules, cancel it, and only those cancels are
+        # taken back here.
+        pump = asyncio.current_task()
+        assert pump is not None
+        cancels_before = pump.cancelling()
+        pumping = True
+
+        def stop(_listen: asyncio.Future[None]) -> None:
+            if pumping:
+                pump.cancel()
+
         listen = asyncio.ensure_future(_until_disconnect(receive))
+        listen.add_done_callback(stop)
         self._guard.start(pump)
         try:
-            await asyncio.wait({pump, listen}, return_when=asyncio.FIRST_COMPLETED)
+            await self._pump(send)
+        except asyncio.CancelledError:
+            if self._guard.slow is None and not listen.done():
+                raise  # not ours (the server's)
+            while pump.cancelling() > cancels_before:
+                pump.uncancel()
         finally:
+            pumping = False
             self._guard.stop()
-            for task in (pump, listen):
-                task.cancel()
-            await asyncio.gather(pump, listen, return_exceptions=True)
+            listen.cancel()
+            await asyncio.gather(listen, return_exceptions=True)
             await self._frames.aclose()
-        error = pump.exception() if pump.done() and not pump.cancelled() else None
-        if error is not None:
-            raise error
         if self._guard.slow is not None:
             self._guard.report()
             # Returning without the last body message makes the server close the connection.

@@ -63,7 +63,9 @@ class EventStream:
         self._first_seq = first_seq
         self._events: list[Event] = []
         self.approx_bytes = 0  # see approx_bytes()
-        self._changed = asyncio.Event()
+        # The futures of the subscribers waiting for the next event. Not an asyncio.Event: its
+        # deque takes ~600 bytes, and a fresh one per publish cost every token an allocation.
+        self._waiters: list[asyncio.Future[None]] = []
         # Called with every event published (cluster mode: the durable transcript's writer).
         self.tap: Callable[[Event], None] | None = None
 
@@ -97,10 +99,28 @@ class EventStream:
         self.approx_bytes += _EVENT_BYTES + approx_bytes(data)
         if self.tap is not None:
             self.tap(event)
-        # Wake every waiting subscriber at once; later waiters get a fresh asyncio.Event.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
         return event
+
+    def _wake(self) -> None:
+        """Wake every subscriber waiting in :meth:`_changed`, at once."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _changed(self) -> None:
+        """Return after the next event is published."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self._waiters:  # not woken: it leaves the list (a heartbeat, a cancel)
+                self._waiters.remove(waiter)
+            raise
 
     def _start_index(self, after: int | None) -> int:
         """The position in :attr:`events` of the first event after id ``after``."""
@@ -140,12 +160,12 @@ class EventStream:
                 if self.closed:
                     return
                 if dog is None:
-                    await self._changed.wait()
+                    await self._changed()
                     continue
                 assert heartbeat_s is not None
                 dog.move(loop.time() + heartbeat_s)
                 try:
-                    await dog.wait(self._changed.wait())
+                    await dog.wait(self._changed())
                 except TimeoutError:
                     dog.move(loop.time() + heartbeat_s)
                     yield None

@@ -80,8 +80,7 @@ class MirrorStream(EventStream):
             return
         self._events.append(Event(seq, kind, data))
         self.approx_bytes += _EVENT_BYTES + approx_bytes(data)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
 
     def _start_index(self, after: int | None) -> int:
         if after is None:

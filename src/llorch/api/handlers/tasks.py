@@ -10,6 +10,7 @@ from llorch.api import sse, views
 from llorch.api.auth import caller
 from llorch.api.middleware import correlation_id
 from llorch.api.runtime import Runtime
+from llorch.scheduler.caller import Caller
 
 Reply = tuple[Any, int, dict[str, str]]
 
@@ -49,27 +50,36 @@ class TaskHandlers:
         return None, 204, {}
 
     async def stream_task(self, task_id: str) -> sse.EventStreamResponse:
-        scheduler = self._rt.scheduler
-        opened = await scheduler.open_stream(task_id, caller())
-        stream = opened.events
-        last = request.headers.get("last-event-id")
-        after = int(last) if last is not None else None
-        if after is not None and stream.closed:
-            # A resume at or past an ended task's terminal frame gets that frame again: an empty
-            # 200 would make a browser EventSource reconnect for ever. Live tasks are not touched.
-            after = min(after, stream.events[-1].seq - 1)
-        headers = views.budget_headers(await scheduler.fetch_remaining(opened.row.session_id))
-        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        server = self._rt.settings.server
-        return sse.EventStreamResponse(
-            stream,
-            task_id=task_id,
-            after=after,
-            heartbeat_s=server.heartbeat_s,
-            metrics=self._rt.metrics,
-            guard=self._rt.slow_client_guard(stream, task_id),
-            headers=headers,
-            on_disconnect=(lambda: scheduler.cancel(task_id))
-            if server.cancel_on_disconnect
-            else None,
+        # The common case never comes here: api.stream_route serves it below connexion's stack.
+        return await event_stream_response(
+            self._rt, task_id, caller(), request.headers.get("last-event-id")
         )
+
+
+async def event_stream_response(
+    runtime: Runtime, task_id: str, who: Caller, last_event_id: str | None
+) -> sse.EventStreamResponse:
+    """The answer to ``GET /v1/tasks/{task_id}/stream`` for a validated request (connexion's
+    handler above and :mod:`llorch.api.stream_route` both answer with it); TaskNotFound unless
+    ``who`` may see the task."""
+    scheduler = runtime.scheduler
+    opened = await scheduler.open_stream(task_id, who)
+    stream = opened.events
+    after = int(last_event_id) if last_event_id is not None else None
+    if after is not None and stream.closed:
+        # A resume at or past an ended task's terminal frame gets that frame again: an empty
+        # 200 would make a browser EventSource reconnect for ever. Live tasks are not touched.
+        after = min(after, stream.events[-1].seq - 1)
+    headers = views.budget_headers(await scheduler.fetch_remaining(opened.row.session_id))
+    headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    server = runtime.settings.server
+    return sse.EventStreamResponse(
+        stream,
+        task_id=task_id,
+        after=after,
+        heartbeat_s=server.heartbeat_s,
+        metrics=runtime.metrics,
+        guard=runtime.slow_client_guard(stream, task_id),
+        headers=headers,
+        on_disconnect=(lambda: scheduler.cancel(task_id)) if server.cancel_on_disconnect else None,
+    )
