@@ -360,7 +360,7 @@ class PostgresStorage:
         with self._write(), self._connection() as conn, conn.transaction():
             conn.cursor().executemany(
                 "UPDATE tasks SET tokens_out = %s, progress_ms = %s WHERE task_id = %s "
-                "AND state = 'running'",
+                "AND state IN ('queued', 'running')",
                 [(tokens_out, now_ms, task_id) for task_id, tokens_out in progress],
             )
 
