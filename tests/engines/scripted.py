@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,16 +63,22 @@ class ScriptedEngine:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _hangs: list[asyncio.Event] = field(default_factory=list)
-    # The connections open now: closed at exit (Python 3.11's Server.close leaves them open, and
-    # a keep-alive one would be collected later as an unclosed transport).
-    _open: set[asyncio.StreamWriter] = field(default_factory=set)
+    # The connections open now, from the moment they are accepted (before their handler
+    # starts): closed at exit (Python 3.11's Server.close leaves them open, and one would be
+    # collected later as an unclosed transport).
+    _open: set[asyncio.BaseTransport] = field(default_factory=set)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> ScriptedEngine:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _Tracked:
+            return _Tracked(asyncio.StreamReader(loop=loop), self._serve, self._open)
+
+        self._server = await loop.create_server(protocol, "127.0.0.1", self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -80,16 +87,12 @@ class ScriptedEngine:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
-        # A connection accepted just before the close has its handler still to start: let it
-        # start (it registers its writer), then close every one, twice over for stragglers.
-        for _ in range(2):
-            await asyncio.sleep(0.005)
-            for writer in list(self._open):
-                writer.close()
-            await asyncio.gather(*(w.wait_closed() for w in self._open), return_exceptions=True)
+        # Every connection accepted, its handler started or not, is closed now.
+        for transport in list(self._open):
+            transport.close()
+        await asyncio.sleep(0)  # their connection_lost callbacks run
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._open.add(writer)
         try:
             while await self._one(reader, writer):
                 pass
@@ -100,7 +103,6 @@ class ScriptedEngine:
             # (asyncio's stream callback would report a cancelled handler as an error).
             pass
         finally:
-            self._open.discard(writer)
             writer.close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -164,3 +166,27 @@ class ScriptedEngine:
         async with asyncio.timeout(20):
             while self.gets(path) < goal:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
+
+
+class _Tracked(asyncio.StreamReaderProtocol):
+    """asyncio.start_server's protocol, keeping its transport in ``opened`` while connected."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        opened: set[asyncio.BaseTransport],
+    ) -> None:
+        super().__init__(reader, serve)
+        self._opened = opened
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._opened.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._opened.discard(self._transport)
+        super().connection_lost(exc)

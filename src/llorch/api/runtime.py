@@ -163,7 +163,10 @@ class Runtime:
             await asyncio.to_thread(self.links.listener.close)
             self.links = None
         if self._db is not None:
-            self._db.close()
+            if self._db.offloads:  # its close joins threads: the loop serves their last calls
+                await asyncio.to_thread(self._db.close)
+            else:
+                self._db.close()
         self._scheduler = None
         self._artifacts = None
         self._db = None
