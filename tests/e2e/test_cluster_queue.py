@@ -29,16 +29,24 @@ SWEEP_MS = 200
 CAPACITY = 4
 
 
-def write_config(path: Path, database_url: str, instance_id: str, **pool: Any) -> Path:
+def write_config(
+    path: Path,
+    database_url: str,
+    instance_id: str,
+    *,
+    ttl_ms: int = TTL_MS,
+    sweep_ms: int = SWEEP_MS,
+    **pool: Any,
+) -> Path:
     config: dict[str, Any] = {
         "server": {"shutdown_grace_s": 0, "progress_interval_ms": 100},
         "database": {
             "url": database_url,
             "instance_id": instance_id,
             "retry_ms": 100,
-            "instance_ttl_ms": TTL_MS,
+            "instance_ttl_ms": ttl_ms,
             "poll_ms": 50,
-            "sweep_ms": SWEEP_MS,
+            "sweep_ms": sweep_ms,
         },
         "pools": [
             {

@@ -7,50 +7,20 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import yaml
 
 from tests.e2e.stall_proxy import StallProxy, url_through
-from tests.e2e.test_cluster_queue import CountingEngine, Posts, engine_in_thread, sql
+from tests.e2e.test_cluster_queue import CountingEngine, Posts, engine_in_thread, sql, write_config
 from tests.engines.scripted import Reply, completion_chunks
-from tests.support import MODEL, parse_sse, serve_process, submit_to, task_of, wait_until
+from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 
 pytestmark = pytest.mark.wire
 
 TTL_MS = 4000
 SWEEP_MS = 400  # the fence: max(TTL - 3 sweeps, TTL / 2) = 2.8 s without a heartbeat
-
-
-def write_config(path: Path, database_url: str, instance_id: str, engine_url: str) -> Path:
-    config: dict[str, Any] = {
-        "server": {"shutdown_grace_s": 0, "progress_interval_ms": 100},
-        "database": {
-            "url": database_url,
-            "instance_id": instance_id,
-            "retry_ms": 100,
-            "instance_ttl_ms": TTL_MS,
-            "poll_ms": 50,
-            "sweep_ms": SWEEP_MS,
-        },
-        "pools": [
-            {
-                "id": "default",
-                "model": MODEL,
-                "engine": "openai",
-                "endpoints": [engine_url],
-                "discover_slots": False,
-                "replicas": 1,
-                "slots_per_replica": 1,
-                "queue": {"capacity": 10},
-            }
-        ],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def active(engine: CountingEngine) -> int:
@@ -74,7 +44,18 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
         proxy = stack.enter_context(StallProxy((target.hostname or "", target.port or 5432)))
 
         def start(name: str, database_url: str) -> httpx.Client:
-            config = write_config(tmp_path / f"{name}.yaml", database_url, name, engine.url)
+            config = write_config(
+                tmp_path / f"{name}.yaml",
+                database_url,
+                name,
+                ttl_ms=TTL_MS,
+                sweep_ms=SWEEP_MS,
+                engine="openai",
+                endpoints=[engine.url],
+                discover_slots=False,
+                slots_per_replica=1,
+                queue={"capacity": 10},
+            )
             base, _, _ = stack.enter_context(
                 serve_process("--config", str(config), data_dir=tmp_path / name)
             )
