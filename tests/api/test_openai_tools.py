@@ -106,8 +106,7 @@ async def _trace(wire: Wire, task_id: str) -> dict[str, Any]:
 async def test_the_sdk_gets_the_engines_tool_call_whole_and_sends_back_its_result(
     settings_for: SettingsFactory,
 ) -> None:
-    async with _live(settings_for) as (fake, wire):
-        sdk = _sdk(wire)
+    async with _live(settings_for) as (fake, wire), _sdk(wire) as sdk:
         raw = await sdk.chat.completions.with_raw_response.create(
             model=MODEL,
             messages=HELLO,
@@ -131,7 +130,6 @@ async def test_the_sdk_gets_the_engines_tool_call_whole_and_sends_back_its_resul
         task_id = raw.headers["x-task-id"]
         task = await wire.task(task_id)
         trace = await _trace(wire, task_id)
-        await sdk.close()
 
     assert answer.choices[0].finish_reason == "tool_calls"
     assert message.content is None
@@ -167,8 +165,7 @@ async def test_the_sdk_gets_the_engines_tool_call_whole_and_sends_back_its_resul
 async def test_a_streamed_tool_call_comes_as_delta_pieces_the_sdk_joins(
     settings_for: SettingsFactory,
 ) -> None:
-    async with _live(settings_for) as (_, wire):
-        sdk = _sdk(wire)
+    async with _live(settings_for) as (_, wire), _sdk(wire) as sdk:
         stream = await sdk.chat.completions.create(
             model=MODEL,
             messages=HELLO,
@@ -182,7 +179,6 @@ async def test_a_streamed_tool_call_comes_as_delta_pieces_the_sdk_joins(
             model=MODEL, messages=HELLO, tools=[WEATHER]
         ) as helper:
             final = await helper.get_final_completion()
-        await sdk.close()
 
     *body, usage = chunks
     assert usage.choices == [] and usage.usage is not None
@@ -289,15 +285,14 @@ async def test_logprobs_reach_the_sdk_per_chunk_and_whole(settings_for: Settings
         http_pool = HTTP_POOL | {"endpoints": [fake.url]}
         async with serve(settings_for(config(http_pool))) as wire:
             await wait_ready(wire, "vllm")
-            sdk = _sdk(wire)
-            whole = await sdk.chat.completions.create(
-                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1
-            )
-            stream = await sdk.chat.completions.create(
-                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1, stream=True
-            )
-            chunks = [c async for c in stream]
-            await sdk.close()
+            async with _sdk(wire) as sdk:
+                whole = await sdk.chat.completions.create(
+                    model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1
+                )
+                stream = await sdk.chat.completions.create(
+                    model=MODEL, messages=HELLO, logprobs=True, top_logprobs=1, stream=True
+                )
+                chunks = [c async for c in stream]
 
     logprobs = whole.choices[0].logprobs
     assert logprobs is not None and logprobs.content is not None
