@@ -292,6 +292,9 @@ class PoolRuntime:
         (the engine's ``Retry-After``), else for ``retry.backoff_ms``."""
         rest_ms = self.settings.retry.backoff_ms if retry_after_ms is None else retry_after_ms
         replica.resting_until = self.clock.monotonic_s() + rest_ms / 1000
+        # The task it sent back waits for it: the pool looks again when the rest is over (else
+        # nothing might wake an idle pool, and the task would wait for unrelated work).
+        asyncio.get_running_loop().call_later(rest_ms / 1000, self.wakeup.set)
 
     def requeue(self, record: TaskRecord) -> None:
         """A dispatched task its engine refused goes back to the front of its flow, with its
