@@ -97,26 +97,7 @@ def create_app(
             await runtime.stop()
 
     app = AsyncApp(__name__, lifespan=lifespan)
-    app.add_middleware(
-        EdgeMiddleware,
-        position=MiddlewarePosition.BEFORE_EXCEPTION,
-        metrics=runtime.metrics,
-        max_body_bytes=settings.server.max_body_bytes,
-        # An artifact's JSON body may escape its content to six times its size (\u0001), plus
-        # the rest of the request; but a body that cannot decode to content within
-        # artifacts.max_bytes (and the rest) is refused as it streams in, never parsed.
-        limits={"/v1/artifacts": 6 * settings.artifacts.max_bytes + settings.server.max_body_bytes},
-        decoded_limits={
-            "/v1/artifacts": settings.artifacts.max_bytes + settings.server.max_body_bytes
-        },
-    )
-    # Inserted after EdgeMiddleware at the same position, these sit between it and the exception
-    # middleware: the event stream's fast path first (what it does not serve goes on to
-    # connexion), then OpenAIErrors, which sees every error answer as the envelope.
-    app.add_middleware(StreamRoute, position=MiddlewarePosition.BEFORE_EXCEPTION, runtime=runtime)
-    app.add_middleware(OpenAIErrors, position=MiddlewarePosition.BEFORE_EXCEPTION)
-    app.add_middleware(ChunkedBodyMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION)
-    app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
+    _add_middleware(app, settings, runtime)
     resolver = OperationResolver(operations(runtime))
     documents = [dict(openapi("data")), dict(openapi("control"))]
     for name, document in zip(("data", "control"), documents, strict=True):
@@ -140,3 +121,28 @@ def create_app(
     app.add_error_handler(Exception, problems.unexpected)
     app.runtime = runtime  # for tests and the CLI
     return app
+
+
+def _add_middleware(app: AsyncApp, settings: Settings, runtime: Runtime) -> None:
+    """The edge (limits, metrics, logs), the event stream's fast path and the error envelope
+    around connexion's own stack."""
+    app.add_middleware(
+        EdgeMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        metrics=runtime.metrics,
+        max_body_bytes=settings.server.max_body_bytes,
+        # An artifact's JSON body may escape its content to six times its size (\u0001), plus
+        # the rest of the request; but a body that cannot decode to content within
+        # artifacts.max_bytes (and the rest) is refused as it streams in, never parsed.
+        limits={"/v1/artifacts": 6 * settings.artifacts.max_bytes + settings.server.max_body_bytes},
+        decoded_limits={
+            "/v1/artifacts": settings.artifacts.max_bytes + settings.server.max_body_bytes
+        },
+    )
+    # Inserted after EdgeMiddleware at the same position, these sit between it and the exception
+    # middleware: the event stream's fast path first (what it does not serve goes on to
+    # connexion), then OpenAIErrors, which sees every error answer as the envelope.
+    app.add_middleware(StreamRoute, position=MiddlewarePosition.BEFORE_EXCEPTION, runtime=runtime)
+    app.add_middleware(OpenAIErrors, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(ChunkedBodyMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION)
+    app.add_middleware(OperationMiddleware, position=MiddlewarePosition.BEFORE_CONTEXT)
