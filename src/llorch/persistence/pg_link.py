@@ -29,7 +29,7 @@ log = logging.getLogger("llorch.persistence")
 Connection = psycopg.Connection[tuple[Any, ...]]
 Pool = ConnectionPool[Connection]
 
-# How long closing a pool waits for its worker threads (a lost server answers nothing).
+# How long closing a lost server's pool waits for its worker threads (it answers nothing).
 _CLOSE_WAIT_S = 1.0
 
 
@@ -94,7 +94,10 @@ class Link:
         self._wake.set()
         self._thread.join()
         if self._pool is not None:
-            self._pool.close(timeout=_CLOSE_WAIT_S)
+            # A server that answers: wait for the pool's workers to end (each call is bounded
+            # by the connect and statement timeouts), so none outlives the store and runs on
+            # after its database is gone; a lost one: a short wait, then leave them.
+            self._pool.close(timeout=self._timeout_s if self.up else _CLOSE_WAIT_S)
             self._pool = None
 
     # -- the watcher thread -----------------------------------------------------------------
