@@ -367,6 +367,22 @@ def _junit_counts(report: Path) -> tuple[int, int, int] | None:
     return total - failed - skipped, failed, skipped
 
 
+def _junit_failure_tails(report: Path, lines: int = 30, most: int = 3) -> list[str]:
+    """The first ``lines`` lines of the first ``most`` failures' texts (their root cause, which
+    pytest prints first, far above the coverage table a CI log's tail shows)."""
+    try:
+        root = ElementTree.parse(report).getroot()
+    except (OSError, ElementTree.ParseError):
+        return []
+    tails = []
+    for case in root.iter("testcase"):
+        for bad in [*case.iter("failure"), *case.iter("error")][:1]:
+            text = (bad.text or bad.get("message") or "").splitlines()
+            name = f"{case.get('classname')}::{case.get('name')}"
+            tails.append("\n".join([f"--- {name}", *text[:lines]]))
+    return tails[:most]
+
+
 def cmd_test(args: list[str]) -> int:
     ensure_venv()
     with tempfile.TemporaryDirectory(prefix="llorch-test-") as tmp:
@@ -387,6 +403,9 @@ def cmd_test(args: list[str]) -> int:
         step(f"pytest (coverage floor {COVERAGE_FLOOR}%)")
         rc = run(cmd, check=False)
         counts = _junit_counts(report)
+        if rc != 0:
+            for tail in _junit_failure_tails(report):
+                note(f"the start of a failure's report:\n{tail}")
     if counts is not None:
         _TEST_COUNTS.append(counts)
     if rc == 5:
