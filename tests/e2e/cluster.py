@@ -27,6 +27,24 @@ def cluster_config(
     return path
 
 
+def database_fault_config(
+    path: Path, database: dict[str, Any], server: dict[str, Any] | None = None
+) -> Path:
+    """One instance for the database-fault tests: one replica of two slots whose tasks run
+    for a while (40 tokens a second, no end of their own), the others waiting in the queue."""
+    pool = {
+        "id": "default",
+        "model": "mock-small",
+        "replicas": 1,
+        "slots_per_replica": 2,
+        "max_tokens_out": 4000,
+        "mock": {"ttft_ms": 0, "tokens_per_s": 40, "eos": False},
+    }
+    config = {"server": {"shutdown_grace_s": 0, **(server or {})}, "database": database}
+    path.write_text(yaml.safe_dump(config | {"pools": [pool]}))
+    return path
+
+
 @contextmanager
 def instances(
     tmp_path: Path,

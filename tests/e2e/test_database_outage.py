@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
+from tests.e2e.cluster import database_fault_config
 from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 from tools.postgres import Cluster, private_cluster
 
@@ -31,23 +31,9 @@ def cluster() -> Iterator[Cluster]:
 
 
 def write_config(path: Path, database_url: str) -> Path:
-    config: dict[str, Any] = {
-        "server": {"shutdown_grace_s": 0},
-        "database": {"url": database_url, "timeout_ms": 2000, "retry_ms": 200},
-        "pools": [
-            {
-                "id": "default",
-                "model": "mock-small",
-                "replicas": 1,
-                "slots_per_replica": 2,
-                "max_tokens_out": 4000,
-                # Two tasks run through the outage; the others wait in the queue.
-                "mock": {"ttft_ms": 0, "tokens_per_s": 40, "eos": False},
-            }
-        ],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    # Two tasks run through the outage; the others wait in the queue.
+    database = {"url": database_url, "timeout_ms": 2000, "retry_ms": 200}
+    return database_fault_config(path, database)
 
 
 def assert_unavailable(response: httpx.Response) -> dict[str, Any]:

@@ -13,13 +13,12 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import yaml
 
+from tests.e2e.cluster import database_fault_config
 from tests.e2e.stall_proxy import StallProxy, url_through
 from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 
@@ -38,23 +37,9 @@ def proxy(postgres_url: str) -> Iterator[StallProxy]:
 
 
 def write_config(path: Path, database_url: str, timeout_ms: int = 60_000) -> Path:
-    config: dict[str, Any] = {
-        "server": {"shutdown_grace_s": 0, "storage_busy_timeout_ms": 1000},
-        # By default longer than the test: a stalled call is not given up while it watches it.
-        "database": {"url": database_url, "timeout_ms": timeout_ms, "retry_ms": 200},
-        "pools": [
-            {
-                "id": "default",
-                "model": "mock-small",
-                "replicas": 1,
-                "slots_per_replica": 2,
-                "max_tokens_out": 4000,
-                "mock": {"ttft_ms": 0, "tokens_per_s": 40, "eos": False},
-            }
-        ],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    # By default longer than the test: a stalled call is not given up while it watches it.
+    database = {"url": database_url, "timeout_ms": timeout_ms, "retry_ms": 200}
+    return database_fault_config(path, database, {"storage_busy_timeout_ms": 1000})
 
 
 class Frames:

@@ -309,14 +309,19 @@ async def test_tasks_accepted_but_not_started_before_a_restart_run_after_it(
     assert (row.state, row.tokens_out, row.error_code) == ("succeeded", 3, None)
 
 
+def first_replica_fails_once_config() -> Mapping[str, Any]:
+    """Two replicas, replica 0 failing before the first token, one retry. Replica order breaks
+    the tie of two idle replicas: the failing replica 0 gets the first try."""
+    failure = {"mode": "before_first_token", "replicas": [0]}
+    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
+    order = {"tie_break": "replica_order"}
+    return config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
+
+
 async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
     settings_for: SettingsFactory,
 ) -> None:
-    failure = {"mode": "before_first_token", "replicas": [0]}
-    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
-    # Replica order breaks the tie of two idle replicas: the failing replica 0 gets the first try.
-    order = {"tie_break": "replica_order"}
-    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
+    raw = first_replica_fails_once_config()
     async with running(settings_for(raw)) as run:
         replicas = run.scheduler.registry.pools["default"].replicas
         session_id = run.scheduler.sessions.create().row.session_id
@@ -336,10 +341,7 @@ async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
 async def test_a_retry_stays_on_its_replica_when_the_cluster_leases_every_slot_of_the_other(
     settings_for: SettingsFactory,
 ) -> None:
-    failure = {"mode": "before_first_token", "replicas": [0]}
-    failing = {"ttft_ms": 1, "tokens_per_s": 0, "failure": failure}
-    order = {"tie_break": "replica_order"}
-    raw = config(mock=failing, replicas=2, retry={"attempts": 2, "backoff_ms": 1}, placement=order)
+    raw = first_replica_fails_once_config()
     asked: list[tuple[str, str]] = []
 
     async def leased_elsewhere(record: TaskRecord, replica: Replica) -> bool:

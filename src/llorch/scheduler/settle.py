@@ -310,11 +310,8 @@ class Settlement:
         settled, finish = self._finishing(ending, trace)
         try:
             overrun = self._db.finish_task(*finish.args, **finish.keywords)
-        except EndedElsewhere as elsewhere:
-            return _ended_elsewhere(ending, elsewhere.row)
-        except StorageError as exc:
-            self._refused(ending, exc)
-            return None
+        except (EndedElsewhere, StorageError) as exc:
+            return self._not_committed(ending, exc)
         self._record_overrun(ending.record, settled.overrun or overrun)
         return ending
 
@@ -323,13 +320,18 @@ class Settlement:
         settled, finish = self._finishing(ending, trace)
         try:
             overrun = await self._db.run(finish)
-        except EndedElsewhere as elsewhere:
-            return _ended_elsewhere(ending, elsewhere.row)
-        except StorageError as exc:
-            self._refused(ending, exc)
-            return None
+        except (EndedElsewhere, StorageError) as exc:
+            return self._not_committed(ending, exc)
         self._record_overrun(ending.record, settled.overrun or overrun)
         return ending
+
+    def _not_committed(self, ending: Ending, exc: EndedElsewhere | StorageError) -> Ending | None:
+        """The stored ending when another instance ended the task first; None (the
+        reservation held again) when storage refused the commit."""
+        if isinstance(exc, EndedElsewhere):
+            return _ended_elsewhere(ending, exc.row)
+        self._refused(ending, exc)
+        return None
 
     def _finishing(
         self, ending: Ending, trace: ArtifactInsert | None
