@@ -65,8 +65,9 @@ class GracefulServer(uvicorn.Server):
 # container objects (700 by default), the older generations after 10 of the one before. Every
 # token allocates a few such objects and an ended task's retained events stay alive for late
 # subscribers, so with the defaults the collector ran ~100 times a second at saturation, a full
-# collection every ~1.2 s taking ~190 ms (a third of llorch's CPU; bench/NOTES.md, "The cyclic
-# collector"). Cycles are still collected, a few MB of them at most between two collections.
+# collection scanning every retained event (17 % of llorch's CPU relaying, 10 % admitting;
+# bench/NOTES.md, "The cyclic collector"). Cycles are still collected, a few MB of them at most
+# between two collections.
 GC_THRESHOLDS = (20_000, 10, 10)
 
 
