@@ -272,7 +272,7 @@ class Settlement:
         if told is not None:
             self._db.when_durable(lambda: self._publish(told))
         else:
-            self._own(self._retries, self._commit_until_durable(ending, trace), ending)
+            self._own(self._retries, self._retry_commit(ending, trace), ending)
         return None
 
     async def _end_off_loop(self, ending: Ending) -> None:
@@ -292,7 +292,7 @@ class Settlement:
         if told is not None:
             self._db.when_durable(lambda: self._publish(told))
         else:
-            self._own(self._retries, self._commit_until_durable(ending, trace), ending)
+            self._own(self._retries, self._retry_commit(ending, trace), ending)
 
     def _own(
         self, tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], ending: Ending
@@ -365,7 +365,9 @@ class Settlement:
             extra={"event": "task_end_deferred", "task_id": record.task_id},
         )
 
-    async def _commit_until_durable(self, ending: Ending, trace: ArtifactInsert | None) -> None:
+    async def _retry_commit(self, ending: Ending, trace: ArtifactInsert | None) -> None:
+        """Try the refused commit again, backing off, until storage takes it; then tell the
+        end once it is durable."""
         delay = _RETRY_FIRST_S
         while True:
             await asyncio.sleep(delay)
