@@ -63,9 +63,20 @@ async def adapter(url: str, **kwargs: object) -> AsyncIterator[OpenAIHttpEngine]
         await engine.close()
 
 
+async def flat(stream: AsyncIterator[Chunk], into: list[Chunk]) -> None:
+    """The chunks of ``stream`` into ``into``, the outputs of one read (a list) one by one."""
+    async for c in stream:
+        if isinstance(c, list):
+            assert c, "a list of outputs is never empty"
+            into += c
+        else:
+            into.append(c)
+
+
 async def collect(engine: OpenAIHttpEngine, req: CompletionRequest) -> list[Chunk]:
     """The chunks of a stream after the ``Accepted`` that opens every stream the engine took."""
-    chunks = [c async for c in engine.stream(req)]
+    chunks: list[Chunk] = []
+    await flat(engine.stream(req), chunks)
     assert chunks[:1] == [Accepted()], chunks
     return chunks[1:]
 
@@ -425,8 +436,7 @@ async def test_a_connection_dropped_mid_stream_is_a_worker_reset() -> None:
     async with ScriptedEngine([Reply(tuple(parts), end="reset")]) as fake, adapter(fake.url) as e:
         seen: list[Chunk] = []
         with pytest.raises(WorkerReset) as caught:
-            async for c in e.stream(request()):
-                seen.append(c)
+            await flat(e.stream(request()), seen)
 
     assert seen == [Accepted(), Token("a"), Token("b")]
     assert caught.value.retriable is True
@@ -517,7 +527,8 @@ async def test_closing_the_stream_closes_the_connection_to_the_engine() -> None:
     async with ScriptedEngine([Reply(parts, end="hang")]) as fake, adapter(fake.url) as engine:
         stream = engine.stream(request())
         assert await anext(stream) == Accepted()
-        assert await anext(stream) == Token("a")
+        first = await anext(stream)
+        assert isinstance(first, list) and first[0] == Token("a")
         await stream.aclose()
         async with asyncio.timeout(5):
             await fake.disconnected.wait()
@@ -1022,3 +1033,30 @@ async def test_a_cancel_while_the_engine_has_not_answered_ends_the_task_at_once(
     assert kinds(frames) == ["end"]
     assert events(frames)[0].payload["finish_reason"] == "canceled"
     assert (task["state"], task["timings"]["started_ms"]) == ("canceled", None)
+
+
+@pytest.mark.wire
+@pytest.mark.req("ORCH-DATA-0051", "ORCH-DATA-0053")
+async def test_tokens_that_arrive_together_are_one_step_and_each_its_own_frame(
+    settings_for: SettingsFactory,
+) -> None:
+    texts = [f"t{i}" for i in range(6)]
+    together = "".join(completion_chunks(texts, usage=(2, 6))) + DONE  # written at once
+    async with ScriptedEngine([Reply((together,))]) as fake:
+        async with adapter(fake.url) as engine:
+            steps = [c async for c in engine.stream(request())]
+        pool = {"id": "vllm", "engine": "vllm", "model": "small", "endpoints": [fake.url]}
+        async with serve(settings_for(config(pool))) as wire:
+            await wait_ready(wire, "vllm")
+            task_id = await wire.submit(model="small", prompt="hello", max_tokens=6)
+            frames = events(await wire.read_all(task_id))
+            resumed = events(await wire.read_all(task_id, {"Last-Event-ID": "3"}))
+
+    # One read, one step of the adapter for its six tokens.
+    assert steps[1] == [Token(t) for t in texts], steps
+    tokens = [f for f in frames if f.event == "token"]
+    assert [(f.payload["i"], f.payload["t"]) for f in tokens] == list(enumerate(texts))
+    assert [f.id for f in frames] == list(range(len(frames)))
+    assert [(f.id, f.event, f.data) for f in resumed] == [
+        (f.id, f.event, f.data) for f in frames[4:]
+    ]

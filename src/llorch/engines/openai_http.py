@@ -50,6 +50,8 @@ from llorch.engines.base import (
     EngineLoad,
     Finish,
     FinishReason,
+    Output,
+    Outputs,
     Token,
     ToolCallDelta,
     estimate_tokens_in,
@@ -242,17 +244,17 @@ class OpenAIHttpEngine:
                     raise EngineProtocolError(
                         f"{self._where} ended the stream without [DONE]", engine=self.engine
                     )
-                outputs: list[Token | ToolCallDelta] = []
+                outputs: Outputs = []
                 done = False
                 for payload in events.feed(read):
                     if payload == b"[DONE]":
                         done = True
                         break
                     outputs += self._parse(payload, chat, progress)
-                for output in outputs:
+                if outputs:
                     # A tool call's piece counts as a token: once one is relayed, no retry.
-                    progress.tokens += 1
-                    yield output
+                    progress.tokens += len(outputs)
+                    yield outputs  # those of one read in one step
                 if done:
                     break
             if await self._read_to_end(content, dog):
@@ -359,9 +361,7 @@ class OpenAIHttpEngine:
             return True
         return False
 
-    def _parse(
-        self, payload: bytes, chat: bool, progress: _Progress
-    ) -> list[Token | ToolCallDelta]:
+    def _parse(self, payload: bytes, chat: bool, progress: _Progress) -> list[Output]:
         """The texts and tool-call pieces of one chunk; usage and finish reason are noted in
         ``progress``."""
         try:
@@ -384,7 +384,7 @@ class OpenAIHttpEngine:
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             raise self._malformed(payload)
-        outputs: list[Token | ToolCallDelta] = []
+        outputs: list[Output] = []
         for choice in choices:
             if not isinstance(choice, dict):
                 raise self._malformed(payload)

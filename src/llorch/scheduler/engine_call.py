@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,28 +257,32 @@ class EngineCall:
             },
         )
 
-    def _publish_token(self, chunk: Token | ToolCallDelta) -> None:
-        """Publish the next token, or piece of a tool call (ORCH-DATA-0034), which counts as
-        one (the first one also sets the task's TTFT), and every ``metrics_every_tokens``
-        tokens a metrics frame."""
-        pool, record = self.pool, self.record
-        assert self.first_token_at is not None
+    def _publish_tokens(self, outputs: Iterable[Token | ToolCallDelta]) -> None:
+        """Publish the next tokens, or pieces of a tool call (ORCH-DATA-0034), each of which
+        counts as one (the first one also sets the task's TTFT), and every
+        ``metrics_every_tokens`` tokens a metrics frame."""
+        record = self.record
         if record.tokens_out == 0:
-            ttft_s = self.first_token_at - self.started
-            record.ttft_ms = round(ttft_s * 1000)
-            pool.metrics.observe(
-                "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=self.replica.engine.engine
-            )
-        if isinstance(chunk, Token):
-            data: dict[str, Any] = {"t": chunk.text, "i": record.tokens_out}
-            if chunk.logprobs:
-                data["lp"] = list(chunk.logprobs)
-            record.events.publish("token", data)
-        else:
-            record.events.publish("tool_call", _tool_call_frame(chunk, record.tokens_out))
-        record.tokens_out += 1
-        if record.tokens_out % self._ctx.metrics_every_tokens == 0:
-            self._publish_metrics()
+            self._first_token()
+        publish, every = record.events.publish, self._ctx.metrics_every_tokens
+        for output in outputs:
+            i = record.tokens_out
+            if isinstance(output, Token):
+                publish("token", _token_frame(output, i))
+            else:
+                publish("tool_call", _tool_call_frame(output, i))
+            record.tokens_out = i = i + 1
+            if i % every == 0:
+                self._publish_metrics()
+
+    def _first_token(self) -> None:
+        pool = self.pool
+        assert self.first_token_at is not None
+        ttft_s = self.first_token_at - self.started
+        self.record.ttft_ms = round(ttft_s * 1000)
+        pool.metrics.observe(
+            "llorch_ttft_seconds", ttft_s, pool_id=pool.id, engine=self.replica.engine.engine
+        )
 
     def _publish_metrics(self) -> None:
         pool, record = self.pool, self.record
@@ -446,7 +450,7 @@ class EngineCall:
                 now = loop.time()
                 if self.first_token_at is None:
                     self.first_token_at = now
-                self._publish_token(chunk)
+                self._publish_tokens(chunk if isinstance(chunk, list) else (chunk,))
                 dog.move(now + idle_s if deadline is None else min(now + idle_s, deadline))
         except TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
@@ -465,6 +469,14 @@ class EngineCall:
         finally:
             dog.close()
             await chunks.aclose()
+
+
+def _token_frame(token: Token, i: int) -> dict[str, Any]:
+    """A ``token`` frame's data (the contract's TokenEvent)."""
+    data: dict[str, Any] = {"t": token.text, "i": i}
+    if token.logprobs:
+        data["lp"] = list(token.logprobs)
+    return data
 
 
 def _tool_call_frame(piece: ToolCallDelta, i: int) -> dict[str, Any]:

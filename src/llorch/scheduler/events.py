@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from llorch.timers import Watchdog
 
@@ -46,8 +45,10 @@ def approx_bytes(data: dict[str, Any]) -> int:
     return size
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One published event. A named tuple: made at every token, it costs a quarter of a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field; bench/NOTES.md)."""
+
     seq: int
     kind: str
     data: dict[str, Any]
@@ -92,14 +93,16 @@ class EventStream:
         return self._first_seq + len(self._events)
 
     def publish(self, kind: str, data: dict[str, Any]) -> Event:
-        if self.closed:
+        events = self._events
+        if events and events[-1].kind in TERMINAL:
             raise StreamClosed(f"{kind} event after the terminal event")
-        event = Event(self._first_seq + len(self._events), kind, data)
-        self._events.append(event)
+        event = Event(self._first_seq + len(events), kind, data)
+        events.append(event)
         self.approx_bytes += _EVENT_BYTES + approx_bytes(data)
         if self.tap is not None:
             self.tap(event)
-        self._wake()
+        if self._waiters:
+            self._wake()
         return event
 
     def _wake(self) -> None:
