@@ -72,7 +72,7 @@ async def test_a_task_its_engine_refuses_as_busy_goes_back_to_the_shared_queue(
 async def test_a_stream_fed_here_follows_its_task_through_a_send_back_without_gap_or_duplicate(
     settings_for: SettingsFactory, postgres_url: str
 ) -> None:
-    hold = Reply(completion_chunks(["x"]), end="hang")
+    hold = Reply(tuple(completion_chunks(["x"])), end="hang")
     busy = Reply(('{"error": "busy"}',), status=429, content_type="application/json")
     good = Reply((*completion_chunks(["a", "b"], usage=(2, 2)), "data: [DONE]\n\n"))
     async with ScriptedEngine([hold, busy, good]) as fake:
