@@ -6,8 +6,10 @@
 As ``bench/probes/relay_cost.py`` (the mock OpenAI engine with no delay, llorch pinned to its own
 core, the load generator in llorch mode), but llorch keeps its state in a private PostgreSQL
 cluster (``database.url``): in this tree that is cluster mode, every frame also written to the
-durable transcript. ``--src`` runs the llorch package of another checkout (its ``src``
-directory, e.g. one made with ``git archive``) for a before/after comparison on the same machine.
+durable transcript. The PostgreSQL cluster's CPU (its postmaster and every backend) is reported
+beside llorch's, per task and per token. ``--src`` runs the llorch package of another checkout
+(its ``src`` directory, e.g. one made with ``git archive``) for a before/after comparison on the
+same machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import run as bench
+from bench.cluster import CpuMeter, _postmaster
 from tools.postgres import private_cluster
 from tools.server import free_port, llorch_argv
 
@@ -60,11 +63,13 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}"
                 bench.load("llorch", url, bench.ENGINE_MODEL, duration=3, **options)  # warm up
                 cpu_before, wall_before = bench.cpu_s(proc.pid), time.monotonic()
+                pg_meter = CpuMeter({}, {"postgres": _postmaster(pg.root)})
                 result = bench.load(
                     "llorch", url, bench.ENGINE_MODEL, duration=args.duration, **options
                 )
                 cpu_used = bench.cpu_s(proc.pid) - cpu_before
                 wall = time.monotonic() - wall_before
+                pg_used = pg_meter.shares()["postgres_cpu_share"] * wall
     tokens = result["tokens_per_s"] * result["duration_s"]
     tasks = result["per_s"] * result["duration_s"]
     print(
@@ -76,6 +81,9 @@ def main() -> int:
                 "llorch_cpu_share": round(cpu_used / wall, 3),
                 "us_cpu_per_token": round(1e6 * cpu_used / tokens, 1) if tokens else None,
                 "ms_cpu_per_task": round(1e3 * cpu_used / tasks, 2) if tasks else None,
+                "postgres_cpu_share": round(pg_used / wall, 3),
+                "us_postgres_cpu_per_token": round(1e6 * pg_used / tokens, 1) if tokens else None,
+                "ms_postgres_cpu_per_task": round(1e3 * pg_used / tasks, 2) if tasks else None,
             }
         )
     )

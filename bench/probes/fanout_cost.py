@@ -135,7 +135,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         *(stream(transcript, t, args.max_tokens, args.tokens_per_s, sent) for t in ids)
     )
     frames = args.tasks * (args.max_tokens + 2)
-    while transcript.stats.rows < frames:  # noqa: ASYNC110 (a condition of another thread)
+    while transcript.stats.frames < frames:  # noqa: ASYNC110 (a condition of another thread)
         await asyncio.sleep(0.01)
     wall = time.monotonic() - wall0
     await asyncio.sleep(0.5)  # the last reads
@@ -150,9 +150,11 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s_each": args.tokens_per_s,
         "frames": frames,
         "wall_s": round(wall, 2),
+        "frames_per_s": round(stats.frames / wall),
         "rows_per_s": round(stats.rows / wall),
         "flushes_per_s": round(stats.flushes / wall, 1),
         "notifies_per_s": round(stats.notifies / wall, 1),
+        "frames_per_flush": round(stats.frames / max(1, stats.flushes), 1),
         "rows_per_flush": round(stats.rows / max(1, stats.flushes), 1),
         "writer_cpu_ms_per_task": round(1000 * stats.busy_s / args.tasks, 2),
         "writer_cpu_ms_per_1000_frames": round(1e6 * stats.busy_s / frames, 2),

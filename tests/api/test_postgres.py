@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import psycopg
 import pytest
 
+from llorch.persistence.pg_events import Read, Transcript
 from llorch.persistence.postgres import PostgresStorage
 from tests.conftest import SettingsFactory
 from tests.support import InProcess, in_process, pool
@@ -152,3 +154,33 @@ async def test_a_quarantined_task_releases_its_reservation_on_postgresql(
             (sid,),
         ).fetchone()
     assert held == (0, 0, 0.0)
+
+
+@pytest.mark.req("ORCH-STATE-0061")
+async def test_a_stream_opened_while_its_task_is_queued_is_fed_here_when_this_instance_runs_it(
+    settings_for: SettingsFactory, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = {"ttft_ms": 1, "tokens_per_s": 200}
+    settings = settings_for(
+        {"database": {"url": postgres_url}, "pools": [pool(slots_per_replica=1, mock=slow)]}
+    )
+    async with in_process(settings) as api:
+        fanout = api.runtime.scheduler._fanout
+        assert fanout is not None
+        transcript = fanout._links.transcript
+        read_back: list[str] = []
+
+        def read_many(after: Mapping[str, int]) -> dict[str, Read]:
+            reads = Transcript.read_many(transcript, after)
+            read_back.extend(t for t, read in reads.items() if read.frames)
+            return reads
+
+        monkeypatch.setattr(transcript, "read_many", read_many)
+        busy = (await api.submit(max_tokens=100)).json()["task_id"]
+        await api.wait_state(busy, "running")
+        queued = (await api.submit(max_tokens=20)).json()["task_id"]
+        events = await api.events(queued)
+    assert [e.id for e in events] == list(range(len(events)))
+    assert (events[0].event, events[-1].event) == ("started", "end")
+    assert [e.event for e in events].count("token") == 20
+    assert queued not in read_back  # its frames came from its own stream, not the database

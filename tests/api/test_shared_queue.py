@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -64,3 +66,42 @@ async def test_a_task_its_engine_refuses_as_busy_goes_back_to_the_shared_queue(
     assert done["usage"]["tokens_out"] == 2
     assert len(fake.posts()) == 2  # refused once, then served after going back to the queue
     assert (leases, entries) == ((0,), (0,))
+
+
+@pytest.mark.req("ORCH-STATE-0061", "ORCH-ENG-0015")
+async def test_a_stream_fed_here_follows_its_task_through_a_send_back_without_gap_or_duplicate(
+    settings_for: SettingsFactory, postgres_url: str
+) -> None:
+    hold = Reply(tuple(completion_chunks(["x"])), end="hang")
+    busy = Reply(('{"error": "busy"}',), status=429, content_type="application/json")
+    good = Reply((*completion_chunks(["a", "b"], usage=(2, 2)), "data: [DONE]\n\n"))
+    async with ScriptedEngine([hold, busy, good]) as fake:
+        engine_pool = {
+            "engine": "openai",
+            "endpoints": [fake.url],
+            "discover_slots": False,
+            "slots_per_replica": 1,
+            "retry": {"attempts": 1, "requeues": 1, "backoff_ms": 10},
+        }
+        settings = settings_for(
+            {"database": {"url": postgres_url, "poll_ms": 20}, "pools": [pool(**engine_pool)]}
+        )
+        async with in_process(settings) as api:
+            fanout = api.runtime.scheduler._fanout
+            assert fanout is not None
+            holder = (await api.submit(max_tokens=2)).json()["task_id"]
+            await api.wait_state(holder, "running")
+            queued = (await api.submit(max_tokens=2)).json()["task_id"]
+            reading = asyncio.create_task(api.events(queued))
+            async with asyncio.timeout(10):
+                # Its stream opened while it is queued (the request is served by another task).
+                while queued not in fanout._mirrors:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            assert (await api.client.post(f"/v1/tasks/{holder}/cancel")).status_code == 204
+            async with asyncio.timeout(20):
+                events = await reading
+
+    assert len(fake.posts()) == 3  # the holder, then the queued task refused once, then served
+    assert [e.id for e in events] == list(range(len(events)))
+    assert [e.event for e in events if e.event in ("started", "end", "error")] == ["started", "end"]
+    assert [e.data["t"] for e in events if e.event == "token"] == ["a", "b"]

@@ -54,7 +54,7 @@ def test_frames_are_written_in_batches_and_read_back_after_an_id(
         transcript.append("t-1", seq, "token", {"text": f"w{seq}", "i": seq}, False)
         transcript.append("t-2", seq, "token", {"text": "x"}, False)
     transcript.append("t-1", 50, "end", {"finish_reason": "length"}, True)
-    _until(lambda: transcript.stats.rows == 101)
+    _until(lambda: transcript.stats.frames == 101)
 
     read = transcript.read("t-1", 47)
     assert read.state == "running"
@@ -73,6 +73,33 @@ def test_frames_are_written_in_batches_and_read_back_after_an_id(
     assert [seq for seq, _, _ in many["t-2"].frames] == [49]
     assert many["nope"].state is None and many["nope"].frames == []
     assert transcript.read_many({}) == {}
+
+
+@pytest.mark.req("ORCH-STATE-0062")
+def test_a_flush_writes_one_row_a_task_and_a_retried_one_holds_no_frame_twice(
+    store: PostgresStorage, transcript: Transcript, postgres_url: str
+) -> None:
+    _admit(store, "t-1")
+    _admit(store, "t-2")
+    unstarted = Transcript(postgres_url)  # its writer not started: each flush made here
+    tokens = [("t-1" if i % 3 else "t-2", i, "token", {"i": i}, False) for i in range(30)]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        unstarted._pending.extend(tokens[:12])
+        unstarted._flush(conn)
+        # A flush whose commit went through though the writer saw it fail is tried again, its
+        # frames in front of the ones queued since: the rows are written again, longer.
+        unstarted._pending.extend(tokens)
+        unstarted._flush(conn)
+        rows = conn.execute("SELECT task_id, first_seq, last_seq FROM task_events").fetchall()
+        unstarted._pending.append(("t-1", 30, "end", {}, True))
+        unstarted._flush(conn)
+    assert sorted(rows) == [("t-1", 1, 29), ("t-2", 0, 27)]
+    assert unstarted.stats.rows == 5 and unstarted.stats.frames == 12 + 30 + 1
+    every = [seq for seq, _, _ in transcript.read("t-1", -1).frames]
+    assert every == [i for i in range(30) if i % 3] + [30]
+    after_13 = [seq for seq, _, _ in transcript.read("t-1", 13).frames]
+    assert after_13 == [i for i in range(14, 30) if i % 3] + [30]
+    assert [seq for seq, _, _ in transcript.read_many({"t-2": 20})["t-2"].frames] == [21, 24, 27]
 
 
 @pytest.mark.req("ORCH-STATE-0041")
@@ -114,7 +141,7 @@ def test_the_frames_of_tasks_ended_past_the_retention_are_deleted(
     _admit(store, "running")
     for task_id in ("old", "recent", "running"):
         transcript.append(task_id, 0, "started", {}, True)
-    _until(lambda: transcript.stats.rows == 3)
+    _until(lambda: transcript.stats.frames == 3)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         transcript._prune(conn)
     assert transcript.read("old", -1).frames == []
@@ -132,7 +159,7 @@ def test_frames_wait_while_the_database_refuses_them_and_are_written_after(
         transcript.append("t-1", 0, "started", {}, True)
         _until(lambda: transcript.stats.failures >= 1)
         conn.execute("ALTER TABLE task_events_away RENAME TO task_events")
-    _until(lambda: transcript.stats.rows == 1)
+    _until(lambda: transcript.stats.frames == 1)
     assert transcript.read("t-1", -1).frames == [(0, "started", {})]
 
 

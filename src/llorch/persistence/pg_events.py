@@ -1,12 +1,14 @@
 """The durable transcript of running tasks on PostgreSQL, and the cancel asked across instances.
 
-:class:`Transcript` appends the frames of the tasks this instance runs to ``task_events``
-(``task_id, seq, kind, data``) off the event loop: :meth:`Transcript.append` only puts the frame
-in a queue (a deque append, a microsecond); a writer thread with a connection of its own takes
-up to ``max_batch`` frames at a time, at most ``flush_s`` after the first one came (at once for
-a terminal frame), and writes them in one transaction: one multi-row ``INSERT`` and one
-``NOTIFY`` on :data:`EVENTS_CHANNEL` whose payload is the space-separated ids of the tasks it
-wrote frames for. Frame ids are the streams' own ids, so they are the same on every instance.
+:class:`Transcript` appends the frames of the tasks this instance runs to ``task_events`` off
+the event loop: :meth:`Transcript.append` only puts the frame in a queue (a deque append, a
+microsecond); a writer thread with a connection of its own takes up to ``max_batch`` frames at
+a time, at most ``flush_s`` after the first one came (at once for a terminal frame), and writes
+them in one statement, its own transaction: one row per task holding that task's frames of the
+flush (``task_id, first_seq, last_seq, frames``, ORCH-STATE-0062) and one ``NOTIFY`` on
+:data:`EVENTS_CHANNEL` whose payload is the space-separated ids of the tasks it wrote frames
+for. Frame ids are the streams' own ids, so they are the same on every instance; a read
+returns each frame once, in id order, whatever rows hold it.
 
 While the database is unreachable the frames wait in the queue (at most ``_MAX_PENDING``; past
 that new frames are dropped and counted, and readers see a gap before the terminal frame) and
@@ -54,24 +56,32 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 # (task_id, seq, kind, data, urgent)
 _Pending = tuple[str, int, str, dict[str, Any], bool]
 
-# The batch goes as one JSON document of [task_id, seq, kind, data] rows, serialised at once in C
-# (orjson): adapting four arrays element by element cost psycopg ~3x the CPU. A ``json`` value
-# keeps its text, so ``r->3`` is the frame's data exactly as serialised.
-_INSERT = (
-    "INSERT INTO task_events (task_id, seq, kind, data) "
-    "SELECT r->>0, (r->>1)::int, r->>2, (r->3)::text FROM json_array_elements(%s::json) AS r "
-    "ON CONFLICT (task_id, seq) DO NOTHING"
+# A flush is one statement, in a transaction of its own (autocommit): one row per task holding
+# its frames of the flush, and the NOTIFY (sent at the commit). The rows go as one JSON document
+# of [task_id, first_seq, last_seq, frames] serialised at once in C (orjson): adapting arrays
+# element by element cost psycopg ~3x the CPU. A ``json`` value keeps its text, so ``r->3`` is
+# the frames exactly as serialised. A flush tried again after a failure whose commit went
+# through anyway writes its rows again from the same first frames, with more frames or as many:
+# the longer one is kept, and no frame is held twice.
+_WRITE = (
+    "WITH written AS (INSERT INTO task_events (task_id, first_seq, last_seq, frames) "
+    "SELECT r->>0, (r->>1)::int, (r->>2)::int, (r->3)::text "
+    "FROM json_array_elements(%s::json) AS r "
+    "ON CONFLICT (task_id, first_seq) DO UPDATE "
+    "SET last_seq = EXCLUDED.last_seq, frames = EXCLUDED.frames "
+    "WHERE task_events.last_seq < EXCLUDED.last_seq) "
+    f"SELECT pg_notify('{EVENTS_CHANNEL}', p) FROM unnest(%s::text[]) AS p"
 )
 _READ = (
-    "SELECT t.state, e.seq, e.kind, e.data FROM tasks t LEFT JOIN task_events e "
-    "ON e.task_id = t.task_id AND e.seq > %s WHERE t.task_id = %s ORDER BY e.seq"
+    "SELECT t.state, e.frames FROM tasks t LEFT JOIN task_events e "
+    "ON e.task_id = t.task_id AND e.last_seq > %s WHERE t.task_id = %s ORDER BY e.first_seq"
 )
 _READ_MANY = (
-    "SELECT w.task_id, t.state, e.seq, e.kind, e.data "
+    "SELECT w.task_id, t.state, e.frames "
     "FROM unnest(%s::text[], %s::int[]) AS w(task_id, after) "
     "LEFT JOIN tasks t ON t.task_id = w.task_id "
-    "LEFT JOIN task_events e ON e.task_id = w.task_id AND e.seq > w.after "
-    "ORDER BY w.task_id, e.seq"
+    "LEFT JOIN task_events e ON e.task_id = w.task_id AND e.last_seq > w.after "
+    "ORDER BY w.task_id, e.first_seq"
 )
 _ASK_CANCEL = (
     "WITH asked AS (UPDATE tasks SET cancel_requested_ms = coalesce(cancel_requested_ms, %s) "
@@ -91,7 +101,8 @@ class WriterStats:
     """What the writer did since it started (bench/fanout.py reads it)."""
 
     flushes: int = 0
-    rows: int = 0
+    frames: int = 0
+    rows: int = 0  # one a task and flush
     notifies: int = 0
     dropped: int = 0
     failures: int = 0
@@ -173,8 +184,7 @@ class Transcript:
             found = conn.execute(_READ, (after, task_id)).fetchall()
         if not found:
             return Read(None)
-        frames = [(int(s), str(k), orjson.loads(d)) for _, s, k, d in found if s is not None]
-        return Read(str(found[0][0]), frames)
+        return Read(str(found[0][0]), _frames(after, [chunk for _, chunk in found]))
 
     def read_many(self, after: Mapping[str, int]) -> dict[str, Read]:
         """:meth:`read` of several tasks (task id: the id to read after) in one round trip."""
@@ -182,13 +192,12 @@ class Transcript:
             return {}
         with self._calling() as conn:
             found = conn.execute(_READ_MANY, (list(after), list(after.values()))).fetchall()
-        frames: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+        chunks: dict[str, list[str | None]] = {}
         states: dict[str, str | None] = {}
-        for task_id, state, seq, kind, data in found:
+        for task_id, state, chunk in found:
             states[task_id] = None if state is None else str(state)
-            if seq is not None:
-                frames.setdefault(task_id, []).append((int(seq), str(kind), orjson.loads(data)))
-        return {t: Read(states[t], frames.get(t, [])) for t in states}
+            chunks.setdefault(task_id, []).append(chunk)
+        return {t: Read(states[t], _frames(after[t], chunks[t])) for t in states}
 
     def request_cancel(self, task_id: str, now_ms: int) -> bool:
         """Record a cancel on a queued or running task's row and NOTIFY :data:`CANCEL_CHANNEL`
@@ -260,29 +269,45 @@ class Transcript:
             conn.close()
 
     def _flush(self, conn: Connection) -> None:
-        """One transaction: up to ``max_batch`` frames, and a NOTIFY of their tasks."""
+        """One statement: up to ``max_batch`` frames in a row per task, and a NOTIFY of them."""
         began = time.thread_time()
         batch: list[_Pending] = []
         while self._pending and len(batch) < self._max_batch:
             batch.append(self._pending.popleft())
         try:
-            document = orjson.dumps([row[:4] for row in batch]).decode()
-            payloads = _payloads(list(dict.fromkeys(row[0] for row in batch)))
-            with conn.transaction():
-                conn.execute(_INSERT, (document,))
-                for payload in payloads:
-                    conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, payload))
+            frames: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            for task_id, seq, kind, data, _ in batch:
+                frames.setdefault(task_id, []).append((seq, kind, data))
+            document = orjson.dumps([(t, f[0][0], f[-1][0], f) for t, f in frames.items()])
+            payloads = _payloads(list(frames))
+            conn.execute(_WRITE, (document.decode(), payloads))
         except BaseException:
             self._pending.extendleft(reversed(batch))  # tried again, in order
             raise
         self.stats.flushes += 1
-        self.stats.rows += len(batch)
+        self.stats.frames += len(batch)
+        self.stats.rows += len(frames)
         self.stats.notifies += len(payloads)
         self.stats.busy_s += time.thread_time() - began
 
     def _prune(self, conn: Connection) -> None:
         before_ms = int(time.time() * 1000) - RETENTION_MS
         conn.execute(_PRUNE, (_ENDED, before_ms))
+
+
+def _frames(after: int, chunks: Sequence[str | None]) -> list[tuple[int, str, dict[str, Any]]]:
+    """The frames with ids above ``after`` in ``chunks`` (rows in id order; None: no row), each
+    once and in order."""
+    frames: list[tuple[int, str, dict[str, Any]]] = []
+    last = after
+    for chunk in chunks:
+        if chunk is None:
+            continue
+        for seq, kind, data in orjson.loads(chunk):
+            if seq > last:
+                frames.append((seq, kind, data))
+                last = seq
+    return frames
 
 
 def _payloads(task_ids: Sequence[str]) -> list[str]:

@@ -13,6 +13,11 @@ gets the rest from its trace, else the terminal frame rebuilt from its row as
 ``replay_from_row`` does, once the row has been ended for ``grace_s`` (the frames of an
 instance that ended it normally arrive within milliseconds of its commit).
 
+A mirror opened here while its task waited in the shared queue, when this instance then takes
+the task on, is fed by the task's own stream as it publishes (ORCH-STATE-0061): reading back
+frames this process has just written cost PostgreSQL a third of its CPU per streamed task (see
+bench/NOTES.md). A send-back to the shared queue gives it back to the transcript.
+
 While the database is unreachable a mirror keeps its subscribers' responses open with
 heartbeats and goes on where it was once the database answers again.
 
@@ -69,6 +74,31 @@ class MirrorStream(EventStream):
         self.loaded = asyncio.Event()  # the first read is done (or failed)
         # Loop time its row was first read ended while it had no terminal frame.
         self.ended_seen_at: float | None = None
+        # The record of the task while this instance runs it, and its send-backs then: its
+        # frames come from its stream as they are published, never read back from the database.
+        self._fed_by: TaskRecord | None = None
+        self._fed_requeues = 0
+
+    @property
+    def fed_here(self) -> bool:
+        """Whether the task is run here, since it was last taken on: a busy engine's send-back
+        (after which any instance may claim it) gives the mirror back to the transcript."""
+        fed_by = self._fed_by
+        return fed_by is not None and fed_by.requeues == self._fed_requeues
+
+    def adopt(self, record: TaskRecord) -> bool:
+        """Follow the stream of ``record``, the task now taken on by this instance, from the
+        frames it holds on; False (nothing done) when they do not continue this mirror's (the
+        frames in between are only in the transcript) or the mirror is closed."""
+        local = record.events
+        first = local.events[0].seq if local.events else local.next_seq
+        if self.closed or first > self.next_seq:
+            return False
+        for event in local.events:
+            self.add(event.seq, event.kind, event.data)
+        self._fed_by, self._fed_requeues = record, record.requeues
+        self.loaded.set()
+        return True
 
     @property
     def next_seq(self) -> int:
@@ -145,11 +175,23 @@ class Fanout:
     # -- the running instance's side --------------------------------------------------------
 
     def record(self, record: TaskRecord) -> None:
-        """Record the frames of a task this instance takes on in the durable transcript."""
+        """Record the frames of a task this instance takes on in the durable transcript. A
+        mirror of it here (a client came while it was queued in the shared queue) is fed its
+        frames as they are published (ORCH-STATE-0061), not read back from the database."""
         append, task_id = self._links.transcript.append, record.task_id
+        mirror = self._mirrors.get(task_id)
+        if mirror is not None and mirror.adopt(record):
+            fed = mirror
 
-        def tap(event: Event) -> None:
-            append(task_id, event.seq, event.kind, event.data, event.kind in TERMINAL)
+            def tap(event: Event) -> None:
+                append(task_id, event.seq, event.kind, event.data, event.kind in TERMINAL)
+                if fed.fed_here:
+                    fed.add(event.seq, event.kind, event.data)
+
+        else:
+
+            def tap(event: Event) -> None:
+                append(task_id, event.seq, event.kind, event.data, event.kind in TERMINAL)
 
         record.events.tap = tap
 
@@ -214,7 +256,8 @@ class Fanout:
             if loop.time() - polled_at >= self._poll_s:  # lost notifications are not waited for
                 names.update(self._mirrors)
                 polled_at = loop.time()
-            wanted = {t: m for t in names if (m := self._mirrors.get(t)) is not None}
+            mirrors = self._mirrors
+            wanted = {t: m for t in names if (m := mirrors.get(t)) is not None and not m.fed_here}
             reads = await self._read(wanted)
             for task_id, mirror in wanted.items():
                 try:
@@ -267,7 +310,8 @@ class Fanout:
     # -- notifications ----------------------------------------------------------------------
 
     def _on_events(self, payload: str) -> None:
-        named = [task_id for task_id in payload.split() if task_id in self._mirrors]
+        mirrors = self._mirrors
+        named = [t for t in payload.split() if (m := mirrors.get(t)) is not None and not m.fed_here]
         if named:
             self._mark(*named)
 
