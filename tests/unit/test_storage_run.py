@@ -55,3 +55,27 @@ async def test_postgresql_calls_in_a_worker_thread_while_the_loop_serves(
     await store.run(store.admit_task, task_row("t-1"), session_row(), new_session=True)
     row = await store.run(store.get_task, "t-1")
     assert row is not None and row.task_id == "t-1"
+
+
+@pytest.mark.req("ORCH-STATE-0060")
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4])
+async def test_a_cancel_that_meets_a_call_ending_is_not_swallowed(
+    store: PostgresStorage, monkeypatch: pytest.MonkeyPatch, steps: int
+) -> None:
+    # The call's future is the test's: it ends, and the caller is cancelled ``steps`` loop
+    # iterations later, before the caller has taken the result. Python 3.11's wait_for
+    # returned the result then, and the cancel was lost (a dispatcher loop never stopped).
+    loop = asyncio.get_running_loop()
+    ends: asyncio.Future[int] = loop.create_future()
+    monkeypatch.setattr(loop, "run_in_executor", lambda *_: ends)
+    caller = asyncio.ensure_future(store.run(int))
+    await asyncio.sleep(0)  # the caller waits on the call
+    ends.set_result(1)
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    if caller.done():  # it took the result before the cancel: nothing to lose
+        assert caller.result() == 1
+        return
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller

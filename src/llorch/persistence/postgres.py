@@ -177,8 +177,15 @@ class PostgresStorage:
         pending = asyncio.get_running_loop().run_in_executor(self._threads, bound)
         if self._call_timeout_s is None:
             return await pending
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result of a call
+        # that ends as its caller is cancelled, and so swallows the cancel (a dispatcher loop
+        # then never stopped, and a shutdown hung).
         try:
-            return await asyncio.wait_for(asyncio.shield(pending), self._call_timeout_s)
+            async with asyncio.timeout(self._call_timeout_s):
+                return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(_forget)  # its outcome is no one's now
+            raise
         except TimeoutError:
             pending.add_done_callback(_forget)
             self.write_failing = True
