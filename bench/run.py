@@ -416,14 +416,16 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
 
 def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
-    # Slow enough that every stream is still open when memory is read (24 tokens at 1 a second:
-    # at 4 a second, streams opened first had ended by then, which the reading varied with);
-    # each stream on a slot of its own (at most 1,024 slots per replica).
+    # Every stream must still be open when memory is read, one second after the last one opened,
+    # however long the opening takes (10,000 took 20 s to over 3 minutes on 2 shared cores): a
+    # token every 10 s, more tokens than any stream lives for, and the load generator cancels the
+    # tasks once memory is read (240 tokens: 40 minutes, within a session's default time budget of an
+    # hour). Each stream on a slot of its own (at most 1,024 a replica).
     replicas = max(8, -(-streams // 1024))
-    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=1)
+    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=0.1)
     with llorch(tmp, [pool]) as (url, pid):
         result = load(
-            "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
+            "hold", url, "mock-small", concurrency=streams, max_tokens=240, pid=pid, warmup=0
         )
     return {"result": result}
 
