@@ -25,6 +25,7 @@ import logging
 import resource
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from uvicorn.config import Config
@@ -40,6 +41,8 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
+# The kernel's cap on a listen backlog (Linux).
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 # Descriptors kept free under the process limit for the database, engines, logs and the listener.
 _DESCRIPTOR_RESERVE = 256
 
@@ -87,6 +90,24 @@ def descriptor_cap() -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 65536
     return max(16, soft - _DESCRIPTOR_RESERVE)
+
+
+def listen_backlog(requested: int, somaxconn: Path = SOMAXCONN) -> int:
+    """``server.backlog``, for uvicorn; a warning when the kernel will cap it (Linux caps a
+    listen backlog at net.core.somaxconn without a word, and a burst of connections past the
+    cap waits for the clients' SYN retries: a second, then three, then seven)."""
+    try:
+        cap = int(somaxconn.read_text(encoding="ascii"))
+    except (OSError, ValueError):  # not Linux, or no /proc: nothing to compare with
+        return requested
+    if requested > cap:
+        log.warning(
+            "server.backlog is %d but the kernel caps listen backlogs at %d "
+            "(net.core.somaxconn); raise it with sysctl to get the backlog configured",
+            requested,
+            cap,
+        )
+    return requested
 
 
 def refusal(status: int, code: str, message: str) -> bytes:
