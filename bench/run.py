@@ -418,9 +418,9 @@ def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
     # Every stream must still be open when memory is read, one second after the last one opened,
     # however long the opening takes (10,000 took 20 s to over 3 minutes on 2 shared cores): a
-    # token every 10 s, more tokens than any stream lives for, and the load generator cancels the
-    # tasks once memory is read (240 tokens: 40 minutes, within a session's default time budget of an
-    # hour). Each stream on a slot of its own (at most 1,024 a replica).
+    # token every 10 s, more tokens than any stream lives for (240: 40 minutes, within a
+    # session's default time budget of an hour), and the load generator cancels the tasks once
+    # memory is read. Each stream on a slot of its own (at most 1,024 a replica).
     replicas = max(8, -(-streams // 1024))
     pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=0.1)
     with llorch(tmp, [pool]) as (url, pid):
