@@ -657,6 +657,13 @@ def _report_saturation(latest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _opened(streams: dict[str, Any]) -> str:
+    """How long the opening took and how many were open at the reading (runs since 2026-12-06)."""
+    if "open_s" not in streams:
+        return ""
+    return f" (opened in {streams['open_s']} s, {streams['open_at_reading']:,} open when read)"
+
+
 def _report_admission_and_streams(latest: dict[str, Any]) -> list[str]:
     streams = latest["profiles"]["streams"]["result"]
     admission = latest["profiles"]["admission"]["result"]
@@ -666,7 +673,7 @@ def _report_admission_and_streams(latest: dict[str, Any]) -> list[str]:
         "",
         f"- Admission: {_fmt(admission['per_s'], 0)} answers 202 per second at concurrency "
         f"{admission['concurrency']} (errors: {admission['errors'] or 'none'}).",
-        f"- {streams['streams']} streams open at once: resident memory "
+        f"- {streams['streams']} streams open at once{_opened(streams)}: resident memory "
         f"{streams['rss_base_kib']:,} KiB before, {streams['rss_open_kib']:,} KiB while open, "
         f"{_fmt(streams['kib_per_stream'])} KiB per stream; {streams['ended_ok']} ended with "
         f"`end`; errors: {streams['errors'] or 'none'}.",
