@@ -8,8 +8,9 @@ Modes:
     facade   the direct mode's streamed completions through llorch's OpenAI-compatible door
              (--url is llorch's): each one a task, answered in OpenAI's chunks
     admit    POST /v1/tasks only: how many are answered 202 per second
-    hold     N tasks with N streams open at once; reads the server's resident memory (--pid)
-             before and while they are open
+    hold     N tasks with N streams open at once (--ramp opening at a time); reads the
+             server's resident memory (--pid) before and while they are open, then cancels
+             the tasks and reads every stream to its end
 
 Each worker sends its next request as soon as the previous one ended. The measured window is
 the --duration seconds after --warmup; a request is counted when it ends inside the window, even if
