@@ -8,8 +8,9 @@ Modes:
     facade   the direct mode's streamed completions through llorch's OpenAI-compatible door
              (--url is llorch's): each one a task, answered in OpenAI's chunks
     admit    POST /v1/tasks only: how many are answered 202 per second
-    hold     N tasks with N streams open at once; reads the server's resident memory (--pid)
-             before and while they are open
+    hold     N tasks with N streams open at once (--ramp opening at a time); reads the
+             server's resident memory (--pid) before and while they are open, then cancels
+             the tasks and reads every stream to its end
 
 Each worker sends its next request as soon as the previous one ended. The measured window is
 the --duration seconds after --warmup; a request is counted when it ends inside the window, even if
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import resource
 import sys
@@ -172,13 +174,18 @@ MODES = {
 }
 
 
+# Idle connections are dropped before uvicorn's keep-alive timeout (5 s) can close them: a request
+# sent on a connection the server is closing gets a reset (ECONNRESET) or no answer at all.
+KEEPALIVE_S = 3.0
+
+
 def session(args: argparse.Namespace, timeout_s: float) -> aiohttp.ClientSession:
     """One client for all workers: a connection per worker, kept alive, JSON bodies."""
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         headers=headers,
         auto_decompress=False,
@@ -239,6 +246,17 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def failure(exc: BaseException) -> str:
+    """An exception's class, with the errno of the OSError beneath it when there is one."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = getattr(cause, "os_error", None) or cause.__cause__ or cause.__context__
+    if cause is None:
+        return f"{type(exc).__name__}: {exc}"[:120]
+    assert isinstance(cause, OSError)
+    return f"{type(exc).__name__} {errno.errorcode.get(cause.errno or 0, cause.errno)}"
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -246,79 +264,137 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def hold(args: argparse.Namespace) -> dict[str, Any]:
-    """Open ``--concurrency`` streams at once and keep them open while the server's RSS is read."""
-    n = args.concurrency
-    errors: dict[str, int] = {}
-    opened = 0
-    all_open = asyncio.Event()
-    ended_ok = 0
+@dataclass
+class Holding:
+    """The hold mode's counts: streams opened (or failed before opening), ended, errors."""
 
-    def error(kind: str) -> None:
-        errors[kind] = errors.get(kind, 0) + 1
+    n: int
+    opening: asyncio.Semaphore
+    errors: dict[str, int] = field(default_factory=dict)
+    opened: int = 0
+    ended_ok: int = 0
+    all_open: asyncio.Event = field(default_factory=asyncio.Event)
+    task_ids: list[str] = field(default_factory=list)  # the tasks whose streams opened
 
-    async with session(args, 300.0) as client:
-        # Warm the server's code paths, then measure its baseline.
-        for _ in range(8):
-            await stream_llorch(client, argparse.Namespace(**{**vars(args), "max_tokens": 2}))
-        base = rss_kib(args.pid)
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
-        async def one() -> None:
-            nonlocal ended_ok
-            body = {
-                "model": args.model,
-                "prompt": args.prompt,
-                "max_tokens": args.max_tokens,
-                "task_id": f"hold-{uuid.uuid4().hex}",
-            }
-            counted = False
+    def count(self) -> None:
+        """A stream opened, or failed before it could open: the next one may start opening."""
+        self.opened += 1
+        self.opening.release()
+        if self.opened == self.n:
+            self.all_open.set()
 
-            def count() -> None:  # opened, or failed before it could open
-                nonlocal opened, counted
-                if not counted:
-                    counted, opened = True, opened + 1
-                    if opened == n:
-                        all_open.set()
 
+async def hold_one(client: aiohttp.ClientSession, args: argparse.Namespace, h: Holding) -> None:
+    """Submit a task and read its stream to the terminal frame (counted once it has opened)."""
+    body = {
+        "model": args.model,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "task_id": f"hold-{uuid.uuid4().hex}",
+    }
+    await h.opening.acquire()
+    counted = False
+    try:
+        async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as sent:
+            answer = await sent.read()
+        if sent.status != 202:
+            code = orjson.loads(answer).get("code", "") if answer else ""
+            h.error(f"submit {sent.status} {code}")
+            return
+        task_id = orjson.loads(answer)["task_id"]
+        async with client.get(f"{args.url}/v1/tasks/{task_id}/stream") as resp:
+            counted = True
+            h.count()
+            if resp.status != 200:
+                h.error(f"stream {resp.status}")
+                return
+            h.task_ids.append(task_id)
+            terminal = ""
+            async for raw in resp.content:
+                line = raw.rstrip(b"\r\n")
+                if line in (b"event: end", b"event: error"):
+                    terminal = line[7:].decode()
+                    break
+            if terminal == "end":
+                h.ended_ok += 1
+            else:
+                h.error(f"terminal {terminal or 'missing'}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        h.error(failure(exc))
+    finally:
+        if not counted:
+            h.count()
+
+
+async def cancel_all(client: aiohttp.ClientSession, args: argparse.Namespace, h: Holding) -> None:
+    """Cancel every task whose stream opened, ``--ramp`` at a time: each stream then ends with
+    ``end`` (``finish_reason: canceled``), or has ended already (the cancel is answered 204)."""
+
+    async def cancel(task_id: str) -> None:
+        async with h.opening:
             try:
-                async with client.post(f"{args.url}/v1/tasks", data=orjson.dumps(body)) as sent:
-                    answer = await sent.read()
-                if sent.status != 202:
-                    error(f"submit {sent.status}")
-                    count()
-                    return
-                task_id = orjson.loads(answer)["task_id"]
-                async with client.get(f"{args.url}/v1/tasks/{task_id}/stream") as resp:
-                    count()
-                    if resp.status != 200:
-                        error(f"stream {resp.status}")
-                        return
-                    terminal = ""
-                    async for raw in resp.content:
-                        line = raw.rstrip(b"\r\n")
-                        if line in (b"event: end", b"event: error"):
-                            terminal = line[7:].decode()
-                            break
-                    if terminal == "end":
-                        ended_ok += 1
-                    else:
-                        error(f"terminal {terminal or 'missing'}")
+                async with client.post(f"{args.url}/v1/tasks/{task_id}/cancel") as answer:
+                    await answer.read()
+                if answer.status != 204:
+                    h.error(f"cancel {answer.status}")
             except (aiohttp.ClientError, TimeoutError) as exc:
-                error(type(exc).__name__)
-                count()
+                h.error(f"cancel {failure(exc)}")
 
-        tasks = [asyncio.create_task(one()) for _ in range(n)]
-        await asyncio.wait_for(all_open.wait(), timeout=120)
+    await asyncio.gather(*(cancel(task_id) for task_id in h.task_ids))
+
+
+async def open_all(
+    client: aiohttp.ClientSession, args: argparse.Namespace, n: int
+) -> tuple[Holding, list[asyncio.Task[None]], float]:
+    """``n`` streams opened, ``--ramp`` at a time; the seconds until all had opened."""
+    h = Holding(n, asyncio.Semaphore(args.ramp))
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(hold_one(client, args, h)) for _ in range(n)]
+    await asyncio.wait_for(h.all_open.wait(), timeout=args.hold_timeout)
+    return h, tasks, time.perf_counter() - started
+
+
+async def end_all(
+    client: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    h: Holding,
+    tasks: list[asyncio.Task[None]],
+) -> None:
+    await cancel_all(client, args, h)
+    await asyncio.gather(*tasks)
+
+
+async def hold(args: argparse.Namespace) -> dict[str, Any]:
+    """Open ``--concurrency`` streams, at most ``--ramp`` opening at a time, and keep them open
+    while the server's RSS is read; then cancel their tasks and read each stream to its end.
+
+    The streams' tasks must outlast the opening (a slow engine, many tokens): a stream that
+    ended before the reading would not be counted in it."""
+    n = args.concurrency
+    async with session(args, args.hold_timeout) as client:
+        # Warm the server's code paths, then measure its baseline.
+        warm, tasks, _ = await open_all(client, args, 8)
+        await end_all(client, args, warm, tasks)
+        base = rss_kib(args.pid)
+        h, tasks, open_s = await open_all(client, args, n)
         await asyncio.sleep(1.0)
         during = rss_kib(args.pid)
-        await asyncio.gather(*tasks)
+        still_open = n - h.ended_ok - sum(h.errors.values())
+        await end_all(client, args, h, tasks)
+    errors = {**{f"warm-up {k}": v for k, v in warm.errors.items()}, **h.errors}
     return {
         "mode": "hold",
         "streams": n,
-        "ended_ok": ended_ok,
+        "ended_ok": h.ended_ok,
         "errors": errors,
         "rss_base_kib": base,
         "rss_open_kib": during,
+        # Seconds until every stream had its headers, and how many were open when RSS was read.
+        "open_s": round(open_s, 2),
+        "open_at_reading": still_open,
         "kib_per_stream": (during - base) / n,
     }
 
@@ -339,6 +415,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--pid", type=int, help="the server's pid (hold mode)")
     parser.add_argument("--api-key", help="sent as a bearer token (litellm mode)")
+    parser.add_argument(
+        "--ramp", type=int, default=256, help="hold mode: streams opening at a time"
+    )
+    parser.add_argument(
+        "--hold-timeout", type=float, default=300.0, help="hold mode: seconds for opening all"
+    )
     args = parser.parse_args()
     result = uvloop.run(hold(args) if args.mode == "hold" else closed_loop(args))
     json.dump(result, sys.stdout)

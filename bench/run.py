@@ -419,14 +419,16 @@ def profile_admission(tmp: Path, duration: float) -> dict[str, Any]:
 
 def profile_streams(tmp: Path, streams: int) -> dict[str, Any]:
     """``streams`` streams open at once: resident memory per stream, and errors."""
-    # Slow enough that every stream is still open when memory is read (24 tokens at 1 a second:
-    # at 4 a second, streams opened first had ended by then, which the reading varied with);
-    # each stream on a slot of its own (at most 1,024 slots per replica).
+    # Every stream must still be open when memory is read, one second after the last one opened,
+    # however long the opening takes (10,000 took 20 s to over 3 minutes on 2 shared cores): a
+    # token every 10 s, more tokens than any stream lives for (240: 40 minutes, within a
+    # session's default time budget of an hour), and the load generator cancels the tasks once
+    # memory is read. Each stream on a slot of its own (at most 1,024 a replica).
     replicas = max(8, -(-streams // 1024))
-    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=1)
+    pool = mock_pool(replicas=replicas, slots=streams // replicas + 1, ttft_ms=0, tokens_per_s=0.1)
     with llorch(tmp, [pool]) as (url, pid):
         result = load(
-            "hold", url, "mock-small", concurrency=streams, max_tokens=24, pid=pid, warmup=0
+            "hold", url, "mock-small", concurrency=streams, max_tokens=240, pid=pid, warmup=0
         )
     return {"result": result}
 
@@ -683,6 +685,13 @@ def _report_saturation(latest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _opened(streams: dict[str, Any]) -> str:
+    """How long the opening took and how many were open at the reading (runs since 2026-12-06)."""
+    if "open_s" not in streams:
+        return ""
+    return f" (opened in {streams['open_s']} s, {streams['open_at_reading']:,} open when read)"
+
+
 def _report_admission_and_streams(latest: dict[str, Any]) -> list[str]:
     streams = latest["profiles"]["streams"]["result"]
     admission = latest["profiles"]["admission"]["result"]
@@ -692,7 +701,7 @@ def _report_admission_and_streams(latest: dict[str, Any]) -> list[str]:
         "",
         f"- Admission: {_fmt(admission['per_s'], 0)} answers 202 per second at concurrency "
         f"{admission['concurrency']} (errors: {admission['errors'] or 'none'}).",
-        f"- {streams['streams']} streams open at once: resident memory "
+        f"- {streams['streams']} streams open at once{_opened(streams)}: resident memory "
         f"{streams['rss_base_kib']:,} KiB before, {streams['rss_open_kib']:,} KiB while open, "
         f"{_fmt(streams['kib_per_stream'])} KiB per stream; {streams['ended_ok']} ended with "
         f"`end`; errors: {streams['errors'] or 'none'}.",

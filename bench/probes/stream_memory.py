@@ -2,14 +2,15 @@
 
     PYTHONPATH=src:. .venv/bin/python -m bench.probes.stream_memory [--streams 300] [--frames 12]
 
-llorch with the mock pool as the streams profile of ``bench/run.py`` starts it, but at one token
-a second (24 tokens), so that every stream is still open when the heap is read. A
+llorch with the mock pool and the load of the streams profile of ``bench/run.py`` (the load
+generator's hold mode: a token every 10 s, the tasks canceled once the heap is read). A
 ``sitecustomize`` module put on the server's path starts tracemalloc on SIGUSR2 (after eight
-warm-up tasks, so only what comes after is traced) and writes a snapshot on SIGUSR1 (once every
-stream has its first frame): what is left in it is what the open streams hold. Prints the bytes
-per stream by group (the uvicorn connection, connexion and the edge, the SSE response, the
-task's run, the events published so far, the mock engine) and by source line. Tracing makes the
-server slow; the resident size it prints is with tracemalloc on. Nothing is recorded.
+warm-up tasks, so only what comes after is traced) and writes a snapshot on SIGUSR1 (one second
+after every stream has opened, when the profile reads RSS): what is left in it is what the open
+streams hold. Prints the bytes per stream by group (the uvicorn connection, connexion and the
+edge, the SSE response, the task's run, the events published so far, the mock engine) and by
+source line. Tracing makes the server slow; the resident size it prints is with tracemalloc on.
+Nothing is recorded.
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 import tracemalloc
-import uuid
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
-import orjson
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench import loadgen
 from bench import run as bench
 from bench.loadgen import rss_kib
 
@@ -46,6 +45,11 @@ def _dump(*_):
 signal.signal(signal.SIGUSR2, _start)
 signal.signal(signal.SIGUSR1, _dump)
 """
+
+# The streams profile's engine (bench/run.py, profile_streams): a token every 10 s, so every
+# stream is open when the heap is read, and its tasks are canceled afterwards.
+TOKENS_PER_S = 0.1
+MAX_TOKENS = 240
 
 # The first match names a traced block's group (its traceback's files, oldest frame first).
 GROUPS = (
@@ -70,45 +74,32 @@ def group(files: list[str]) -> str:
 
 
 async def hold(url: str, pid: int, streams: int) -> float:
-    """Open ``streams`` streams, snapshot the server once all are open; KiB of RSS a stream."""
-    headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as s:
-        opened: list[int] = []
-        all_open = asyncio.Event()
-
-        async def one(tokens: int) -> None:
-            body = {"model": "mock-small", "prompt": "Once upon a time", "max_tokens": tokens}
-            body["task_id"] = f"mem-{uuid.uuid4().hex}"
-            async with s.post(f"{url}/v1/tasks", data=orjson.dumps(body)) as answer:
-                await answer.read()
-            async with s.get(f"{url}/v1/tasks/{body['task_id']}/stream") as stream:
-                first = True
-                async for line in stream.content:
-                    if first:
-                        opened.append(1)
-                        first = False
-                        if len(opened) == streams:
-                            all_open.set()
-                    if line.startswith((b"event: end", b"event: error")):
-                        return
-
-        for _ in range(8):
-            await one(2)
-        opened.clear()
-        all_open.clear()
+    """Open ``streams`` streams as the streams profile does, snapshot the server once all are
+    open, then cancel their tasks; KiB of RSS a stream."""
+    args = argparse.Namespace(
+        url=url,
+        model="mock-small",
+        prompt="tell me a story about a quiet river",
+        max_tokens=MAX_TOKENS,
+        ramp=256,
+        hold_timeout=300.0,
+        api_key=None,
+    )
+    async with loadgen.session(args, args.hold_timeout) as client:
+        warm, tasks, _ = await loadgen.open_all(client, args, 8)
+        await loadgen.end_all(client, args, warm, tasks)
         await asyncio.sleep(1)
         os.kill(pid, signal.SIGUSR2)
         await asyncio.sleep(0.5)
         base = rss_kib(pid)
-        tasks = [asyncio.create_task(one(24)) for _ in range(streams)]
-        started = time.monotonic()
-        await all_open.wait()
+        held, tasks, open_s = await loadgen.open_all(client, args, streams)
+        await asyncio.sleep(1.0)  # as the profile does
         during = rss_kib(pid)
         os.kill(pid, signal.SIGUSR1)
-        print(f"{streams} streams open after {time.monotonic() - started:.1f} s", flush=True)
-        await asyncio.gather(*tasks)
+        print(f"{streams} streams open after {open_s:.1f} s", flush=True)
+        await loadgen.end_all(client, args, held, tasks)
+        if held.errors or held.ended_ok != streams:
+            raise RuntimeError(f"{held.ended_ok} of {streams} ended; errors {held.errors}")
         return (during - base) / streams
 
 
@@ -117,6 +108,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--frames", type=int, default=12, help="tracemalloc's frames per block")
     parser.add_argument("--lines", type=int, default=25, help="source lines to print")
+    parser.add_argument("--keep", type=Path, help="a copy of the heap snapshot, for tracemalloc")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llorch-stream-memory-") as name:
         tmp = Path(name)
@@ -129,12 +121,14 @@ def main() -> int:
         }
         replicas = max(8, -(-args.streams // 1024))
         slots = args.streams // replicas + 1
-        pool = bench.mock_pool(replicas=replicas, slots=slots, ttft_ms=0, tokens_per_s=1)
+        pool = bench.mock_pool(replicas=replicas, slots=slots, ttft_ms=0, tokens_per_s=TOKENS_PER_S)
         with bench.llorch(tmp, [pool], env=env) as (url, pid):
             kib = asyncio.run(hold(url, pid, args.streams))
             while not snapshot.exists():  # written by the server, after a collection
                 time.sleep(0.2)
         heap = tracemalloc.Snapshot.load(str(snapshot))
+        if args.keep:
+            shutil.copyfile(snapshot, args.keep)
     n = args.streams
     by_group: Counter[str] = Counter()
     for stat in heap.statistics("traceback"):

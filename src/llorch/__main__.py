@@ -10,14 +10,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from llorch.api import create_app, logs
-from llorch.api.http import HttpLimits, protocol_class, raise_descriptor_limit
+from llorch.api.http import HttpLimits, listen_backlog, protocol_class, raise_descriptor_limit
 from llorch.api.runtime import Runtime
 from llorch.config import Settings
 from llorch.contracts import ConfigError, load_config
@@ -117,19 +118,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # e.g. a non-loopback bind without API keys
         print(f"llorch: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
+    config = uvicorn_config(app, settings)
+    tune_collector()
+    GracefulServer(config, app.runtime).run()
+    return 0
+
+
+def uvicorn_config(app: Callable[..., Any], settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for ``llorch serve``, from llorch's."""
+    return uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
+        backlog=listen_backlog(settings.server.backlog),
         log_level="info",
         log_config=None,  # keep llorch's JSON handler
         http=protocol_class(HttpLimits.from_settings(settings)),
         # Tasks are already drained when uvicorn stops; streams of queued tasks end here.
         timeout_graceful_shutdown=2,
     )
-    tune_collector()
-    GracefulServer(config, app.runtime).run()
-    return 0
 
 
 if __name__ == "__main__":

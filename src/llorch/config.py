@@ -39,6 +39,10 @@ class ServerSettings:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 0
+    # The listen queue of connections the kernel has completed and llorch not yet accepted
+    # (uvicorn's default; the kernel caps it at net.core.somaxconn). A burst of connections
+    # larger than this is dropped and retried by the clients after a second or more.
+    backlog: int = 2048
     heartbeat_s: float = 15.0
     shutdown_grace_s: float = 10.0
     # Finished tasks whose full event buffer stays in memory for late attach, at most this many

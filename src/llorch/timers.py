@@ -36,6 +36,18 @@ class Watchdog:
     dog.close()
     """
 
+    # Every open stream has two (its engine call's, its heartbeat's).
+    __slots__ = (
+        "_armed_at",
+        "_at",
+        "_cancelled_at",
+        "_handle",
+        "_loop",
+        "_task",
+        "_waiting",
+        "reason",
+    )
+
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._at = math.inf

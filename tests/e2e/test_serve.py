@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -58,6 +60,23 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> N
     line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
     child_soft, child_hard = line.split()[3:5]
     assert child_soft == child_hard != "256"
+
+
+@pytest.mark.req("ORCH-DATA-0074")
+def test_serve_listens_with_the_configured_backlog(tmp_path: Path) -> None:
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("iproute2's ss, which shows a listener's backlog, is not installed")
+    config = tmp_path / "llorch.yaml"
+    config.write_text("server: {backlog: 37}\n", encoding="utf-8")
+    with serve_process("--config", str(config), data_dir=tmp_path / "data") as (url, _p, _log):
+        port = urlsplit(url).port
+        listing = subprocess.run(
+            [ss, "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout
+    # A listening socket's Send-Q column is its backlog.
+    (line,) = listing.splitlines()
+    assert line.split()[2] == "37"
 
 
 @pytest.mark.req("ORCH-DATA-0093")

@@ -89,6 +89,7 @@ pools:
         ("pools: [{id: a}]", "pools.0", "'model' is a required property"),
         ("pools: []", "pools", "should be non-empty"),
         ("sessions: {ttl_ms: 5}", "sessions.ttl_ms", "less than the minimum of 1000"),
+        ("server: {backlog: 0}", "server.backlog", "less than the minimum of 1"),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_key_and_the_problem(

@@ -125,6 +125,10 @@ class EdgeMiddleware:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _raising_receive(limit)
+        if declared is None and _header(scope, b"transfer-encoding") is None:
+            # No body (HTTP/1.1 has none without either header): nothing to count, and an open
+            # stream does not hold a counting closure (~500 bytes).
+            return receive
         return _counting_receive(receive, limit, self.decoded_limits.get(scope["path"]))
 
 
