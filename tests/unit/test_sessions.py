@@ -263,9 +263,12 @@ def test_settle_charges_from_the_row_the_admission_kept_and_reads_it_once_droppe
     sid = sessions.create().row.session_id  # 1,000 tokens, 10 s, cost 1.0
     reads: list[str] = []
     read = db.get_session
-    monkeypatch.setattr(
-        db, "get_session", lambda session_id: reads.append(session_id) or read(session_id)
-    )
+
+    def counted(session_id: str) -> SessionRow | None:
+        reads.append(session_id)
+        return read(session_id)
+
+    monkeypatch.setattr(db, "get_session", counted)
     # Two tasks admitted in the session, each keeping the row its admission stored.
     for task_id in ("t-1", "t-2"):
         sessions.reserve(
