@@ -30,7 +30,6 @@ from typing import Any
 import uvloop
 from asgi_lifespan import LifespanManager
 
-from llorch.__main__ import tune_collector
 from llorch.api import logs
 from llorch.api.app import create_app
 from llorch.config import Settings
@@ -165,6 +164,9 @@ async def run(tasks: int, sql: bool, serve_gc: bool = False) -> dict[str, Any]:
                 await submit(manager.app)
             await asyncio.sleep(0.5)
             if serve_gc:
+                # Imported here: the probe also runs trees from before it (PYTHONPATH=<tree>/src).
+                from llorch.__main__ import tune_collector
+
                 tune_collector()
             for conn in timed:
                 conn.calls.clear()
