@@ -1,7 +1,7 @@
 """CPU per admitted task with no HTTP in between, and what SQLite takes of it.
 
     .venv/bin/python -m bench.probes.admission_inprocess [--tasks 3000] [--sql] [--logs]
-        [--serve-gc]
+        [--gc-young N]
 
 llorch's app (``create_app``, the mock pool of the admission profile: 4 x 64 slots, no delay,
 1 token a task) is called as an ASGI app, in this process, with ``POST /v1/tasks`` at
@@ -9,8 +9,8 @@ concurrency 32. Prints CPU seconds per task (``process_time``, every thread) for
 path (until the last 202) and for the whole task (until the process is idle again: every
 task has ended), and the event loop's thread alone for the whole task. ``--sql`` also
 times every SQLite statement by its first words (wall time, on the event loop's thread);
-``--logs`` writes llorch's JSON log lines (to stderr) as ``serve`` does; ``--serve-gc`` sets the
-cyclic collector up as ``serve`` does once started. Without HTTP, these move
+``--logs`` writes llorch's JSON log lines (to stderr) as ``serve`` does; ``--gc-young`` tries
+another set-up of the cyclic collector (bench/NOTES.md, "Admission CPU"). Without HTTP, these move
 less between runs than the figures of ``bench/admission_cost.py``, so they suit A/B comparisons.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import sqlite3
 import sys
@@ -145,7 +146,7 @@ def statement_report(seconds: list[float], tasks: int) -> dict[str, float]:
     }
 
 
-async def run(tasks: int, sql: bool, serve_gc: bool = False) -> dict[str, Any]:
+async def run(tasks: int, sql: bool, gc_young: int | None = None) -> dict[str, Any]:
     timed: list[TimedConnection] = []
     if sql:
         opened = persistence.Database.open.__func__  # type: ignore[attr-defined]
@@ -163,11 +164,10 @@ async def run(tasks: int, sql: bool, serve_gc: bool = False) -> dict[str, Any]:
             for _ in range(300):  # warm up
                 await submit(manager.app)
             await asyncio.sleep(0.5)
-            if serve_gc:
-                # Imported here: the probe also runs trees from before it (PYTHONPATH=<tree>/src).
-                from llorch.__main__ import tune_collector
-
-                tune_collector()
+            if gc_young is not None:
+                gc.collect()
+                gc.freeze()  # start-up's objects: no collection walks them again
+                gc.set_threshold(gc_young, 20, 10)
             for conn in timed:
                 conn.calls.clear()
             limit = asyncio.Semaphore(32)
@@ -208,15 +208,15 @@ def main() -> int:
     parser.add_argument("--sql", action="store_true", help="time SQLite's statements too")
     parser.add_argument("--logs", action="store_true", help="write the JSON log lines")
     parser.add_argument(
-        "--serve-gc",
-        action="store_true",
-        help="set up the cyclic collector after the warm-up as `llorch serve` does once started "
-        "(llorch.__main__.tune_collector); without it, Python's defaults",
+        "--gc-young",
+        type=int,
+        help="after the warm-up: gc.freeze() and the young generation's threshold at this "
+        "(middle and old at 20 and 10); without it, Python's defaults (700, 10, 10)",
     )
     args = parser.parse_args()
     if args.logs:
         logs.configure()
-    print(json.dumps(uvloop.run(run(args.tasks, args.sql, args.serve_gc)), indent=1))
+    print(json.dumps(uvloop.run(run(args.tasks, args.sql, args.gc_young)), indent=1))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -26,21 +25,6 @@ from llorch.persistence.db import check_database
 
 log = logging.getLogger("llorch")
 
-# The cyclic collector's thresholds once serving (Python's defaults: 700, 10, 10). A request and
-# the task behind it allocate thousands of container objects, most freed by reference counting;
-# at the defaults the collector ran ~3 times per task and, through its full collections, took a
-# third of the event loop's CPU per admitted task (bench/NOTES.md, "Admission CPU").
-GC_THRESHOLDS = (50_000, 20, 10)
-
-
-def tune_collector() -> None:
-    """Once start-up is done: what it built (the contracts, their compiled validators, the
-    app) moves to the collector's permanent generation, which no collection walks again, and
-    the young generation collects after ``GC_THRESHOLDS[0]`` allocations instead of 700."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
 
 class GracefulServer(uvicorn.Server):
     """uvicorn, with llorch's shutdown first: on SIGTERM or SIGINT the server keeps its listener
@@ -55,8 +39,7 @@ class GracefulServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)  # the app's lifespan has started: storage, pools
-        tune_collector()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._quiescing is not None:
