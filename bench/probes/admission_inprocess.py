@@ -1,14 +1,16 @@
 """CPU per admitted task with no HTTP in between, and what SQLite takes of it.
 
     .venv/bin/python -m bench.probes.admission_inprocess [--tasks 3000] [--sql] [--logs]
+        [--gc-young N]
 
 llorch's app (``create_app``, the mock pool of the admission profile: 4 x 64 slots, no delay,
 1 token a task) is called as an ASGI app, in this process, with ``POST /v1/tasks`` at
 concurrency 32. Prints CPU seconds per task (``process_time``, every thread) for the request
 path (until the last 202) and for the whole task (until the process is idle again: every
-task has ended). ``--sql`` also
+task has ended), and the event loop's thread alone for the whole task. ``--sql`` also
 times every SQLite statement by its first words (wall time, on the event loop's thread);
-``--logs`` writes llorch's JSON log lines (to stderr) as ``serve`` does. Without HTTP, these move
+``--logs`` writes llorch's JSON log lines (to stderr) as ``serve`` does; ``--gc-young`` tries
+another set-up of the cyclic collector (bench/NOTES.md, "Admission CPU"). Without HTTP, these move
 less between runs than the figures of ``bench/admission_cost.py``, so they suit A/B comparisons.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import sqlite3
 import sys
@@ -143,7 +146,7 @@ def statement_report(seconds: list[float], tasks: int) -> dict[str, float]:
     }
 
 
-async def run(tasks: int, sql: bool) -> dict[str, Any]:
+async def run(tasks: int, sql: bool, gc_young: int | None = None) -> dict[str, Any]:
     timed: list[TimedConnection] = []
     if sql:
         opened = persistence.Database.open.__func__  # type: ignore[attr-defined]
@@ -161,6 +164,10 @@ async def run(tasks: int, sql: bool) -> dict[str, Any]:
             for _ in range(300):  # warm up
                 await submit(manager.app)
             await asyncio.sleep(0.5)
+            if gc_young is not None:
+                gc.collect()
+                gc.freeze()  # start-up's objects: no collection walks them again
+                gc.set_threshold(gc_young, 20, 10)
             for conn in timed:
                 conn.calls.clear()
             limit = asyncio.Semaphore(32)
@@ -169,16 +176,18 @@ async def run(tasks: int, sql: bool) -> dict[str, Any]:
                 async with limit:
                     return await submit(manager.app)
 
-            started = time.process_time()
+            started, loop_started = time.process_time(), time.thread_time()
             codes = await asyncio.gather(*(one() for _ in range(tasks)))
             request_path = time.process_time() - started
             await until_idle()  # every task has ended
-            whole = time.process_time() - started
+            whole, loop_whole = time.process_time() - started, time.thread_time() - loop_started
     report: dict[str, Any] = {
         "tasks": tasks,
         "statuses": sorted(set(codes)),
         "us_cpu_request_path": round(1e6 * request_path / tasks),
         "us_cpu_whole_task": round(1e6 * whole / tasks),
+        # The event loop's thread alone (the trace's file is written in a worker thread).
+        "us_loop_cpu_whole_task": round(1e6 * loop_whole / tasks),
     }
     if sql:
         calls: dict[str, list[float]] = collections.defaultdict(list)
@@ -198,10 +207,16 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--sql", action="store_true", help="time SQLite's statements too")
     parser.add_argument("--logs", action="store_true", help="write the JSON log lines")
+    parser.add_argument(
+        "--gc-young",
+        type=int,
+        help="after the warm-up: gc.freeze() and the young generation's threshold at this "
+        "(middle and old at 20 and 10); without it, Python's defaults (700, 10, 10)",
+    )
     args = parser.parse_args()
     if args.logs:
         logs.configure()
-    print(json.dumps(uvloop.run(run(args.tasks, args.sql)), indent=1))
+    print(json.dumps(uvloop.run(run(args.tasks, args.sql, args.gc_young)), indent=1))
     return 0
 
 

@@ -257,6 +257,44 @@ def test_settle_charges_usage_up_to_what_the_session_has_beside_other_reservatio
     assert sessions.settle("s-unknown", "t-9", Reservation(1, 1, 0.0)) == Settled({}, None)
 
 
+def test_settle_charges_from_the_row_the_admission_kept_and_reads_it_once_dropped(
+    sessions: SessionService, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = sessions.create().row.session_id  # 1,000 tokens, 10 s, cost 1.0
+    reads: list[str] = []
+    read = db.get_session
+
+    def counted(session_id: str) -> SessionRow | None:
+        reads.append(session_id)
+        return read(session_id)
+
+    monkeypatch.setattr(db, "get_session", counted)
+    # Two tasks admitted in the session, each keeping the row its admission stored.
+    for task_id in ("t-1", "t-2"):
+        sessions.reserve(
+            task_id=task_id, session_id=sid, amount=SMALL, row=use(sessions, db, sid, task_id)
+        )
+    reads.clear()
+
+    first = sessions.settle(sid, "t-1", Reservation(tokens=100, time_ms=1_000, cost=0.1))
+    assert reads == []  # charged from the kept row
+    assert first.values == {
+        "tokens_remaining": 900,
+        "time_ms_remaining": 9_000,
+        "cost_remaining": 0.9,
+    }
+    db.finish_task("t-1", {"state": "succeeded"}, sid, first.values)
+
+    # Its charge dropped the row: the next end reads the committed one, the first charge in it.
+    second = sessions.settle(sid, "t-2", Reservation(tokens=50, time_ms=500, cost=0.05))
+    assert reads == [sid]
+    assert second.values == {
+        "tokens_remaining": 850,
+        "time_ms_remaining": 8_500,
+        "cost_remaining": 0.85,
+    }
+
+
 def test_remaining_for_sees_every_commit_and_delete_of_a_session_with_open_tasks(
     sessions: SessionService, db: Database
 ) -> None:

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from llorch.api import problems
 from llorch.api.auth import check_bind, security_map
+from llorch.api.decorated import DecoratedApi
 from llorch.api.facade.errors import OpenAIErrors
 from llorch.api.handlers import operations
 from llorch.api.middleware import ChunkedBodyMiddleware, EdgeMiddleware, OperationMiddleware
@@ -97,6 +98,7 @@ def create_app(
             await runtime.stop()
 
     app = AsyncApp(__name__, lifespan=lifespan)
+    app._middleware_app.api_cls = DecoratedApi  # handlers decorated once (llorch.api.decorated)
     _add_middleware(app, settings, runtime)
     resolver = OperationResolver(operations(runtime))
     documents = [dict(openapi("data")), dict(openapi("control"))]

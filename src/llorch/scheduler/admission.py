@@ -384,7 +384,7 @@ class Admitter:
     def _enqueue(self, draft: _Draft, record: TaskRecord) -> None:
         """Hold its reservation, end the victim it displaced, queue it and wake its pool."""
         pool, victim = draft.pool, draft.victim
-        self._sessions.reserve(record.session_id, record.task_id, draft.want)
+        self._sessions.reserve(record.session_id, record.task_id, draft.want, draft.session)
         self._registry.add(record)
         if victim is not None:
             pool.queue.remove(victim, victim.priority)

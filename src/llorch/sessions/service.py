@@ -264,10 +264,16 @@ class SessionService:
         """What the session can spend once the task just admitted holds its reservation."""
         return self.remaining_for(row.session_id) if self._in_storage else self.remaining(row)
 
-    def reserve(self, session_id: str, task_id: str, amount: Reservation) -> None:
+    def reserve(
+        self, session_id: str, task_id: str, amount: Reservation, row: SessionRow | None = None
+    ) -> None:
+        """Hold ``amount`` for the task; ``row``: its session's row as the admission just
+        stored it, kept for :meth:`settle` and the stream's budgets (no read of it per task)."""
         self._reserved.setdefault(session_id, {})[task_id] = amount
         if self._in_storage:
             self._rows.pop(session_id, None)  # the stored row changed with this reservation
+        elif row is not None:
+            self._rows[session_id] = row
 
     def release(self, session_id: str, task_id: str) -> None:
         held = self._reserved.get(session_id)
@@ -287,11 +293,13 @@ class SessionService:
         that holds reservations, the store does that itself, under the session row's lock:
         the result carries ``used`` for :meth:`Storage.finish_task`.
         """
+        # The row kept while the session has open reservations holds its committed budgets.
+        kept, kept_row = session_id in self._rows, self._rows.get(session_id)
         self.release(session_id, task_id)
         self._rows.pop(session_id, None)  # the caller stores the new values
         if self._in_storage:
             return Settled({}, None, used=used)
-        row = self._db.get_session(session_id)
+        row = kept_row if kept else self._db.get_session(session_id)
         if row is None:
             return Settled({}, None)
         free = self.remaining(row)
