@@ -145,6 +145,13 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     transcript.close()
     reader.close()
     delays.sort()
+    return _report(args, stats, frames, wall, cpu, pg) | _delays(delays)
+
+
+def _report(
+    args: argparse.Namespace, stats: Any, frames: int, wall: float, cpu: float, pg: float
+) -> dict[str, Any]:
+    """The rates and costs of one run: the writer's stats over the wall time and the tasks."""
     return {
         "tasks": args.tasks,
         "tokens_per_s_each": args.tokens_per_s,
@@ -161,7 +168,6 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "process_cpu_ms_per_task": round(1000 * cpu / args.tasks, 2),
         "postgres_cpu_ms_per_task": round(1000 * pg / args.tasks, 2),
         "postgres_cpu_share": round(pg / wall, 3),
-        **_delays(delays),
     }
 
 

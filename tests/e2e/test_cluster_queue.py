@@ -106,6 +106,19 @@ def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(query, params).fetchall()
 
 
+def leftovers(url: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The slot leases and the open (queued or running) tasks left in the database."""
+    leases = sql(url, "SELECT count(*) FROM slot_leases")
+    open_tasks = sql(url, "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')")
+    return leases, open_tasks
+
+
+def checkpointed(url: str, task_ids: list[str]) -> bool:
+    """Whether every one of the tasks has recorded some progress (tokens_out > 0)."""
+    query = "SELECT bool_and(tokens_out > 0) FROM tasks WHERE task_id = ANY(%s)"
+    return sql(url, query, task_ids) == [(True,)]
+
+
 @pytest.mark.req("ORCH-STATE-0030", "ORCH-STATE-0031")
 def test_a_burst_split_across_instances_gets_exactly_the_pools_capacity(
     tmp_path: Path, postgres_url: str
@@ -233,17 +246,7 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
         # A client of B follows a task A admitted, from before A dies until B has run it.
         follow = ThreadPoolExecutor(1)
         followed = follow.submit(lambda: b.get(f"/v1/tasks/{queued[0]}/stream").text)
-        wait_until(
-            lambda: (
-                sql(
-                    postgres_url,
-                    "SELECT bool_and(tokens_out > 0) FROM tasks WHERE task_id = ANY(%s)",
-                    running,
-                )
-                == [(True,)]
-            ),
-            "A checkpointed its running tasks' progress",
-        )
+        wait_until(lambda: checkpointed(postgres_url, running), "A checkpointed its running tasks")
         proc_a.send_signal(signal.SIGKILL)
         proc_a.wait(timeout=10)
         bound_s = (TTL_MS + SWEEP_MS) / 1000 + 10  # a liveness bound, not a timing
@@ -265,11 +268,8 @@ def test_after_sigkill_of_an_instance_the_other_ends_its_running_tasks_and_runs_
         owners = sql(postgres_url, "SELECT instance_id FROM tasks WHERE task_id = ANY(%s)", queued)
         stream = parse_sse(followed.result(timeout=30))
         follow.shutdown()
-        leases = sql(postgres_url, "SELECT count(*) FROM slot_leases")
+        leases, open_tasks = leftovers(postgres_url)
         gone = sql(postgres_url, "SELECT instance_id FROM instances ORDER BY instance_id")
-        open_tasks = sql(
-            postgres_url, "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')"
-        )
 
     assert [e["error"]["code"] for e in ended] == ["WORKER_RESET"] * 2
     assert all(e["error"]["retriable"] for e in ended)

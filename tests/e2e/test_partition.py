@@ -13,7 +13,13 @@ import httpx
 import pytest
 
 from tests.e2e.stall_proxy import StallProxy, url_through
-from tests.e2e.test_cluster_queue import CountingEngine, Posts, engine_in_thread, sql, write_config
+from tests.e2e.test_cluster_queue import (
+    CountingEngine,
+    Posts,
+    engine_in_thread,
+    leftovers,
+    write_config,
+)
 from tests.engines.scripted import Reply, completion_chunks
 from tests.support import parse_sse, serve_process, submit_to, task_of, wait_until
 
@@ -27,6 +33,24 @@ def active(engine: CountingEngine) -> int:
     """The completions the engine is streaming now."""
     assert isinstance(engine.seen, Posts)
     return engine.seen.active
+
+
+def _instance(stack: ExitStack, home: Path, database_url: str, engine_url: str) -> httpx.Client:
+    """One instance on ``database_url``, on a one-slot replica of the engine: its client."""
+    config = write_config(
+        home.with_suffix(".yaml"),
+        database_url,
+        home.name,
+        ttl_ms=TTL_MS,
+        sweep_ms=SWEEP_MS,
+        engine="openai",
+        endpoints=[engine_url],
+        discover_slots=False,
+        slots_per_replica=1,
+        queue={"capacity": 10},
+    )
+    base, _, _ = stack.enter_context(serve_process("--config", str(config), data_dir=home))
+    return stack.enter_context(httpx.Client(base_url=base, timeout=60))
 
 
 @pytest.mark.req("ORCH-STATE-0037", "ORCH-STATE-0038")
@@ -44,22 +68,7 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
         proxy = stack.enter_context(StallProxy((target.hostname or "", target.port or 5432)))
 
         def start(name: str, database_url: str) -> httpx.Client:
-            config = write_config(
-                tmp_path / f"{name}.yaml",
-                database_url,
-                name,
-                ttl_ms=TTL_MS,
-                sweep_ms=SWEEP_MS,
-                engine="openai",
-                endpoints=[engine.url],
-                discover_slots=False,
-                slots_per_replica=1,
-                queue={"capacity": 10},
-            )
-            base, _, _ = stack.enter_context(
-                serve_process("--config", str(config), data_dir=tmp_path / name)
-            )
-            return stack.enter_context(httpx.Client(base_url=base, timeout=60))
+            return _instance(stack, tmp_path / name, database_url, engine.url)
 
         a = start("a", url_through(postgres_url, proxy.port))
         held = submit_to(a, max_tokens=50)["task_id"]
@@ -91,10 +100,7 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
         told = wait_until(
             lambda: (s := task_of(a, held))["state"] == "failed" and s, "A reads the end again"
         )
-        leases = sql(postgres_url, "SELECT count(*) FROM slot_leases")
-        open_tasks = sql(
-            postgres_url, "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')"
-        )
+        leases, open_tasks = leftovers(postgres_url)
 
     assert engine.peak == 1  # A's run stopped before B took the slot: never two on one slot
     assert taken["error"]["code"] == "WORKER_RESET" and taken["error"]["retriable"]
@@ -106,5 +112,4 @@ def test_an_instance_cut_off_from_the_database_stops_its_run_before_a_survivor_t
     # The end the database holds (B's), told on A: one terminal state for every client.
     assert (terminal["code"], terminal["message"]) == ("WORKER_RESET", taken["error"]["message"])
     assert told["error"] == taken["error"]
-    assert leases == [(0,)]
-    assert open_tasks == [(0,)]
+    assert (leases, open_tasks) == ([(0,)], [(0,)])
