@@ -218,9 +218,7 @@ class Admitter:
         if task_id is not None and (row := self._db.get_task(task_id)) is not None:
             remaining = self._sessions.remaining_for(row.session_id)
             return self._replay(row, digest, caller, self._local_position(row), remaining)
-        request = completion_request(task_id or new_id("t"), body, correlation_id)
-        pool = self._route(request, body.get("placement") or {})
-        _check_limits(pool, request)
+        request, pool = self._routed(task_id, body, correlation_id)
         session_id: str | None = body.get("session_id")
         session = None
         if session_id is not None:
@@ -247,9 +245,7 @@ class Admitter:
                 position = await cluster.position(row) or 0
             remaining = await self._sessions.fetch_remaining(row.session_id)
             return self._replay(row, digest, caller, position, remaining)
-        request = completion_request(task_id or new_id("t"), body, correlation_id)
-        pool = self._route(request, body.get("placement") or {})
-        _check_limits(pool, request)
+        request, pool = self._routed(task_id, body, correlation_id)
         session_id: str | None = body.get("session_id")
         session = None
         if session_id is not None:
@@ -259,6 +255,15 @@ class Admitter:
         return _answer(draft, record, await self._sessions.fetch_remaining(record.session_id))
 
     # -- the steps, in order ----------------------------------------------------------------
+
+    def _routed(
+        self, task_id: str | None, body: Mapping[str, Any], correlation_id: str
+    ) -> tuple[CompletionRequest, PoolRuntime]:
+        """The engine request and the pool it goes to, within that pool's limits."""
+        request = completion_request(task_id or new_id("t"), body, correlation_id)
+        pool = self._route(request, body.get("placement") or {})
+        _check_limits(pool, request)
+        return request, pool
 
     def _session_and_budget(
         self,
