@@ -294,7 +294,18 @@ class PoolRuntime:
         replica.resting_until = self.clock.monotonic_s() + rest_ms / 1000
         # The task it sent back waits for it: the pool looks again when the rest is over (else
         # nothing might wake an idle pool, and the task would wait for unrelated work).
-        asyncio.get_running_loop().call_later(rest_ms / 1000, self.wakeup.set)
+        asyncio.get_running_loop().call_later(rest_ms / 1000, self._rest_over, replica)
+
+    def _rest_over(self, replica: Replica) -> None:
+        """Wake the pool once ``replica``'s rest is over by the clock :attr:`Replica.resting`
+        reads. A loop's timer may fire before that (uvloop's run in whole milliseconds): woken
+        then, the pool found the replica still resting, and once the rest ended, nothing was
+        left to wake it (a queued task waited with a free slot)."""
+        left = replica.resting_until - self.clock.monotonic_s()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._rest_over, replica)
+            return
+        self.wakeup.set()
 
     def requeue(self, record: TaskRecord) -> None:
         """A dispatched task its engine refused goes back to the front of its flow, with its
